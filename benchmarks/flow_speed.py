@@ -71,17 +71,17 @@ def time_opencv_pool(gray: np.ndarray, workers: int) -> tuple[float, np.ndarray]
 
 
 def time_backend(backend, gray: np.ndarray) -> tuple[float, np.ndarray]:
-    backend.compute(gray[:3])  # warm-up: device start, allocator, first-call overheads
+    backend.compute(gray[:3])  # warm-up: device start, allocator, compilation
     start = time.perf_counter()
     flow = backend.compute(gray)  # returns host numpy: the device work is finished
     return time.perf_counter() - start, flow
 
 
-def time_torch_cpu(gray: np.ndarray, threads: int, batch: int) -> tuple[float, np.ndarray]:
+def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compile: bool) -> tuple[float, np.ndarray]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return time_backend(make_backend("tvl1-torch", device="cpu", batch=batch), gray)
+        return time_backend(make_backend("tvl1-torch", device="cpu", batch=batch, compile=compile), gray)
     finally:
         torch.set_num_threads(before)
 
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--gpu-pairs", type=int, default=256, help="pairs for tvl1-torch on CUDA")
     ap.add_argument("--batch", type=int, default=64, help="tvl1-torch pairs per call")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time tvl1-torch with compile=True (inductor; minutes of warm-up on CPU)")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -114,12 +116,16 @@ def main() -> None:
                  lambda g: time_backend(make_backend("opencv-tvl1", threads=1), g)),
                 ("opencv-tvl1", f"cpu {args.workers} procs", pool_pairs,
                  lambda g: time_opencv_pool(g, args.workers)),
-                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch)),
+                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch, False)),
                 ("tvl1-torch", f"cpu {args.workers} threads", args.cpu_pairs,
-                 lambda g: time_torch_cpu(g, args.workers, args.batch))]
-        if cuda:
-            runs.append(("tvl1-torch", "cuda", args.gpu_pairs,
-                         lambda g: time_backend(make_backend("tvl1-torch", device="cuda", batch=args.batch), g)))
+                 lambda g: time_torch_cpu(g, args.workers, args.batch, False))]
+        if args.compile:
+            runs.append(("tvl1-torch compiled", "cpu 1 thread", args.cpu_pairs,
+                         lambda g: time_torch_cpu(g, 1, args.batch, True)))
+        for compile in (False, True)[:1 + args.compile] if cuda else ():
+            runs.append(("tvl1-torch" + " compiled" * compile, "cuda", args.gpu_pairs,
+                         lambda g, c=compile: time_backend(
+                             make_backend("tvl1-torch", device="cuda", batch=args.batch, compile=c), g)))
         reference = None
         for backend, where, pairs, run in runs:
             seconds, flow = run(gray[:pairs + 1])

@@ -122,7 +122,6 @@ def _merge_exchange(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-@functools.lru_cache(maxsize=None)
 def _median_network(n: int) -> tuple[tuple[int, int, bool, bool], ...]:
     """The comparators of the sorting network that the middle output depends on, each with
     whether its min and its max are used later: (a, b, keep_min, keep_max)."""
@@ -132,6 +131,9 @@ def _median_network(n: int) -> tuple[tuple[int, int, bool, bool], ...]:
             kept.append((a, b, a in needed, b in needed))
             needed |= {a, b}
     return tuple(reversed(kept))
+
+
+_MEDIAN_NETWORKS = {k * k: _median_network(k * k) for k in (3, 5)}  # the sizes cv::medianBlur takes on float
 
 
 def median_blur(u: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -144,7 +146,7 @@ def median_blur(u: torch.Tensor, ksize: int) -> torch.Tensor:
     _, h, w = u.shape
     padded = F.pad(u[:, None], (r, r, r, r), mode="replicate")[:, 0]
     wires = [padded[:, dy:dy + h, dx:dx + w] for dy in range(ksize) for dx in range(ksize)]
-    for a, b, keep_min, keep_max in _median_network(ksize * ksize):
+    for a, b, keep_min, keep_max in _MEDIAN_NETWORKS[ksize * ksize]:
         lo = torch.minimum(wires[a], wires[b]) if keep_min else None
         hi = torch.maximum(wires[a], wires[b]) if keep_max else None
         wires[a], wires[b] = lo, hi
@@ -196,55 +198,72 @@ class _Level:
         self.i1_stack = torch.stack((i1, *centred_gradient(i1)), dim=1)  # [B, 3, H, W]
 
 
-def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync_every: int):
+def tvl1_iteration(u1, u2, p11, p12, p21, p22, i1wx, i1wy, grad, rho_c, active,
+                   l_t: float, theta: float, taut: float, threshold: float):
+    """One inner iteration of OpenCV's procOneScale for the pairs still `active`.
+
+    All tensors [B, H, W] except active [B, 1, 1] bool. Returns the new (u1, u2, p11, p12, p21,
+    p22, active): inactive pairs keep their state; a pair turns inactive once its update
+    sum |du|^2 falls to `threshold`, after this iteration's dual step, as in OpenCV's loop."""
+    # Thresholding step: v = u + step * grad(I1w), the step chosen by where rho falls.
+    rho = rho_c + (i1wx * u1 + i1wy * u2)
+    lt_grad = l_t * grad
+    step = torch.where(rho < -lt_grad, l_t, torch.where(
+        rho > lt_grad, -l_t, torch.where(grad > _FLT_EPSILON, -rho / grad.clamp_min(_FLT_EPSILON), 0.0)))
+    new_u1 = u1 + step * i1wx + theta * divergence(p11, p12)
+    new_u2 = u2 + step * i1wy + theta * divergence(p21, p22)
+    error = ((new_u1 - u1) ** 2 + (new_u2 - u2) ** 2).sum(dim=(1, 2), keepdim=True)
+    u1 = torch.where(active, new_u1, u1)
+    u2 = torch.where(active, new_u2, u2)
+    u1x, u1y = forward_gradient(u1)
+    u2x, u2y = forward_gradient(u2)
+    ng1 = 1.0 + taut * torch.hypot(u1x, u1y)
+    ng2 = 1.0 + taut * torch.hypot(u2x, u2y)
+    p11 = torch.where(active, (p11 + taut * u1x) / ng1, p11)
+    p12 = torch.where(active, (p12 + taut * u1y) / ng1, p12)
+    p21 = torch.where(active, (p21 + taut * u2x) / ng2, p21)
+    p22 = torch.where(active, (p22 + taut * u2y) / ng2, p22)
+    return u1, u2, p11, p12, p21, p22, active & (error > threshold)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(compiled: bool) -> tuple:
+    """(iteration, median) functions; with `compiled`, fused by torch.compile (inductor), which
+    turns ~70 elementwise launches per iteration and ~200 per median into a few kernels."""
+    if not compiled:
+        return tvl1_iteration, median_blur
+    return (torch.compile(tvl1_iteration, dynamic=True),
+            torch.compile(median_blur, dynamic=True))
+
+
+def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync_every: int,
+                compiled: bool = False):
     """All warps at one level (OpenCV's procOneScale); u1, u2: [B, H, W] updated and returned."""
     b, h, w = u1.shape
-    l_t = p["lambda"] * p["theta"]
-    theta = p["theta"]
-    taut = p["tau"] / p["theta"]
-    threshold = p["epsilon"] ** 2 * h * w
-    p11, p12, p21, p22 = (torch.zeros_like(u1) for _ in range(4))
+    iteration, median = _kernels(compiled)
+    consts = (p["lambda"] * p["theta"], p["theta"], p["tau"] / p["theta"], p["epsilon"] ** 2 * h * w)
+    p11, p12, p21, p22 = (torch.zeros_like(u1) for _ in range(4))  # reset per level, not per warp
     for _ in range(p["warps"]):
-        warped = warp_bicubic(level.i1_stack, u1, u2)
-        i1w, i1wx, i1wy = warped.unbind(dim=1)
+        i1w, i1wx, i1wy = warp_bicubic(level.i1_stack, u1, u2).unbind(dim=1)
         grad = i1wx * i1wx + i1wy * i1wy
         rho_c = i1w - i1wx * u1 - i1wy * u2 - level.i0
-        lt_grad = l_t * grad
-        safe_grad = grad.clamp_min(_FLT_EPSILON)
         active = torch.ones(b, 1, 1, dtype=torch.bool, device=u1.device)
-        done = False
         for outer in range(p["outer_iterations"]):
-            if done or (outer > 0 and not bool(active.any())):
+            # Host reads of `active`: here and every sync_every inner iterations, never per step.
+            if outer > 0 and not bool(active.any()):
                 break
             if p["median_filtering"] > 1:
-                u1 = torch.where(active, median_blur(u1, p["median_filtering"]), u1)
-                u2 = torch.where(active, median_blur(u2, p["median_filtering"]), u2)
+                u1 = torch.where(active, median(u1, p["median_filtering"]), u1)
+                u2 = torch.where(active, median(u2, p["median_filtering"]), u2)
             for inner in range(p["inner_iterations"]):
-                # Thresholding step: v = u + step * grad I1w, step chosen by where rho falls.
-                rho = rho_c + (i1wx * u1 + i1wy * u2)
-                step = torch.where(rho < -lt_grad, l_t, torch.where(
-                    rho > lt_grad, -l_t, torch.where(grad > _FLT_EPSILON, -rho / safe_grad, 0.0)))
-                new_u1 = u1 + step * i1wx + theta * divergence(p11, p12)
-                new_u2 = u2 + step * i1wy + theta * divergence(p21, p22)
-                error = ((new_u1 - u1) ** 2 + (new_u2 - u2) ** 2).sum(dim=(1, 2), keepdim=True)
-                u1 = torch.where(active, new_u1, u1)
-                u2 = torch.where(active, new_u2, u2)
-                u1x, u1y = forward_gradient(u1)
-                u2x, u2y = forward_gradient(u2)
-                ng1 = 1.0 + taut * torch.hypot(u1x, u1y)
-                ng2 = 1.0 + taut * torch.hypot(u2x, u2y)
-                p11 = torch.where(active, (p11 + taut * u1x) / ng1, p11)
-                p12 = torch.where(active, (p12 + taut * u1y) / ng1, p12)
-                p21 = torch.where(active, (p21 + taut * u2x) / ng2, p21)
-                p22 = torch.where(active, (p22 + taut * u2y) / ng2, p22)
-                active = active & (error > threshold)
+                u1, u2, p11, p12, p21, p22, active = iteration(
+                    u1, u2, p11, p12, p21, p22, i1wx, i1wy, grad, rho_c, active, *consts)
                 if (inner + 1) % sync_every == 0 and not bool(active.any()):
-                    done = True
                     break
     return u1, u2
 
 
-def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10) -> torch.Tensor:
+def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, compiled: bool = False) -> torch.Tensor:
     """frames: [N, H, W] float (0..255) -> flow [N - 1, 2, H, W] (x, y) from frame i to i + 1.
 
     The pyramid is built once per frame; pair i takes levels of frames i and i + 1."""
@@ -266,7 +285,7 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10) -> torch.Ten
             u1 = resize_linear(u1, (lh, lw), step) * inv
             u2 = resize_linear(u2, (lh, lw), step) * inv
         level = _Level(levels[k][:-1], levels[k][1:])
-        u1, u2 = solve_level(level, u1, u2, p, sync_every)
+        u1, u2 = solve_level(level, u1, u2, p, sync_every, compiled)
     return torch.stack((u1, u2), dim=1)
 
 
@@ -279,7 +298,8 @@ class TorchTVL1:
 
     name = "tvl1-torch"
 
-    def __init__(self, device: str = "cpu", batch: int = 32, sync_every: int = 10, **tvl1):
+    def __init__(self, device: str = "cpu", batch: int = 32, sync_every: int = 10,
+                 compile: bool = False, **tvl1):
         unknown = sorted(set(tvl1) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"unknown TV-L1 parameter(s) {unknown}; choose from {sorted(DEFAULTS)}")
@@ -296,6 +316,7 @@ class TorchTVL1:
             raise ValueError(f"--flow-device must be cpu or cuda, got {device!r}")
         self.batch = int(batch)
         self.sync_every = int(sync_every)
+        self.compile = bool(compile)
 
     def params(self) -> dict:
         """The algorithm's settings. Device and batch size change the result only by float
@@ -314,6 +335,6 @@ class TorchTVL1:
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         for start in range(0, n - 1, self.batch):
             stop = min(start + self.batch, n - 1)
-            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every)
+            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.compile)
             out[start:stop] = flow.permute(0, 2, 3, 1).cpu().numpy()
         return out

@@ -141,3 +141,11 @@ def test_cuda_matches_cpu():
     cpu = TorchTVL1(device="cpu").compute(gray)
     cuda = TorchTVL1(device="cuda", batch=2).compute(gray)
     assert end_point_error(cuda, cpu) <= 0.05
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager(flows):
+    """compile=True fuses the iteration and the median with inductor (~1 min to compile on CPU)."""
+    gray, _, _, eager = flows[SIZES[1], SEEDS[0]]
+    compiled = TorchTVL1(device="cpu", batch=3, compile=True).compute(gray)
+    assert end_point_error(compiled, eager) <= 1e-3
