@@ -116,7 +116,7 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
         elif list(out.glob("shard-*.h5")) or manifest_path(out).exists():
             raise ConfigError(f"{out} holds shards but no {PARAMS_NAME}: not ours to resume; choose another --out")
         write_json_atomic(recorded, params)
-    except PermissionError as err:
+    except OSError as err:  # unwritable, a file in the way, a read-only mount
         raise ConfigError(f"cannot write to the output directory {out}: {err}") from None
 
 

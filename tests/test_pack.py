@@ -140,6 +140,13 @@ def test_corrupt_and_empty_videos_are_recorded_not_fatal(tmp_path, capsys):
     assert "jpeg_quality" in capsys.readouterr().err
 
 
+def test_unusable_output_is_refused_before_any_work(tmp_path, capsys):
+    raw = _raw(tmp_path, frames=4)
+    (tmp_path / "file").write_text("not a directory")
+    assert main(["ucf101", "--root", str(raw), "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "cannot write to the output directory" in capsys.readouterr().err
+
+
 def _preprocess(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return [sys.executable, "-m", "preprocess", *map(str, args)], env
