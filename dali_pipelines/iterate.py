@@ -42,24 +42,27 @@ class DaliStream:
     """A built pipeline and its iterator; `next()` returns {output name: tensor view}."""
 
     def __init__(self, pipeline, names: list[str]):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        pipeline.build()
-        self.pipeline = pipeline
-        self.iterator = DALIGenericIterator([pipeline], names, size=-1, auto_reset=False)
+        self.pipeline, self.names = pipeline, names
+        self.iterator = None  # created on first next(): its constructor already runs the first batch
 
     def next(self, describe, locate=None) -> dict:
         """The next batch; DALI errors are re-raised naming the position (describe()) and, where
         `locate()` finds one, the corrupt frame."""
         try:
+            if self.iterator is None:
+                from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+                self.pipeline.build()
+                self.iterator = DALIGenericIterator([self.pipeline], self.names, size=-1, auto_reset=False)
             return next(self.iterator)[0]
         except StopIteration:
             raise
         except Exception as err:  # DALI raises plain Exception/RuntimeError with the worker's traceback
             text = str(err)
-            if CorruptFrameError.__name__ in text:
-                line = next((ln for ln in text.splitlines() if CorruptFrameError.__name__ in ln), text)
-                raise CorruptFrameError(f"{describe()}: {line.split(': ', 1)[-1]}") from err
+            marker = f"{CorruptFrameError.__name__}: "
+            lines = [ln for ln in text.splitlines() if marker in ln]
+            if lines:  # raised by the source in a worker: keep its message, add the position
+                raise CorruptFrameError(f"{describe()}: {lines[-1].split(marker, 1)[1]}") from err
             bad = locate() if locate else None
             where = f"; first undecodable frame: {bad}" if bad else ""
             raise RuntimeError(f"DALI pipeline failed at {describe()}{where}: {text[-2000:]}") from err

@@ -23,7 +23,7 @@ from nvidia.dali import fn, pipeline_def
 
 from dali_pipelines import frames as ops
 from dali_pipelines.iterate import DaliStream, dali_device, first_undecodable, pipeline_kwargs
-from dali_pipelines.sampling import SamplingConfig, rank_order, steps_per_epoch
+from dali_pipelines.sampling import SamplingConfig, batch_meta, steps_per_epoch
 from dali_pipelines.source import ClipReader, PretrainSource, group_windows
 
 
@@ -45,7 +45,7 @@ def pretrain_pipeline(source: PretrainSource, crop_size: int, device: str, dtype
                 arg = {k: nodes[f"{k}:{part}{copy}"] for k in layout.arg_names()}
                 images = ops.crop_resize(decoded[layout.group(part, copy)], arg["roi_start"], arg["roi_end"],
                                          crop_size)
-                if modality == "rgb" and source.cfg.colour:
+                if modality == "rgb" and layout.colour:
                     images = ops.colour(images, arg["colour_m"], arg["colour_t"], arg["sigma"], arg["window"])
                 outputs.append(ops.normalise(images, modality, arg["mirror"], dtype, arg.get("flow_std")))
     return tuple(outputs)
@@ -112,8 +112,8 @@ class DaliPretrainLoader:
         b, t, m = self.batch_size, self.cfg.frames_per_clip, self.cfg.num_segments
         layout = self._source.layout
         out_device = data[output_names(layout)[0]].device
-        batch = meta_tensors(self.videos, self.reader.group_ids, self.cfg.seed, epoch, step, b, self.rank,
-                             self.world_size)
+        batch = {k: torch.as_tensor(a) for k, a in batch_meta(
+            self.videos, self.reader.group_ids, self.cfg.seed, epoch, step, b, self.rank, self.world_size).items()}
         for modality in self.modalities:
             for part in layout.parts:
                 frames = [data[f"{modality}:{part}{v}"] for v in (0, 1)]
@@ -146,13 +146,3 @@ class DaliPretrainLoader:
                                     return found
         return None
 
-
-def meta_tensors(videos, group_ids: dict, seed: int, epoch: int, step: int, batch_size: int, rank: int,
-                 world_size: int) -> dict:
-    """video_index / group / label of a batch, straight from the epoch order (no data read)."""
-    order = rank_order(len(videos), seed, epoch, rank, world_size)[step * batch_size : (step + 1) * batch_size]
-    return {
-        "video_index": torch.as_tensor(order, dtype=torch.long),
-        "group": torch.tensor([group_ids[videos[i].group] for i in order], dtype=torch.long),
-        "label": torch.tensor([videos[i].label for i in order], dtype=torch.long),
-    }

@@ -117,6 +117,17 @@ def steps_per_epoch(num_videos: int, batch_size: int, world_size: int) -> int:
     return (num_videos // world_size) // batch_size
 
 
+def batch_meta(videos, group_ids: dict, seed: int, epoch: int, step: int, batch_size: int, rank: int,
+               world_size: int) -> dict[str, np.ndarray]:
+    """video_index / group / label (int64 [B]) of a batch, straight from the epoch order."""
+    order = rank_order(len(videos), seed, epoch, rank, world_size)[step * batch_size : (step + 1) * batch_size]
+    return {
+        "video_index": order.astype(np.int64),
+        "group": np.array([group_ids[videos[i].group] for i in order], dtype=np.int64),
+        "label": np.array([videos[i].label for i in order], dtype=np.int64),
+    }
+
+
 def window(num_frames: int, length: int, stride: int, rng: np.random.Generator) -> np.ndarray:
     """`length` frame indices at `stride`, start uniform over every legal start; a short video is
     padded by repeating its first frame at the front."""
@@ -193,13 +204,13 @@ def colour_jitter(rng: np.random.Generator, strength=(0.4, 0.4, 0.4, 0.1), p_jit
 
 
 def copy_augment(height: int, width: int, colour: bool, rng: np.random.Generator) -> CopyAugment:
+    """Crop, flip, colour and blur of one copy. The colour draws happen even with colour=False, so
+    switching colour off keeps every crop and flip (tests compare the two)."""
     crop = random_resized_crop(height, width, rng)
     flip = bool(rng.random() < 0.5)
-    if not colour:
-        return CopyAugment(crop, flip)
     matrix = colour_jitter(rng)
     sigma = float(rng.uniform(0.1, 2.0)) if rng.random() < 0.5 else 0.0
-    return CopyAugment(crop, flip, matrix, sigma)
+    return CopyAugment(crop, flip, matrix, sigma) if colour else CopyAugment(crop, flip)
 
 
 def plan_sample(videos, cfg: SamplingConfig, epoch: int, rank: int, world_size: int, index: int) -> SamplePlan:

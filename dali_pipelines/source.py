@@ -89,6 +89,7 @@ class PretrainLayout:
     modalities: tuple[str, ...]
     pair_mode: str
     segments: str
+    colour: bool = True  # RGB colour/blur arguments present (SamplingConfig.colour)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -112,14 +113,14 @@ class PretrainLayout:
 
     def arg_names(self) -> list[str]:
         args = ["roi_start", "roi_end", "mirror"]
-        if "rgb" in self.modalities:
+        if "rgb" in self.modalities and self.colour:
             args += ["colour_m", "colour_t", "sigma", "window"]
         if "flow" in self.modalities:
             args += ["flow_std"]
         return args
 
 
-def copy_args(plans: list[SamplePlan], copy: int, frames_per_sample: int, with_rgb: bool,
+def copy_args(plans: list[SamplePlan], copy: int, frames_per_sample: int, with_colour: bool,
               with_flow: bool) -> dict[str, np.ndarray]:
     """Per-frame DALI argument arrays (leading dim N = B * frames_per_sample) for one clip copy."""
     augs = [p.augment[copy] for p in plans]
@@ -129,7 +130,7 @@ def copy_args(plans: list[SamplePlan], copy: int, frames_per_sample: int, with_r
         "roi_end": crops[:, :2] + crops[:, 2:],
         "mirror": np.array([a.flip for a in augs], dtype=np.int32),
     }
-    if with_rgb:
+    if with_colour:
         colour = np.stack([a.colour for a in augs]).astype(np.float32)
         per_sample.update(
             colour_m=colour[:, :, :3].copy(),
@@ -159,7 +160,7 @@ class PretrainSource:
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.modalities, self.steps = tuple(modalities), steps_per_epoch
         self.start = start_epoch * steps_per_epoch + start_step
-        self.layout = PretrainLayout(self.modalities, cfg.pair_mode, cfg.segments)
+        self.layout = PretrainLayout(self.modalities, cfg.pair_mode, cfg.segments, cfg.colour)
 
     def position(self, iteration: int) -> tuple[int, int]:
         return divmod(self.start + iteration, self.steps)
@@ -184,7 +185,8 @@ class PretrainSource:
                             out.setdefault(f"{plane}:{group}", []).extend(bufs)
         for part in self.layout.parts:
             for v in (0, 1):
-                args = copy_args(plans, v, self.cfg.frames_per_clip, "rgb" in self.modalities, "flow" in self.modalities)
+                args = copy_args(plans, v, self.cfg.frames_per_clip, "colour_m" in self.layout.arg_names(),
+                                 "flow" in self.modalities)
                 out.update({f"{k}:{part}{v}": a for k, a in args.items()})
         return tuple(out[name] for name in self.layout.names())
 
@@ -204,7 +206,7 @@ class EvalSource:
         return -(-len(self.windows) // self.batch_size)
 
     def names(self) -> list[str]:
-        names = list(PLANES[self.modality])
+        names = [f"{plane}:all" for plane in PLANES[self.modality]]
         for k in range(self.num_positions):
             names += [f"roi_start:{k}", f"roi_end:{k}"]
         return names
@@ -221,7 +223,7 @@ class EvalSource:
         for video_index, frames in self.batch_windows(iteration):
             video = videos[video_index]
             for plane, bufs in self.clips.planes(self.modality, video, frames).items():
-                out.setdefault(plane, []).extend(bufs)
+                out.setdefault(f"{plane}:all", []).extend(bufs)
             for k, (y0, x0, h, w) in enumerate(eval_crops(video.height, video.width, self.ten_crop)):
                 out.setdefault(f"roi_start:{k}", []).append([y0, x0])
                 out.setdefault(f"roi_end:{k}", []).append([y0 + h, x0 + w])

@@ -49,9 +49,11 @@ def toy_video(name: str, label: int, num_frames: int, height: int, width: int, k
 
 def write_toy_dataset(root: str | Path, *, num_videos: int = 8, num_frames: int = 40, height: int = 24,
                       width: int = 32, num_static: int = 1, num_short: int = 0, short_frames: int = 5,
-                      with_flow: bool = True, videos_per_shard: int = 4, quality: int = 95) -> Path:
+                      with_flow: bool = True, videos_per_shard: int = 4, quality: int = 95,
+                      mutate=None) -> Path:
     """Write a dataset of `num_videos` videos (the first `num_static` static, the last `num_short`
-    short) with manifest; split "1" puts every video in train and in test."""
+    short) with manifest; split "1" puts every video in train and in test. `mutate(encoded)` may
+    edit the encoded videos before they are written (tests plant corrupt frames that way)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     encoded = []
@@ -61,6 +63,8 @@ def write_toy_dataset(root: str | Path, *, num_videos: int = 8, num_frames: int 
         label = i % 3
         encoded.append(toy_video(f"v_class{label}_g{i // 2:02d}_c{i % 2:02d}", label, n, height, width, kind,
                                  seed=i, with_flow=with_flow, quality=quality))
+    if mutate is not None:
+        mutate(encoded)
     records, shards = [], []
     for s in range(0, num_videos, videos_per_shard):
         index = s // videos_per_shard
