@@ -54,8 +54,9 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
                           frames_per_clip=32, frame_stride=1, crop_size=128, pair_mode="same",
                           segments="quarters", num_segments=4, seed=0, rank=0, world_size=1, device="cpu",
                           device_id=None, num_threads=2, backend="dali", dtype=torch.float32,
-                          num_workers=2, colour=True):
-    """A PretrainLoader; see the module docstring. `colour=False` keeps only crop and flip."""
+                          num_workers=2, colour=True, hw_decoder_load=0.65):
+    """A PretrainLoader; see the module docstring. `colour=False` keeps only crop and flip;
+    `hw_decoder_load`: share of JPEGs sent to the GPU's hardware decoder (DALI on cuda only)."""
     cfg = SamplingConfig(frames_per_clip=frames_per_clip, frame_stride=frame_stride, pair_mode=pair_mode,
                          segments=segments, num_segments=num_segments, seed=seed, colour=colour)
     reader = ShardReader(root, split=split, subset=subset)
@@ -69,7 +70,8 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
         return BaselinePretrainLoader(reader, cfg, **common)
     from dali_pipelines.pretrain import DaliPretrainLoader
 
-    return DaliPretrainLoader(reader, cfg, device_id=device_id, num_threads=num_threads, **common)
+    return DaliPretrainLoader(reader, cfg, device_id=device_id, num_threads=num_threads,
+                              hw_decoder_load=hw_decoder_load, **common)
 
 
 def build_eval_loader(root, *, split="1", subset="test", modality="rgb", frames_per_clip=32, window_stride=16,
