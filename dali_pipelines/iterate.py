@@ -19,9 +19,10 @@ def pipeline_kwargs(*, batch_size: int, device: str, device_id, num_threads: int
     """Arguments for a `@pipeline_def` function: CPU-only mode is device_id=None."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r}: choose 'cpu' or 'cuda'")
-    if device == "cuda":
-        import torch
+    import torch
 
+    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if device == "cuda":
         if device_id is None:
             device_id = torch.cuda.current_device()
     else:
@@ -30,7 +31,7 @@ def pipeline_kwargs(*, batch_size: int, device: str, device_id, num_threads: int
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
         exec_dynamic=True, py_num_workers=max(num_workers, 1),
         # fork is only safe before CUDA is initialised in this process; spawn always is.
-        py_start_method="spawn" if device == "cuda" else "fork",
+        py_start_method="spawn" if device == "cuda" or cuda_live else "fork",
     )
 
 
