@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -38,8 +39,8 @@ H100_ROOFLINE_SAMPLES_PER_S = 1300  # DESIGN.md, S3D stage 1 on one H100
 
 def cpu_seconds() -> float:
     """CPU time of this process, its reaped children and its live descendants (from /proc)."""
-    t = os.times()
-    total = t.user + t.system + t.children_user + t.children_system
+    me_usage, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = me_usage.ru_utime + me_usage.ru_stime + reaped.ru_utime + reaped.ru_stime
     tick = os.sysconf("SC_CLK_TCK")
     parents = {}
     for entry in Path("/proc").iterdir():

@@ -134,3 +134,11 @@ def test_corrupt_jpeg_names_video_and_frame(tmp_path, how, backend):
     with pytest.raises((CorruptFrameError, RuntimeError), match=r"video v_class\d_g\d\d_c\d\d rgb frame 3"):
         _batches(root, backend=backend, num_workers=1)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.multiprocess
+def test_parallel_workers_give_the_same_batches(root):
+    inline = _batches(root, epoch=1, modalities=("rgb", "flow"))
+    parallel = _batches(root, epoch=1, modalities=("rgb", "flow"), num_workers=2)
+    for a, b in zip(inline, parallel):
+        assert all(torch.equal(a[k], b[k]) for k in a)
