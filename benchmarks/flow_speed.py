@@ -118,9 +118,10 @@ def main() -> None:
                  lambda g: time_backend(make_backend("opencv-tvl1", threads=1), g)),
                 ("opencv-tvl1", f"cpu {args.workers} procs", pool_pairs,
                  lambda g: time_opencv_pool(g, args.workers)),
-                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch, False)),
-                ("tvl1-torch", f"cpu {args.workers} threads", args.cpu_pairs,
-                 lambda g: time_torch_cpu(g, args.workers, args.batch, False))]
+                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch, False))]
+        if args.workers > 1:
+            runs.append(("tvl1-torch", f"cpu {args.workers} threads", args.cpu_pairs,
+                         lambda g: time_torch_cpu(g, args.workers, args.batch, False)))
         if args.compile == "all":
             runs.append(("tvl1-torch compiled", "cpu 1 thread", args.cpu_pairs,
                          lambda g: time_torch_cpu(g, 1, args.batch, True)))
