@@ -339,6 +339,11 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, compiled: bo
 class TorchTVL1:
     """`tvl1-torch`: OpenCV's DualTVL1 (default parameters) in PyTorch, `batch` pairs per call.
 
+    device: "cpu" or "cuda[:i]"; batch: frame pairs solved together (about 10 MB per pair at
+    240x320); sync_every: inner iterations between host reads of the convergence flags;
+    compile: fuse the iteration and the median with torch.compile (about 2x on CPU; a warm-up of
+    about a minute per process); other keywords override OpenCV's DualTVL1 defaults (DEFAULTS).
+
     The constructor touches no device: preprocessing may build one in the parent to read
     `params()` and then fork workers, and a CUDA context does not survive a fork. The device
     is set up on the first `compute`."""
@@ -354,8 +359,8 @@ class TorchTVL1:
         if self._params["gamma"] != 0:
             raise ValueError("tvl1-torch implements gamma = 0 only (OpenCV's default); "
                              "use the opencv-tvl1 backend for the illumination term")
-        if self._params["median_filtering"] not in (1, 3, 5):
-            raise ValueError("median_filtering must be 1 (off), 3 or 5, as cv::medianBlur on float allows")
+        if self._params["median_filtering"] not in (0, 1, 3, 5):
+            raise ValueError("median_filtering must be 0 or 1 (off), 3 or 5, as cv::medianBlur on float allows")
         if batch < 1 or sync_every < 1:
             raise ValueError(f"batch ({batch}) and sync_every ({sync_every}) must be >= 1")
         self._device = torch.device(device)  # parsing only; no CUDA call
@@ -372,6 +377,9 @@ class TorchTVL1:
 
     @torch.no_grad()
     def compute(self, gray: np.ndarray) -> np.ndarray:
+        """gray: [N, H, W] uint8 frames of one video -> [N - 1, H, W, 2] float32 flow in pixels."""
+        if gray.ndim != 3 or gray.dtype != np.uint8:
+            raise ValueError(f"tvl1-torch takes [N, H, W] uint8 grey frames, got {gray.dtype} {gray.shape}")
         n, h, w = gray.shape
         out = np.zeros((max(n - 1, 0), h, w, 2), dtype=np.float32)
         if n < 2:
