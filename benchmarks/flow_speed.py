@@ -82,12 +82,8 @@ def time_backend(backend, gray: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compiled: bool) -> tuple[float, np.ndarray]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return time_backend(make_backend("tvl1-torch", device="cpu", batch=batch, compile=compiled), gray)
-    finally:
-        torch.set_num_threads(before)
+    backend = make_backend("tvl1-torch", device="cpu", batch=batch, compile=compiled, threads=threads)
+    return time_backend(backend, gray)
 
 
 def cpu_name() -> str:

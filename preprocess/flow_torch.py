@@ -342,7 +342,9 @@ class TorchTVL1:
     device: "cpu" or "cuda[:i]"; batch: frame pairs solved together (about 10 MB per pair at
     240x320); sync_every: inner iterations between host reads of the convergence flags;
     compile: fuse the iteration and the median with torch.compile (about 2x on CPU; a warm-up of
-    about a minute per process); other keywords override OpenCV's DualTVL1 defaults (DEFAULTS).
+    about a minute per process); threads: torch CPU threads of this process, set on the first CPU
+    `compute` (1, like opencv-tvl1: preprocessing runs one worker per core; None leaves torch's
+    setting); other keywords override OpenCV's DualTVL1 defaults (DEFAULTS).
 
     The constructor touches no device: preprocessing may build one in the parent to read
     `params()` and then fork workers, and a CUDA context does not survive a fork. The device
@@ -351,7 +353,7 @@ class TorchTVL1:
     name = "tvl1-torch"
 
     def __init__(self, device: str = "cpu", batch: int = 32, sync_every: int = 10,
-                 compile: bool = False, **tvl1):
+                 compile: bool = False, threads: int | None = 1, **tvl1):
         unknown = sorted(set(tvl1) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"unknown TV-L1 parameter(s) {unknown}; choose from {sorted(DEFAULTS)}")
@@ -369,6 +371,7 @@ class TorchTVL1:
         self.batch = int(batch)
         self.sync_every = int(sync_every)
         self.compile = bool(compile)
+        self.threads = threads
 
     def params(self) -> dict:
         """The algorithm's settings. Device and batch size change the result only by float
@@ -386,6 +389,8 @@ class TorchTVL1:
             return out
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
+        if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
         # Upload the whole video once; chunks of pairs overlap by one frame on the device.
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         for start in range(0, n - 1, self.batch):
