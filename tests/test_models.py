@@ -5,14 +5,7 @@ import torch
 from torch import nn
 
 from cvtcl.models import BN_MOMENTUM, Encoder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: OpenMP spinning makes 2 threads ~50x slower here
-    yield
-    torch.set_num_threads(threads)
+from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize("modality,channels", [("rgb", 3), ("flow", 2)])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,15 @@ from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atom
 from preprocess.shards import EncodedVideo, ShardReader, write_shard
 
 CHANNELS = {"rgb": 3, "flow": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch on one thread: on 2 shared cores OpenMP spinning makes 2 threads ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_dataset(root: Path, num_videos: int = 16, num_frames: int = 4, with_flow: bool = True) -> Path:
