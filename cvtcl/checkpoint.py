@@ -11,6 +11,7 @@ only, loadable with `torch.load(path, weights_only=True)` by any later cvtcl (no
     scaler        GradScaler state dict ({} when not in fp16)
     encoder       Encoder constructor arguments (modality, backbone, embed_dim, channels_last_3d)
     config        the run's resolved TrainConfig as a nested dict
+    complete      True once every epoch of the config is trained (not after max_steps or SIGTERM)
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether the run in `run_dir` trained all its epochs (its latest checkpoint says so)."""
+    latest = latest_checkpoint(run_dir)
+    return latest is not None and bool(load_checkpoint(latest).get("complete", False))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

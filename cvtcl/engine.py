@@ -6,9 +6,11 @@ One optimizer step is the same for every stage:
     -> non-finite check -> backward (GradScaler in fp16) -> optimizer step -> enqueue keys
 
 Only the stage step differs. It lives in `STEPS[config.stage.kind]`: a function
-`(ctx, batch, generator) -> StepOutput` returning the weighted loss, detached terms to log and
-the keys to enqueue. Stage 1 is `instance_step` below; stage 2 (co-training) adds "cotrain" with
-its own step function (mined positives, sampler queue) and nothing else changes.
+`(ctx, batch, generator) -> StepOutput` returning the weighted loss, detached terms to log, a
+closure that enqueues this step's keys, and whether to update the weights at all. Stage 1 is
+`instance_step` below; stage 2 (co-training) registers "cotrain" with its own step function
+(sampler forward, mined positives, its own queue, no update until that queue is full) and the
+loop, checkpoints and metrics stay as they are.
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ class Context:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # weighted total, differentiable
-    terms: dict[str, torch.Tensor]  # detached scalars to log: every loss term and accuracy
-    keys: torch.Tensor  # [B, D] global keys to enqueue
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # stage-specific queue payloads
+    terms: dict[str, torch.Tensor]  # detached scalars to log: every loss term and accuracy ("loss" included)
+    enqueue: Callable[[], None]  # writes this step's keys into the stage's queue(s), after the update
+    optimize: bool = True  # False = no backward/optimizer step (stage 2 warm-up until the queue is full)
 
 
 def clip_segments(batch: dict[str, torch.Tensor], modality: str, num_segments: int) -> torch.Tensor:
@@ -97,7 +99,7 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch
     config, model = ctx.config, ctx.model
     modality, tau = config.stage.modality, config.loss.tau
     clips = batch[modality]  # [B, V=2, C, T, H, W]: copy 0 = query, copy 1 = key
-    queue = model.queue.keys.clone()  # [K, D]; a snapshot, because enqueue writes in place later
+    queue = model.queue.keys  # [K, D]; enqueued only after backward (autograd saved this buffer)
 
     z = ctx.query(clips[:, 0])  # [B, D]
     keys = model.encode_keys(clips[:, 1], generator)  # [B, D]
@@ -121,7 +123,8 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch
             "top1_temporal": losses.temporal_top1(z_local.detach(), k_local),
         }
     terms["loss"] = loss.detach()
-    return StepOutput(loss=loss, terms=terms, keys=keys)
+    video_index, group = batch["video_index"], batch["group"]
+    return StepOutput(loss, terms, enqueue=lambda: model.queue.enqueue(keys, video_index, group))
 
 
 # Stage kind -> step function. Stage 2 registers "cotrain" here (see the module docstring).
@@ -138,8 +141,6 @@ def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_s
     with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None):
         out = STEPS[config.stage.kind](ctx, batch, generator)
 
-    ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.scaler.scale(out.loss).backward()
     values = dict(zip(out.terms, torch.stack(list(out.terms.values())).float().tolist()))  # one sync
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(
@@ -147,12 +148,15 @@ def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_s
             "The run stops without saving this step; resume restarts from the last checkpoint. "
             "Try a lower optim.lr, optim.amp=fp32, or check the input data."
         )
-    if config.optim.grad_clip > 0:
-        ctx.scaler.unscale_(ctx.optimizer)
-        nn.utils.clip_grad_norm_(ctx.model.query.parameters(), config.optim.grad_clip)
-    ctx.scaler.step(ctx.optimizer)
-    ctx.scaler.update()
-    ctx.model.queue.enqueue(out.keys, batch["video_index"].to(ctx.device), batch["group"].to(ctx.device))
+    if out.optimize:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.scaler.scale(out.loss).backward()
+        if config.optim.grad_clip > 0:
+            ctx.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(ctx.model.query.parameters(), config.optim.grad_clip)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    out.enqueue()  # after backward: the graph saved the queue buffer, an earlier in-place write would break it
     ctx.step += 1
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)  # honest compute time; the loss sync above covered forward only

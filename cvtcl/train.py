@@ -152,11 +152,12 @@ def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[st
     )
 
 
-def checkpoint_state(ctx: Context, epoch: int, epoch_step: int) -> dict[str, Any]:
+def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) -> dict[str, Any]:
     return {
         "step": ctx.step, "epoch": epoch, "epoch_step": epoch_step,
         "model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
         "scaler": ctx.scaler.state_dict(), "encoder": ctx.model.query.config(), "config": ctx.config.to_dict(),
+        "complete": complete,
     }
 
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         ctx.step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
 
     steps_per_epoch = loader.steps_per_epoch
-    total = config.optim.epochs * steps_per_epoch
+    epochs_total = config.optim.epochs * steps_per_epoch  # "complete" = every epoch trained
+    total = epochs_total
     if config.run.max_steps:
         total = min(total, config.run.max_steps)
     logger = MetricsLogger(run_dir, dist.is_main, config.run.progress, total, ctx.step)
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
             if dist.is_main:
-                save_checkpoint(run_dir, checkpoint_state(ctx, *position), config.run.keep_checkpoints)
+                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
+                                config.run.keep_checkpoints)
             distributed.barrier()
         if stop:
             logger.message(f"SIGTERM: checkpoint saved at step {ctx.step}; rerun the same command to resume")

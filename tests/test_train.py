@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvtcl.checkpoint import latest_checkpoint, load_checkpoint, load_encoder
+from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder
 from cvtcl.metrics import read_metrics
 from cvtcl.train import main
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
@@ -47,6 +47,7 @@ def test_run_writes_metrics_config_checkpoints_and_resumes(dataset, tmp_path):
     assert {"loss", "loss_instance", "loss_local", "loss_temporal", "top1_instance", "top1_temporal", "lr",
             "clips_per_s", "data_s", "compute_s", "data_wait_fraction", "peak_memory_gib"} <= set(records[0])
     assert json.loads((out / "config.json").read_text())["data"]["root"] == str(dataset)
+    assert not is_complete(out)  # stopped by max_steps, not at the end of its epochs
     state = load_checkpoint(latest_checkpoint(out))
     assert (state["step"], state["epoch"], state["epoch_step"]) == (6, 1, 2)  # 4 steps per epoch
     encoder, config = load_encoder(latest_checkpoint(out))
@@ -56,6 +57,13 @@ def test_run_writes_metrics_config_checkpoints_and_resumes(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [3, 6, 9]
     with pytest.raises(ValueError, match="different config .optim.lr.*new run.out_dir"):
         main(_args(dataset, out, "run.max_steps=12", "optim.lr=0.1"), build_loader=FakePretrainLoader)
+
+
+def test_complete_after_all_epochs(dataset, tmp_path):
+    assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0
+    assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
+    assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0  # nothing left
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [4]
 
 
 def _never_called(**kwargs):
