@@ -70,7 +70,8 @@ def test_train_step_updates_query_key_and_queue():
     assert all(not torch.equal(a, b) for a, b in zip(query_before, ctx.model.query.parameters()))
     # One EMA update toward the query as it was BEFORE this step's optimizer update.
     for k0, q0, k1 in zip(key_before, query_before, ctx.model.key.parameters()):
-        torch.testing.assert_close(k1, 0.999 * k0 + 0.001 * q0)
+        m = ctx.config.loss.momentum
+        torch.testing.assert_close(k1, m * k0 + (1 - m) * q0)
     assert ctx.model.queue.video_index[:4].tolist() == [0, 1, 2, 3] and int(ctx.model.queue.ptr) == 4
 
 
