@@ -239,9 +239,10 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
     return 0
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m cvtcl.train`: expected errors (config, data, non-finite loss) as one line, exit 2 / 1."""
     try:
-        return main()
+        return main(argv)
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
         message = err.args[0] if err.args else repr(err)
         print(f"cvtcl.train: error: {message}", file=sys.stderr)
