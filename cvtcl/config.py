@@ -47,6 +47,7 @@ class DataConfig:
     def __post_init__(self):
         _choice("data.pair_mode", self.pair_mode, ("same", "independent", "coclr"))
         _choice("data.segments", self.segments, ("quarters", "spread"))
+        _choice("data.backend", self.backend, ("dali", "baseline"))
         for name in ("frames_per_clip", "frame_stride", "crop_size", "num_segments", "batch_size", "num_threads"):
             _positive(f"data.{name}", getattr(self, name))
         if self.frames_per_clip % self.num_segments:

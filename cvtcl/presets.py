@@ -51,11 +51,11 @@ def paper_8x_titanxp() -> TrainConfig:
 def smoke() -> TrainConfig:
     """Seconds on CPU: tiny backbone, 8-frame 32x32 clips, queue 32, m 0.99, on the synthetic dataset.
 
-    `cvtcl-preprocess synthetic --out data/synthetic` writes the dataset it reads.
+    It reads the dataset `make demo` writes (demo/data; or `cvtcl-preprocess synthetic --out demo/data`).
     """
     return TrainConfig(
         data=DataConfig(
-            root="data/synthetic", frames_per_clip=8, crop_size=32, num_segments=4, batch_size=4, num_threads=2
+            root="demo/data", frames_per_clip=8, crop_size=32, num_segments=4, batch_size=4, num_threads=2
         ),
         model=ModelConfig(backbone="tiny"),
         stage=StageConfig(kind="instance", modality="rgb"),

@@ -66,6 +66,13 @@ def test_complete_after_all_epochs(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [4]
 
 
+@pytest.mark.parametrize("progress,expected", [("rich", "train"), ("plain", "step 2 epoch 0 loss=")])
+def test_progress_modes(dataset, tmp_path, capsys, progress, expected):
+    args = _args(dataset, tmp_path, "run.max_steps=2", "run.log_every=1", f"run.progress={progress}")
+    assert main(args, build_loader=FakePretrainLoader) == 0
+    assert expected in capsys.readouterr().out
+
+
 def _never_called(**kwargs):
     raise AssertionError("the loader was built before validation finished")
 
