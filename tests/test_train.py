@@ -57,6 +57,10 @@ def test_run_writes_metrics_config_checkpoints_and_resumes(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [3, 6, 9]
     with pytest.raises(ValueError, match="different config .optim.lr.*new run.out_dir"):
         main(_args(dataset, out, "run.max_steps=12", "optim.lr=0.1"), build_loader=FakePretrainLoader)
+    state = load_checkpoint(latest_checkpoint(out))
+    torch.save(state | {"world_size": 2}, latest_checkpoint(out))
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
+        main(_args(dataset, out, "run.max_steps=12"), build_loader=_never_called)
 
 
 def test_complete_after_all_epochs(dataset, tmp_path):
