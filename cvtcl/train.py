@@ -47,7 +47,8 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and reason")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    if argv is not None and "--help-config" in argv:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help-config" in argv:
         print(describe())
         raise SystemExit(0)
     args = parser.parse_args(argv)
