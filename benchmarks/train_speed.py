@@ -34,6 +34,8 @@ from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
 
+batched_encode = engine.encode_segments  # the production path; one variant swaps in segments_one_by_one
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,8 +131,6 @@ def time_loader(args, dist, amp, root):
     return {"variant": f"loader {args.data_backend} + step ({amp})", "amp": amp, "steps": len(waits),
             "samples_per_s": args.batch * len(waits) / total, "data_wait_fraction": sum(waits) / total}
 
-
-batched_encode = engine.encode_segments
 
 
 def main(argv=None) -> int:
