@@ -57,8 +57,9 @@ class PackOptions:
     workers: int = 1
     videos_per_shard: int = 64
     jpeg_quality: int = 90
-    # 95 is OpenCV's imwrite default, what CoCLR/I3D-style extraction scripts stored flow with;
-    # flow planes are smooth, so it costs few bytes and keeps the error well under one level.
+    # 95 is OpenCV's imwrite default, what CoCLR/I3D-style extraction scripts stored flow with.
+    # Measured on synthetic TV-L1 planes: RMS error 0.17 levels (max 3) for 9% more bytes than
+    # q90 (0.21, max 4); q100 costs 38% more for 0.12.
     flow_jpeg_quality: int = 95
     short_side: int | None = None
     flow: str = "tvl1"
