@@ -67,4 +67,12 @@ step loader_speed 90 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]
 
 # --- later issues: append steps here (train_speed, flow_speed), keeping the total under 6 min ----
 
+# --- issue 7: flow extraction (OpenCV TV-L1 vs tvl1-torch, eager and compiled on the GPU) -------
+if [ $DEVICE = cuda ]; then
+  FLOW=(--sizes 128x171,240x320 --cpu-pairs 4 --gpu-pairs 128 --batch 64 --compile cuda)
+else
+  FLOW=(--sizes 32x40 --cpu-pairs 2 --pool-pairs 2 --workers 1)
+fi
+step flow_speed 240 $PY benchmarks/flow_speed.py "${FLOW[@]}" --json "$OUTDIR/flow_speed.json"
+
 echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"
