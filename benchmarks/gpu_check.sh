@@ -65,6 +65,10 @@ step hw_decoder_sweep 120 $PY benchmarks/gpu_loader_check.py decoder-sweep "$OUT
   $([ $DEVICE = cpu ] && echo --loads 0.65)
 step loader_speed 90 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]}" --json "$OUTDIR/loader_speed.json"
 
+# --- issue 4: stage-1 training step (precision, channels_last_3d, batched segments, loader wait) --
+if [ $DEVICE = cuda ]; then TRAIN=(--batch 16 --steps 8 --warmup 2 --threads 4); else TRAIN=(--smoke); fi
+step train_speed 150 $PY benchmarks/train_speed.py --device $DEVICE --loader "${TRAIN[@]}" --json "$OUTDIR/train_speed.json"
+
 # --- later issues: append steps here (train_speed, flow_speed), keeping the total under 6 min ----
 
 # --- issue 7: flow extraction (OpenCV TV-L1 vs tvl1-torch, eager and compiled on the GPU) -------
