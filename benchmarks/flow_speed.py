@@ -3,7 +3,7 @@
 Runs the production backends (preprocess.flow) on generated videos with known flow
 (preprocess.flow_check) at each size: OpenCV's CPU DualTVL1 with one worker and with one
 worker per core (a process pool, as preprocessing parallelises over videos), then tvl1-torch
-on the CPU (all cores, batched) and, when CUDA is present, on the GPU. Prints a table and one
+on the CPU (one thread, and all cores) and, when CUDA is present, on the GPU. Prints a table and one
 JSON line naming the devices and versions.
 
     python benchmarks/flow_speed.py                       # 128x171 and 240x320
@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--cpu-pairs", type=int, default=8, help="pairs for OpenCV (one worker) and torch CPU")
     ap.add_argument("--pool-pairs", type=int, default=0, help="pairs for the OpenCV pool (default 4 per worker)")
     ap.add_argument("--gpu-pairs", type=int, default=256, help="pairs for tvl1-torch on CUDA")
-    ap.add_argument("--batch", type=int, default=64, help="tvl1-torch pairs per call")
+    ap.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per call (default: 4 CPU, 64 GPU)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", choices=("none", "cuda", "all"), default="none",
                     help="also time tvl1-torch with compile=True on these devices (inductor; ~1 min warm-up on CPU)")
