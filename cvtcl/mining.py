@@ -198,7 +198,7 @@ def mining_precision(mined: Tensor, query_label: Tensor, queue_label: Tensor) ->
     same_class = query_label[:, None] == queue_label[None, :]
     total = mined.sum()
     if int(total) == 0:
-        return torch.tensor(float("nan"))
+        return torch.tensor(float("nan"), device=mined.device)
     return (mined & same_class).sum().float() / total.float()
 
 
@@ -210,3 +210,40 @@ def chance_precision(query_label: Tensor, queue_label: Tensor, exclude: Tensor) 
     admissible = ~exclude & (queue_label[None, :] >= 0)
     same_class = (query_label[:, None] == queue_label[None, :]) & admissible
     return same_class.sum().float() / admissible.sum().clamp(min=1).float()
+
+
+def cross_view_nce(
+    q: Tensor,
+    k: Tensor,
+    s: Tensor,
+    queue: CrossViewQueue,
+    video: Tensor,
+    group: Tensor,
+    label: Tensor,
+    *,
+    tau: float,
+    topk: int,
+    drop_p: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_RF / L_FR (eqs. 2–5) for one step, against the queue *before* this batch is enqueued.
+
+    q: [B, D] queries of m (with grad); k: [B, D] own keys of m; s: [B, D] sampler embeddings of
+    the key copy in modality o; video, group, label: [B] -> (scalar loss, detached stats):
+    `mining_precision` and `mining_chance` (same-class fraction of the mined positives and of a
+    random admissible pick), `positives` (mean positives per row before dropping) and `top1`
+    (the highest logit is a positive).
+    """
+    q, k = q.float(), k.float()
+    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.keys.T], dim=1) / tau  # [B, 1 + K]
+    pos = positive_mask(s, queue.sampler, video, group, queue.video, queue.group, topk=topk, queue_full=queue.is_full)
+    loss = multi_positive_nce(logits, drop_self_positive(pos.mask, p=drop_p, generator=generator))
+    with torch.no_grad():
+        exclude = pos.mask[:, 1:] & ~pos.mined  # own video and group, the columns mining may not pick
+        stats = {
+            "mining_precision": mining_precision(pos.mined, label, queue.label),
+            "mining_chance": chance_precision(label, queue.label, exclude),
+            "positives": pos.mask.sum(dim=1).float().mean(),
+            "top1": torch.gather(pos.mask, 1, logits.argmax(dim=1, keepdim=True)).float().mean(),
+        }
+    return loss, stats

@@ -10,6 +10,7 @@ from cvtcl.mining import (
     NO_ID,
     CrossViewQueue,
     chance_precision,
+    cross_view_nce,
     drop_self_positive,
     mine_topk,
     mining_precision,
@@ -202,3 +203,25 @@ def test_mining_precision_and_chance():
     exclude = torch.tensor([[False, False, False, False], [True, False, False, False]])
     # row 0: admissible {0,1,2} (3 has no label), same class {0}; row 1: admissible {1,2}, same {1,2}
     assert float(chance_precision(query_label, queue_label, exclude)) == pytest.approx(3 / 5)
+
+
+def test_cross_view_nce_warm_up_then_mining():
+    tau, dim = 0.07, 8
+    queue = CrossViewQueue(length=8, dim=dim)
+    q, k, s = _unit(4, dim, seed=20).requires_grad_(), _unit(4, dim, seed=21), _unit(4, dim, seed=22)
+    video, group, label = _ids(0, 1, 2, 3), _ids(0, 0, 1, 2), _ids(0, 0, 1, 1)
+    kwargs = dict(tau=tau, topk=2, drop_p=0.0, generator=step_generator(0, 0))
+    loss, stats = cross_view_nce(q, k, s, queue, video, group, label, **kwargs)
+    # warm-up on an empty queue: no group matches, nothing mined -> plain InfoNCE on the random queue
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.keys.T], dim=1) / tau
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)))
+    assert math.isnan(float(stats["mining_precision"])) and float(stats["positives"]) == 1.0
+    loss.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    # fill the queue with the sampler's own view of two batches: mining now finds same-class clips
+    queue.enqueue(_unit(4, dim, seed=23), s, video + 10, group + 10, label)
+    queue.enqueue(_unit(4, dim, seed=24), s, video + 20, group + 20, label)
+    loss, stats = cross_view_nce(q.detach(), k, s, queue, video, group, label, **kwargs)
+    assert float(stats["positives"]) == 3.0  # own key + top-2, no shared groups
+    assert float(stats["mining_precision"]) == 1.0  # each query's top-2 are its own sampler view, queued twice
+    assert float(stats["mining_chance"]) == pytest.approx(0.5)  # half of the queue shares each class
