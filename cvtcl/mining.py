@@ -35,11 +35,11 @@ class CrossViewQueue(nn.Module):
     Buffers (saved in the state dict, so a resumed run keeps its queue and fill state):
         keys    [K, D]  global keys of m (the negatives of eqs. 2/4)
         sampler [K, D]  sampler embeddings of o for the same clips (mined against, eq. 3/5)
-        video   [K]     video index per entry (NO_ID when never filled)
+        video_index [K] video index per entry (NO_ID when never filled)
         group   [K]     source-group id per entry
         label   [K]     class label per entry, for `mining_precision` only
-        ptr     []      next slot to overwrite
-        filled  []      number of slots ever written, capped at K
+        ptr     [1]     next slot to overwrite
+        count   [1]     number of slots ever written, capped at K
 
     Initial keys are random unit vectors (as in MoCo), so InfoNCE is well defined during the
     warm-up; the trainer takes no optimizer step until `is_full`.
@@ -52,10 +52,10 @@ class CrossViewQueue(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("keys", F.normalize(torch.randn(length, dim, generator=gen), dim=1))
         self.register_buffer("sampler", F.normalize(torch.randn(length, dim, generator=gen), dim=1))
-        for name in ("video", "group", "label"):
+        for name in ("video_index", "group", "label"):
             self.register_buffer(name, torch.full((length,), NO_ID, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
 
     @property
     def length(self) -> int:
@@ -63,13 +63,13 @@ class CrossViewQueue(nn.Module):
 
     @property
     def is_full(self) -> bool:
-        return int(self.filled) >= self.length
+        return int(self.count) >= self.length
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, sampler: Tensor, video: Tensor, group: Tensor, label: Tensor) -> None:
+    def enqueue(self, keys: Tensor, sampler: Tensor, video_index: Tensor, group: Tensor, label: Tensor) -> None:
         """Overwrite the oldest N entries. Inputs are already all-gathered across ranks.
 
-        keys, sampler: [N, D]; video, group, label: [N]. N must divide K so that a batch never
+        keys, sampler: [N, D]; video_index, group, label: [N]. N must divide K so that a batch never
         wraps around the end (checked when the run's config is validated, asserted here).
         """
         n = keys.shape[0]
@@ -77,11 +77,11 @@ class CrossViewQueue(nn.Module):
         ptr = int(self.ptr)
         self.keys[ptr:ptr + n] = keys.detach().to(self.keys.dtype)
         self.sampler[ptr:ptr + n] = sampler.detach().to(self.sampler.dtype)
-        self.video[ptr:ptr + n] = video
+        self.video_index[ptr:ptr + n] = video_index
         self.group[ptr:ptr + n] = group
         self.label[ptr:ptr + n] = label
-        self.ptr.fill_((ptr + n) % self.length)
-        self.filled.fill_(min(int(self.filled) + n, self.length))
+        self.ptr[0] = (ptr + n) % self.length
+        self.count[0] = min(int(self.count) + n, self.length)
 
 
 def source_mask(query_video: Tensor, query_group: Tensor, queue_video: Tensor, queue_group: Tensor) -> Tensor:
@@ -236,7 +236,7 @@ def cross_view_nce(
     """
     q, k = q.float(), k.float()
     logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.keys.T], dim=1) / tau  # [B, 1 + K]
-    pos = positive_mask(s, queue.sampler, video, group, queue.video, queue.group, topk=topk, queue_full=queue.is_full)
+    pos = positive_mask(s, queue.sampler, video, group, queue.video_index, queue.group, topk=topk, queue_full=queue.is_full)
     loss = multi_positive_nce(logits, drop_self_positive(pos.mask, p=drop_p, generator=generator))
     with torch.no_grad():
         exclude = pos.mask[:, 1:] & ~pos.mined  # own video and group, the columns mining may not pick

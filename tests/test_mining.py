@@ -182,12 +182,12 @@ def test_dropping_rate_and_determinism():
 
 def test_queue_fills_wraps_and_round_trips_state():
     queue = CrossViewQueue(length=6, dim=4)
-    assert not queue.is_full and (queue.video == NO_ID).all()
+    assert not queue.is_full and (queue.video_index == NO_ID).all()
     for step in range(4):
         ids = torch.arange(3) + 3 * step
         queue.enqueue(_unit(3, 4, seed=step), _unit(3, 4, seed=10 + step), ids, ids // 2, ids % 2)
         assert queue.is_full == (step >= 1)
-    assert queue.video.tolist() == [6, 7, 8, 9, 10, 11] and int(queue.ptr) == 0
+    assert queue.video_index.tolist() == [6, 7, 8, 9, 10, 11] and int(queue.ptr) == 0
     torch.testing.assert_close(queue.keys[:3], _unit(3, 4, seed=2))
     torch.testing.assert_close(queue.sampler[3:], _unit(3, 4, seed=13))
     restored = CrossViewQueue(length=6, dim=4, seed=1)
