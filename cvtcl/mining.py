@@ -5,17 +5,16 @@ the K queued keys of m). A frozen sampler of the other modality o decides which 
 are positives besides z⁺: entries of the same source group, and the top-K entries by the
 sampler's similarity s · queue_o. This module owns
 
-- `CrossViewQueue`: the queue of keys of m *and*, per entry, the sampler embedding of o, the
-  video index, the source-group id and the class label (the label is read only by
-  `mining_precision`, never by a loss);
 - `source_mask`, `mine_topk`, `positive_mask`: the positive set of eqs. 3 and 5;
 - `multi_positive_nce`: L_RF / L_FR of eqs. 2 and 4;
 - `drop_self_positive`: CoCLR's self-positive dropping (p = 0.9 per step);
 - `mining_precision`: the fraction of mined positives that share the query's class.
 
-Everything here is a pure fp32 function of embeddings and ids (the queue changes only through
-`CrossViewQueue.enqueue`, called by the trainer). Shapes use the project's axis letters:
-B queries, K queue entries, D embedding dim.
+Everything here is a pure fp32 function of embeddings and ids. The queue is `cvtcl.moco.Queue`
+built with `cross_view=True`: per entry the key of m, the sampler embedding of o, the video
+index, the source-group id and the class label (read only by `mining_precision`, never by a
+loss); it changes only through its `enqueue`, called by the trainer after the update.
+Shapes use the project's axis letters: B queries, K queue entries, D embedding dim.
 """
 
 from __future__ import annotations
@@ -23,65 +22,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-NO_ID = -1  # video / group / label of a queue slot that was never filled
-
-
-class CrossViewQueue(nn.Module):
-    """MoCo queue of keys of the trained modality plus the sampler's view of the same clips.
-
-    Buffers (saved in the state dict, so a resumed run keeps its queue and fill state):
-        keys    [K, D]  global keys of m (the negatives of eqs. 2/4)
-        sampler [K, D]  sampler embeddings of o for the same clips (mined against, eq. 3/5)
-        video_index [K] video index per entry (NO_ID when never filled)
-        group   [K]     source-group id per entry
-        label   [K]     class label per entry, for `mining_precision` only
-        ptr     [1]     next slot to overwrite
-        count   [1]     number of slots ever written, capped at K
-
-    Initial keys are random unit vectors (as in MoCo), so InfoNCE is well defined during the
-    warm-up; the trainer takes no optimizer step until `is_full`.
-    """
-
-    def __init__(self, length: int, dim: int, seed: int = 0):
-        super().__init__()
-        if length <= 0 or dim <= 0:
-            raise ValueError(f"CrossViewQueue needs length > 0 and dim > 0, got {length}, {dim}")
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("keys", F.normalize(torch.randn(length, dim, generator=gen), dim=1))
-        self.register_buffer("sampler", F.normalize(torch.randn(length, dim, generator=gen), dim=1))
-        for name in ("video_index", "group", "label"):
-            self.register_buffer(name, torch.full((length,), NO_ID, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def is_full(self) -> bool:
-        return int(self.count) >= self.length
-
-    @torch.no_grad()
-    def enqueue(self, keys: Tensor, sampler: Tensor, video_index: Tensor, group: Tensor, label: Tensor) -> None:
-        """Overwrite the oldest N entries. Inputs are already all-gathered across ranks.
-
-        keys, sampler: [N, D]; video_index, group, label: [N]. N must divide K so that a batch never
-        wraps around the end (checked when the run's config is validated, asserted here).
-        """
-        n = keys.shape[0]
-        assert self.length % n == 0, f"queue length {self.length} is not a multiple of batch {n}"
-        ptr = int(self.ptr)
-        self.keys[ptr:ptr + n] = keys.detach().to(self.keys.dtype)
-        self.sampler[ptr:ptr + n] = sampler.detach().to(self.sampler.dtype)
-        self.video_index[ptr:ptr + n] = video_index
-        self.group[ptr:ptr + n] = group
-        self.label[ptr:ptr + n] = label
-        self.ptr[0] = (ptr + n) % self.length
-        self.count[0] = min(int(self.count) + n, self.length)
+NO_ID = -1  # video / group / label of a queue slot that was never filled (cvtcl.moco.Queue)
 
 
 def source_mask(query_video: Tensor, query_group: Tensor, queue_video: Tensor, queue_group: Tensor) -> Tensor:
@@ -172,8 +115,8 @@ def drop_self_positive(mask: Tensor, *, p: float, generator: torch.Generator) ->
     mask: Bool [B, 1 + K] -> Bool [B, 1 + K] (a new tensor). After stage 1 the own key is
     already the easiest positive, so keeping it lets co-training stall (CoCLR's published fix).
     Only the numerator changes: `multi_positive_nce` still sums every column in the denominator.
-    The draw comes from `generator` (a CPU generator, see `step_generator`), so every rank and a
-    resumed run make the same choice.
+    The draw comes from `generator` (the step's CPU generator, `cvtcl.engine.step_generator`), so
+    every rank and a resumed run make the same choice.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"self-positive drop probability must be in [0, 1], got {p}")
@@ -182,11 +125,6 @@ def drop_self_positive(mask: Tensor, *, p: float, generator: torch.Generator) ->
     out = mask.clone()
     out[:, 0] &= ~mask[:, 1:].any(dim=1)
     return out
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator that is a pure function of (seed, global step): resume-safe, rank-agnostic."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
 def mining_precision(mined: Tensor, query_label: Tensor, queue_label: Tensor) -> Tensor:
@@ -216,7 +154,7 @@ def cross_view_nce(
     q: Tensor,
     k: Tensor,
     s: Tensor,
-    queue: CrossViewQueue,
+    queue: nn.Module,
     video: Tensor,
     group: Tensor,
     label: Tensor,
@@ -229,7 +167,7 @@ def cross_view_nce(
     """L_RF / L_FR (eqs. 2–5) for one step, against the queue *before* this batch is enqueued.
 
     q: [B, D] queries of m (with grad); k: [B, D] own keys of m; s: [B, D] sampler embeddings of
-    the key copy in modality o; video, group, label: [B] -> (scalar loss, detached stats):
+    the key copy in modality o; queue: a cross-view `cvtcl.moco.Queue`; video, group, label: [B] -> (scalar loss, detached stats):
     `mining_precision` and `mining_chance` (same-class fraction of the mined positives and of a
     random admissible pick), `positives` (mean positives per row before dropping) and `top1`
     (the highest logit is a positive).

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from cvtcl.mining import (
     NO_ID,
-    CrossViewQueue,
     chance_precision,
     cross_view_nce,
     drop_self_positive,
@@ -17,8 +16,9 @@ from cvtcl.mining import (
     multi_positive_nce,
     positive_mask,
     source_mask,
-    step_generator,
 )
+from cvtcl.engine import step_generator
+from cvtcl.moco import Queue
 
 
 def _unit(*shape, seed=0):
@@ -180,19 +180,24 @@ def test_dropping_rate_and_determinism():
 
 # ---------------------------------------------------------------- queue and mining quality
 
-def test_queue_fills_wraps_and_round_trips_state():
-    queue = CrossViewQueue(length=6, dim=4)
-    assert not queue.is_full and (queue.video_index == NO_ID).all()
+def test_cross_view_queue_fills_wraps_and_round_trips_state():
+    queue = Queue(6, 4, cross_view=True)
+    assert not queue.is_full and (queue.label == NO_ID).all()
     for step in range(4):
         ids = torch.arange(3) + 3 * step
-        queue.enqueue(_unit(3, 4, seed=step), _unit(3, 4, seed=10 + step), ids, ids // 2, ids % 2)
+        queue.enqueue(_unit(3, 4, seed=step), ids, ids // 2, sampler=_unit(3, 4, seed=10 + step), label=ids % 2)
         assert queue.is_full == (step >= 1)
     assert queue.video_index.tolist() == [6, 7, 8, 9, 10, 11] and int(queue.ptr) == 0
+    assert queue.label.tolist() == [0, 1, 0, 1, 0, 1]
     torch.testing.assert_close(queue.keys[:3], _unit(3, 4, seed=2))
     torch.testing.assert_close(queue.sampler[3:], _unit(3, 4, seed=13))
-    restored = CrossViewQueue(length=6, dim=4, seed=1)
+    restored = Queue(6, 4, cross_view=True)
     restored.load_state_dict(queue.state_dict())
-    assert restored.is_full and torch.equal(restored.group, queue.group)
+    assert restored.is_full and torch.equal(restored.sampler, queue.sampler)
+    with pytest.raises(ValueError, match="needs sampler and label"):
+        queue.enqueue(_unit(3, 4), ids, ids)
+    with pytest.raises(ValueError, match="a plain queue neither"):
+        Queue(6, 4).enqueue(_unit(3, 4), ids, ids, sampler=_unit(3, 4), label=ids)
 
 
 def test_mining_precision_and_chance():
@@ -207,7 +212,7 @@ def test_mining_precision_and_chance():
 
 def test_cross_view_nce_warm_up_then_mining():
     tau, dim = 0.07, 8
-    queue = CrossViewQueue(length=8, dim=dim)
+    queue = Queue(8, dim, cross_view=True)
     q, k, s = _unit(4, dim, seed=20).requires_grad_(), _unit(4, dim, seed=21), _unit(4, dim, seed=22)
     video, group, label = _ids(0, 1, 2, 3), _ids(0, 0, 1, 2), _ids(0, 0, 1, 1)
     kwargs = dict(tau=tau, topk=2, drop_p=0.0, generator=step_generator(0, 0))
@@ -219,8 +224,8 @@ def test_cross_view_nce_warm_up_then_mining():
     loss.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     # fill the queue with the sampler's own view of two batches: mining now finds same-class clips
-    queue.enqueue(_unit(4, dim, seed=23), s, video + 10, group + 10, label)
-    queue.enqueue(_unit(4, dim, seed=24), s, video + 20, group + 20, label)
+    queue.enqueue(_unit(4, dim, seed=23), video + 10, group + 10, sampler=s, label=label)
+    queue.enqueue(_unit(4, dim, seed=24), video + 20, group + 20, sampler=s, label=label)
     loss, stats = cross_view_nce(q.detach(), k, s, queue, video, group, label, **kwargs)
     assert float(stats["positives"]) == 3.0  # own key + top-2, no shared groups
     assert float(stats["mining_precision"]) == 1.0  # each query's top-2 are its own sampler view, queued twice
