@@ -94,9 +94,11 @@ def test_learning_rate_schedule_and_amp_choice(monkeypatch):
     assert [engine.learning_rate(optim, e) for e in (0, 249, 250, 279, 280)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert engine.amp_dtype("auto", cpu) is None and engine.amp_dtype("bf16", cpu) is torch.bfloat16
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        engine.amp_dtype("fp16", cpu)
+    assert engine.amp_dtype("auto", cpu) is None and engine.amp_dtype("fp32", cuda) is None
+    for setting in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=f"optim.amp={setting} needs a CUDA device"):
+            engine.amp_dtype(setting, cpu)
+    assert engine.amp_dtype("bf16", cuda) is torch.bfloat16 and engine.amp_dtype("fp16", cuda) is torch.float16
     for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 0), torch.float16),
                               ((6, 1), None)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
