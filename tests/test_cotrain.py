@@ -83,6 +83,31 @@ def test_no_update_until_the_queue_is_full_then_mining(dataset, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(before, ctx.model.query.parameters()))
 
 
+def test_local_keys_belong_to_their_own_video(dataset, tmp_path, monkeypatch):
+    """The authors' stage-2 code un-shuffled local keys it had never shuffled. Here they go through
+    shuffle-BN: with BN in eval mode (no batch statistics) row b must be video b's own encoding."""
+    import cvtcl.engine as engine
+
+    config = _cotrain_config(dataset, _sampler_checkpoint(tmp_path / "flow", "flow"))
+    ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    ctx.model.eval()
+    seen = {}
+    real = engine.losses.local_temporal_loss
+
+    def spy(z_local, k_local, tau):
+        seen["k"] = k_local
+        return real(z_local, k_local, tau)
+
+    monkeypatch.setattr(engine.losses, "local_temporal_loss", spy)
+    batch = next(FakePretrainLoader(dataset, modalities=("rgb", "flow"), batch_size=4, frames_per_clip=8,
+                                    crop_size=32).epoch(0))
+    engine.ltcl_step(ctx, batch, torch.Generator().manual_seed(3))
+    segments = engine.clip_segments(batch, "rgb", 4)[:, 1]  # [B, M, C, L, H, W], key copy
+    with torch.no_grad():
+        direct = torch.stack([ctx.model.key(segments[b]) for b in range(4)])  # [B, M, D], one video at a time
+    torch.testing.assert_close(seen["k"], direct, rtol=1e-4, atol=1e-5)
+
+
 def test_stage_config_of_each_sub_stage(tmp_path):
     base = apply_overrides(get_preset("ucf101-cvtcl"), [f"run.out_dir={tmp_path}"])
     stage1 = stage_config(base, StageRun(SubStage("stage1-flow", "flow"), tmp_path / "stage1-flow", None, None))
@@ -136,9 +161,13 @@ def test_stage_option_needs_a_schedule_and_its_dependencies(dataset, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_sigkill_inside_stage_two_then_rerun_finishes_every_sub_stage(dataset, tmp_path):
-    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, str(ROOT / "tests" / "trainer_fakes.py"), *_schedule_args(dataset, tmp_path)]
+def test_sigkill_inside_stage_two_then_rerun_finishes_every_sub_stage(synthetic_dataset, tmp_path):
+    """The real command on the real (DALI CPU) loader and the packed synthetic shards: 6 train
+    videos = 1 step per epoch; a 4-entry queue fills in one step, so stage 2 trains 3 of its 4."""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "cvtcl.train", "--preset", "smoke-cvtcl", f"data.root={synthetic_dataset}",
+               f"run.out_dir={tmp_path}", "loss.queue_size=4", "schedule.cotrain_epochs=4", "run.checkpoint_every=1",
+               "run.keep_checkpoints=0", "run.progress=plain"]
     first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while latest_checkpoint(tmp_path / "cycle1-flow") is None:
@@ -152,5 +181,7 @@ def test_sigkill_inside_stage_two_then_rerun_finishes_every_sub_stage(dataset, t
     second = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "stage1-rgb: complete" in second.stdout and "resumed from" in second.stdout
-    assert f"(step {killed_at}," in second.stdout
+    assert f"(step {killed_at}, " in second.stdout
     assert all(is_complete(tmp_path / name) for name in SUB_STAGES)
+    last = read_metrics(tmp_path / "cycle2-rgb/metrics.jsonl")[-1]
+    assert last["queue_full"] == 1.0 and 0.0 <= last["mining_precision"] <= 1.0
