@@ -42,7 +42,7 @@ def pretrain_pipeline(source: PretrainSource, crop_size: int, device: str, dtype
         decoded = {g: ops.decode_modality(nodes, g, modality, device, hw_decoder_load) for g in layout.groups()}
         for part in layout.parts:
             for copy in (0, 1):
-                arg = {k: nodes[f"{k}:{part}{copy}"] for k in layout.arg_names()}
+                arg = {k: nodes[f"{k}:{copy}"] for k in layout.arg_names()}
                 images = ops.crop_resize(decoded[layout.group(part, copy)], arg["roi_start"], arg["roi_end"],
                                          crop_size)
                 if modality == "rgb" and layout.colour:

@@ -106,9 +106,8 @@ class PretrainLayout:
 
     def names(self) -> list[str]:
         names = [f"{plane}:{g}" for m in self.modalities for plane in PLANES[m] for g in self.groups()]
-        for part in self.parts:
-            for v in (0, 1):
-                names += [f"{arg}:{part}{v}" for arg in self.arg_names()]
+        for v in (0, 1):  # M * L = T: the clip and its segments share per-frame arguments
+            names += [f"{arg}:{v}" for arg in self.arg_names()]
         return names
 
     def arg_names(self) -> list[str]:
@@ -178,16 +177,14 @@ class PretrainSource:
         for group in self.layout.groups():
             for plan in plans:
                 video = videos[plan.video_index]
-                windows = group_windows(plan, group)
-                for frames in windows:
+                for frames in group_windows(plan, group):
                     for m in self.modalities:
                         for plane, bufs in self.clips.planes(m, video, frames).items():
                             out.setdefault(f"{plane}:{group}", []).extend(bufs)
-        for part in self.layout.parts:
-            for v in (0, 1):
-                args = copy_args(plans, v, self.cfg.frames_per_clip, "colour_m" in self.layout.arg_names(),
-                                 "flow" in self.modalities)
-                out.update({f"{k}:{part}{v}": a for k, a in args.items()})
+        for v in (0, 1):
+            args = copy_args(plans, v, self.cfg.frames_per_clip, "colour_m" in self.layout.arg_names(),
+                             "flow" in self.modalities)
+            out.update({f"{k}:{v}": a for k, a in args.items()})
         return tuple(out[name] for name in self.layout.names())
 
 
