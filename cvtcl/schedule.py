@@ -122,7 +122,7 @@ def run_schedule(
             if dep not in by_name:
                 raise ValueError(f"sub-stage {stage.name} needs {dep!r} ({role}), which is not in the schedule")
             if not is_complete(root / dep):
-                raise RuntimeError(
+                raise FileNotFoundError(
                     f"sub-stage {stage.name} needs the finished run {root / dep} as its {role}; "
                     f"run `--stage {dep}` (or the whole schedule without --stage) first")
             sources[role] = final_checkpoint(root / dep)

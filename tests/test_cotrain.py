@@ -152,7 +152,7 @@ def test_whole_schedule_in_one_command(dataset, tmp_path):
 
 
 def test_stage_option_needs_a_schedule_and_its_dependencies(dataset, tmp_path):
-    with pytest.raises(RuntimeError, match="--stage stage1-rgb"):
+    with pytest.raises(FileNotFoundError, match="--stage stage1-rgb"):
         main(_schedule_args(dataset, tmp_path, "--stage", "cycle1-rgb"), build_loader=FakePretrainLoader)
     with pytest.raises(ValueError, match="use a schedule preset"):
         main(["--preset", "smoke", "--stage", "stage1-rgb"], build_loader=FakePretrainLoader)

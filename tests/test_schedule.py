@@ -75,7 +75,7 @@ def test_stop_inside_a_stage_then_rerun_resumes_there(tmp_path):
 
 def test_single_stage_needs_its_dependencies(tmp_path):
     trainer = FakeTrainer()
-    with pytest.raises(RuntimeError, match="--stage stage1-rgb"):
+    with pytest.raises(FileNotFoundError, match="--stage stage1-rgb"):
         trainer.run(tmp_path, only="cycle1-rgb")
     trainer.run(tmp_path, only="stage1-rgb")
     trainer.run(tmp_path, only="stage1-flow")
