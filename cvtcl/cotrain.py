@@ -69,23 +69,25 @@ def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], generator:
     """Stage 2: L2 = alpha * L_RF or L_FR (eqs. 2–5) + beta * L_LTCL (eqs. 6–8), modality m mining
     its positives with the frozen sampler of modality o."""
     config, model = ctx.config, ctx.model
-    clips = batch[config.stage.modality]  # [B, V=2, C, T, H, W]: copy 0 = query, copy 1 = key
-    z = ctx.query(clips[:, 0])  # [B, D]
-    keys = model.encode_keys(clips[:, 1], generator)  # [B, D]
-    s = ctx.sampler(batch[config.stage.sampler_modality][:, 1])  # [B, D]: same frames and crop as the key copy
-    video_index, group, label = batch["video_index"], batch["group"], batch["label"]
-    # Whether this step trains is decided before its own keys enter the queue.
+    # Whether this step trains is decided before its own keys enter the queue. A warm-up step
+    # builds no graph: its losses are only logged, and DDP is never left waiting for a backward.
     optimize = model.queue.is_full
-    instance, stats = mining.cross_view_nce(
-        z, keys, s, model.queue, video_index, group, label, tau=config.loss.tau,
-        topk=config.loss.mining_topk, drop_p=config.loss.self_positive_drop, generator=generator,
-    )
-    loss = config.loss.instance_weight * instance
-    terms = {"loss_instance": instance.detach(), "top1_instance": stats.pop("top1"), **stats}
-    if config.uses_segments:
-        ltcl, ltcl_terms = engine.ltcl_step(ctx, batch, generator)
-        loss = loss + config.loss.ltcl_weight * ltcl
-        terms |= ltcl_terms
+    with torch.set_grad_enabled(optimize):
+        clips = batch[config.stage.modality]  # [B, V=2, C, T, H, W]: copy 0 = query, copy 1 = key
+        z = ctx.query(clips[:, 0])  # [B, D]
+        keys = model.encode_keys(clips[:, 1], generator)  # [B, D]
+        s = ctx.sampler(batch[config.stage.sampler_modality][:, 1])  # [B, D]: same frames and crop as the key copy
+        video_index, group, label = batch["video_index"], batch["group"], batch["label"]
+        instance, stats = mining.cross_view_nce(
+            z, keys, s, model.queue, video_index, group, label, tau=config.loss.tau,
+            topk=config.loss.mining_topk, drop_p=config.loss.self_positive_drop, generator=generator,
+        )
+        loss = config.loss.instance_weight * instance
+        terms = {"loss_instance": instance.detach(), "top1_instance": stats.pop("top1"), **stats}
+        if config.uses_segments:
+            ltcl, ltcl_terms = engine.ltcl_step(ctx, batch, generator)
+            loss = loss + config.loss.ltcl_weight * ltcl
+            terms |= ltcl_terms
     terms["loss"] = loss.detach()
     terms["queue_full"] = torch.tensor(float(optimize))
 
