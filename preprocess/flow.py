@@ -47,6 +47,7 @@ class OpenCVTVL1:
         cv2.setNumThreads(threads)
         self._cv2 = cv2
         self._tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
+        self._nscales = self._tvl1.getScalesNumber()
 
     def params(self) -> dict:
         t = self._tvl1
@@ -54,7 +55,7 @@ class OpenCVTVL1:
             "tau": t.getTau(),
             "lambda": t.getLambda(),
             "theta": t.getTheta(),
-            "nscales": t.getScalesNumber(),
+            "nscales": self._nscales,  # the configured count (OpenCV may lower its own copy, see compute)
             "warps": t.getWarpingsNumber(),
             "epsilon": t.getEpsilon(),
             "inner_iterations": t.getInnerIterations(),
@@ -66,6 +67,9 @@ class OpenCVTVL1:
         }
 
     def compute(self, gray: np.ndarray) -> np.ndarray:
+        # OpenCV writes a reduced scale count back into the object when a small frame cuts the
+        # pyramid short; without this reset every later video of the worker would use fewer levels.
+        self._tvl1.setScalesNumber(self._nscales)
         n, h, w = gray.shape
         out = np.zeros((max(n - 1, 0), h, w, 2), dtype=np.float32)
         for i in range(n - 1):
