@@ -9,7 +9,7 @@ similarity matrices (both are cosines in [-1, 1], so neither stream dominates by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -116,3 +116,37 @@ def knn_monitor(
     gallery = extract_features(encoder, train_loader, modality=modality, device=device)
     recalls = recall_at_k(centred_cosine(query.features, gallery.features), query.labels, gallery.labels, ks)
     return {prefix + key: value for key, value in recalls.items()}
+
+
+class KnnMonitor:
+    """`knn_monitor` with its two loaders built once, on first use: `monitor(encoder) -> metrics`.
+
+    make_loader(subset) -> a centre-crop EvalLoader of that subset ("train" | "test") for the
+    monitored modality; `from_dataset` builds it with `cvtcl.data.build_eval_loader`.
+    """
+
+    def __init__(self, make_loader: Callable[[str], Any], modality: str, *,
+                 device: str | torch.device = "cpu", ks: Sequence[int] = (1, 5, 10)):
+        self.make_loader, self.modality, self.device, self.ks = make_loader, modality, device, ks
+        self.loaders: dict[str, Any] = {}
+
+    @classmethod
+    def from_dataset(cls, root: str, modality: str, *, split: str = "1", window_stride: int = 16,
+                     device: str | torch.device = "cpu", **loader_options: Any) -> KnnMonitor:
+        """loader_options go to `build_eval_loader` (frames_per_clip, crop_size, batch_size, backend,
+        device, device_id, num_threads, ...); a larger `window_stride` makes the check cheaper."""
+
+        def make_loader(subset: str) -> Any:
+            from cvtcl.data import build_eval_loader  # the one module that imports DALI
+
+            return build_eval_loader(root, split=split, subset=subset, modality=modality, crops="center",
+                                     window_stride=window_stride, **loader_options)
+
+        return cls(make_loader, modality, device=device)
+
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        for subset in ("train", "test"):
+            if subset not in self.loaders:
+                self.loaders[subset] = self.make_loader(subset)
+        return knn_monitor(encoder, self.loaders["train"], self.loaders["test"], modality=self.modality,
+                           device=self.device, ks=self.ks)

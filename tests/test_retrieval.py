@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from cvtcl.features import VideoFeatures
 from cvtcl.retrieval import (
     centred_cosine,
     evaluate_retrieval,
+    KnnMonitor,
     knn_monitor,
     recall_at_k,
     retrieval_similarity,
     top_neighbours,
 )
-from cvtcl.features import VideoFeatures
 from eval_fakes import FakeEvalLoader, TinyEncoder, make_videos
 
 
@@ -97,3 +98,17 @@ def test_knn_monitor_returns_metrics_and_restores_training_mode():
     assert metrics["knn/R@1"] == 100.0  # clean class patterns: the random net separates them
     assert encoder.training
     assert torch.equal(encoder.backbone[1].running_mean, running)
+
+
+def test_knn_monitor_object_builds_loaders_once():
+    built = []
+
+    def make_loader(subset):
+        built.append(subset)
+        loader = FakeEvalLoader(make_videos(per_class=3 if subset == "test" else 6, prefix=subset), seed=0)
+        return loader
+
+    monitor = KnnMonitor(make_loader, "rgb", ks=(1, 5))
+    first, second = monitor(TinyEncoder()), monitor(TinyEncoder())
+    assert built == ["train", "test"]
+    assert first == second and set(first) == {"knn/R@1", "knn/R@5"}
