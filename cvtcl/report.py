@@ -36,14 +36,15 @@ def _ordered(rows: Mapping[str, Any]) -> list[str]:
     return sorted(rows, key=lambda name: (STREAM_ORDER.index(name) if name in STREAM_ORDER else 99, name))
 
 
-def results_table(title: str, rows: Mapping[str, Mapping[str, float]], columns: list[str] | None = None) -> Table:
+def results_table(title: str, rows: Mapping[str, Mapping[str, float]], columns: list[str] | None = None,
+                  label: str = "stream") -> Table:
     """A table with one row per stream (or per labelled setting) and one column per metric."""
     columns = columns or list(dict.fromkeys(key for row in rows.values() for key in row))
     table = Table(title=title)
-    table.add_column("stream")
+    table.add_column(label)
     for column in columns:
         table.add_column(column, justify="right")
-    for name in _ordered(rows):
+    for name in _ordered(rows) if label == "stream" else rows:
         row = rows[name]
         cells = []
         for column in columns:
