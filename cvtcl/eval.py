@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="1")
     parser.add_argument("--out", help="where the JSON results go (default: the checkpoint's directory)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="dali", choices=("dali", "torch"))
+    parser.add_argument("--backend", default="dali", choices=("dali", "baseline"),
+                        help="dali pipelines, or the PyTorch/OpenCV baseline loader")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-threads", type=int, default=2)
     parser.add_argument("--frames-per-clip", type=int, default=32)
@@ -157,9 +158,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if manifest.dataset != args.dataset:
         raise SystemExit(f"{args.shards}/manifest.json holds dataset {manifest.dataset!r}, not {args.dataset!r}")
     encoders, sources = load_encoders(args)
-    loader_device = "gpu" if args.device.startswith("cuda") else "cpu"
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
     common = dict(split=args.split, frames_per_clip=args.frames_per_clip, crop_size=args.crop_size,
-                  device=loader_device, device_id=0 if loader_device == "gpu" else None,
+                  device="cuda" if on_gpu else "cpu", device_id=(device.index or 0) if on_gpu else None,
                   num_threads=args.num_threads, backend=args.backend)
 
     def make_loader(subset: str, modality: str, crops: str) -> Any:
