@@ -133,14 +133,18 @@ class KnnMonitor:
     @classmethod
     def from_dataset(cls, root: str, modality: str, *, split: str = "1", window_stride: int = 16,
                      device: str | torch.device = "cpu", **loader_options: Any) -> KnnMonitor:
-        """loader_options go to `build_eval_loader` (frames_per_clip, crop_size, batch_size, backend,
-        device, device_id, num_threads, ...); a larger `window_stride` makes the check cheaper."""
+        """Loaders from `build_eval_loader` on `device` (the encoder's device too); loader_options
+        go there as well (frames_per_clip, crop_size, batch_size, backend, num_threads, ...).
+        A larger `window_stride` makes the check cheaper."""
+        device = torch.device(device)
+        on_gpu = device.type == "cuda"
 
         def make_loader(subset: str) -> Any:
             from cvtcl.data import build_eval_loader  # the one module that imports DALI
 
             return build_eval_loader(root, split=split, subset=subset, modality=modality, crops="center",
-                                     window_stride=window_stride, **loader_options)
+                                     window_stride=window_stride, device="cuda" if on_gpu else "cpu",
+                                     device_id=(device.index or 0) if on_gpu else None, **loader_options)
 
         return cls(make_loader, modality, device=device)
 

@@ -1,5 +1,8 @@
 """Recall@k, centred cosine, two-stream fusion and the kNN monitor against plain references."""
 
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +115,18 @@ def test_knn_monitor_object_builds_loaders_once():
     first, second = monitor(TinyEncoder()), monitor(TinyEncoder())
     assert built == ["train", "test"]
     assert first == second and set(first) == {"knn/R@1", "knn/R@5"}
+
+
+def test_knn_monitor_from_dataset_builds_centre_crop_eval_loaders(monkeypatch):
+    calls = []
+
+    def build_eval_loader(root, **kwargs):
+        calls.append(kwargs)
+        return FakeEvalLoader(make_videos(prefix=kwargs["subset"]), kwargs["modality"])
+
+    monkeypatch.setitem(sys.modules, "cvtcl.data", types.SimpleNamespace(build_eval_loader=build_eval_loader))
+    monitor = KnnMonitor.from_dataset("data/x", "flow", window_stride=32, device="cpu", crop_size=64)
+    assert set(monitor(TinyEncoder("flow"))) == {"knn/R@1", "knn/R@5", "knn/R@10"}
+    assert [c["subset"] for c in calls] == ["train", "test"]
+    assert all(c["crops"] == "center" and c["window_stride"] == 32 and c["crop_size"] == 64 for c in calls)
+    assert calls[0]["device"] == "cpu" and calls[0]["device_id"] is None
