@@ -42,9 +42,28 @@ class ProbeResult:
     history: list[float] = field(default_factory=list)  # held-out top-1 per epoch
 
 
-def make_probe(feature_dim: int, num_classes: int) -> nn.Module:
-    """BN (CoCLR's `final_bn`) then linear: features [N, F] -> logits [N, num_classes]."""
-    return nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes))
+class Standardise(nn.Module):
+    """Fixed per-dimension z-scoring with statistics of the fit set: [N, F] -> [N, F].
+
+    Why: BN's eps (1e-5) is added to the batch variance, and an untrained network's features can
+    be tiny (measured: std ~1e-4 for a random-init flow encoder, variance ~1e-8), so BN alone would
+    scale them down by eps and leave the linear layer an almost constant input. z-scoring first
+    makes the probe invariant to the feature scale; it is affine, so the probe stays linear.
+    """
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", features.mean(0))
+        self.register_buffer("std", features.std(0).clamp_min(1e-12 + 1e-6 * features.std(0).max().item()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def make_probe(fit_features: torch.Tensor, num_classes: int) -> nn.Module:
+    """z-score, BN (CoCLR's `final_bn`), linear: features [N, F] -> logits [N, num_classes]."""
+    feature_dim = fit_features.shape[1]
+    return nn.Sequential(Standardise(fit_features), nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes))
 
 
 def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -69,7 +88,7 @@ def train_linear_probe(
     config = config or LinearProbeConfig()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # the probe's initialisation
-    probe = make_probe(fit.features.shape[1], num_classes)
+    probe = make_probe(fit.features, num_classes)
     optimiser = torch.optim.Adam(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best, history = BestState(), []
     count = len(fit.labels)

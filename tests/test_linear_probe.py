@@ -28,6 +28,16 @@ def test_probe_reaches_full_accuracy_on_separable_features():
     assert results["rgb"]["heldout_top1"] >= 99.0
 
 
+def test_probe_is_invariant_to_feature_scale():
+    """An untrained encoder's features can have std ~1e-4: BN's eps alone would flatten them."""
+    train_videos = make_videos(num_classes=4, per_class=12, groups_per_class=4, prefix="tr")
+    test_videos = make_videos(num_classes=4, per_class=6, groups_per_class=3, prefix="te")
+    fit, held = heldout_split(train_videos, 0.25)
+    config = LinearProbeConfig(epochs=15, batch_size=8, lr=1e-2)
+    tiny = {"rgb": separable(train_videos, seed=0, scale=1e-4)}, {"rgb": separable(test_videos, seed=1, scale=1e-4)}
+    assert linear_probe(*tiny, fit, held, 4, config)["rgb"]["top1"] >= 99.0
+
+
 def test_two_stream_averages_probabilities():
     train_videos = make_videos(num_classes=3, per_class=10, groups_per_class=5, prefix="tr")
     test_videos = make_videos(num_classes=3, per_class=6, groups_per_class=3, prefix="te")
