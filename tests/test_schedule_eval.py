@@ -8,6 +8,7 @@ from cvtcl.linear_probe import LinearProbeConfig
 from cvtcl.report import results_table
 from cvtcl.schedule_eval import (
     evaluate_settings,
+    learning_checks,
     loss_drop,
     random_init_settings,
     schedule_settings,
@@ -61,3 +62,18 @@ def test_loss_drop(tmp_path):
     path.write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="fewer than two"):
         loss_drop(path)
+
+
+def test_learning_checks(tmp_path):
+    for name, losses in (("stage1-rgb", [10, 9, 8, 7, 4, 3]), ("stage1-flow", [10, 10, 9, 9, 8, 8])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    r = lambda rgb, flow: {"rgb": {"R@1": rgb}, "flow": {"R@1": flow}}
+    results = {"random-init (BN eval)": r(20.0, 30.0), "random-init (BN batch)": r(25.0, 36.0),
+               "stage 1": r(22.0, 40.0), "cycle 2": r(35.0, 41.5)}
+    checks = {c["check"]: c for c in learning_checks(results, tmp_path)}
+    gain = checks["flow R@1, cycle 2 minus best random-init"]
+    assert gain["value"] == 5.5 and gain["passed"]
+    assert checks["stage1-rgb loss fall"]["passed"] and not checks["stage1-flow loss fall"]["passed"]
+    assert checks["rgb R@1 stage 1 -> cycle 2"]["value"] == 13.0
