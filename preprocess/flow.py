@@ -85,10 +85,19 @@ class NoFlow:
         raise RuntimeError("flow backend 'none' computes no flow")
 
 
+def _torch_tvl1(**options) -> FlowBackend:
+    """`tvl1-torch` (preprocess/flow_torch.py), imported on use so that this module and the
+    workers that only encode stay free of torch."""
+    from preprocess.flow_torch import TorchTVL1
+
+    return TorchTVL1(**options)
+
+
 _BACKENDS: dict[str, Callable[..., FlowBackend]] = {
     "tvl1": OpenCVTVL1,  # the CLI's historical name for the reference backend
     "opencv-tvl1": OpenCVTVL1,
     "none": NoFlow,
+    "tvl1-torch": _torch_tvl1,
 }
 
 

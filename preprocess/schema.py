@@ -19,7 +19,8 @@ A video's frames are contiguous (`VideoRecord.rgb_start`, `VideoRecord.flow_star
 32-frame clip is one contiguous read. A video of n frames has n - 1 flow frames (flow between
 frames i and i + 1 is flow frame i).
 
-Flow is quantised as u8 = round((clip(f, -20, 20) + 20) * 255 / 40); zero flow is 128.
+Flow is quantised as u8 = round((clip(f, -20, 20) + 20) * 255 / 40), except that |f| < 20/255 (half a
+level) is stored as 128: zero flow is 128.
 """
 
 from __future__ import annotations
@@ -188,11 +189,17 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 def quantise_flow(flow: np.ndarray) -> np.ndarray:
     """Flow in pixels (any shape) -> uint8, `round((clip(f, -20, 20) + 20) * 255 / 40)`."""
     clipped = np.clip(np.asarray(flow, dtype=np.float32), -FLOW_BOUND, FLOW_BOUND)
-    return np.rint((clipped + FLOW_BOUND) * (255.0 / (2 * FLOW_BOUND))).astype(np.uint8)
+    levels = np.rint((clipped + FLOW_BOUND) * (255.0 / (2 * FLOW_BOUND))).astype(np.uint8)
+    # Zero flow sits on the rounding boundary (127.5), so TV-L1's +-0.05 px noise in static
+    # regions would flicker between 127 and 128. Flow within half a level of zero is stored as
+    # 128, the level `normalise_flow` reads as exactly zero.
+    levels[np.abs(clipped) < FLOW_BOUND / 255.0] = FLOW_ZERO
+    return levels
 
 
 def dequantise_flow(levels: np.ndarray) -> np.ndarray:
-    """uint8 levels -> flow in pixels, the inverse of `quantise_flow` up to half a level (0.078 px)."""
+    """uint8 levels -> flow in pixels, the inverse of `quantise_flow` up to half a level (0.078 px);
+    one level (0.157 px) for flow in (-0.078, 0), which is stored as 128."""
     return levels.astype(np.float32) * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND
 
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One prepared GPU check (DESIGN.md "Testing without a GPU"): validates and times everything
+# GPU-specific in one call of under 6 minutes on one H100, writing one JSON file per step to OUTDIR.
+#
+#   export PYTHONPATH=$(cat ~/.cache/cvtcl-gpu/site.path):$PWD   # DALI, see ../shared/gpu/README.md
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Every step fails soft: a failure or timeout is recorded as {"error": ...} in its JSON file and
+# the script goes on. Without a CUDA device the steps run in DALI's CPU-only mode at smoke size
+# (that is how CI and developer machines check that this script and its python still work).
+# Later issues append their steps at the end (train_speed, flow_speed), each with its own budget.
+set -u
+OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUTDIR"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  DEVICE=cuda; SIZE=240x320; FRAMES=16; CROP=112; BATCH=16; STEPS=10; SPEED=(--batch 16 --frames 32 --crop 128 --steps 15 --workers 8 --threads 4)
+else
+  DEVICE=cpu; SIZE=24x32; FRAMES=8; CROP=16; BATCH=2; STEPS=2
+  SPEED=(--batch 2 --frames 8 --crop 16 --segments 2 --steps 2 --warmup 1 --gen-size 24x32 --workers 0 --threads 1)
+fi
+
+# step NAME SECONDS CMD...: run CMD with a time limit; if it fails and left no OUTDIR/NAME.json,
+# write one holding the exit status and the tail of its log.
+step() {
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    echo "   failed rc=$rc after $((SECONDS - start))s (see $OUTDIR/$name.log)"
+    if [ ! -s "$OUTDIR/$name.json" ] || ! grep -q '"error"' "$OUTDIR/$name.json"; then
+      $PY - "$OUTDIR/$name.json" "$rc" "$OUTDIR/$name.log" <<'PYEOF'
+import json, sys
+path, rc, log = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], errors="replace").read()
+json.dump({"error": f"exit status {rc}" + (" (timed out)" if rc in (124, 137) else ""), "log_tail": log[-3000:]},
+          open(path, "w"), indent=1)
+PYEOF
+    fi
+  else
+    echo "   ok in $((SECONDS - start))s"
+  fi
+}
+
+step environment 60 $PY -c "
+import json, platform, sys, torch
+info = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.cuda.is_available(),
+        'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
+try:
+    import nvidia.dali as dali; info['dali'] = dali.__version__
+except ImportError as err:
+    info['dali'] = None; info['error'] = f'DALI not importable: {err}'
+json.dump(info, open('$OUTDIR/environment.json', 'w'), indent=1); print(info)
+"
+
+# --- issue 3: loader ---------------------------------------------------------------------------
+step loader_parity 90 $PY benchmarks/gpu_loader_check.py parity "$OUTDIR/loader_parity.json" \
+  --device $DEVICE --size $SIZE --frames $FRAMES --crop $CROP
+step hw_decoder_sweep 120 $PY benchmarks/gpu_loader_check.py decoder-sweep "$OUTDIR/hw_decoder_sweep.json" \
+  --device $DEVICE --size $SIZE --frames $FRAMES --crop $CROP --batch $BATCH --steps $STEPS \
+  $([ $DEVICE = cpu ] && echo --loads 0.65)
+step loader_speed 90 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]}" --json "$OUTDIR/loader_speed.json"
+
+# --- later issues: append steps here (train_speed, flow_speed), keeping the total under 6 min ----
+
+echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"

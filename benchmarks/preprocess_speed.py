@@ -1,0 +1,106 @@
+"""Preprocessing speed per worker: frames/s of RGB packing and of flow, on generated videos.
+
+RGB packing = decode the .avi + JPEG-encode every frame (`pack.encode_video` without flow).
+Flow = the backend's `compute` on grayscale frames + `encode_flow` (quantise, two JPEG planes).
+One process, OpenCV limited to one thread, as each packing worker runs; a run with --workers N
+scales about N-fold while cores last. Prints a rich table and one JSON line.
+
+    python benchmarks/preprocess_speed.py [--sizes 64x80,240x320] [--frames 16] [--flow tvl1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+
+from preprocess.datasets import SourceVideo
+from preprocess.flow import encode_flow, make_backend
+from preprocess.pack import PackOptions, encode_video
+from preprocess.synthetic import PROFILES, SyntheticConfig, render_clip, sample_appearance, sample_motion, write_avi
+
+
+def make_video(path: Path, frames: int, height: int, width: int, seed: int) -> SourceVideo:
+    config = SyntheticConfig(frames=frames, height=height, width=width)
+    rng = np.random.default_rng(seed)
+    look = sample_appearance(rng, height, width)
+    write_avi(path, render_clip(look, sample_motion(PROFILES["StopAndGo"], config, look, rng)), 25.0)
+    return SourceVideo(path.stem, str(path), "StopAndGo", 0, "g")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up: first call pays for allocations and OpenCV's lazy init
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(video: SourceVideo, frames: int, args) -> dict:
+    options = PackOptions(out="-", jpeg_quality=args.jpeg_quality, flow=args.flow, flow_options=args.flow_options)
+    rgb_s = timed(lambda: encode_video(video, options, None), args.repeats)
+    backend = make_backend(args.flow, **args.flow_options)
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in _frames(video.path)])
+    flow_s = timed(lambda: encode_flow(backend.compute(gray), options.flow_jpeg_quality), args.repeats)
+    return {"rgb_frames_per_s": frames / rgb_s, "flow_frames_per_s": (frames - 1) / flow_s, "flow_backend": backend.name}
+
+
+def _frames(path: str) -> list[np.ndarray]:
+    from preprocess.video import iter_frames
+
+    return list(iter_frames(path))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="64x80,240x320", help="HxW list (64x80: synthetic; 240x320: UCF101)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--flow", default="tvl1")
+    parser.add_argument("--flow-device", default=None)
+    parser.add_argument("--flow-batch", type=int, default=None)
+    args = parser.parse_args()
+    args.flow_options = {k: v for k, v in (("device", args.flow_device), ("batch", args.flow_batch)) if v is not None}
+    cv2.setNumThreads(1)
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, size in enumerate(args.sizes.split(",")):
+            height, width = map(int, size.split("x"))
+            video = make_video(Path(tmp) / f"v_{size}.avi", args.frames, height, width, seed=i)
+            results.append({"height": height, "width": width, **measure(video, args.frames, args)})
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"preprocessing, one worker ({machine()['cpu']})")
+    for column in ("frame size", "RGB packing frames/s", f"flow ({results[0]['flow_backend']}) frames/s"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(f"{r['height']}x{r['width']}", f"{r['rgb_frames_per_s']:.0f}", f"{r['flow_frames_per_s']:.1f}")
+    Console(stderr=True).print(table)
+    versions = {"python": sys.version.split()[0], "numpy": np.__version__, "opencv": cv2.__version__, "h5py": h5py.__version__}
+    print(json.dumps({"benchmark": "preprocess_speed", "machine": machine(), "versions": versions,
+                      "frames": args.frames, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

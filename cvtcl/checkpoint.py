@@ -1,0 +1,100 @@
+"""Checkpoint contract: plain dicts, atomic writes, auto-resume, keep the last N (DESIGN.md "Trainer").
+
+A checkpoint is `run_dir/checkpoint-<step:08d>.pt`, a dict of tensors and plain Python values
+only, loadable with `torch.load(path, weights_only=True)` by any later cvtcl (no pickled classes):
+
+    format        int, CHECKPOINT_FORMAT
+    step          optimizer steps done in total
+    epoch, epoch_step   loader position of the NEXT step (resume calls loader.epoch(epoch, epoch_step))
+    model         MomentumContrast state dict: query.*, key.*, queue.* (plus what a stage adds)
+    optimizer     torch optimizer state dict
+    scaler        GradScaler state dict ({} when not in fp16)
+    encoder       Encoder constructor arguments (modality, backbone, embed_dim, channels_last_3d)
+    config        the run's resolved TrainConfig as a nested dict
+    complete      True once every epoch of the config is trained (not after max_steps or SIGTERM)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvtcl.models import Encoder
+
+CHECKPOINT_FORMAT = 1
+_NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints in `run_dir`, oldest first (temporary files are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write `state` as checkpoint-<state['step']>.pt via a temporary file and a rename, then delete
+    all but the newest `keep` checkpoints (0 = keep all). A kill at any moment leaves either the
+    previous checkpoint or the new one, never half a file under a checkpoint name."""
+    path = checkpoint_path(run_dir, int(state["step"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether the run in `run_dir` trained all its epochs (its latest checkpoint says so)."""
+    latest = latest_checkpoint(run_dir)
+    return latest is not None and bool(load_checkpoint(latest).get("complete", False))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with weights_only=True and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: checkpoint format {found!r}, this cvtcl reads format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def load_encoder(
+    path: str | os.PathLike, which: str = "query", map_location: str | torch.device = "cpu"
+) -> tuple[Encoder, dict[str, Any]]:
+    """Rebuild one encoder of a checkpoint: (Encoder in eval mode, the run's resolved config dict).
+
+    which: "query" (the trained encoder; what evaluation uses) or "key" (its momentum average).
+    """
+    if which not in ("query", "key"):
+        raise ValueError(f"which={which!r}: choose 'query' or 'key'")
+    state = load_checkpoint(path, map_location)
+    encoder = Encoder(**state["encoder"])
+    prefix = f"{which}."
+    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(weights)
+    return encoder.to(map_location).eval(), state["config"]

@@ -1,0 +1,262 @@
+"""Typed training configuration: dataclasses that validate themselves, and `key.sub=value` overrides.
+
+One `TrainConfig` describes a run of either stage; a stage is configuration (ALGORITHM.md,
+"one loop, stages differ by configuration"): `stage.kind` picks the step ("instance" = stage 1,
+"cotrain" = stage 2), `stage.modality` the trained view, `loss.*` the terms and their weights.
+Presets (cvtcl/presets.py) are plain functions returning a `TrainConfig`; the command line
+overrides fields by dotted name. Every field carries a one-line reason. Validation happens in
+`__post_init__`, so a config that exists is a config that makes sense; checks that need the
+world size or the files (queue vs global batch, shards on disk) live in cvtcl/train.py and run
+before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/ucf101"  # dataset directory written by `cvtcl-preprocess` (manifest.json + shards)
+    split: str = "1"  # official split id; pretraining uses its train subset only
+    subset: str = "train"  # never pretrain on the test videos the evaluation queries with
+    frames_per_clip: int = 32  # T (paper §3.1: 32 frames)
+    frame_stride: int = 1  # temporal subsampling of the window (paper: consecutive frames)
+    crop_size: int = 128  # H = W after random resized crop (paper: 128x128)
+    pair_mode: str = "same"  # how the two copies relate in time; "same" = paper §2.1
+    segments: str = "quarters"  # local segments: slices of the clip (paper §2.3) or "spread"
+    num_segments: int = 4  # M (paper: four non-overlapping segments)
+    batch_size: int = 16  # clips per process (GPU); global batch = batch_size x world size
+    num_threads: int = 4  # DALI CPU threads per process (file reads, CPU-mode decode)
+    backend: str = "dali"  # "dali" (GPU or DALI CPU mode) or the plain PyTorch baseline loader
+
+    def __post_init__(self):
+        _choice("data.pair_mode", self.pair_mode, ("same", "independent", "coclr"))
+        _choice("data.segments", self.segments, ("quarters", "spread"))
+        for name in ("frames_per_clip", "frame_stride", "crop_size", "num_segments", "batch_size", "num_threads"):
+            _positive(f"data.{name}", getattr(self, name))
+        if self.frames_per_clip % self.num_segments:
+            raise ValueError(
+                f"data.frames_per_clip={self.frames_per_clip} must be divisible by data.num_segments="
+                f"{self.num_segments} (segments are L = T / M frames)"
+            )
+        if self.segments == "quarters" and self.pair_mode != "same":
+            raise ValueError(
+                "data.segments=quarters slices the two copies of one clip, so segment j of both copies "
+                f"must hold the same frames: set data.pair_mode=same (got {self.pair_mode!r}) or data.segments=spread"
+            )
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "s3d"  # paper: S3D; "tiny" is a small 3D CNN for CPU tests and the demo only
+    embed_dim: int = 128  # D, output of the projection head (paper: 128)
+    channels_last_3d: bool = False  # NDHWC weights/activations; measure with benchmarks/train_speed.py
+
+    def __post_init__(self):
+        _choice("model.backbone", self.backbone, ("s3d", "tiny"))
+        _positive("model.embed_dim", self.embed_dim)
+
+
+@dataclass
+class StageConfig:
+    kind: str = "instance"  # "instance" = stage 1 (eq. 1 + LTCL); "cotrain" = stage 2 (mined positives)
+    modality: str = "rgb"  # the view being trained ("rgb" or "flow")
+    sampler_checkpoint: str = ""  # stage 2: checkpoint of the frozen encoder of the other modality
+    init_checkpoint: str = ""  # start from these query weights (copied into query and key encoders)
+
+    def __post_init__(self):
+        _choice("stage.kind", self.kind, ("instance", "cotrain"))
+        _choice("stage.modality", self.modality, ("rgb", "flow"))
+        if self.kind == "cotrain" and not self.sampler_checkpoint:
+            raise ValueError("stage.kind=cotrain mines positives with a frozen sampler: set stage.sampler_checkpoint")
+
+    @property
+    def sampler_modality(self) -> str:
+        return "flow" if self.modality == "rgb" else "rgb"
+
+
+@dataclass
+class LossConfig:
+    tau: float = 0.07  # softmax temperature of every contrastive term (paper: 0.07)
+    queue_size: int = 2048  # K negatives; must be a multiple of the global batch
+    momentum: float = 0.999  # m of the key encoder's EMA (paper: 0.999)
+    instance_weight: float = 1.0  # alpha: weight of the instance term (eq. 1 or eqs. 2/4)
+    ltcl_weight: float = 1.0  # beta: weight of L_LTCL (eq. 8); 0 turns the local terms off
+    local_queries: str = "first"  # "first" = paper's z_1; "all" = every segment a query (beyond paper)
+    bn_groups: int = 2  # one process: shuffled BN groups of the key encoder (emulates shuffle-BN)
+
+    def __post_init__(self):
+        _positive("loss.tau", self.tau)
+        _positive("loss.queue_size", self.queue_size)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"loss.momentum={self.momentum} must be in [0, 1)")
+        _positive("loss.instance_weight", self.instance_weight, zero_ok=True)
+        _positive("loss.ltcl_weight", self.ltcl_weight, zero_ok=True)
+        _choice("loss.local_queries", self.local_queries, ("first", "all"))
+        if self.bn_groups < 2:
+            raise ValueError(f"loss.bn_groups={self.bn_groups}: at least 2, or BN statistics leak the positive")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
+    weight_decay: float = 1e-4  # Adam L2 weight decay (paper: 1e-4)
+    epochs: int = 300  # paper stage 1: 300 epochs
+    lr_milestones: tuple[int, ...] = (250, 280)  # epochs where lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1  # paper: x0.1 at each milestone
+    amp: str = "auto"  # auto = bf16 on compute capability >= 8.0, fp16 on 7.x, fp32 below and on CPU
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (the paper does not clip)
+
+    def __post_init__(self):
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
+        _positive("optim.epochs", self.epochs)
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise ValueError(f"optim.lr_milestones={self.lr_milestones} must be increasing")
+        _choice("optim.amp", self.amp, ("auto", "bf16", "fp16", "fp32"))
+        _positive("optim.grad_clip", self.grad_clip, zero_ok=True)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"  # checkpoints, config.json, metrics.jsonl; rerunning resumes here
+    seed: int = 0  # one seed fixes init, data order, augmentation and shuffle-BN permutations
+    device: str = "auto"  # auto = cuda:LOCAL_RANK when available, else cpu
+    log_every: int = 10  # steps between metrics.jsonl lines (and progress updates)
+    checkpoint_every: int = 1000  # steps between checkpoints (one is also written after every epoch)
+    keep_checkpoints: int = 3  # older checkpoints are deleted; 0 keeps all
+    max_steps: int = 0  # stop after this many optimizer steps in total; 0 = all epochs
+    progress: str = "auto"  # auto = rich bar on a terminal, plain lines otherwise; "none" = silent
+    expect_world_size: int = 0  # refuse other world sizes (a preset tied to a GPU layout); 0 = any
+
+    def __post_init__(self):
+        _choice("run.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        _choice("run.progress", self.progress, ("auto", "rich", "plain", "none"))
+        _positive("run.log_every", self.log_every)
+        _positive("run.checkpoint_every", self.checkpoint_every)
+        _positive("run.keep_checkpoints", self.keep_checkpoints, zero_ok=True)
+        _positive("run.max_steps", self.max_steps, zero_ok=True)
+        _positive("run.expect_world_size", self.expect_world_size, zero_ok=True)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "stage": StageConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.data.segments == "spread" and self.stage.kind == "instance" and self.loss.ltcl_weight == 0:
+            raise ValueError("data.segments=spread only feeds L_LTCL; with loss.ltcl_weight=0 use segments=quarters")
+
+    @property
+    def uses_segments(self) -> bool:
+        return self.loss.ltcl_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (str, int, float, bool, list): JSON- and weights_only-safe."""
+        out = dataclasses.asdict(self)
+        out["optim"]["lr_milestones"] = list(self.optim.lr_milestones)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise KeyError(f"unknown config section(s) {unknown}; sections are {sorted(SECTIONS)}")
+        sections = {}
+        for name, section in SECTIONS.items():
+            values = dict(data.get(name, {}))
+            extra = sorted(set(values) - {f.name for f in dataclasses.fields(section)})
+            if extra:
+                raise KeyError(_unknown_key_message(f"{name}.{extra[0]}"))
+            sections[name] = section(**values)
+        return cls(**sections)
+
+
+def _field_types() -> dict[str, Any]:
+    """'section.field' -> the field's type, for parsing override strings."""
+    return {
+        f"{name}.{key}": hint
+        for name, section in SECTIONS.items()
+        for key, hint in typing.get_type_hints(section).items()
+    }
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_field_types()), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else "; run with --help-config to list every key"
+    return f"unknown config key {key!r}{hint}"
+
+
+def _parse(key: str, text: str, hint: Any) -> Any:
+    try:
+        if hint is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError("expected true or false")
+            return lowered in ("true", "1", "yes", "on")
+        if typing.get_origin(hint) is tuple:
+            items = text.strip().strip("[]()").replace(",", " ").split()
+            return tuple(int(item) for item in items)
+        return hint(text)
+    except ValueError as err:
+        raise ValueError(f"config key {key!r}: cannot read {text!r} as {getattr(hint, '__name__', hint)} ({err})") from None
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Return a new, re-validated config with `section.field=value` overrides applied in order."""
+    types = _field_types()
+    data = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value (example: optim.lr=5e-4)")
+        if key not in types:
+            raise KeyError(_unknown_key_message(key))
+        section, name = key.split(".")
+        data[section][name] = _parse(key, text, types[key])
+    return TrainConfig.from_dict(data)
+
+
+def describe() -> str:
+    """Every key with its default and reason, for `--help-config`."""
+    import inspect
+
+    lines = []
+    for name, section in SECTIONS.items():
+        source = inspect.getsource(section).splitlines()
+        for f in dataclasses.fields(section):
+            reason = next((line.split("#", 1)[1].strip() for line in source if line.strip().startswith(f"{f.name}:") and "#" in line), "")
+            lines.append(f"{name}.{f.name} = {getattr(section(), f.name)!r}  # {reason}")
+    return "\n".join(lines)

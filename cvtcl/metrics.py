@@ -1,0 +1,125 @@
+"""Training metrics: metrics.jsonl, TensorBoard (when installed) and progress output (DESIGN.md "Metrics").
+
+Rank 0 writes one JSON line per log step with every loss term and accuracy (window means,
+averaged over ranks), lr, clips/s (global), data-wait and compute seconds per step, the data-wait
+fraction and peak memory. A resumed run first drops the lines past its checkpoint (a killed run
+may have logged steps it never saved), so the file always describes one consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the lines with step <= last_step (temp file + rename)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in read_metrics(path) if line.get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class Window:
+    """Sums of per-step values and timings between two log steps."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.data_seconds = 0.0
+        self.compute_seconds = 0.0
+
+    def add(self, values: dict[str, float], data_seconds: float, compute_seconds: float) -> None:
+        for name, value in values.items():
+            self.sums[name] += value
+        self.steps += 1
+        self.data_seconds += data_seconds
+        self.compute_seconds += compute_seconds
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.steps for name, total in self.sums.items()}
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; every other rank holds a silent logger (no files, no output)."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, progress: str, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_NAME
+        self.tensorboard = None
+        self.bar = None
+        if not enabled:
+            return
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional: metrics.jsonl has everything
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        if progress == "auto":
+            progress = "rich" if sys.stdout.isatty() else "plain"
+        self.mode = progress
+        if progress == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+            )
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="")
+            self.bar.start()
+        self.started = time.time()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(f"train/{name}", value, record["step"])
+        status = " ".join(
+            f"{name}={record[name]:.4g}" for name in ("loss", "top1_instance", "lr", "clips_per_s") if name in record
+        )
+        if self.mode == "rich":
+            self.bar.update(self.task, completed=record["step"], status=status)
+        elif self.mode == "plain":
+            print(f"step {record['step']} epoch {record['epoch']} {status}", flush=True)
+
+    def message(self, text: str) -> None:
+        """A one-off line on rank 0 (resume, checkpoint on SIGTERM), whatever the progress mode."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        elif self.mode != "none":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.stop()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self.file.close()

@@ -1,0 +1,128 @@
+"""Momentum contrast machinery: key encoder, key queue, shuffle-BN (paper §2.1, after MoCo).
+
+Everything here changes state only through explicit calls the trainer makes once per step, in
+this order (see cvtcl/engine.py):
+
+    model.momentum_update(m)                  # key encoder <- EMA of the query encoder
+    keys = model.encode_keys(x_k, generator)  # shuffle-BN, no gradient
+    ... losses against model.queue.keys ...
+    model.queue.enqueue(keys, video_index, group)   # all-gathered across ranks
+
+Batch-norm leakage (MoCo §3.3): a query and its positive key normalised with statistics of the
+same sub-batch can find each other through those statistics instead of through content. The key
+encoder therefore sees the batch in a random order split differently from the query encoder:
+across ranks (gather, shuffle, encode own slice, gather, unshuffle), or on one process by a
+shuffled split into `bn_groups` >= 2 BN groups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from cvtcl import distributed
+from cvtcl.models import Encoder
+
+
+def check_queue_size(queue_size: int, global_batch: int) -> None:
+    """The queue is overwritten one global batch at a time; a remainder would split a batch."""
+    if queue_size % global_batch:
+        nearest = max(1, round(queue_size / global_batch)) * global_batch
+        raise ValueError(
+            f"loss.queue_size={queue_size} is not divisible by the global batch {global_batch} "
+            f"(data.batch_size x world size): set loss.queue_size={nearest} or change data.batch_size"
+        )
+
+
+class Queue(nn.Module):
+    """FIFO of the last K global keys with their video index and source-group id.
+
+    Buffers (all saved in checkpoints): keys [K, D] (unit norm, random at start as in MoCo),
+    video_index [K] and group [K] (-1 = never written), ptr [1] (next slot), count [1] (entries
+    written so far, capped at K; stage 2 mines positives only once the queue is full).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.size = size
+        self.register_buffer("keys", nn.functional.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("video_index", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("group", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def is_full(self) -> bool:
+        return int(self.count) >= self.size
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, video_index: torch.Tensor, group: torch.Tensor) -> None:
+        """Gather keys [B, D], video_index [B], group [B] from every rank and write them at ptr."""
+        keys = distributed.all_gather_cat(keys.detach().float())
+        video_index = distributed.all_gather_cat(video_index.to(self.video_index.device))
+        group = distributed.all_gather_cat(group.to(self.group.device))
+        n = keys.shape[0]
+        check_queue_size(self.size, n)
+        ptr = int(self.ptr)
+        self.keys[ptr : ptr + n] = keys
+        self.video_index[ptr : ptr + n] = video_index
+        self.group[ptr : ptr + n] = group
+        self.ptr[0] = (ptr + n) % self.size
+        self.count[0] = min(int(self.count) + n, self.size)
+
+
+@torch.no_grad()
+def shuffled_encode(encoder: nn.Module, x: torch.Tensor, generator: torch.Generator, bn_groups: int = 2) -> torch.Tensor:
+    """Encode x: [N, ...] -> [N, D] with shuffle-BN; rows come back in the input order.
+
+    `generator` (CPU) must be seeded identically on every rank: each rank then draws the same
+    permutation, so no broadcast is needed, and a resumed run draws the same permutations.
+    Cost across ranks: the inputs are all-gathered (MoCo does the same), world x the batch's bytes.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:
+        x_all = distributed.all_gather_cat(x)  # [W * N, ...]
+        perm = torch.randperm(x_all.shape[0], generator=generator).to(x.device)
+        own = perm.view(world, -1)[rank]  # this rank encodes a random N of the global batch
+        z_all = distributed.all_gather_cat(encoder(x_all[own]))  # [W * N, D], in perm order
+        return z_all[torch.argsort(perm)].view(world, x.shape[0], -1)[rank]
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    z = torch.cat([encoder(chunk) for chunk in x[perm].chunk(bn_groups)])
+    return z[torch.argsort(perm)]
+
+
+class MomentumContrast(nn.Module):
+    """Query encoder (trained), its momentum copy (keys) and the queue of global keys.
+
+    Only `query` receives gradients; wrap `model.query` in DDP, not this module. The state dict
+    (query.*, key.*, queue.*) is what checkpoints store.
+    """
+
+    def __init__(self, query: Encoder, queue_size: int, bn_groups: int = 2):
+        super().__init__()
+        if bn_groups < 2:
+            raise ValueError("loss.bn_groups must be >= 2: one BN group would leak the positive through BN statistics")
+        self.query = query
+        self.key = copy.deepcopy(query)
+        self.key.requires_grad_(False)
+        self.queue = Queue(queue_size, query.embed_dim)
+        self.bn_groups = bn_groups
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """key <- momentum * key + (1 - momentum) * query, parameters only (BN statistics are the
+        key encoder's own, as in MoCo). Call once per step, before the keys are computed."""
+        for p_k, p_q in zip(self.key.parameters(), self.query.parameters()):
+            p_k.mul_(momentum).add_(p_q.detach(), alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def copy_query_to_key(self) -> None:
+        """Start the key encoder equal to the query (run start, stage-2 sub-stage start)."""
+        self.key.load_state_dict(self.query.state_dict())
+
+    @torch.no_grad()
+    def encode_keys(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x: [N, C, T, H, W] key copies (clips or folded segments) -> keys [N, D], no gradient."""
+        return shuffled_encode(self.key, x, generator, self.bn_groups)

@@ -1,0 +1,82 @@
+"""Named training presets: plain functions returning a `TrainConfig` (paper §3.1 hyper-parameters).
+
+`--preset NAME` picks one; `key.sub=value` arguments override its fields. A preset states only
+what differs from the dataclass defaults, which already are the paper's stage-1 values
+(Adam lr 1e-3, wd 1e-4, 300 epochs, lr x0.1 at 250 and 280, 32x128x128, K 2048, tau 0.07).
+
+Batch size: the paper trains on 8 GPUs and does not state the per-GPU batch in the text we follow;
+its released code silently used 8 per GPU. We use 16 clips per GPU (global 128 on 8 GPUs, which
+divides K = 2048), the largest S3D 32x128 stage-1 batch that fits a 12 GB TITAN Xp in fp32.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from cvtcl.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, StageConfig, TrainConfig
+
+
+def ucf101_stage1(modality: str) -> TrainConfig:
+    """Stage 1 on UCF101 split 1 train, S3D, the paper's hyper-parameters, any number of GPUs."""
+    return TrainConfig(
+        data=DataConfig(root="data/ucf101", batch_size=16),
+        model=ModelConfig(backbone="s3d"),
+        stage=StageConfig(kind="instance", modality=modality),
+        run=RunConfig(out_dir=f"runs/ucf101-stage1-{modality}"),
+    )
+
+
+def ucf101_stage1_rgb() -> TrainConfig:
+    return ucf101_stage1("rgb")
+
+
+def ucf101_stage1_flow() -> TrainConfig:
+    return ucf101_stage1("flow")
+
+
+def paper_8x_titanxp() -> TrainConfig:
+    """The paper's layout: 8 TITAN Xp (Pascal: no tensor cores, 1/64-rate fp16, so fp32), 16 per GPU.
+
+    Refuses to start on another world size, because the global batch (128) and therefore the
+    effective learning rate and the queue turnover depend on it. Override stage.modality=flow
+    for the flow stream.
+    """
+    config = ucf101_stage1("rgb")
+    config.optim = OptimConfig(amp="fp32")
+    config.run = RunConfig(out_dir="runs/paper-8x-titanxp-rgb", expect_world_size=8)
+    return config
+
+
+def smoke() -> TrainConfig:
+    """Seconds on CPU: tiny backbone, 8-frame 32x32 clips, queue 32, on the synthetic dataset.
+
+    `cvtcl-preprocess synthetic --out data/synthetic` writes the dataset it reads.
+    """
+    return TrainConfig(
+        data=DataConfig(
+            root="data/synthetic", frames_per_clip=8, crop_size=32, num_segments=4, batch_size=4, num_threads=2
+        ),
+        model=ModelConfig(backbone="tiny"),
+        stage=StageConfig(kind="instance", modality="rgb"),
+        loss=LossConfig(queue_size=32),
+        optim=OptimConfig(epochs=2, lr_milestones=(), amp="fp32"),
+        run=RunConfig(out_dir="runs/smoke", log_every=5, checkpoint_every=50),
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "ucf101-stage1-rgb": ucf101_stage1_rgb,
+    "ucf101-stage1-flow": ucf101_stage1_flow,
+    "paper-8x-titanxp": paper_8x_titanxp,
+    "smoke": smoke,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    """A fresh config for preset `name`; unknown names fail with the closest match."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.4)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise KeyError(f"unknown preset {name!r}: {hint}presets are {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,252 @@
+"""Training entry point: `python -m cvtcl.train` or `torchrun --nproc_per_node N -m cvtcl.train`.
+
+    python -m cvtcl.train --preset ucf101-stage1-rgb data.root=/data/ucf101 run.out_dir=runs/rgb
+
+Reads top to bottom in execution order: parse the config, validate everything that can be
+checked without work (config, world size vs queue, dataset files, checkpoints), join the process
+group, build loader / model / optimizer, resume from the run directory's latest checkpoint, then
+run epochs (cvtcl/engine.py) until done, `run.max_steps`, or SIGTERM (checkpoint, exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from cvtcl import distributed
+from cvtcl.checkpoint import latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
+from cvtcl.config import TrainConfig, apply_overrides, describe
+from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
+from cvtcl.metrics import MetricsLogger, Window
+from cvtcl.models import Encoder
+from cvtcl.moco import MomentumContrast, check_queue_size
+from cvtcl.presets import PRESETS, get_preset
+from preprocess.schema import load_manifest, shard_name, write_json_atomic
+
+# Keys that may differ between a run and its resumption: they change when or how much is run or
+# logged, not what is computed. Anything else needs a new run.out_dir.
+RESUMABLE_CHANGES = {
+    "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
+    "optim.epochs", "data.num_threads", "run.device",
+}
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m cvtcl.train",
+        description="CVTCL training (one process, or one per GPU under torchrun).",
+        epilog="overrides: section.field=value, e.g. optim.lr=5e-4 data.root=/data/ucf101 (--help-config lists them)",
+    )
+    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and reason")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    if argv is not None and "--help-config" in argv:
+        print(describe())
+        raise SystemExit(0)
+    args = parser.parse_args(argv)
+    return apply_overrides(get_preset(args.preset), args.overrides)
+
+
+def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch: int) -> None:
+    """The dataset exists, is complete, has the modalities and enough videos for one global batch."""
+    root = Path(config.data.root)
+    manifest = load_manifest(root)
+    missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{root}: {len(missing)} shard(s) listed in manifest.json are missing (first: {missing[0]}); "
+            "copy the whole dataset directory or re-run cvtcl-preprocess"
+        )
+    if "flow" in modalities and not manifest.has_flow:
+        raise ValueError(f"{root} was preprocessed without flow; re-run cvtcl-preprocess with a flow backend")
+    split = manifest.splits.get(config.data.split, {})
+    videos = split.get(config.data.subset)
+    if videos is None:
+        raise KeyError(f"{root}: no split {config.data.split!r} subset {config.data.subset!r}; set data.split/data.subset")
+    if len(videos) < global_batch:
+        raise ValueError(
+            f"{root}: split {config.data.split} {config.data.subset} has {len(videos)} videos, fewer than one "
+            f"global batch ({global_batch}); lower data.batch_size"
+        )
+
+
+def validate(config: TrainConfig, world_size: int) -> None:
+    """Every check that needs no work, before any process group, loader or model exists."""
+    if config.run.expect_world_size and world_size != config.run.expect_world_size:
+        raise ValueError(
+            f"this preset is laid out for {config.run.expect_world_size} processes, got WORLD_SIZE={world_size}; "
+            f"launch torchrun with {config.run.expect_world_size} processes in total or set run.expect_world_size=0"
+        )
+    global_batch = config.data.batch_size * world_size
+    check_queue_size(config.loss.queue_size, global_batch)
+    if config.stage.kind not in STEPS:
+        raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
+    for name in ("sampler_checkpoint", "init_checkpoint"):
+        path = getattr(config.stage, name)
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"stage.{name}={path} does not exist")
+    check_dataset(config, modalities(config), global_batch)
+    latest = latest_checkpoint(config.run.out_dir)
+    if latest is not None:
+        check_resumable(config, load_checkpoint(latest)["config"], latest)
+
+
+def modalities(config: TrainConfig) -> tuple[str, ...]:
+    if config.stage.kind == "instance":
+        return (config.stage.modality,)
+    return (config.stage.modality, config.stage.sampler_modality)
+
+
+def check_resumable(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    current = config.to_dict()
+    changed = [
+        f"{section}.{key}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise ValueError(
+            f"{path} was written with a different config ({', '.join(changed)}); resuming would mix two runs. "
+            "Use a new run.out_dir, or restore those values"
+        )
+
+
+def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
+    torch.manual_seed(config.run.seed)  # identical initial weights on every rank, and across reruns
+    encoder = Encoder(config.stage.modality, config.model.backbone, config.model.embed_dim, config.model.channels_last_3d)
+    model = MomentumContrast(encoder, config.loss.queue_size, config.loss.bn_groups).to(dist.device)
+    if config.stage.init_checkpoint:
+        weights, _ = load_encoder(config.stage.init_checkpoint, map_location=dist.device)
+        model.query.load_state_dict(weights.state_dict())
+        model.copy_query_to_key()
+    query = model.query
+    if dist.world_size > 1:
+        # BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
+        query = DistributedDataParallel(query, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    optimizer = torch.optim.Adam(model.query.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                 fused=dist.device.type == "cuda")
+    dtype = amp_dtype(config.optim.amp, dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
+    return Context(config, model, query, optimizer, scaler, dist.device, dtype)
+
+
+def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
+    """Keyword arguments of cvtcl.data.build_pretrain_loader (the interface in the project brief)."""
+    data = config.data
+    return dict(
+        root=data.root, split=data.split, subset=data.subset, modalities=modalities(config),
+        batch_size=data.batch_size, frames_per_clip=data.frames_per_clip, frame_stride=data.frame_stride,
+        crop_size=data.crop_size, pair_mode=data.pair_mode, segments=data.segments,
+        num_segments=data.num_segments, seed=config.run.seed, rank=dist.rank, world_size=dist.world_size,
+        device=dist.device.type, device_id=dist.device_id, num_threads=data.num_threads, backend=data.backend,
+        dtype=torch.float32,
+    )
+
+
+def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) -> dict[str, Any]:
+    return {
+        "step": ctx.step, "epoch": epoch, "epoch_step": epoch_step,
+        "model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+        "scaler": ctx.scaler.state_dict(), "encoder": ctx.model.query.config(), "config": ctx.config.to_dict(),
+        "complete": complete,
+    }
+
+
+def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
+    config = parse_config(argv)
+    _, _, world_size = distributed.env_world()
+    validate(config, world_size)
+
+    dist = distributed.init(config.run.device)
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
+    run_dir = Path(config.run.out_dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+
+    if build_loader is None:
+        from cvtcl.data import build_pretrain_loader as build_loader  # DALI is imported only here
+    loader = build_loader(**loader_arguments(config, dist))
+    ctx = build_context(config, dist)
+
+    epoch, epoch_step = 0, 0
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, map_location=dist.device)
+        ctx.model.load_state_dict(state["model"])
+        ctx.optimizer.load_state_dict(state["optimizer"])
+        ctx.scaler.load_state_dict(state["scaler"])
+        ctx.step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
+
+    steps_per_epoch = loader.steps_per_epoch
+    epochs_total = config.optim.epochs * steps_per_epoch  # "complete" = every epoch trained
+    total = epochs_total
+    if config.run.max_steps:
+        total = min(total, config.run.max_steps)
+    logger = MetricsLogger(run_dir, dist.is_main, config.run.progress, total, ctx.step)
+    if latest is not None:
+        logger.message(f"resumed from {latest} (step {ctx.step}, epoch {epoch}, batch {epoch_step})")
+
+    sigterm = {"seen": False}
+    signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True))
+    window = Window()
+    global_batch = config.data.batch_size * dist.world_size
+
+    def on_step(epoch: int, epoch_step: int, values: dict[str, float], data_s: float, compute_s: float) -> bool:
+        nonlocal window
+        window.add(values, data_s, compute_s)
+        position = (epoch, epoch_step) if epoch_step < steps_per_epoch else (epoch + 1, 0)
+        if ctx.step % config.run.log_every == 0 or ctx.step == total:
+            means = distributed.all_reduce_mean(window.means(), dist.device)
+            seconds = window.data_seconds + window.compute_seconds
+            logger.log({
+                "step": ctx.step, "epoch": epoch, **means, "lr": ctx.optimizer.param_groups[0]["lr"],
+                "clips_per_s": global_batch * window.steps / seconds,
+                "data_s": window.data_seconds / window.steps, "compute_s": window.compute_seconds / window.steps,
+                "data_wait_fraction": window.data_seconds / seconds, "peak_memory_gib": peak_memory_gib(dist.device),
+            })
+            window = Window()
+        stop = distributed.broadcast_flag(sigterm["seen"], dist.device)
+        finished = ctx.step >= total
+        if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
+            if dist.is_main:
+                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
+                                config.run.keep_checkpoints)
+            distributed.barrier()
+        if stop:
+            logger.message(f"SIGTERM: checkpoint saved at step {ctx.step}; rerun the same command to resume")
+        return stop or finished
+
+    try:
+        while ctx.step < total:
+            batches = loader.epoch(epoch, epoch_step)
+            if train_one_epoch(ctx, batches, epoch, epoch_step, on_step):
+                break
+            epoch, epoch_step = epoch + 1, 0
+        logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
+    finally:
+        logger.close()
+    distributed.shutdown()
+    return 0
+
+
+def cli() -> int:
+    try:
+        return main()
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
+        message = err.args[0] if err.args else repr(err)
+        print(f"cvtcl.train: error: {message}", file=sys.stderr)
+        return 1 if isinstance(err, FloatingPointError) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,85 @@
+"""Running a DALI pipeline from torch: device choice, worker start, zero-copy outputs, error reports.
+
+DESIGN.md "Loader": outputs reach torch through `DALIGenericIterator` without a copy (the pipeline
+runs with `exec_dynamic=True`, so the iterator hands out DLPack views of DALI's buffers instead of
+copying them into fresh tensors). Those views are valid until the next batch; the loaders copy
+them once, into the [B, V, C, T, H, W] layout the model needs (the T <-> C transpose is that copy).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from dali_pipelines.source import CorruptFrameError
+
+
+def pipeline_kwargs(*, batch_size: int, device: str, device_id, num_threads: int, num_workers: int,
+                    seed: int = 0) -> dict:
+    """Arguments for a `@pipeline_def` function: CPU-only mode is device_id=None."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: choose 'cpu' or 'cuda'")
+    import torch
+
+    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if device == "cuda":
+        if device_id is None:
+            device_id = torch.cuda.current_device()
+    else:
+        device_id = None
+    return dict(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+        exec_dynamic=True, py_num_workers=max(num_workers, 1),
+        # fork is only safe before CUDA is initialised in this process; spawn always is.
+        py_start_method="spawn" if device == "cuda" or cuda_live else "fork",
+    )
+
+
+def dali_device(device: str) -> str:
+    return "gpu" if device == "cuda" else "cpu"
+
+
+class DaliStream:
+    """A built pipeline and its iterator; `next()` returns {output name: tensor view}."""
+
+    def __init__(self, pipeline, names: list[str]):
+        self.pipeline, self.names = pipeline, names
+        self.iterator = None  # created on first next(): its constructor already runs the first batch
+
+    def next(self, describe, locate=None) -> dict:
+        """The next batch; DALI errors are re-raised naming the position (describe()) and, where
+        `locate()` finds one, the corrupt frame."""
+        try:
+            if self.iterator is None:
+                from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+                self.pipeline.build()
+                self.iterator = DALIGenericIterator([self.pipeline], self.names, size=-1, auto_reset=False)
+            return next(self.iterator)[0]
+        except StopIteration:
+            raise
+        except Exception as err:  # DALI raises plain Exception/RuntimeError with the worker's traceback
+            text = str(err)
+            marker = f"{CorruptFrameError.__name__}: "
+            lines = [ln for ln in text.splitlines() if marker in ln]
+            if lines:  # raised by the source in a worker: keep its message, add the position
+                raise CorruptFrameError(f"{describe()}: {lines[-1].split(marker, 1)[1]}") from err
+            bad = locate() if locate else None
+            where = f"; first undecodable frame: {bad}" if bad else ""
+            raise RuntimeError(f"DALI pipeline failed at {describe()}{where}: {text[-2000:]}") from err
+
+    def reset(self) -> None:
+        self.iterator.reset()
+
+    def close(self) -> None:
+        del self.iterator
+        del self.pipeline
+
+
+def first_undecodable(frames) -> str | None:
+    """Name the first (description, JPEG bytes) pair OpenCV cannot decode; used on the error path."""
+    for description, buf in frames:
+        image = cv2.imdecode(np.asarray(buf), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            return description
+    return None

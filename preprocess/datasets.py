@@ -1,0 +1,154 @@
+"""Indexing source datasets in their official layouts: which videos, which class, which source
+group, which split (DESIGN.md, Storage; the evaluation protocol of ALGORITHM.md uses split 1).
+
+UCF101 (`--root DIR`):
+    DIR/UCF-101/<Class>/v_<Class>_gXX_cYY.avi
+    DIR/ucfTrainTestlist/classInd.txt          "1 ApplyEyeMakeup" (1-based ids)
+    DIR/ucfTrainTestlist/trainlist0{1,2,3}.txt "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1"
+    DIR/ucfTrainTestlist/testlist0{1,2,3}.txt  "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi"
+  The source group is `<Class>_gXX`: the clips of one group are cut from one recording, and the
+  official splits keep groups on one side.
+HMDB51 (`--root DIR --splits SPLITS`):
+    DIR/<class>/<video>.avi
+    SPLITS/<class>_test_split{1,2,3}.txt       "<video>.avi 1" (1 = train, 2 = test, 0 = unused)
+  HMDB51 has no source groups; each video is its own group. Classes are sorted by name.
+
+Every missing root or split file is a `DatasetError` naming the path, raised before any work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLIT_IDS = ("1", "2", "3")
+_UCF_GROUP = re.compile(r"_g(\d+)_c(\d+)$")
+
+
+class DatasetError(RuntimeError):
+    """The source dataset is missing or not in the official layout; the message names the path."""
+
+
+@dataclass(frozen=True)
+class SourceVideo:
+    """One video to pack. `path` may not exist (listed in a split file only): packing records it as failed."""
+
+    name: str
+    path: str
+    class_name: str
+    label: int  # 0-based
+    group: str
+
+
+@dataclass
+class DatasetIndex:
+    """What to pack: videos sorted by name, classes in label order, official splits by id."""
+
+    dataset: str
+    root: str
+    classes: list[str]
+    videos: list[SourceVideo]
+    splits: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.videos = sorted(self.videos, key=lambda v: v.name)
+        dupes = sorted(n for n, k in Counter(v.name for v in self.videos).items() if k > 1)
+        if dupes:
+            raise DatasetError(f"{self.root}: video names must be unique, these repeat: {dupes[:5]}")
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DatasetError(f"{what} not found: {path}")
+    return path
+
+
+def _lines(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+
+
+def index_ucf101(root: str | Path, dataset: str = "ucf101") -> DatasetIndex:
+    """Index an official UCF101 tree (see the module docstring)."""
+    root = Path(root)
+    _require(root, "UCF101 root (--root)")
+    videos_dir = _require(root / "UCF-101", "UCF101 video folder")
+    lists = _require(root / "ucfTrainTestlist", "UCF101 split folder")
+    class_ind = _require(lists / "classInd.txt", "UCF101 class list")
+
+    ids = {}
+    for fields in _lines(class_ind):
+        if len(fields) != 2 or not fields[0].isdigit():
+            raise DatasetError(f"{class_ind}: expected lines '<id> <Class>', got {' '.join(fields)!r}")
+        ids[fields[1]] = int(fields[0]) - 1
+    classes = sorted(ids, key=ids.get)
+    if [ids[c] for c in classes] != list(range(len(classes))):
+        raise DatasetError(f"{class_ind}: class ids must be 1..{len(classes)} without gaps")
+
+    def source(rel: str) -> SourceVideo:
+        class_name, file_name = rel.split("/", 1) if "/" in rel else ("", rel)
+        if class_name not in ids:
+            raise DatasetError(f"{videos_dir / rel}: class {class_name!r} is not in {class_ind}")
+        stem = Path(file_name).stem
+        match = _UCF_GROUP.search(stem)
+        if match is None:
+            raise DatasetError(f"{videos_dir / rel}: name is not v_<Class>_gXX_cYY")
+        return SourceVideo(stem, str(videos_dir / rel), class_name, ids[class_name], f"{class_name}_g{match[1]}")
+
+    found = {p.stem: source(f"{p.parent.name}/{p.name}") for p in sorted(videos_dir.glob("*/*.avi"))}
+    splits = {}
+    for k in SPLIT_IDS:
+        train, test = lists / f"trainlist0{k}.txt", lists / f"testlist0{k}.txt"
+        if not train.exists() and not test.exists():
+            continue
+        members = {}
+        for subset, path in (("train", _require(train, "UCF101 split file")), ("test", _require(test, "UCF101 split file"))):
+            members[subset] = []
+            for fields in _lines(path):
+                video = source(fields[0])
+                found.setdefault(video.name, video)  # listed but absent: packing records it as failed
+                members[subset].append(video.name)
+        splits[k] = {s: sorted(n) for s, n in members.items()}
+    if not splits:
+        raise DatasetError(f"no split files in {lists}: expected trainlist01.txt and testlist01.txt")
+    if not found:
+        raise DatasetError(f"no videos in {videos_dir}: expected <Class>/v_<Class>_gXX_cYY.avi")
+    return DatasetIndex(dataset, str(root), classes, list(found.values()), splits)
+
+
+def index_hmdb51(root: str | Path, splits_dir: str | Path) -> DatasetIndex:
+    """Index an official HMDB51 tree and its split folder (see the module docstring)."""
+    root, splits_dir = Path(root), Path(splits_dir)
+    _require(root, "HMDB51 root (--root)")
+    _require(splits_dir, "HMDB51 split folder (--splits)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"no class folders in {root}: expected <class>/<video>.avi")
+    videos = {}
+    for label, class_name in enumerate(classes):
+        for path in sorted((root / class_name).glob("*.avi")):
+            videos[path.stem] = SourceVideo(path.stem, str(path), class_name, label, path.stem)
+
+    splits = {}
+    for k in SPLIT_IDS:
+        files = [splits_dir / f"{c}_test_split{k}.txt" for c in classes]
+        if not any(f.exists() for f in files):
+            continue
+        members = {"train": [], "test": []}
+        for class_name, path in zip(classes, files):
+            for fields in _lines(_require(path, f"HMDB51 split {k} file")):
+                if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                    raise DatasetError(f"{path}: expected lines '<video>.avi 0|1|2', got {' '.join(fields)!r}")
+                stem = Path(fields[0]).stem
+                if stem not in videos:  # listed but absent: packing records it as failed
+                    missing = root / class_name / fields[0]
+                    videos[stem] = SourceVideo(stem, str(missing), class_name, classes.index(class_name), stem)
+                if fields[1] != "0":
+                    members["train" if fields[1] == "1" else "test"].append(stem)
+        splits[k] = {s: sorted(n) for s, n in members.items()}
+    if not splits:
+        raise DatasetError(f"no split files in {splits_dir}: expected <class>_test_split1.txt for each class")
+    if not videos:
+        raise DatasetError(f"no videos in {root}: expected <class>/<video>.avi")
+    return DatasetIndex("hmdb51", str(root), classes, list(videos.values()), splits)

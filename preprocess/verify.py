@@ -1,0 +1,118 @@
+"""`cvtcl-preprocess verify DIR`: re-read a packed dataset end to end and list every problem.
+
+Checks, per shard in the manifest: the file exists, its size and sha256 match, its header lists
+the manifest's videos, the offset tables are consistent, and every RGB frame and every flow plane
+decodes as a JPEG of the recorded size. Then the split lists must name packed videos only.
+A problem is a string naming the file (and video / frame); none means the dataset is sound.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+
+from preprocess.schema import LayoutError, VideoRecord, load_manifest
+from preprocess.shards import file_sha256, read_shard_header
+
+
+def _check_offsets(h5: h5py.File, modality: str, frames: int, where: str) -> list[str]:
+    if modality not in h5:
+        return [f"{where}: no {modality} group"]
+    offsets, blob = h5[modality]["offsets"], h5[modality]["bytes"]
+    if offsets.shape != (frames + 1,):
+        return [f"{where}: {modality}/offsets has {offsets.shape[0]} entries, expected {frames + 1}"]
+    values = offsets[()]
+    if values[0] != 0 or np.any(np.diff(values) <= 0) or values[-1] != blob.shape[0]:
+        return [f"{where}: {modality}/offsets are not increasing from 0 to the blob size {blob.shape[0]}"]
+    return []
+
+
+def _decode_all(h5: h5py.File, modality: str, video: VideoRecord, where: str) -> list[str]:
+    """Decode every frame (RGB) or plane (flow) of one video; report the first bad one."""
+    channels = 3 if modality == "rgb" else 1
+    first = video.rgb_start if modality == "rgb" else 2 * video.flow_start
+    count = video.num_frames if modality == "rgb" else 2 * video.num_flow_frames
+    if count == 0:
+        return []
+    offsets = h5[modality]["offsets"][first : first + count + 1]
+    blob = h5[modality]["bytes"][offsets[0] : offsets[-1]]
+    flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
+    for i in range(count):
+        image = cv2.imdecode(blob[offsets[i] - offsets[0] : offsets[i + 1] - offsets[0]], flag)
+        expected = (video.height, video.width) + ((3,) if channels == 3 else ())
+        if image is None or image.shape != expected:
+            got = "undecodable" if image is None else f"shape {image.shape}"
+            unit = "frame" if modality == "rgb" else "flow plane"
+            return [f"{where}: {video.name} {modality} {unit} {i} is {got}, expected {expected}"]
+    return []
+
+
+def check_shard(root: str, entry: dict[str, Any], videos: list[VideoRecord], with_flow: bool) -> list[str]:
+    """Every problem of one shard (see the module docstring)."""
+    path = Path(root) / entry["file"]
+    where = str(path)
+    if not path.is_file():
+        return [f"{where}: missing"]
+    problems = []
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"{where}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    if file_sha256(path) != entry["sha256"]:
+        problems.append(f"{where}: sha256 differs from the manifest (damaged or rewritten)")
+    try:
+        header, _ = read_shard_header(path)
+        if header != videos:
+            problems.append(f"{where}: the header's video records differ from the manifest's")
+        if len(videos) != entry["num_videos"] or sum(v.num_frames for v in videos) != entry["num_frames"]:
+            problems.append(f"{where}: video/frame counts differ from the manifest's shard entry")
+        with h5py.File(path, "r") as h5:
+            frames = sum(v.num_frames for v in videos)
+            layout = _check_offsets(h5, "rgb", frames, where)
+            if with_flow:
+                layout += _check_offsets(h5, "flow", 2 * sum(v.num_flow_frames for v in videos), where)
+            problems += layout
+            if not layout:
+                for video in videos:
+                    problems += _decode_all(h5, "rgb", video, where)
+                    if with_flow:
+                        problems += _decode_all(h5, "flow", video, where)
+    except (OSError, LayoutError, KeyError, ValueError) as err:
+        problems.append(f"{where}: cannot be read ({err})")
+    return problems
+
+
+def _check_task(args) -> list[str]:
+    return check_shard(*args)
+
+
+def verify(root: str | Path, workers: int = 1) -> list[str]:
+    """All problems of the dataset at `root`; an empty list means it is sound."""
+    root = Path(root)
+    try:
+        manifest = load_manifest(root)
+    except (FileNotFoundError, LayoutError) as err:
+        return [str(err)]
+    by_shard: dict[int, list[VideoRecord]] = {}
+    for video in manifest.videos:
+        by_shard.setdefault(video.shard, []).append(video)
+    tasks = [(str(root), entry, by_shard.get(i, []), manifest.has_flow) for i, entry in enumerate(manifest.shards)]
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            results = pool.map(_check_task, tasks, chunksize=1)
+    else:
+        results = [_check_task(t) for t in tasks]
+    problems = [p for r in results for p in r]
+    unknown_shards = sorted(set(by_shard) - set(range(len(manifest.shards))))
+    if unknown_shards:
+        problems.append(f"{root}: videos refer to shards {unknown_shards} that the manifest does not list")
+    packed = {v.name for v in manifest.videos}
+    for split, subsets in manifest.splits.items():
+        for subset, names in subsets.items():
+            stray = [n for n in names if n not in packed]
+            if stray:
+                problems.append(f"{root}: split {split} {subset} names {len(stray)} unpacked video(s), e.g. {stray[0]}")
+    return problems

@@ -1,0 +1,101 @@
+"""Decoding one source video with OpenCV into frames, the first step of packing (DESIGN.md, Storage).
+
+Frames stay BGR uint8 as OpenCV returns them: `cv2.imencode` writes a correct colour JPEG from
+BGR, so nothing is converted twice. Every way a file can be unusable (missing, empty, not a
+video, no decodable frame, frames of changing size) raises `VideoDecodeError` with the path and
+the reason; the packer records that as a `FailedVideo` and goes on with the next video.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+
+class VideoDecodeError(RuntimeError):
+    """A source video that cannot be decoded; the message says why (recorded in the manifest)."""
+
+
+@dataclass
+class DecodedVideo:
+    """frames: [N, H, W, 3] BGR uint8; fps: frames per second as the container states it (0.0 = unknown)."""
+
+    frames: np.ndarray
+    fps: float
+
+
+def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """(height, width) after scaling the shorter side to `short_side`, aspect kept (None = unchanged)."""
+    if short_side is None:
+        return height, width
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_short_side(frame: np.ndarray, short_side: int | None) -> np.ndarray:
+    """[H, W, C] -> the frame with its shorter side scaled to `short_side` (INTER_AREA when shrinking)."""
+    h, w = frame.shape[:2]
+    new_h, new_w = resized_shape(h, w, short_side)
+    if (new_h, new_w) == (h, w):
+        return frame
+    interp = cv2.INTER_AREA if new_h < h else cv2.INTER_LINEAR
+    return cv2.resize(frame, (new_w, new_h), interpolation=interp)
+
+
+def _open(path: Path) -> tuple[cv2.VideoCapture, float]:
+    if not path.is_file():
+        raise VideoDecodeError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(f"{path}: the file is empty (0 bytes)")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise VideoDecodeError(f"{path}: OpenCV cannot open it as a video (corrupt or unsupported container)")
+    fps = float(capture.get(cv2.CAP_PROP_FPS))
+    return capture, fps if math.isfinite(fps) and fps > 0 else 0.0
+
+
+def video_fps(path: str | os.PathLike) -> float:
+    """The frame rate the container states (0.0 when it states none); raises VideoDecodeError."""
+    capture, fps = _open(Path(path))
+    capture.release()
+    return fps
+
+
+def iter_frames(path: str | os.PathLike, short_side: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the frames of a video one by one, [H, W, 3] BGR uint8, optionally short-side resized.
+
+    Streaming keeps a worker's memory at one frame plus what the caller keeps (a UCF101 video can
+    hold 1,800 frames). Raises VideoDecodeError when nothing decodes or the frame size changes.
+    """
+    path = Path(path)
+    capture, _ = _open(path)
+    count, shape = 0, None
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok or frame is None:
+                break
+            if frame.ndim == 2:  # some codecs hand back grayscale
+                frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+            if shape is None:
+                shape = frame.shape
+            elif frame.shape != shape:
+                raise VideoDecodeError(f"{path}: frame {count} is {frame.shape}, earlier frames were {shape}")
+            count += 1
+            yield resize_short_side(frame, short_side)
+    finally:
+        capture.release()
+    if count == 0:
+        raise VideoDecodeError(f"{path}: no frame could be decoded (zero frames or a corrupt stream)")
+
+
+def read_video(path: str | os.PathLike, short_side: int | None = None) -> DecodedVideo:
+    """The whole video in memory: frames [N, H, W, 3] BGR uint8 and fps (for tests and benchmarks)."""
+    frames = list(iter_frames(path, short_side))
+    return DecodedVideo(np.stack(frames), video_fps(path))

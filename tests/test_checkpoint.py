@@ -1,0 +1,55 @@
+"""Checkpoints are plain weights_only dicts, written atomically, pruned, and rebuild the encoder."""
+
+import pytest
+import torch
+
+from cvtcl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_encoder, save_checkpoint
+from cvtcl.models import Encoder
+from cvtcl.moco import MomentumContrast
+from cvtcl.presets import get_preset
+
+
+def _state(step, model):
+    optimizer = torch.optim.Adam(model.query.parameters())
+    channels = 3 if model.query.modality == "rgb" else 2
+    model.query(torch.randn(2, channels, 4, 16, 16)).sum().backward()
+    optimizer.step()
+    return {"step": step, "epoch": 0, "epoch_step": step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": {}, "encoder": model.query.config(),
+            "config": get_preset("smoke").to_dict()}
+
+
+def test_save_keep_last_and_load_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = MomentumContrast(Encoder("rgb", "tiny", embed_dim=8), queue_size=4)
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, _state(step, model), keep=2)
+    (tmp_path / "checkpoint-00000040.pt.tmp").write_bytes(b"half a file")  # a killed write
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000020.pt", "checkpoint-00000030.pt"]
+    state = load_checkpoint(latest_checkpoint(tmp_path))  # weights_only=True inside
+    assert state["step"] == 30 and state["config"]["stage"]["modality"] == "rgb"
+    assert set(state["optimizer"]) == {"state", "param_groups"}
+
+
+def test_load_encoder_rebuilds_query_and_key(tmp_path):
+    torch.manual_seed(0)
+    model = MomentumContrast(Encoder("flow", "tiny", embed_dim=8), queue_size=4)
+    with torch.no_grad():
+        next(model.key.parameters()).add_(1.0)  # make key differ from query
+    path = save_checkpoint(tmp_path, _state(5, model))
+    x = torch.randn(2, 2, 4, 16, 16)
+    for which, original in (("query", model.query), ("key", model.key)):
+        encoder, config = load_encoder(path, which=which)
+        assert not encoder.training and config["model"]["backbone"] == "tiny"
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(x), original.eval()(x))
+    with pytest.raises(ValueError, match="which"):
+        load_encoder(path, which="sampler")
+
+
+def test_missing_or_foreign_files_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "checkpoint-00000001.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="format None"):
+        load_checkpoint(tmp_path / "other.pt")

@@ -1,0 +1,46 @@
+"""The command line: subcommands, exit status 2 with a clear message for configuration errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preprocess.cli import build_parser, main, pack_options
+from preprocess.flow import backend_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_python_dash_m_preprocess_shows_help():
+    result = subprocess.run([sys.executable, "-m", "preprocess", "--help"], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT)}, check=True)
+    for command in ("ucf101", "hmdb51", "synthetic", "verify"):
+        assert command in result.stdout
+
+
+def test_flow_options_are_passed_only_when_given(tmp_path):
+    parser = build_parser()
+    plain = parser.parse_args(["ucf101", "--root", "r", "--out", str(tmp_path)])
+    assert pack_options(plain).flow_options == {} and pack_options(plain).flow == "tvl1"
+    given = parser.parse_args(["ucf101", "--root", "r", "--out", str(tmp_path), "--flow-device", "cuda:1", "--flow-batch", "8"])
+    assert pack_options(given).flow_options == {"device": "cuda:1", "batch": 8}
+    assert {"none", "tvl1"} <= set(backend_names())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ucf101", "--root", "{tmp}/nowhere"], "nowhere"),
+    (["hmdb51", "--root", "{tmp}", "--splits", "{tmp}/nosplits"], "nosplits"),
+    (["synthetic", "--classes", "99"], "--classes"),
+    (["ucf101", "--root", "{tmp}", "--jpeg-quality", "101"], "jpeg-quality"),
+])
+def test_configuration_errors_exit_2_naming_the_cause(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_flow_backend_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ucf101", "--root", str(tmp_path), "--out", str(tmp_path), "--flow", "magic"])
+    assert exit_.value.code == 2

@@ -1,0 +1,66 @@
+"""Configs validate themselves; presets and overrides fail early with a suggestion."""
+
+import pytest
+
+from cvtcl.config import TrainConfig, apply_overrides, describe
+from cvtcl.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_and_round_trip(name):
+    config = get_preset(name)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_stage1_presets_carry_paper_hyperparameters():
+    config = get_preset("ucf101-stage1-flow")
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.epochs) == (1e-3, 1e-4, 300)
+    assert config.optim.lr_milestones == (250, 280) and config.optim.lr_gamma == 0.1
+    assert (config.data.frames_per_clip, config.data.crop_size) == (32, 128)
+    assert (config.loss.queue_size, config.loss.tau, config.loss.momentum) == (2048, 0.07, 0.999)
+    assert config.stage.modality == "flow" and config.model.backbone == "s3d"
+    paper = get_preset("paper-8x-titanxp")
+    assert paper.run.expect_world_size == 8 and paper.optim.amp == "fp32"
+    assert paper.loss.queue_size % (paper.data.batch_size * 8) == 0
+
+
+def test_overrides_are_typed():
+    config = apply_overrides(get_preset("smoke"), [
+        "optim.lr=5e-4", "data.batch_size=8", "model.channels_last_3d=true", "optim.lr_milestones=3,5",
+        "stage.modality=flow",
+    ])
+    assert config.optim.lr == 5e-4 and config.data.batch_size == 8 and config.model.channels_last_3d is True
+    assert config.optim.lr_milestones == (3, 5) and config.stage.modality == "flow"
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(KeyError, match="did you mean 'loss.tau'"):
+        apply_overrides(get_preset("smoke"), ["loss.tua=0.1"])
+    with pytest.raises(KeyError, match="did you mean 'optim.lr'"):
+        apply_overrides(get_preset("smoke"), ["optim.lrr=0.1"])
+
+
+def test_bad_preset_suggests_the_closest():
+    with pytest.raises(KeyError, match="did you mean 'ucf101-stage1-rgb'"):
+        get_preset("ucf101-stage1-rbg")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.frames_per_clip=30", "divisible by data.num_segments"),
+    ("data.pair_mode=independent", "set data.pair_mode=same"),
+    ("optim.amp=fp8", "choose one of auto, bf16, fp16, fp32"),
+    ("loss.bn_groups=1", "at least 2"),
+    ("stage.kind=cotrain", "set stage.sampler_checkpoint"),
+    ("data.batch_size=two", "cannot read 'two' as int"),
+    ("model.channels_last_3d=maybe", "expected true or false"),
+    ("optim.lr", "not key=value"),
+])
+def test_invalid_values_are_refused(override, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        apply_overrides(get_preset("smoke"), [override])
+
+
+def test_describe_lists_every_key_with_a_reason():
+    text = describe()
+    assert "loss.queue_size = 2048  # K negatives" in text
+    assert all("#  " not in line and line.split("# ")[1] for line in text.splitlines())

@@ -1,0 +1,100 @@
+"""UCF101 and HMDB51 indexing on small trees in the official layouts."""
+
+import pytest
+
+from preprocess.datasets import DatasetError, index_hmdb51, index_ucf101
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+@pytest.fixture
+def ucf_root(tmp_path):
+    root = tmp_path / "ucf"
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\r\n2 HandstandPushups\r\n")
+    names = {
+        "ApplyEyeMakeup": ["v_ApplyEyeMakeup_g01_c01", "v_ApplyEyeMakeup_g01_c02", "v_ApplyEyeMakeup_g08_c01"],
+        # the official quirk: folder HandstandPushups, files v_HandStandPushups_*
+        "HandstandPushups": ["v_HandStandPushups_g01_c01", "v_HandStandPushups_g09_c03"],
+    }
+    for cls, stems in names.items():
+        for stem in stems:
+            _touch(root / "UCF-101" / cls / f"{stem}.avi")
+    (lists / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\r\nHandstandPushups/v_HandStandPushups_g09_c03.avi 2\r\n"
+        "HandstandPushups/v_HandStandPushups_g10_c01.avi 2\r\n"  # listed, not on disk
+    )
+    (lists / "testlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\r\nApplyEyeMakeup/v_ApplyEyeMakeup_g01_c02.avi\r\n"
+        "HandstandPushups/v_HandStandPushups_g01_c01.avi\r\n"
+    )
+    (lists / "trainlist02.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1\r\n")
+    (lists / "testlist02.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi\r\n")
+    return root
+
+
+def test_ucf101_labels_groups_and_splits(ucf_root):
+    index = index_ucf101(ucf_root)
+    assert index.classes == ["ApplyEyeMakeup", "HandstandPushups"]
+    by_name = {v.name: v for v in index.videos}
+    assert [v.name for v in index.videos] == sorted(by_name)
+    hs = by_name["v_HandStandPushups_g09_c03"]
+    assert (hs.label, hs.class_name, hs.group) == (1, "HandstandPushups", "HandstandPushups_g09")
+    assert by_name["v_ApplyEyeMakeup_g01_c02"].group == by_name["v_ApplyEyeMakeup_g01_c01"].group == "ApplyEyeMakeup_g01"
+    assert by_name["v_ApplyEyeMakeup_g01_c01"].label == 0
+    # a listed video that is missing on disk is kept, so packing records it as failed
+    assert not (ucf_root / "UCF-101" / "HandstandPushups" / "v_HandStandPushups_g10_c01.avi").exists()
+    assert "v_HandStandPushups_g10_c01" in by_name
+    assert sorted(index.splits) == ["1", "2"]
+    assert index.splits["1"]["train"] == ["v_ApplyEyeMakeup_g08_c01", "v_HandStandPushups_g09_c03", "v_HandStandPushups_g10_c01"]
+    assert index.splits["1"]["test"] == ["v_ApplyEyeMakeup_g01_c01", "v_ApplyEyeMakeup_g01_c02", "v_HandStandPushups_g01_c01"]
+    assert index.splits["2"] == {"train": ["v_ApplyEyeMakeup_g01_c01"], "test": ["v_ApplyEyeMakeup_g08_c01"]}
+
+
+@pytest.mark.parametrize("missing", ["", "UCF-101", "ucfTrainTestlist/classInd.txt", "ucfTrainTestlist/testlist01.txt"])
+def test_ucf101_missing_parts_are_named(ucf_root, missing):
+    import shutil
+
+    target = ucf_root / missing if missing else ucf_root
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(DatasetError, match=str(target)):
+        index_ucf101(ucf_root)
+
+
+@pytest.fixture
+def hmdb(tmp_path):
+    root, splits = tmp_path / "hmdb51", tmp_path / "testTrainMulti_7030_splits"
+    splits.mkdir()
+    for cls, videos in {"wave": ["a_wave_u_cm_np1_fr_goo_0", "b_wave"], "brush_hair": ["c#brush&hair_(x)", "d_brush"]}.items():
+        for v in videos:
+            _touch(root / cls / f"{v}.avi")
+        for k in (1, 2, 3):
+            marks = {1: ["1", "2"], 2: ["2", "0"], 3: ["0", "1"]}[k]
+            (splits / f"{cls}_test_split{k}.txt").write_text("".join(f"{v}.avi {m} \n" for v, m in zip(videos, marks)))
+    return root, splits
+
+
+def test_hmdb51_labels_groups_and_splits(hmdb):
+    index = index_hmdb51(*hmdb)
+    assert index.classes == ["brush_hair", "wave"]  # sorted
+    by_name = {v.name: v for v in index.videos}
+    assert by_name["c#brush&hair_(x)"].label == 0 and by_name["b_wave"].label == 1
+    assert all(v.group == v.name for v in index.videos)  # HMDB51 has no source groups
+    assert index.splits["1"] == {"train": ["a_wave_u_cm_np1_fr_goo_0", "c#brush&hair_(x)"], "test": ["b_wave", "d_brush"]}
+    assert index.splits["2"] == {"train": [], "test": ["a_wave_u_cm_np1_fr_goo_0", "c#brush&hair_(x)"]}  # 0 = unused
+    assert index.splits["3"] == {"train": ["b_wave", "d_brush"], "test": []}
+
+
+def test_hmdb51_missing_split_file_and_root_are_named(hmdb, tmp_path):
+    root, splits = hmdb
+    (splits / "wave_test_split2.txt").unlink()
+    with pytest.raises(DatasetError, match="wave_test_split2.txt"):
+        index_hmdb51(root, splits)
+    with pytest.raises(DatasetError, match="nowhere"):
+        index_hmdb51(tmp_path / "nowhere", splits)
+    with pytest.raises(DatasetError, match="nosplits"):
+        index_hmdb51(root, tmp_path / "nosplits")

@@ -1,0 +1,105 @@
+"""One optimizer step: gradients reach only the query encoder, segments are batched, the schedule, AMP choice."""
+
+import pytest
+import torch
+
+from cvtcl import engine
+from cvtcl.config import apply_overrides
+from cvtcl.engine import Context, clip_segments, encode_segments, instance_step, train_step
+from cvtcl.models import Encoder
+from cvtcl.moco import MomentumContrast
+from cvtcl.presets import get_preset
+from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
+
+
+def _context(*overrides):
+    config = apply_overrides(get_preset("smoke"), ["loss.queue_size=8", *overrides])
+    torch.manual_seed(0)
+    model = MomentumContrast(Encoder(config.stage.modality, "tiny", embed_dim=16), queue_size=8)
+    optimizer = torch.optim.Adam(model.query.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return Context(config, model, model.query, optimizer, scaler, torch.device("cpu"), None)
+
+
+def _batch(b=4, modality="rgb", channels=3):
+    g = torch.Generator().manual_seed(1)
+    return {modality: torch.randn(b, 2, channels, 8, 16, 16, generator=g), "video_index": torch.arange(b),
+            "group": torch.arange(b) // 2, "label": torch.zeros(b, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("local_queries", ["first", "all"])
+def test_gradients_reach_only_the_query_encoder(local_queries):
+    ctx = _context(f"loss.local_queries={local_queries}")
+    out = instance_step(ctx, _batch(), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert set(out.terms) == {"loss", "loss_instance", "loss_local", "loss_temporal", "top1_instance", "top1_temporal"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.model.query.parameters())
+    assert all(p.grad is None for p in ctx.model.key.parameters())
+    out.enqueue()
+    assert not ctx.model.queue.keys.requires_grad and ctx.model.queue.video_index[:4].tolist() == [0, 1, 2, 3]
+
+
+def test_segments_are_slices_encoded_in_one_call():
+    batch = _batch()
+    segments = clip_segments(batch, "rgb", 4)  # [B, V, M, C, L, H, W]
+    assert segments.shape == (4, 2, 4, 3, 2, 16, 16)
+    torch.testing.assert_close(segments[1, 0, 2], batch["rgb"][1, 0, :, 4:6])
+    calls = []
+    encoder = Encoder("rgb", "tiny", embed_dim=16).eval()
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return encoder(x)
+
+    with torch.no_grad():
+        batched = encode_segments(counting, segments[:, 1])
+        one_by_one = torch.stack([encoder(segments[:, 1, m]) for m in range(4)], dim=1)
+    assert calls == [16]
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_updates_query_key_and_queue():
+    ctx = _context()
+    with torch.no_grad():
+        for p in ctx.model.query.parameters():
+            p.add_(0.5)  # query != key, so the momentum update is visible
+    query_before = [p.clone() for p in ctx.model.query.parameters()]
+    key_before = [p.clone() for p in ctx.model.key.parameters()]
+    values = train_step(ctx, _batch(), epoch=0, epoch_step=0)
+    assert ctx.step == 1 and values["loss"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(query_before, ctx.model.query.parameters()))
+    # One EMA update toward the query as it was BEFORE this step's optimizer update.
+    for k0, q0, k1 in zip(key_before, query_before, ctx.model.key.parameters()):
+        torch.testing.assert_close(k1, 0.999 * k0 + 0.001 * q0)
+    assert ctx.model.queue.video_index[:4].tolist() == [0, 1, 2, 3] and int(ctx.model.queue.ptr) == 4
+
+
+def test_ltcl_off_skips_segments():
+    ctx = _context("loss.ltcl_weight=0")
+    out = instance_step(ctx, _batch(), torch.Generator().manual_seed(0))
+    assert set(out.terms) == {"loss", "loss_instance", "top1_instance"}
+
+
+def test_non_finite_loss_stops_with_the_step_number():
+    ctx = _context()
+    ctx.step = 41
+    batch = _batch()
+    batch["rgb"][0, 0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 42 .epoch 3, batch 7"):
+        train_step(ctx, batch, epoch=3, epoch_step=7)
+
+
+def test_learning_rate_schedule_and_amp_choice(monkeypatch):
+    optim = get_preset("ucf101-stage1-rgb").optim
+    assert [engine.learning_rate(optim, e) for e in (0, 249, 250, 279, 280)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert engine.amp_dtype("auto", cpu) is None and engine.amp_dtype("fp32", cuda) is None
+    for setting in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=f"optim.amp={setting} needs a CUDA device"):
+            engine.amp_dtype(setting, cpu)
+    assert engine.amp_dtype("bf16", cuda) is torch.bfloat16 and engine.amp_dtype("fp16", cuda) is torch.float16
+    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 0), torch.float16),
+                              ((6, 1), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert engine.amp_dtype("auto", cuda) is dtype

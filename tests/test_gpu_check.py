@@ -1,0 +1,25 @@
+"""benchmarks/gpu_check.sh runs its steps on a machine without a GPU (DALI CPU-only mode, smoke
+size) and writes one JSON file per step, none of them an error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.mark.multiprocess
+def test_gpu_check_runs_cpu_parts(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = {p.stem for p in tmp_path.glob("*.json")}
+    assert {"environment", "loader_parity", "hw_decoder_sweep", "loader_speed"} <= names
+    for path in tmp_path.glob("*.json"):
+        result = json.loads(path.read_text())
+        assert "error" not in result, (path.name, result)
+    assert json.loads((tmp_path / "loader_parity.json").read_text())["ok"]

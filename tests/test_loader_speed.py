@@ -1,0 +1,25 @@
+"""benchmarks/loader_speed.py runs end to end at CI size (no timing assertions)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loader_speed.py"
+
+
+def test_loader_speed_runs_on_cpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("loader_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "speed.json"
+    report = module.main(["--device", "cpu", "--batch", "2", "--frames", "4", "--crop", "16", "--segments", "2",
+                          "--steps", "2", "--warmup", "1", "--workers", "0", "--threads", "1",
+                          "--gen-size", "24x32", "--json", str(out)])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert line["device"].startswith("CPU") and line["versions"]["torch"]
+    for backend in ("baseline", "dali"):
+        res = line["results"][backend]
+        assert res["frames_per_s"] > 0 and res["cpu_s_per_frame"] > 0 and res["headroom_paper"] > 0
+    assert line["ratio_dali_over_baseline"] > 0
+    assert line["consumption"]["paper_8x_titan_xp_frames_per_s"] == 12800

@@ -1,0 +1,114 @@
+"""Sample plans are pure functions of (seed, epoch, rank, index) and obey ALGORITHM.md's rules."""
+
+import numpy as np
+import pytest
+
+from dali_pipelines.sampling import (
+    SamplingConfig,
+    eval_crops,
+    eval_windows,
+    flow_indices,
+    plan_sample,
+    rank_order,
+    random_resized_crop,
+    spread_segments,
+    steps_per_epoch,
+    window,
+)
+from preprocess.schema import VideoRecord
+
+
+def _videos(lengths, h=24, w=32):
+    return [VideoRecord(f"v{i}", "c", 0, f"g{i}", n, 25.0, h, w) for i, n in enumerate(lengths)]
+
+
+def test_quarters_needs_pair_mode_same():
+    for mode in ("independent", "coclr"):
+        with pytest.raises(ValueError, match="quarters.*pair_mode='same'"):
+            SamplingConfig(pair_mode=mode, segments="quarters")
+    SamplingConfig(pair_mode="coclr", segments="spread")
+    with pytest.raises(ValueError, match="divisible"):
+        SamplingConfig(frames_per_clip=10, num_segments=4)
+
+
+def test_window_inside_video_and_front_padding():
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(300):
+        w = window(40, 8, 2, rng)
+        assert w.min() >= 0 and w.max() <= 39 and np.all(np.diff(w) == 2)
+        starts.add(int(w[0]))
+    assert starts == set(range(0, 40 - 14))  # every legal start 0 .. n - 1 - (T - 1) * stride
+    short = window(5, 8, 1, rng)
+    assert short.tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n", [5, 31, 32, 100])
+def test_spread_segments_non_overlapping_and_inside(n):
+    cfg = SamplingConfig(frames_per_clip=16, num_segments=4, segments="spread")
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        seg = spread_segments(n, cfg, rng)
+        assert seg.shape == (4, 4)
+        assert seg.min() >= 0 and seg.max() < n
+        real = [row[row > 0] if n < 16 else row for row in seg]
+        if n >= 16:  # long enough: segments strictly ordered, no shared frame
+            assert all(real[j].max() < real[j + 1].min() for j in range(3))
+        assert all(np.all(np.diff(row) >= 0) for row in seg)
+
+
+def test_rank_parts_disjoint_equal_and_deterministic():
+    parts = [rank_order(23, seed=3, epoch=5, rank=r, world_size=4) for r in range(4)]
+    assert all(len(p) == 5 for p in parts)
+    assert len(set(np.concatenate(parts).tolist())) == 20
+    assert np.array_equal(parts[1], rank_order(23, 3, 5, 1, 4))
+    assert not np.array_equal(rank_order(23, 3, 5, 0, 1), rank_order(23, 3, 6, 0, 1))
+    assert steps_per_epoch(23, 2, 4) == 2
+
+
+def test_plans_deterministic_and_different_per_clip():
+    videos = _videos([40] * 6)
+    cfg = SamplingConfig(frames_per_clip=8, num_segments=2)
+    a = [plan_sample(videos, cfg, 2, 0, 1, i) for i in range(6)]
+    b = [plan_sample(videos, cfg, 2, 0, 1, i) for i in range(6)]
+    for x, y in zip(a, b):
+        assert x.video_index == y.video_index and np.array_equal(x.frames, y.frames)
+        assert x.augment[0].crop == y.augment[0].crop and np.array_equal(x.augment[1].colour, y.augment[1].colour)
+    crops = {p.augment[v].crop for p in a for v in (0, 1)}
+    assert len(crops) == 12  # every copy of every clip has its own crop
+    assert all(np.array_equal(p.frames[0], p.frames[1]) for p in a)  # pair mode same
+
+
+def test_pair_modes_independent_and_coclr():
+    videos = _videos([200] * 40)
+    ind = SamplingConfig(frames_per_clip=8, pair_mode="independent", segments="spread", num_segments=2)
+    coclr = SamplingConfig(frames_per_clip=8, pair_mode="coclr", segments="spread", num_segments=2)
+    same_ind = [np.array_equal(*plan_sample(videos, ind, 0, 0, 1, i).frames) for i in range(40)]
+    same_coclr = [np.array_equal(*plan_sample(videos, coclr, 0, 0, 1, i).frames) for i in range(40)]
+    assert sum(same_ind) <= 2
+    assert 8 <= sum(same_coclr) <= 32
+
+
+def test_random_resized_crop_bounds_and_fallback():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        y0, x0, h, w = random_resized_crop(24, 32, rng)
+        assert 0 <= y0 and y0 + h <= 24 and 0 <= x0 and x0 + w <= 32
+        assert 0.2 * 768 * 0.8 <= h * w <= 768
+    # a frame too thin for any legal aspect ratio falls back to a centre crop
+    assert random_resized_crop(100, 4, rng, tries=0) == (47, 0, 5, 4)
+
+
+def test_flow_indices_clamp_last_frame():
+    assert flow_indices(np.array([7, 8, 9]), 10).tolist() == [7, 8, 8]
+    with pytest.raises(ValueError, match="no flow"):
+        flow_indices(np.array([0]), 1)
+
+
+def test_eval_windows_and_crops():
+    windows = eval_windows(_videos([40, 5]), 8, 16)
+    assert [(v, int(f[0])) for v, f in windows] == [(0, 0), (0, 16), (0, 32), (1, 0)]
+    assert windows[-1][1].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    assert eval_crops(240, 320, ten=False) == [(8, 48, 224, 224)]
+    ten = eval_crops(240, 320, ten=True)
+    assert ten[0] == (0, 0, 224, 224) and ten[3] == (16, 96, 224, 224) and ten[4] == (8, 48, 224, 224)

@@ -1,0 +1,104 @@
+"""Test doubles for the trainer: a tiny real dataset directory and an in-memory pretrain loader.
+
+`FakePretrainLoader` follows the `cvtcl.data.build_pretrain_loader` contract (COMMON.md) with
+synthetic tensors instead of decoded frames: each video is a fixed smooth random clip, each
+copy adds independent noise, and everything is a pure function of (seed, epoch, rank, step), so
+resume determinism and multi-rank tests behave as with the real loader. `make_dataset` writes a
+small but real manifest and shard (the trainer validates those before any work).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atomic
+from preprocess.shards import EncodedVideo, ShardReader, write_shard
+
+CHANNELS = {"rgb": 3, "flow": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch on one thread: on 2 shared cores OpenMP spinning makes 2 threads ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_dataset(root: Path, num_videos: int = 16, num_frames: int = 4, with_flow: bool = True) -> Path:
+    """A real dataset directory (manifest + one shard of 8x8 JPEGs); 4 classes, 2 groups each."""
+    root.mkdir(parents=True, exist_ok=True)
+    jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    plane = cv2.imencode(".jpg", np.full((8, 8), 128, np.uint8))[1].tobytes()
+    videos = []
+    for i in range(num_videos):
+        label, group = i % 4, i % 8
+        record = VideoRecord(f"v_C{label}_g{group:02d}_c{i:02d}", f"C{label}", label, f"C{label}_g{group:02d}",
+                             num_frames, 25.0, 8, 8)
+        videos.append(EncodedVideo(record, [jpeg] * num_frames, [(plane, plane)] * (num_frames - 1) if with_flow else None))
+    records = write_shard(root / shard_name(0), 0, videos, [], with_flow)
+    names = [r.name for r in records]
+    manifest = Manifest("fake", {"flow": {"backend": "fake" if with_flow else "none"}}, [f"C{i}" for i in range(4)],
+                        [{"file": shard_name(0)}], records, {"1": {"train": names, "test": names[:4]}})
+    write_json_atomic(root / "manifest.json", manifest.to_dict())
+    return root
+
+
+class FakePretrainLoader:
+    def __init__(self, root, *, split="1", subset="train", modalities=("rgb",), batch_size, frames_per_clip=32,
+                 frame_stride=1, crop_size=128, pair_mode="same", segments="quarters", num_segments=4, seed=0,
+                 rank=0, world_size=1, device="cpu", device_id=None, num_threads=2, backend="dali",
+                 dtype=torch.float32):
+        reader = ShardReader(root, split, subset)
+        self.videos = reader.videos
+        self.group_ids = reader.group_ids
+        self.modalities, self.batch_size, self.seed = modalities, batch_size, seed
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+        self.shape = (frames_per_clip, crop_size, crop_size)
+        self.steps_per_epoch = len(self.videos) // (batch_size * world_size)
+
+    def clip(self, video_index: int, modality: str) -> torch.Tensor:
+        """The fixed content of one video: [C, T, H, W], smooth in space and changing over time."""
+        g = torch.Generator().manual_seed(1000 * video_index + CHANNELS[modality])
+        t, h, w = self.shape
+        coarse = torch.randn(CHANNELS[modality], t, max(1, h // 4), max(1, w // 4), generator=g)
+        return F.interpolate(coarse.unsqueeze(0), size=(t, h, w), mode="trilinear").squeeze(0)
+
+    def batch_indices(self, epoch: int, step: int, rank: int | None = None) -> list[int]:
+        order = torch.randperm(len(self.videos), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        start = (step * self.world_size + (self.rank if rank is None else rank)) * self.batch_size
+        return order[start : start + self.batch_size].tolist()
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        for step in range(start_step, self.steps_per_epoch):
+            indices = self.batch_indices(epoch, step)
+            g = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank)) % 2**31)
+            batch = {}
+            for modality in self.modalities:
+                base = torch.stack([self.clip(i, modality) for i in indices])  # [B, C, T, H, W]
+                copies = base.unsqueeze(1) + 0.3 * torch.randn((len(indices), 2, *base.shape[1:]), generator=g)
+                batch[modality] = copies.to(self.dtype)
+            records = [self.videos[i] for i in indices]
+            batch["video_index"] = torch.tensor(indices)
+            batch["group"] = torch.tensor([self.group_ids[r.group] for r in records])
+            batch["label"] = torch.tensor([r.label for r in records])
+            yield batch
+
+
+def main() -> int:
+    """`python tests/trainer_fakes.py --preset ...`: cvtcl.train with the fake loader (subprocess tests)."""
+    from cvtcl.train import main as train_main
+
+    return train_main(sys.argv[1:], build_loader=FakePretrainLoader)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
