@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,15 @@ from cvtcl.report import NEIGHBOURS_PREFIX
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")  # first present one is the x axis
 PANELS = (  # (title, does this metric key belong here)
     ("losses", lambda k: "loss" in k.lower()),
-    ("contrastive top-1 (%)", lambda k: ("top1" in k.lower() or "acc" in k.lower()) and not _is_knn(k)),
+    ("contrastive top-1", lambda k: ("top1" in k.lower() or "acc" in k.lower()) and not _is_knn(k)),
     ("learning rate", lambda k: k.lower() == "lr" or k.lower().startswith("lr/") or k.lower().endswith("/lr")),
     ("kNN retrieval (%)", lambda k: _is_knn(k)),
 )
+
+
+def _natural(key: str) -> list:
+    """Sort key that puts R@5 before R@10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def _is_knn(key: str) -> bool:
@@ -93,7 +99,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
     """One PNG with a panel per PANELS group that has data (kNN only when the monitor ran)."""
     plt = _pyplot()
     x_name, series = curve_series(read_metrics(metrics_path))
-    panels = [(name, sorted(k for k in series if belongs(k))) for name, belongs in PANELS]
+    panels = [(name, sorted((k for k in series if belongs(k)), key=_natural)) for name, belongs in PANELS]
     panels = [(name, keys) for name, keys in panels if keys]
     if not panels:
         raise ValueError(f"{metrics_path}: no loss, top-1, lr or kNN metric to plot (keys: {sorted(series)})")
@@ -136,8 +142,9 @@ def middle_frames(shards: str | os.PathLike, names: Sequence[str]) -> dict[str, 
 def pick_queries(labels: Sequence[int], count: int) -> list[int]:
     """`count` query rows from evenly spaced classes, the first query of each: deterministic."""
     classes = sorted(set(labels))
-    chosen_classes = [classes[round(i * (len(classes) - 1) / max(count - 1, 1))] for i in range(min(count, len(classes)))]
-    return [labels.index(c) for c in dict.fromkeys(chosen_classes)]
+    count = min(count, len(classes))
+    chosen = [classes[round(i * (len(classes) - 1) / max(count - 1, 1))] for i in range(count)]
+    return [labels.index(c) for c in chosen]
 
 
 def plot_retrieval(neighbours_file: str | os.PathLike, out_path: str | os.PathLike,

@@ -26,6 +26,7 @@ from cvtcl.config import TrainConfig, apply_overrides, describe
 from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
+from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
 from preprocess.schema import load_manifest, shard_name, write_json_atomic
@@ -34,7 +35,7 @@ from preprocess.schema import load_manifest, shard_name, write_json_atomic
 # logged, not what is computed. Anything else needs a new run.out_dir.
 RESUMABLE_CHANGES = {
     "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
-    "optim.epochs", "data.num_threads", "run.device",
+    "optim.epochs", "data.num_threads", "run.device", "run.knn_every",
 }
 
 
@@ -152,6 +153,17 @@ def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[st
     )
 
 
+def knn_monitor(config: TrainConfig, dist: distributed.DistInfo) -> KnnMonitor:
+    """The retrieval check of paper Fig. 3 on the trained modality: test queries, train gallery,
+    centre crop, non-overlapping windows (stride = frames_per_clip: half the evaluation's cost)."""
+    data = config.data
+    return KnnMonitor.from_dataset(
+        data.root, config.stage.modality, split=data.split, window_stride=data.frames_per_clip, device=dist.device,
+        frames_per_clip=data.frames_per_clip, crop_size=data.crop_size, batch_size=data.batch_size,
+        num_threads=data.num_threads, backend=data.backend,
+    )
+
+
 def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) -> dict[str, Any]:
     return {
         "step": ctx.step, "epoch": epoch, "epoch_step": epoch_step,
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
     window = Window()
     global_batch = config.data.batch_size * dist.world_size
 
+    monitor = knn_monitor(config, dist) if config.run.knn_every else None
+
     def on_step(epoch: int, epoch_step: int, values: dict[str, float], data_s: float, compute_s: float) -> bool:
         nonlocal window
         window.add(values, data_s, compute_s)
@@ -221,6 +235,10 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
             if dist.is_main:
                 save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
                                 config.run.keep_checkpoints)
+            distributed.barrier()
+        if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
+            if dist.is_main:
+                logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
             distributed.barrier()
         if stop:
             logger.message(f"SIGTERM: checkpoint saved at step {ctx.step}; rerun the same command to resume")

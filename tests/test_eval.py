@@ -99,3 +99,24 @@ def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
     with pytest.raises(SystemExit, match="second rgb"):
         cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--checkpoint-flow", "rgb2.pt",
                          "--dataset", "synthetic", "--shards", str(root)])
+
+
+def test_trainer_monitor_then_eval_and_plot_on_real_shards(synthetic_dataset, tmp_path):
+    """Real loaders, trainer and checkpoint: the kNN monitor lands in metrics.jsonl at epoch ends,
+    the checkpoint evaluates through the CLI, and cvtcl-plot draws both figures."""
+    from cvtcl.checkpoint import latest_checkpoint
+    from cvtcl.plot import main as plot_main, read_metrics
+    from cvtcl.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--preset", "smoke", f"data.root={synthetic_dataset}", f"run.out_dir={run}",
+                       "loss.queue_size=8", "data.batch_size=4", "optim.epochs=2", "run.knn_every=1",
+                       "run.log_every=1", "run.progress=none", "data.backend=baseline"]) == 0
+    knn = [r for r in read_metrics(run / "metrics.jsonl") if "knn/R@1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1] and all(0 <= r["knn/R@1"] <= 100 for r in knn)
+    payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(latest_checkpoint(run)), "--dataset", "synthetic",
+                               "--shards", str(synthetic_dataset), "--backend", "baseline", "--device", "cpu",
+                               "--frames-per-clip", "8", "--window-stride", "8", "--crop-size", "32"])
+    assert payload["encoders"] == {"rgb": str(latest_checkpoint(run))}
+    assert plot_main([str(run)]) == 0
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["curves-run.png", "retrieval-synthetic-split1.png"]

@@ -80,6 +80,7 @@ def test_retrieval_figure(tmp_path):
     assert [p.name for p in written] == ["retrieval-synthetic-split1.png"]
     assert written[0].read_bytes().startswith(PNG_MAGIC) and written[0].stat().st_size > 10_000
     assert plot.pick_queries([0, 0, 1, 2, 2, 3], 3) == [0, 3, 5]
+    assert plot.pick_queries([0, 0, 1, 2, 2], 6) == [0, 2, 3]  # more rows asked than classes
 
 
 def test_nothing_to_plot_says_so(tmp_path):
