@@ -32,6 +32,7 @@ PANELS = (  # (title, does this metric key belong here)
     ("contrastive top-1", lambda k: ("top1" in k.lower() or "acc" in k.lower()) and not _is_knn(k)),
     ("learning rate", lambda k: k.lower() == "lr" or k.lower().startswith("lr/") or k.lower().endswith("/lr")),
     ("kNN retrieval (%)", lambda k: _is_knn(k)),
+    ("mined positives: class precision", lambda k: k.lower().startswith("mining")),  # stage 2 only
 )
 
 
@@ -102,7 +103,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
     panels = [(name, sorted((k for k in series if belongs(k)), key=_natural)) for name, belongs in PANELS]
     panels = [(name, keys) for name, keys in panels if keys]
     if not panels:
-        raise ValueError(f"{metrics_path}: no loss, top-1, lr or kNN metric to plot (keys: {sorted(series)})")
+        raise ValueError(f"{metrics_path}: no loss, top-1, lr, kNN or mining metric to plot (keys: {sorted(series)})")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels):
         for key in keys:

@@ -20,7 +20,7 @@ def write_metrics(path, steps=12, knn_every=4):
         for step in range(steps):
             record = {"step": step, "epoch": step // 4, "loss": 8.0 - 0.4 * step, "loss/info_nce": 6.0 - 0.3 * step,
                       "loss/ltcl": 2.0 - 0.1 * step, "top1": 5.0 * step, "lr": 1e-3, "clips_per_s": 40.0,
-                      "stage": "rgb"}
+                      "stage": "rgb", "mining_precision": 0.3, "mining_chance": 0.2}
             if step % knn_every == knn_every - 1:
                 record["knn/R@1"] = 10.0 + 5 * step
             fh.write(json.dumps(record) + "\n")
