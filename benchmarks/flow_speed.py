@@ -7,7 +7,7 @@ on the CPU (all cores, batched) and, when CUDA is present, on the GPU. Prints a 
 JSON line naming the devices and versions.
 
     python benchmarks/flow_speed.py                       # 128x171 and 240x320
-    python benchmarks/flow_speed.py --sizes 240x320 --gpu-pairs 512 --batch 128
+    python benchmarks/flow_speed.py --sizes 240x320 --gpu-pairs 512 --batch 128 --compile cuda
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -77,11 +78,11 @@ def time_backend(backend, gray: np.ndarray) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, flow
 
 
-def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compile: bool) -> tuple[float, np.ndarray]:
+def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compiled: bool) -> tuple[float, np.ndarray]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return time_backend(make_backend("tvl1-torch", device="cpu", batch=batch, compile=compile), gray)
+        return time_backend(make_backend("tvl1-torch", device="cpu", batch=batch, compile=compiled), gray)
     finally:
         torch.set_num_threads(before)
 
@@ -102,8 +103,9 @@ def main() -> None:
     ap.add_argument("--gpu-pairs", type=int, default=256, help="pairs for tvl1-torch on CUDA")
     ap.add_argument("--batch", type=int, default=64, help="tvl1-torch pairs per call")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--compile", action="store_true",
-                    help="also time tvl1-torch with compile=True (inductor; minutes of warm-up on CPU)")
+    ap.add_argument("--compile", choices=("none", "cuda", "all"), default="none",
+                    help="also time tvl1-torch with compile=True on these devices (inductor; ~1 min warm-up on CPU)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON record to this file")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -116,15 +118,16 @@ def main() -> None:
                  lambda g: time_backend(make_backend("opencv-tvl1", threads=1), g)),
                 ("opencv-tvl1", f"cpu {args.workers} procs", pool_pairs,
                  lambda g: time_opencv_pool(g, args.workers)),
-                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch, False)),
-                ("tvl1-torch", f"cpu {args.workers} threads", args.cpu_pairs,
-                 lambda g: time_torch_cpu(g, args.workers, args.batch, False))]
-        if args.compile:
+                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch, False))]
+        if args.workers > 1:
+            runs.append(("tvl1-torch", f"cpu {args.workers} threads", args.cpu_pairs,
+                         lambda g: time_torch_cpu(g, args.workers, args.batch, False)))
+        if args.compile == "all":
             runs.append(("tvl1-torch compiled", "cpu 1 thread", args.cpu_pairs,
                          lambda g: time_torch_cpu(g, 1, args.batch, True)))
-        for compile in (False, True)[:1 + args.compile] if cuda else ():
-            runs.append(("tvl1-torch" + " compiled" * compile, "cuda", args.gpu_pairs,
-                         lambda g, c=compile: time_backend(
+        for compiled in (False, True)[:1 + (args.compile != "none")] if cuda else ():
+            runs.append(("tvl1-torch" + " compiled" * compiled, "cuda", args.gpu_pairs,
+                         lambda g, c=compiled: time_backend(
                              make_backend("tvl1-torch", device="cuda", batch=args.batch, compile=c), g)))
         reference = None
         for backend, where, pairs, run in runs:
@@ -144,13 +147,18 @@ def main() -> None:
         table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{r['pairs_per_s']:.2f}",
                       f"{r['speedup_vs_opencv_x1']:.2f}", f"{r['epe_truth']:.3f}", f"{r['epe_vs_opencv']:.4f}")
     Console(width=120).print(table)
-    print(json.dumps({
+    record = {
         "benchmark": "flow_speed",
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "workers": args.workers,
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "batch": args.batch, "results": rows}))
+        "batch": args.batch, "results": rows}
+    print(json.dumps(record))
+    if args.json is not None:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ fi
 # write one holding the exit status and the tail of its log.
 step() {
   local name=$1 limit=$2; shift 2
+  # the limits are sized for the GPU; the CPU smoke run on a loaded 2-core machine gets 3x as long
+  [ $DEVICE = cpu ] && limit=$((limit * 3))
   local start=$SECONDS
   echo "== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
@@ -46,7 +48,7 @@ PYEOF
   fi
 }
 
-step environment 60 $PY -c "
+step environment 30 $PY -c "
 import json, platform, sys, torch
 info = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.cuda.is_available(),
         'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
@@ -58,13 +60,25 @@ json.dump(info, open('$OUTDIR/environment.json', 'w'), indent=1); print(info)
 "
 
 # --- issue 3: loader ---------------------------------------------------------------------------
-step loader_parity 90 $PY benchmarks/gpu_loader_check.py parity "$OUTDIR/loader_parity.json" \
+step loader_parity 60 $PY benchmarks/gpu_loader_check.py parity "$OUTDIR/loader_parity.json" \
   --device $DEVICE --size $SIZE --frames $FRAMES --crop $CROP
-step hw_decoder_sweep 120 $PY benchmarks/gpu_loader_check.py decoder-sweep "$OUTDIR/hw_decoder_sweep.json" \
+step hw_decoder_sweep 70 $PY benchmarks/gpu_loader_check.py decoder-sweep "$OUTDIR/hw_decoder_sweep.json" \
   --device $DEVICE --size $SIZE --frames $FRAMES --crop $CROP --batch $BATCH --steps $STEPS \
   $([ $DEVICE = cpu ] && echo --loads 0.65)
-step loader_speed 90 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]}" --json "$OUTDIR/loader_speed.json"
+step loader_speed 60 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]}" --json "$OUTDIR/loader_speed.json"
 
-# --- later issues: append steps here (train_speed, flow_speed), keeping the total under 6 min ----
+# --- issue 4: stage-1 training step (precision, channels_last_3d, batched segments, loader wait) --
+if [ $DEVICE = cuda ]; then TRAIN=(--batch 16 --steps 8 --warmup 2 --threads 4); else TRAIN=(--smoke); fi
+step train_speed 75 $PY benchmarks/train_speed.py --device $DEVICE --loader "${TRAIN[@]}" --json "$OUTDIR/train_speed.json"
+
+# --- later issues: append steps here; the step limits together must stay under ~6.5 min (now 385 s) -
+
+# --- issue 7: flow extraction (OpenCV TV-L1 vs tvl1-torch, eager and compiled on the GPU) -------
+if [ $DEVICE = cuda ]; then
+  FLOW=(--sizes 128x171,240x320 --cpu-pairs 4 --gpu-pairs 128 --batch 64 --compile cuda)
+else
+  FLOW=(--sizes 32x40 --cpu-pairs 2 --pool-pairs 2 --workers 1)
+fi
+step flow_speed 90 $PY benchmarks/flow_speed.py "${FLOW[@]}" --json "$OUTDIR/flow_speed.json"
 
 echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"

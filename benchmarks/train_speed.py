@@ -7,7 +7,7 @@ gives the data-wait fraction. Prints a table and one JSON line naming the device
 
     python benchmarks/train_speed.py                          # S3D 16x32x128x128 on the GPU
     python benchmarks/train_speed.py --smoke                  # tiny backbone, seconds on CPU
-    python benchmarks/train_speed.py --data data/ucf101 --json out.json
+    python benchmarks/train_speed.py --loader --data data/ucf101 --json out.json
 
 Variants: precision (fp32; bf16 and fp16 on CUDA), channels_last_3d on/off, and the local segments
 encoded in one batched call (production) vs one call per segment (the released code's way).
@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
 
+batched_encode = engine.encode_segments  # the production path; one variant swaps in segments_one_by_one
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -44,7 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (cuDNN autotune)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data", default=None, help="dataset root: also time the real loader feeding the step")
+    parser.add_argument("--loader", action="store_true", help="also time the real loader feeding the step")
+    parser.add_argument("--data", default=None, help="dataset root for --loader (default: write toy shards)")
+    parser.add_argument("--gen-size", default="240x320", help="HxW of the toy shards' frames (UCF101's size)")
     parser.add_argument("--data-backend", default="dali", choices=("dali", "baseline"))
     parser.add_argument("--threads", type=int, default=4, help="DALI threads for --data")
     parser.add_argument("--smoke", action="store_true", help="tiny backbone, 8x32x32 clips, 2 steps: checks the script")
@@ -52,6 +57,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbone, args.batch, args.frames, args.crop, args.steps, args.warmup = "tiny", 4, 8, 32, 2, 1
+        args.gen_size, args.threads = "24x32", 1
+    args.loader = args.loader or args.data is not None
     return args
 
 
@@ -103,11 +110,11 @@ def time_variant(args, dist, name, amp, channels_last, batched):
             "peak_memory_gib": engine.peak_memory_gib(dist.device)}
 
 
-def time_loader(args, dist, amp):
+def time_loader(args, dist, amp, root):
     """The real loader feeding the production step: clips/s and the share of time spent waiting for data."""
     from cvtcl.data import build_pretrain_loader
 
-    config = make_config(args, amp, False, args.data)
+    config = make_config(args, amp, False, root)
     ctx = build_context(config, dist)
     loader = build_pretrain_loader(**loader_arguments(config, dist))
     steps = min(args.warmup + args.steps, loader.steps_per_epoch)
@@ -125,8 +132,6 @@ def time_loader(args, dist, amp):
             "samples_per_s": args.batch * len(waits) / total, "data_wait_fraction": sum(waits) / total}
 
 
-batched_encode = engine.encode_segments
-
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -140,25 +145,48 @@ def main(argv=None) -> int:
     best = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     variants = [(p, p, False, True) for p in precisions]
     variants += [(f"{best} channels_last_3d", best, True, True), (f"{best} segments one by one", best, False, False)]
-    results = [time_variant(args, dist, *variant) for variant in variants]
-    if args.data:
-        results.append(time_loader(args, dist, best))
-
-    reference = next((r for r in results if r["variant"] == "fp32" and "samples_per_s" in r), None)
-    for r in results:
-        if reference and "samples_per_s" in r:
-            r["speedup_vs_fp32"] = r["samples_per_s"] / reference["samples_per_s"]
-    print_table(results)
     record = {
         "benchmark": "train_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "backbone": args.backbone,
-        "batch": args.batch, "frames": args.frames, "crop": args.crop, "modality": args.modality, "results": results,
+        "batch": args.batch, "frames": args.frames, "crop": args.crop, "modality": args.modality, "results": [],
     }
-    line = json.dumps(record)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    for variant in variants:
+        record["results"].append(time_variant(args, dist, *variant))
+        write_json(args.json, record | {"error": f"incomplete: stopped after {len(record['results'])} variants"})
+    if args.loader:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                root = args.data or toy_dataset(args, Path(tmp))
+                record["results"].append(time_loader(args, dist, best, root))
+            except Exception as err:  # fail soft: keep the synthetic variants, say why the loader failed
+                record["results"].append({"variant": "loader", "error": f"{type(err).__name__}: {err}"[:2000]})
+
+    reference = next((r for r in record["results"] if r["variant"] == "fp32" and "samples_per_s" in r), None)
+    for r in record["results"]:
+        if reference and "samples_per_s" in r:
+            r["speedup_vs_fp32"] = r["samples_per_s"] / reference["samples_per_s"]
+    print_table(record["results"])
+    print(json.dumps(record))
+    write_json(args.json, record)
     return 0
+
+
+def write_json(path, record):
+    """Write after every variant, so a timeout leaves the variants measured so far (marked incomplete)."""
+    if path:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(path)
+
+
+def toy_dataset(args, where: Path) -> Path:
+    """Enough toy shards (dali_pipelines.toy_shards, the loader benchmark's) for the timed steps."""
+    from dali_pipelines.toy_shards import write_toy_dataset
+
+    height, width = (int(v) for v in args.gen_size.split("x"))
+    return write_toy_dataset(where / "shards", num_videos=args.batch * (args.steps + args.warmup + 1),
+                             num_frames=args.frames + 8, height=height, width=width, num_static=0,
+                             with_flow=args.modality == "flow", videos_per_shard=64, quality=90)
 
 
 def print_table(results):

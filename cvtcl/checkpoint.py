@@ -12,6 +12,7 @@ only, loadable with `torch.load(path, weights_only=True)` by any later cvtcl (no
     encoder       Encoder constructor arguments (modality, backbone, embed_dim, channels_last_3d)
     config        the run's resolved TrainConfig as a nested dict
     complete      True once every epoch of the config is trained (not after max_steps or SIGTERM)
+    world_size    processes that trained it (resume needs the same: global batch and data order)
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ class DataConfig:
     def __post_init__(self):
         _choice("data.pair_mode", self.pair_mode, ("same", "independent", "coclr"))
         _choice("data.segments", self.segments, ("quarters", "spread"))
+        _choice("data.backend", self.backend, ("dali", "baseline"))
         for name in ("frames_per_clip", "frame_stride", "crop_size", "num_segments", "batch_size", "num_threads"):
             _positive(f"data.{name}", getattr(self, name))
         if self.frames_per_clip % self.num_segments:
@@ -157,6 +158,10 @@ class RunConfig:
         _positive("run.knn_every", self.knn_every, zero_ok=True)
 
 
+# Smallest input (frames, height = width) each backbone accepts: torchvision S3D's strided pools
+# collapse a time axis under 5 frames and a spatial axis under 32 pixels (measured, torchvision 0.29).
+MIN_INPUT = {"s3d": (5, 32), "tiny": (1, 1)}
+
 SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -179,6 +184,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.data.segments == "spread" and self.stage.kind == "instance" and self.loss.ltcl_weight == 0:
             raise ValueError("data.segments=spread only feeds L_LTCL; with loss.ltcl_weight=0 use segments=quarters")
+        min_frames, min_size = MIN_INPUT[self.model.backbone]
+        frames = self.data.frames_per_clip // (self.data.num_segments if self.uses_segments else 1)
+        if frames < min_frames or self.data.crop_size < min_size:
+            raise ValueError(
+                f"model.backbone={self.model.backbone} needs >= {min_frames} frames and >= {min_size} pixels per "
+                f"input; got {frames}-frame {'segments' if self.uses_segments else 'clips'} "
+                f"(data.frames_per_clip / data.num_segments) of {self.data.crop_size} pixels (data.crop_size)"
+            )
 
     @property
     def uses_segments(self) -> bool:

@@ -104,6 +104,14 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """Send rows [sum(send_counts), ...] in rank order, send_counts[r] to rank r; receive
+    recv_counts[r] rows from rank r, concatenated in rank order. No gradient."""
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts)
+    return out
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average a dict of Python floats over ranks (one collective); returned unchanged at world size 1."""
     if world_size() == 1 or not values:

@@ -10,7 +10,8 @@ Only the stage step differs. It lives in `STEPS[config.stage.kind]`: a function
 closure that enqueues this step's keys, and whether to update the weights at all. Stage 1 is
 `instance_step` below; stage 2 (co-training) registers "cotrain" with its own step function
 (sampler forward, mined positives, its own queue, no update until that queue is full) and the
-loop, checkpoints and metrics stay as they are.
+loop, checkpoints and metrics stay as they are. Stage-specific modules (the frozen sampler, a
+cross-view queue) belong on `ctx.model` (`add_module`), so checkpoints and resume include them.
 """
 
 from __future__ import annotations

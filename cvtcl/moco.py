@@ -11,13 +11,14 @@ this order (see cvtcl/engine.py):
 Batch-norm leakage (MoCo §3.3): a query and its positive key normalised with statistics of the
 same sub-batch can find each other through those statistics instead of through content. The key
 encoder therefore sees the batch in a random order split differently from the query encoder:
-across ranks (gather, shuffle, encode own slice, gather, unshuffle), or on one process by a
-shuffled split into `bn_groups` >= 2 BN groups.
+across ranks (shuffle the global batch with all_to_all, encode, all-gather the embeddings,
+un-shuffle), or on one process by a shuffled split into `bn_groups` >= 2 BN groups.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -73,21 +74,56 @@ class Queue(nn.Module):
         self.count[0] = min(int(self.count) + n, self.size)
 
 
+@dataclass(frozen=True)
+class ShufflePlan:
+    """Who encodes what in a cross-rank shuffle of a global batch of world x n samples.
+
+    Global sample g = rank * n + i. A random permutation `perm` of the N = world x n samples is
+    cut into world slices of n: rank r encodes samples perm[r*n : (r+1)*n] as one BN batch.
+    """
+
+    send_order: torch.Tensor  # [n] this rank's local rows, ordered by the rank that encodes them
+    send_counts: list[int]  # [world] rows this rank sends to each rank
+    recv_counts: list[int]  # [world] rows this rank receives from each rank
+    gathered_ids: torch.Tensor  # [N] global id of each row of the all-gathered encoder outputs
+
+
+def shuffle_plan(world: int, n: int, rank: int, generator: torch.Generator) -> ShufflePlan:
+    perm = torch.randperm(world * n, generator=generator)
+    encoder_of = torch.empty_like(perm)
+    encoder_of[perm] = torch.arange(world * n) // n  # encoder_of[g]: the rank that encodes sample g
+    mine = encoder_of[rank * n : (rank + 1) * n]
+    received = encoder_of.view(world, n) == rank  # [source rank, local row] -> sent to this rank?
+    # all_to_all delivers rows grouped by source rank, each group in the source's row order, i.e.
+    # rank r ends up with sorted(perm[r*n:(r+1)*n]); the gathered outputs follow that order.
+    gathered = torch.cat([torch.sort(perm[r * n : (r + 1) * n]).values for r in range(world)])
+    return ShufflePlan(
+        send_order=torch.argsort(mine, stable=True),
+        send_counts=torch.bincount(mine, minlength=world).tolist(),
+        recv_counts=received.sum(dim=1).tolist(),
+        gathered_ids=gathered,
+    )
+
+
 @torch.no_grad()
 def shuffled_encode(encoder: nn.Module, x: torch.Tensor, generator: torch.Generator, bn_groups: int = 2) -> torch.Tensor:
     """Encode x: [N, ...] -> [N, D] with shuffle-BN; rows come back in the input order.
 
     `generator` (CPU) must be seeded identically on every rank: each rank then draws the same
     permutation, so no broadcast is needed, and a resumed run draws the same permutations.
-    Cost across ranks: the inputs are all-gathered (MoCo does the same), world x the batch's bytes.
+    Across ranks the inputs travel by all_to_all: each rank sends and receives about one batch
+    (MoCo all-gathers the inputs instead, world x the batch's bytes into every rank); only the
+    small [N, D] outputs are all-gathered to un-shuffle.
     """
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1:
-        x_all = distributed.all_gather_cat(x)  # [W * N, ...]
-        perm = torch.randperm(x_all.shape[0], generator=generator).to(x.device)
-        own = perm.view(world, -1)[rank]  # this rank encodes a random N of the global batch
-        z_all = distributed.all_gather_cat(encoder(x_all[own]))  # [W * N, D], in perm order
-        return z_all[torch.argsort(perm)].view(world, x.shape[0], -1)[rank]
+        n = x.shape[0]
+        plan = shuffle_plan(world, n, rank, generator)
+        received = distributed.all_to_all(x[plan.send_order.to(x.device)], plan.send_counts, plan.recv_counts)
+        z_all = distributed.all_gather_cat(encoder(received))  # [W * n, D], rows = plan.gathered_ids
+        z = torch.empty_like(z_all)
+        z[plan.gathered_ids.to(z.device)] = z_all
+        return z[rank * n : (rank + 1) * n]
     perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
     z = torch.cat([encoder(chunk) for chunk in x[perm].chunk(bn_groups)])
     return z[torch.argsort(perm)]

@@ -48,7 +48,8 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and reason")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    if argv is not None and "--help-config" in argv:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help-config" in argv:
         print(describe())
         raise SystemExit(0)
     args = parser.parse_args(argv)
@@ -96,7 +97,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     check_dataset(config, modalities(config), global_batch)
     latest = latest_checkpoint(config.run.out_dir)
     if latest is not None:
-        check_resumable(config, load_checkpoint(latest)["config"], latest)
+        check_resumable(config, world_size, load_checkpoint(latest), latest)
 
 
 def modalities(config: TrainConfig) -> tuple[str, ...]:
@@ -105,8 +106,14 @@ def modalities(config: TrainConfig) -> tuple[str, ...]:
     return (config.stage.modality, config.stage.sampler_modality)
 
 
-def check_resumable(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
-    current = config.to_dict()
+def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any], path: Path) -> None:
+    """The run directory's checkpoint was written by this config and this many processes."""
+    if state.get("world_size", world_size) != world_size:
+        raise ValueError(
+            f"{path} was written by {state['world_size']} processes, this run has {world_size}: the global "
+            "batch and the data order would change mid-run. Relaunch with the same number of processes"
+        )
+    saved, current = state["config"], config.to_dict()
     changed = [
         f"{section}.{key}"
         for section, values in current.items()
@@ -169,7 +176,7 @@ def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) 
         "step": ctx.step, "epoch": epoch, "epoch_step": epoch_step,
         "model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
         "scaler": ctx.scaler.state_dict(), "encoder": ctx.model.query.config(), "config": ctx.config.to_dict(),
-        "complete": complete,
+        "complete": complete, "world_size": distributed.world_size(),
     }
 
 
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         logger.message(f"resumed from {latest} (step {ctx.step}, epoch {epoch}, batch {epoch_step})")
 
     sigterm = {"seen": False}
-    signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True))
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True))
     window = Window()
     global_batch = config.data.batch_size * dist.world_size
 
@@ -253,13 +260,15 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     finally:
         logger.close()
+        signal.signal(signal.SIGTERM, previous_handler)
     distributed.shutdown()
     return 0
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m cvtcl.train`: expected errors (config, data, non-finite loss) as one line, exit 2 / 1."""
     try:
-        return main()
+        return main(argv)
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
         message = err.args[0] if err.args else repr(err)
         print(f"cvtcl.train: error: {message}", file=sys.stderr)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
@@ -106,8 +108,14 @@ def _pack(index: DatasetIndex, options: PackOptions) -> int:
     return EXIT_SOME_FAILED if manifest.failed else EXIT_OK
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwind: the worker pool is terminated, finished shards stay
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.command == "verify":
             if not args.dir.is_dir():

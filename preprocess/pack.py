@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,9 @@ class PackOptions:
     workers: int = 1
     videos_per_shard: int = 64
     jpeg_quality: int = 90
-    # 95 is OpenCV's imwrite default, what CoCLR/I3D-style extraction scripts stored flow with;
-    # flow planes are smooth, so it costs few bytes and keeps the error well under one level.
+    # 95 is OpenCV's imwrite default, what CoCLR/I3D-style extraction scripts stored flow with.
+    # Measured on synthetic TV-L1 planes: RMS error 0.17 levels (max 3) for 9% more bytes than
+    # q90 (0.21, max 4); q100 costs 38% more for 0.12.
     flow_jpeg_quality: int = 95
     short_side: int | None = None
     flow: str = "tvl1"
@@ -125,10 +126,12 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
 _worker_backend: FlowBackend | None = None
 
 
-def _init_worker(flow: str, flow_options: dict[str, Any]) -> None:
+def _init_worker(flow: str, flow_options: dict[str, Any], pooled: bool = False) -> None:
     global _worker_backend
     cv2.setNumThreads(1)  # parallelism is across videos; OpenCV's pool would oversubscribe
     _worker_backend = None if flow == "none" else make_backend(flow, **flow_options)
+    if pooled and "torch" in sys.modules:  # a torch backend on the CPU: one thread per worker too
+        sys.modules["torch"].set_num_threads(1)
 
 
 def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | None) -> EncodedVideo:
@@ -216,7 +219,7 @@ def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = 
         pool = None
     else:
         pool = multiprocessing.get_context("spawn").Pool(
-            min(options.workers, len(tasks)), _init_worker, (options.flow, options.flow_options)
+            min(options.workers, len(tasks)), _init_worker, (options.flow, options.flow_options, True)
         )
         results = pool.imap(_work, tasks, chunksize=1)  # ordered: shards complete in order
     try:

@@ -49,6 +49,8 @@ def test_bad_preset_suggests_the_closest():
     ("data.frames_per_clip=30", "divisible by data.num_segments"),
     ("data.pair_mode=independent", "set data.pair_mode=same"),
     ("optim.amp=fp8", "choose one of auto, bf16, fp16, fp32"),
+    ("data.backend=pytorch", "choose one of dali, baseline"),
+    ("model.backbone=s3d", "needs >= 5 frames and >= 32 pixels per input; got 2-frame segments"),
     ("loss.bn_groups=1", "at least 2"),
     ("stage.kind=cotrain", "set stage.sampler_checkpoint"),
     ("data.batch_size=two", "cannot read 'two' as int"),

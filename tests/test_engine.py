@@ -58,6 +58,12 @@ def test_segments_are_slices_encoded_in_one_call():
     torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-5)
 
 
+def test_spread_segments_from_the_loader_are_used_as_they_are():
+    batch = _batch()
+    batch["rgb_segments"] = torch.randn(4, 2, 4, 3, 2, 16, 16)  # segments="spread": [B, V, M, C, L, H, W]
+    assert clip_segments(batch, "rgb", 4) is batch["rgb_segments"]
+
+
 def test_train_step_updates_query_key_and_queue():
     ctx = _context()
     with torch.no_grad():
@@ -70,7 +76,8 @@ def test_train_step_updates_query_key_and_queue():
     assert all(not torch.equal(a, b) for a, b in zip(query_before, ctx.model.query.parameters()))
     # One EMA update toward the query as it was BEFORE this step's optimizer update.
     for k0, q0, k1 in zip(key_before, query_before, ctx.model.key.parameters()):
-        torch.testing.assert_close(k1, 0.999 * k0 + 0.001 * q0)
+        m = ctx.config.loss.momentum
+        torch.testing.assert_close(k1, m * k0 + (1 - m) * q0)
     assert ctx.model.queue.video_index[:4].tolist() == [0, 1, 2, 3] and int(ctx.model.queue.ptr) == 4
 
 

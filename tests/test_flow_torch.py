@@ -20,6 +20,15 @@ SIZES = [(48, 64), (64, 80)]
 SEEDS = [0, 1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small tensors: one thread is fastest, and spares the shared CI cores OpenMP spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def flows():
     """Per (size, seed): generated frames, ground truth, OpenCV's flow and tvl1-torch's flow."""
@@ -131,6 +140,29 @@ def test_constructor_leaves_cuda_alone():
     backend = make_backend("tvl1-torch", device="cuda", batch=8)
     backend.params()
     assert not torch.cuda.is_initialized()
+
+
+def test_preprocessing_with_tvl1_torch_writes_verified_shards(tmp_path):
+    """`cvtcl-preprocess ... --flow tvl1-torch --flow-device cpu --flow-batch N` end to end."""
+    from preprocess.cli import main
+    from preprocess.schema import dequantise_flow, load_manifest
+    from preprocess.shards import ShardReader
+
+    out = tmp_path / "data"
+    status = main(["synthetic", "--out", str(out), "--classes", "2", "--videos-per-class", "2",
+                   "--clips-per-group", "1", "--frames", "6", "--height", "32", "--width", "40",
+                   "--workers", "1", "--videos-per-shard", "2",
+                   "--flow", "tvl1-torch", "--flow-device", "cpu", "--flow-batch", "3"])
+    assert status == 0
+    assert main(["verify", str(out)]) == 0
+    manifest = load_manifest(out)
+    assert manifest.params["flow"] == {"backend": "tvl1-torch", "params": TorchTVL1().params()}
+    reader = ShardReader(out)
+    video = reader.videos[0]
+    planes = reader.read_flow(video, 0, video.num_frames - 1)
+    assert len(planes) == video.num_frames - 1
+    x = dequantise_flow(cv2.imdecode(planes[0][0], cv2.IMREAD_GRAYSCALE))
+    assert x.shape == (32, 40) and np.abs(x).max() > 0.2  # the synthetic videos move
 
 
 @pytest.mark.gpu

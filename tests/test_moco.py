@@ -1,11 +1,17 @@
-"""Momentum encoder, queue and shuffle-BN (single-process emulation; the multi-rank path is in test_train.py)."""
+"""Momentum encoder, queue and shuffle-BN: single-process emulation, the cross-rank plan, and two ranks under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from cvtcl.models import Encoder
-from cvtcl.moco import MomentumContrast, Queue, check_queue_size, shuffled_encode
+from cvtcl.moco import MomentumContrast, Queue, check_queue_size, shuffle_plan, shuffled_encode
+from trainer_fakes import RowStats
 
 
 def test_queue_enqueue_wraps_and_fills():
@@ -43,13 +49,6 @@ def test_momentum_update_is_an_ema_of_parameters_only():
         torch.testing.assert_close(p_k, 0.9 * before + 0.1 * p_q)
 
 
-class RowStats(nn.Module):
-    """Returns each row's value next to the mean of its BN group, so the grouping is visible."""
-
-    def forward(self, x):
-        return torch.stack([x[:, 0], x[:, 0].mean().expand(len(x))], dim=1)
-
-
 def test_shuffle_bn_emulation_splits_into_random_groups_and_restores_order():
     x = (2.0 ** torch.arange(8.0)).view(8, 1)  # every subset has its own mean
     out = shuffled_encode(RowStats(), x, torch.Generator().manual_seed(0), bn_groups=2)
@@ -73,3 +72,48 @@ def test_shuffle_is_invisible_without_batch_statistics():
 def test_one_bn_group_is_refused():
     with pytest.raises(ValueError, match="bn_groups"):
         MomentumContrast(Encoder("rgb", "tiny"), queue_size=4, bn_groups=1)
+
+
+def _simulate_exchange(world, n, seed):
+    """Run shuffle_plan for every rank and move rows as all_to_all would: what each rank encodes."""
+    plans = [shuffle_plan(world, n, r, torch.Generator().manual_seed(seed)) for r in range(world)]
+    sent = [[] for _ in range(world)]  # sent[dest] = rows, grouped by source rank
+    for source, plan in enumerate(plans):
+        ids = (source * n + plan.send_order).tolist()
+        start = 0
+        for dest, count in enumerate(plan.send_counts):
+            sent[dest] += ids[start : start + count]
+            start += count
+    return plans, sent
+
+
+def test_cross_rank_shuffle_plan_moves_every_sample_once():
+    world, n = 3, 4
+    plans, encoded = _simulate_exchange(world, n, seed=0)
+    perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(0))
+    for rank in range(world):
+        assert sorted(encoded[rank]) == sorted(perm[rank * n : (rank + 1) * n].tolist())  # its BN group
+        assert len(encoded[rank]) == n == sum(plans[rank].recv_counts)
+        assert plans[rank].recv_counts == [sum(1 for g in encoded[rank] if g // n == s) for s in range(world)]
+    gathered = [g for rank in range(world) for g in encoded[rank]]
+    assert plans[0].gathered_ids.tolist() == gathered  # the un-shuffle index matches the delivery order
+    assert sorted(gathered) == list(range(world * n))
+    assert any(sorted(encoded[r]) != list(range(r * n, (r + 1) * n)) for r in range(world))  # really shuffled
+
+
+@pytest.mark.multiprocess
+def test_shuffle_bn_across_two_ranks(tmp_path):
+    """torchrun, gloo: each rank gets its own rows back, encoded in the BN group the plan says."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "tests" / "trainer_fakes.py"), "shuffle-check", str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    group_of = {int(g): r for r in range(2) for g in perm[r * 4 : (r + 1) * 4]}
+    means = {r: perm[r * 4 : (r + 1) * 4].float().mean().item() for r in range(2)}
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["own"] == [rank * 4 + i for i in range(4)]
+        assert result["group_mean"] == pytest.approx([means[group_of[rank * 4 + i]] for i in range(4)])

@@ -154,7 +154,7 @@ def _preprocess(*args):
 
 @pytest.mark.multiprocess
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    raw = _raw(tmp_path, videos_per_class=4, clips_per_group=2, frames=16)
+    raw = _raw(tmp_path, videos_per_class=4, clips_per_group=2, frames=10)
     common = ["--root", raw, "--workers", "2", "--videos-per-shard", "2"]
     cmd, env = _preprocess("ucf101", "--out", tmp_path / "whole", *common)
     subprocess.run(cmd, env=env, check=True, capture_output=True)

@@ -93,8 +93,35 @@ class FakePretrainLoader:
             yield batch
 
 
+class RowStats(torch.nn.Module):
+    """A stand-in encoder: each row's first value next to the mean of its batch (its BN group)."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0], x[:, 0].mean().expand(len(x))], dim=1)
+
+
+def shuffle_check(out_dir: str) -> int:
+    """Under torchrun: shuffled_encode across ranks returns each rank's own rows; writes what it saw."""
+    import json
+
+    from cvtcl import distributed
+    from cvtcl.moco import shuffled_encode
+
+    info = distributed.init("cpu")
+    n = 4
+    x = (info.rank * n + torch.arange(n, dtype=torch.float32)).view(n, 1)  # row value = global id
+    z = shuffled_encode(RowStats(), x, torch.Generator().manual_seed(0))
+    result = {"own": z[:, 0].tolist(), "group_mean": z[:, 1].tolist()}
+    Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
+    distributed.shutdown()
+    return 0
+
+
 def main() -> int:
-    """`python tests/trainer_fakes.py --preset ...`: cvtcl.train with the fake loader (subprocess tests)."""
+    """`python tests/trainer_fakes.py --preset ...`: cvtcl.train with the fake loader (subprocess tests);
+    `python tests/trainer_fakes.py shuffle-check DIR`: the cross-rank shuffle-BN check."""
+    if sys.argv[1] == "shuffle-check":
+        return shuffle_check(sys.argv[2])
     from cvtcl.train import main as train_main
 
     return train_main(sys.argv[1:], build_loader=FakePretrainLoader)

@@ -1,0 +1,49 @@
+"""metrics.jsonl lines, truncation on resume, TensorBoard scalars when tensorboard is importable."""
+
+import sys
+import types
+
+from cvtcl.metrics import MetricsLogger, Window, read_metrics, truncate_metrics
+
+
+class FakeWriter:
+    scalars = []
+
+    def __init__(self, log_dir, purge_step):
+        self.log_dir, self.purge_step = log_dir, purge_step
+
+    def add_scalar(self, name, value, step):
+        self.scalars.append((name, value, step))
+
+    def close(self):
+        pass
+
+
+def test_logger_writes_jsonl_and_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n')
+    logger = MetricsLogger(tmp_path, enabled=True, progress="none", total_steps=20, start_step=5)
+    assert logger.tensorboard.purge_step == 6  # events past the checkpoint are dropped too
+    logger.log({"step": 10, "epoch": 0, "loss": 0.5, "top1_instance": 0.25})
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 10]  # the old step 10 was dropped
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"] == 0.5
+    assert ("train/loss", 0.5, 10) in FakeWriter.scalars and ("train/top1_instance", 0.25, 10) in FakeWriter.scalars
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=False, progress="plain", total_steps=1, start_step=0)
+    logger.log({"step": 1, "epoch": 0, "loss": 1.0})
+    logger.message("hello")
+    logger.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_window_means_and_truncate(tmp_path):
+    window = Window()
+    window.add({"loss": 1.0}, 0.1, 0.3)
+    window.add({"loss": 3.0}, 0.3, 0.3)
+    assert window.means() == {"loss": 2.0} and window.steps == 2
+    assert abs(window.data_seconds - 0.4) < 1e-12
+    truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do, no error
+    assert not (tmp_path / "absent.jsonl").exists()
