@@ -100,6 +100,8 @@ class LossConfig:
     ltcl_weight: float = 1.0  # beta: weight of L_LTCL (eq. 8); 0 turns the local terms off
     local_queries: str = "first"  # "first" = paper's z_1; "all" = every segment a query (beyond paper)
     bn_groups: int = 2  # one process: shuffled BN groups of the key encoder (emulates shuffle-BN)
+    mining_topk: int = 5  # stage 2: queue entries mined as positives by the sampler (paper: K = 5)
+    self_positive_drop: float = 0.9  # stage 2: chance per step to drop the own key from the numerator (CoCLR)
 
     def __post_init__(self):
         _positive("loss.tau", self.tau)
@@ -111,6 +113,9 @@ class LossConfig:
         _choice("loss.local_queries", self.local_queries, ("first", "all"))
         if self.bn_groups < 2:
             raise ValueError(f"loss.bn_groups={self.bn_groups}: at least 2, or BN statistics leak the positive")
+        _positive("loss.mining_topk", self.mining_topk, zero_ok=True)
+        if not 0.0 <= self.self_positive_drop <= 1.0:
+            raise ValueError(f"loss.self_positive_drop={self.self_positive_drop} must be in [0, 1]")
 
 
 @dataclass
@@ -158,6 +163,21 @@ class RunConfig:
         _positive("run.knn_every", self.knn_every, zero_ok=True)
 
 
+@dataclass
+class ScheduleConfig:
+    cycles: int = 0  # 0 = one run as stage.* says; N = stage 1 rgb + flow, then N co-training cycles (paper: 2)
+    cotrain_epochs: int = 100  # epochs of each stage-2 sub-stage (paper §2.4: 100)
+    cotrain_lr_milestones: tuple[int, ...] = (80,)  # stage-2 epochs where lr x optim.lr_gamma (paper: 80)
+    cotrain_ltcl_rgb: bool = True  # keep L_LTCL when rgb mines from flow (paper Table 2: on)
+    cotrain_ltcl_flow: bool = False  # keep L_LTCL when flow mines from rgb (paper Table 2: off)
+
+    def __post_init__(self):
+        self.cotrain_lr_milestones = tuple(int(m) for m in self.cotrain_lr_milestones)
+        _positive("schedule.cycles", self.cycles, zero_ok=True)
+        _positive("schedule.cotrain_epochs", self.cotrain_epochs)
+        if list(self.cotrain_lr_milestones) != sorted(self.cotrain_lr_milestones):
+            raise ValueError(f"schedule.cotrain_lr_milestones={self.cotrain_lr_milestones} must be increasing")
+
 # Smallest input (frames, height = width) each backbone accepts: torchvision S3D's strided pools
 # collapse a time axis under 5 frames and a spatial axis under 32 pixels (measured, torchvision 0.29).
 MIN_INPUT = {"s3d": (5, 32), "tiny": (1, 1)}
@@ -169,6 +189,7 @@ SECTIONS = {
     "loss": LossConfig,
     "optim": OptimConfig,
     "run": RunConfig,
+    "schedule": ScheduleConfig,
 }
 
 
@@ -180,6 +201,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
         if self.data.segments == "spread" and self.stage.kind == "instance" and self.loss.ltcl_weight == 0:
@@ -201,6 +223,7 @@ class TrainConfig:
         """Plain nested dict (str, int, float, bool, list): JSON- and weights_only-safe."""
         out = dataclasses.asdict(self)
         out["optim"]["lr_milestones"] = list(self.optim.lr_milestones)
+        out["schedule"]["cotrain_lr_milestones"] = list(self.schedule.cotrain_lr_milestones)
         return out
 
     @classmethod

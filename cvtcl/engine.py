@@ -69,6 +69,7 @@ class Context:
     device: torch.device
     autocast_dtype: torch.dtype | None
     step: int = 0  # optimizer steps done
+    sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
 
 
 @dataclass
@@ -112,22 +113,33 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch
         "top1_instance": losses.top1(losses.contrastive_logits(z.detach(), keys, queue, tau)),
     }
     loss = config.loss.instance_weight * instance
-
     if config.uses_segments:
-        segments = clip_segments(batch, modality, config.data.num_segments)  # [B, V, M, C, L, H, W]
-        z_local = encode_segments(ctx.query, losses.query_segments(segments[:, 0], config.loss.local_queries))
-        k_local = encode_segments(lambda x: model.encode_keys(x, generator), segments[:, 1])  # [B, M, D]
-        local = losses.local_loss(z_local, k_local, queue, tau)
-        temporal = losses.local_temporal_loss(z_local, k_local, tau)
-        loss = loss + config.loss.ltcl_weight * (local + temporal)
-        terms |= {
-            "loss_local": local.detach(),
-            "loss_temporal": temporal.detach(),
-            "top1_temporal": losses.temporal_top1(z_local.detach(), k_local),
-        }
+        ltcl, ltcl_terms = ltcl_step(ctx, batch, generator)
+        loss = loss + config.loss.ltcl_weight * ltcl
+        terms |= ltcl_terms
     terms["loss"] = loss.detach()
     video_index, group = batch["video_index"], batch["group"]
     return StepOutput(loss, terms, enqueue=lambda: model.queue.enqueue(keys, video_index, group))
+
+
+def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_LTCL = L_local + L_LT (eqs. 6-8) of the trained modality, unweighted, with its logged terms.
+
+    Shared by both stages. Local keys go through the key encoder's shuffle-BN like the global keys
+    (shuffle, encode, un-shuffle), so key segment j of row b belongs to video b; the authors'
+    stage-2 code un-shuffled keys it had never shuffled (ALGORITHM.md "Known defects").
+    """
+    config, model = ctx.config, ctx.model
+    segments = clip_segments(batch, config.stage.modality, config.data.num_segments)  # [B, V, M, C, L, H, W]
+    z_local = encode_segments(ctx.query, losses.query_segments(segments[:, 0], config.loss.local_queries))
+    k_local = encode_segments(lambda x: model.encode_keys(x, generator), segments[:, 1])  # [B, M, D]
+    local = losses.local_loss(z_local, k_local, model.queue.keys, config.loss.tau)
+    temporal = losses.local_temporal_loss(z_local, k_local, config.loss.tau)
+    return local + temporal, {
+        "loss_local": local.detach(),
+        "loss_temporal": temporal.detach(),
+        "top1_temporal": losses.temporal_top1(z_local.detach(), k_local),
+    }
 
 
 # Stage kind -> step function. Stage 2 registers "cotrain" here (see the module docstring).

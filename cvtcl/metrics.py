@@ -38,23 +38,31 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
 
 
 class Window:
-    """Sums of per-step values and timings between two log steps."""
+    """Sums of per-step values and timings between two log steps.
+
+    A NaN value means "undefined at this step" (stage 2's mining precision before the queue is
+    full): it is left out of that term's mean, and a term undefined at every step of the window
+    is left out of the record.
+    """
 
     def __init__(self):
         self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
         self.steps = 0
         self.data_seconds = 0.0
         self.compute_seconds = 0.0
 
     def add(self, values: dict[str, float], data_seconds: float, compute_seconds: float) -> None:
         for name, value in values.items():
-            self.sums[name] += value
+            if value == value:  # not NaN
+                self.sums[name] += value
+                self.counts[name] += 1
         self.steps += 1
         self.data_seconds += data_seconds
         self.compute_seconds += compute_seconds
 
     def means(self) -> dict[str, float]:
-        return {name: total / self.steps for name, total in self.sums.items()}
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
 
 
 class MetricsLogger:

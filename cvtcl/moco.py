@@ -43,14 +43,21 @@ class Queue(nn.Module):
     Buffers (all saved in checkpoints): keys [K, D] (unit norm, random at start as in MoCo),
     video_index [K] and group [K] (-1 = never written), ptr [1] (next slot), count [1] (entries
     written so far, capped at K; stage 2 mines positives only once the queue is full).
+    With `cross_view` (stage 2, cvtcl/mining.py) each entry also keeps sampler [K, D], the frozen
+    other-modality embedding of the same clip, and label [K], read only by the mining-precision
+    metric.
     """
 
-    def __init__(self, size: int, dim: int):
+    def __init__(self, size: int, dim: int, cross_view: bool = False):
         super().__init__()
         self.size = size
+        self.cross_view = cross_view
         self.register_buffer("keys", nn.functional.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("video_index", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("group", torch.full((size,), -1, dtype=torch.long))
+        if cross_view:
+            self.register_buffer("sampler", nn.functional.normalize(torch.randn(size, dim), dim=1))
+            self.register_buffer("label", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("count", torch.zeros(1, dtype=torch.long))
 
@@ -59,8 +66,12 @@ class Queue(nn.Module):
         return int(self.count) >= self.size
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, video_index: torch.Tensor, group: torch.Tensor) -> None:
-        """Gather keys [B, D], video_index [B], group [B] from every rank and write them at ptr."""
+    def enqueue(self, keys: torch.Tensor, video_index: torch.Tensor, group: torch.Tensor,
+                sampler: torch.Tensor | None = None, label: torch.Tensor | None = None) -> None:
+        """Gather keys [B, D], video_index [B], group [B] (and, for a cross-view queue, sampler
+        [B, D] and label [B]) from every rank and write them at ptr."""
+        if self.cross_view != (sampler is not None and label is not None):
+            raise ValueError("a cross-view queue needs sampler and label with every enqueue, a plain queue neither")
         keys = distributed.all_gather_cat(keys.detach().float())
         video_index = distributed.all_gather_cat(video_index.to(self.video_index.device))
         group = distributed.all_gather_cat(group.to(self.group.device))
@@ -70,6 +81,9 @@ class Queue(nn.Module):
         self.keys[ptr : ptr + n] = keys
         self.video_index[ptr : ptr + n] = video_index
         self.group[ptr : ptr + n] = group
+        if self.cross_view:
+            self.sampler[ptr : ptr + n] = distributed.all_gather_cat(sampler.detach().float())
+            self.label[ptr : ptr + n] = distributed.all_gather_cat(label.to(self.label.device))
         self.ptr[0] = (ptr + n) % self.size
         self.count[0] = min(int(self.count) + n, self.size)
 
@@ -136,14 +150,14 @@ class MomentumContrast(nn.Module):
     (query.*, key.*, queue.*) is what checkpoints store.
     """
 
-    def __init__(self, query: Encoder, queue_size: int, bn_groups: int = 2):
+    def __init__(self, query: Encoder, queue_size: int, bn_groups: int = 2, cross_view: bool = False):
         super().__init__()
         if bn_groups < 2:
             raise ValueError("loss.bn_groups must be >= 2: one BN group would leak the positive through BN statistics")
         self.query = query
         self.key = copy.deepcopy(query)
         self.key.requires_grad_(False)
-        self.queue = Queue(queue_size, query.embed_dim)
+        self.queue = Queue(queue_size, query.embed_dim, cross_view)
         self.bn_groups = bn_groups
 
     @torch.no_grad()

@@ -14,7 +14,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-from cvtcl.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, StageConfig, TrainConfig
+from cvtcl.config import (
+    DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig, TrainConfig,
+)
 
 
 def ucf101_stage1(modality: str) -> TrainConfig:
@@ -68,11 +70,35 @@ def smoke() -> TrainConfig:
     )
 
 
+def ucf101_cvtcl() -> TrainConfig:
+    """The whole paper schedule from one command (ALGORITHM.md "Stage 2 — Schedule"): stage 1 rgb and
+    flow (300 epochs each, as ucf101-stage1-*), then 2 cycles of rgb mining from flow and flow
+    mining from the new rgb, 100 epochs each, lr 1e-3 x0.1 at epoch 80, L_LTCL for rgb only.
+    Sub-stages live in runs/ucf101-cvtcl/<sub-stage>/; `--stage NAME` runs one of them."""
+    config = ucf101_stage1("rgb")
+    config.run = RunConfig(out_dir="runs/ucf101-cvtcl")
+    config.schedule = ScheduleConfig(cycles=2, cotrain_epochs=100, cotrain_lr_milestones=(80,))
+    return config
+
+
+def smoke_cvtcl() -> TrainConfig:
+    """The whole schedule at smoke size for CPU: 2 cycles, 2 epochs per sub-stage, lr drop at the
+    second co-training epoch. The queue (32) fills after 8 steps of batch 4, so stage 2 trains
+    only once the queue is full, as at full size."""
+    config = smoke()
+    config.optim = OptimConfig(epochs=2, lr_milestones=(), amp="fp32")
+    config.run = RunConfig(out_dir="runs/smoke-cvtcl", log_every=2, checkpoint_every=2)
+    config.schedule = ScheduleConfig(cycles=2, cotrain_epochs=2, cotrain_lr_milestones=(1,))
+    return config
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "ucf101-stage1-rgb": ucf101_stage1_rgb,
     "ucf101-stage1-flow": ucf101_stage1_flow,
     "paper-8x-titanxp": paper_8x_titanxp,
     "smoke": smoke,
+    "ucf101-cvtcl": ucf101_cvtcl,
+    "smoke-cvtcl": smoke_cvtcl,
 }
 
 

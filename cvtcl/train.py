@@ -1,6 +1,11 @@
 """Training entry point: `python -m cvtcl.train` or `torchrun --nproc_per_node N -m cvtcl.train`.
 
     python -m cvtcl.train --preset ucf101-stage1-rgb data.root=/data/ucf101 run.out_dir=runs/rgb
+    torchrun --nproc_per_node 8 -m cvtcl.train --preset ucf101-cvtcl data.root=/data/ucf101
+    python -m cvtcl.train --preset ucf101-cvtcl --stage cycle1-rgb      # one sub-stage alone
+
+A preset with `schedule.cycles > 0` runs the whole two-stage schedule (cvtcl/schedule.py): each
+sub-stage is one ordinary run below in `run.out_dir/<sub-stage>/`; rerunning resumes it.
 
 Reads top to bottom in execution order: parse the config, validate everything that can be
 checked without work (config, world size vs queue, dataset files, checkpoints), join the process
@@ -21,14 +26,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cvtcl import distributed
-from cvtcl.checkpoint import latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
+from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_overrides, describe
+from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
 from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
+from cvtcl.schedule import cvtcl_schedule, run_schedule
 from preprocess.schema import load_manifest, shard_name, write_json_atomic
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
@@ -39,7 +46,8 @@ RESUMABLE_CHANGES = {
 }
 
 
-def parse_config(argv: list[str] | None) -> TrainConfig:
+def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
+    """(config, --stage NAME or None)."""
     parser = argparse.ArgumentParser(
         prog="python -m cvtcl.train",
         description="CVTCL training (one process, or one per GPU under torchrun).",
@@ -47,13 +55,18 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     )
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and reason")
+    parser.add_argument("--stage", help="with a schedule preset (e.g. ucf101-cvtcl): run this sub-stage only")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     argv = sys.argv[1:] if argv is None else argv
     if "--help-config" in argv:
         print(describe())
         raise SystemExit(0)
     args = parser.parse_args(argv)
-    return apply_overrides(get_preset(args.preset), args.overrides)
+    config = apply_overrides(get_preset(args.preset), args.overrides)
+    if args.stage and not config.schedule.cycles:
+        raise ValueError(f"--stage {args.stage}: preset {args.preset!r} runs one stage (schedule.cycles=0); "
+                         "use a schedule preset such as ucf101-cvtcl or smoke-cvtcl")
+    return config, args.stage
 
 
 def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch: int) -> None:
@@ -130,7 +143,8 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
 def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
     torch.manual_seed(config.run.seed)  # identical initial weights on every rank, and across reruns
     encoder = Encoder(config.stage.modality, config.model.backbone, config.model.embed_dim, config.model.channels_last_3d)
-    model = MomentumContrast(encoder, config.loss.queue_size, config.loss.bn_groups).to(dist.device)
+    cotrain = config.stage.kind == "cotrain"
+    model = MomentumContrast(encoder, config.loss.queue_size, config.loss.bn_groups, cross_view=cotrain).to(dist.device)
     if config.stage.init_checkpoint:
         weights, _ = load_encoder(config.stage.init_checkpoint, map_location=dist.device)
         model.query.load_state_dict(weights.state_dict())
@@ -144,7 +158,8 @@ def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
                                  fused=dist.device.type == "cuda")
     dtype = amp_dtype(config.optim.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
-    return Context(config, model, query, optimizer, scaler, dist.device, dtype)
+    sampler = load_sampler(config, dist.device) if cotrain else None
+    return Context(config, model, query, optimizer, scaler, dist.device, dtype, sampler=sampler)
 
 
 def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
@@ -181,7 +196,23 @@ def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) 
 
 
 def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
-    config = parse_config(argv)
+    config, only = parse_config(argv)
+    if not config.schedule.cycles:
+        train(config, build_loader)
+    else:
+        rank, _, _ = distributed.env_world()
+        run_schedule(
+            cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
+            run_one=lambda run: train(stage_config(config, run), build_loader),
+            is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
+            log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
+        )
+    distributed.shutdown()
+    return 0
+
+
+def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
+    """One run of the training loop: validate, build, resume from run.out_dir, train, checkpoint."""
     _, _, world_size = distributed.env_world()
     validate(config, world_size)
 
@@ -261,8 +292,6 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
     finally:
         logger.close()
         signal.signal(signal.SIGTERM, previous_handler)
-    distributed.shutdown()
-    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -47,3 +47,14 @@ def test_window_means_and_truncate(tmp_path):
     assert abs(window.data_seconds - 0.4) < 1e-12
     truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do, no error
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_window_leaves_undefined_values_out():
+    """Stage 2 logs mining precision as NaN before the queue is full: left out, not averaged in."""
+    window = Window()
+    window.add({"loss": 1.0, "mining_precision": float("nan")}, 0.1, 0.1)
+    window.add({"loss": 3.0, "mining_precision": 0.5}, 0.1, 0.1)
+    assert window.means() == {"loss": 2.0, "mining_precision": 0.5}
+    only_nan = Window()
+    only_nan.add({"loss": 1.0, "mining_precision": float("nan")}, 0.1, 0.1)
+    assert only_nan.means() == {"loss": 1.0}
