@@ -147,7 +147,8 @@ def conclude(out: Path, results: dict[str, Any], checks: list[dict[str, Any]], s
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "load_average": os.getloadavg()}
-    report.write_results(out / "results.json", {"seed": seed, "results": results, "checks": checks,
+    report.write_results(out / "results.json", {"seed": seed, "results": results, "settings": list(results),
+                                                "checks": checks,
                                                 "seconds": seconds, "cpu_seconds": cpu_seconds, "machine": machine})
     print(f"times    {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}; CPU time {cpu_seconds:.0f} s")
     print(f"results  {out / 'results.json'}; figures in {out / 'figures'}")

@@ -22,7 +22,7 @@ def test_demo_generates_verifies_and_summarises(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.multiprocess  # DALI and the packer start worker processes
 def test_demo_end_to_end_and_repeatable(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "DEMO_DATA", SyntheticConfig(classes=3, videos_per_class=4, clips_per_group=2,
+    monkeypatch.setattr(demo, "DEMO_DATA", SyntheticConfig(classes=3, videos_per_class=6, clips_per_group=2,
                                                            test_groups=1, frames=20, height=32, width=40, seed=0))
     monkeypatch.setattr(demo, "FRAMES", 8)
     monkeypatch.setattr(demo, "TRAIN_OVERRIDES", [
@@ -34,7 +34,7 @@ def test_demo_end_to_end_and_repeatable(tmp_path, monkeypatch):
         demo.main(["--out", str(tmp_path / name), "--workers", "1"])
         runs.append(json.loads((tmp_path / name / "results.json").read_text()))
     first, second = runs
-    assert list(first["results"]) == ["random-init (BN eval)", "random-init (BN batch)", "stage 1", "cycle 1",
+    assert first["settings"] == ["random-init (BN eval)", "random-init (BN batch)", "stage 1", "cycle 1",
                                       "cycle 2"]
     assert set(first["results"]["cycle 2"]) == {"rgb", "flow", "two-stream"}
     assert {c["check"].split(" ")[0] for c in first["checks"]} >= {"flow", "stage1-rgb", "stage1-flow", "rgb"}
