@@ -115,7 +115,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
         if name == "learning rate" and min(min(series[k][1]) for k in keys) > 0:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.suptitle(title or str(metrics_path), fontsize=9)
+    fig.suptitle(title or str(metrics_path), fontsize=9, y=1.03)  # above the panel titles
     path = _save(fig, Path(out_path))
     plt.close(fig)
     return path
