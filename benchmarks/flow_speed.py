@@ -72,19 +72,18 @@ def time_opencv_pool(gray: np.ndarray, workers: int) -> tuple[float, np.ndarray]
 
 
 def time_backend(backend, gray: np.ndarray) -> tuple[float, np.ndarray]:
-    backend.compute(gray[:3])  # warm-up: device start, allocator, compilation
+    # Warm-up (device start, allocator, compilation) with one pair and with two: converged pairs
+    # leave working batches of any size, and torch.compile specialises size 1 separately.
+    backend.compute(gray[:2])
+    backend.compute(gray[:3])
     start = time.perf_counter()
     flow = backend.compute(gray)  # returns host numpy: the device work is finished
     return time.perf_counter() - start, flow
 
 
 def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compiled: bool) -> tuple[float, np.ndarray]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return time_backend(make_backend("tvl1-torch", device="cpu", batch=batch, compile=compiled), gray)
-    finally:
-        torch.set_num_threads(before)
+    backend = make_backend("tvl1-torch", device="cpu", batch=batch, compile=compiled, threads=threads)
+    return time_backend(backend, gray)
 
 
 def cpu_name() -> str:
@@ -93,6 +92,45 @@ def cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def plan_runs(args, cuda: bool) -> list[tuple]:
+    """(backend, where, pairs, run(gray) -> (seconds, flow)); OpenCV with one process first: the
+    reference of every ratio and agreement column."""
+    runs = [("opencv-tvl1", "cpu 1 proc", args.cpu_pairs,
+             lambda g: time_backend(make_backend("opencv-tvl1", threads=1), g))]
+    if "pool" not in args.skip:
+        runs.append(("opencv-tvl1", f"cpu pool of {args.workers}", args.pool_pairs or 4 * args.workers,
+                     lambda g: time_opencv_pool(g, args.workers)))
+    if "torch-cpu" not in args.skip:
+        for threads in sorted({1, args.workers}):
+            runs.append(("tvl1-torch", f"cpu {threads} thread(s)", args.cpu_pairs,
+                         lambda g, t=threads: time_torch_cpu(g, t, args.batch, False)))
+        if args.compile == "all":
+            runs.append(("tvl1-torch compiled", "cpu 1 thread(s)", args.cpu_pairs,
+                         lambda g: time_torch_cpu(g, 1, args.batch, True)))
+    for compiled in (False, True)[:1 + (args.compile != "none")] if cuda else ():
+        runs.append(("tvl1-torch" + " compiled" * compiled, "cuda", args.gpu_pairs,
+                     lambda g, c=compiled: time_backend(
+                         make_backend("tvl1-torch", device="cuda", batch=args.batch, compile=c), g)))
+    return runs
+
+
+def write_record(path: Path | None, record: dict) -> None:
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+
+
+def print_table(rows: list[dict]) -> None:
+    table = Table(title="TV-L1 flow: pairs/s and end-point error (px) on generated videos")
+    for column in ("size", "backend", "device", "pairs", "pairs/s", "x OpenCV x1", "EPE truth", "EPE vs OpenCV"):
+        table.add_column(column, justify="right" if column not in ("backend", "device") else "left")
+    for r in rows:
+        table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{r['pairs_per_s']:.2f}",
+                      f"{r['speedup_vs_opencv_x1']:.2f}", f"{r['epe_truth']:.3f}", f"{r['epe_vs_opencv']:.4f}")
+    Console(width=120).print(table)
 
 
 def main() -> None:
@@ -105,60 +143,45 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", choices=("none", "cuda", "all"), default="none",
                     help="also time tvl1-torch with compile=True on these devices (inductor; ~1 min warm-up on CPU)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the JSON record to this file")
+    ap.add_argument("--skip", default="", help="comma list of runs to leave out: pool, torch-cpu")
+    ap.add_argument("--repeat", type=int, default=1, help="time each run this many times, keep the fastest")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
 
     cuda = torch.cuda.is_available()
-    pool_pairs = args.pool_pairs or 4 * args.workers
-    rows = []
-    for size in args.sizes.split(","):
-        h, w = (int(v) for v in size.lower().split("x"))
-        gray, truth = make_video(max(args.cpu_pairs, pool_pairs, args.gpu_pairs if cuda else 0), h, w)
-        runs = [("opencv-tvl1", "cpu 1 proc", args.cpu_pairs,
-                 lambda g: time_backend(make_backend("opencv-tvl1", threads=1), g)),
-                ("opencv-tvl1", f"cpu {args.workers} procs", pool_pairs,
-                 lambda g: time_opencv_pool(g, args.workers)),
-                ("tvl1-torch", "cpu 1 thread", args.cpu_pairs, lambda g: time_torch_cpu(g, 1, args.batch, False))]
-        if args.workers > 1:
-            runs.append(("tvl1-torch", f"cpu {args.workers} threads", args.cpu_pairs,
-                         lambda g: time_torch_cpu(g, args.workers, args.batch, False)))
-        if args.compile == "all":
-            runs.append(("tvl1-torch compiled", "cpu 1 thread", args.cpu_pairs,
-                         lambda g: time_torch_cpu(g, 1, args.batch, True)))
-        for compiled in (False, True)[:1 + (args.compile != "none")] if cuda else ():
-            runs.append(("tvl1-torch" + " compiled" * compiled, "cuda", args.gpu_pairs,
-                         lambda g, c=compiled: time_backend(
-                             make_backend("tvl1-torch", device="cuda", batch=args.batch, compile=c), g)))
-        reference = None
-        for backend, where, pairs, run in runs:
-            seconds, flow = run(gray[:pairs + 1])
-            if reference is None:
-                reference, base_rate = flow, pairs / seconds
-            common = min(len(reference), len(flow))
-            rows.append({"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs,
-                         "pairs_per_s": pairs / seconds, "speedup_vs_opencv_x1": pairs / seconds / base_rate,
-                         "epe_truth": truth_epe(flow, truth),
-                         "epe_vs_opencv": end_point_error(flow[:common], reference[:common])})
-
-    table = Table(title="TV-L1 flow: pairs/s and end-point error (px) on generated videos")
-    for column in ("size", "backend", "device", "pairs", "pairs/s", "x OpenCV x1", "EPE truth", "EPE vs OpenCV"):
-        table.add_column(column, justify="right" if column not in ("backend", "device") else "left")
-    for r in rows:
-        table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{r['pairs_per_s']:.2f}",
-                      f"{r['speedup_vs_opencv_x1']:.2f}", f"{r['epe_truth']:.3f}", f"{r['epe_vs_opencv']:.4f}")
-    Console(width=120).print(table)
     record = {
         "benchmark": "flow_speed",
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "workers": args.workers,
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "batch": args.batch, "results": rows}
+        "batch": args.batch, "results": []}
+    runs = plan_runs(args, cuda)
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.lower().split("x"))
+        gray, truth = make_video(max(pairs for *_, pairs, _ in runs), h, w)
+        reference = None
+        for backend, where, pairs, run in runs:
+            seconds, flow = run(gray[:pairs + 1])
+            for _ in range(args.repeat - 1):  # best of: the machine may be shared
+                seconds = min(seconds, run(gray[:pairs + 1])[0])
+            if reference is None:
+                reference, base_rate = flow, pairs / seconds
+            common = min(len(reference), len(flow))
+            row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs,
+                   "pairs_per_s": pairs / seconds, "speedup_vs_opencv_x1": pairs / seconds / base_rate,
+                   "epe_truth": truth_epe(flow, truth),
+                   "epe_vs_opencv": end_point_error(flow[:common], reference[:common])}
+            record["results"].append(row)
+            print(json.dumps(row), flush=True)
+            # A time limit may stop the run: what is done so far stays, marked as incomplete.
+            write_record(args.json, {**record, "error": "incomplete: the run stopped before its end"})
+
+    print_table(record["results"])
     print(json.dumps(record))
-    if args.json is not None:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(args.json)
+    write_record(args.json, record)
 
 
 if __name__ == "__main__":

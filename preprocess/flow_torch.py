@@ -339,6 +339,13 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, compiled: bo
 class TorchTVL1:
     """`tvl1-torch`: OpenCV's DualTVL1 (default parameters) in PyTorch, `batch` pairs per call.
 
+    device: "cpu" or "cuda[:i]"; batch: frame pairs solved together (about 10 MB per pair at
+    240x320); sync_every: inner iterations between host reads of the convergence flags;
+    compile: fuse the iteration and the median with torch.compile (about 2x on CPU; a warm-up of
+    about a minute per process); threads: torch CPU threads of this process, set on the first CPU
+    `compute` (1, like opencv-tvl1: preprocessing runs one worker per core; None leaves torch's
+    setting); other keywords override OpenCV's DualTVL1 defaults (DEFAULTS).
+
     The constructor touches no device: preprocessing may build one in the parent to read
     `params()` and then fork workers, and a CUDA context does not survive a fork. The device
     is set up on the first `compute`."""
@@ -346,7 +353,7 @@ class TorchTVL1:
     name = "tvl1-torch"
 
     def __init__(self, device: str = "cpu", batch: int = 32, sync_every: int = 10,
-                 compile: bool = False, **tvl1):
+                 compile: bool = False, threads: int | None = 1, **tvl1):
         unknown = sorted(set(tvl1) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"unknown TV-L1 parameter(s) {unknown}; choose from {sorted(DEFAULTS)}")
@@ -354,8 +361,8 @@ class TorchTVL1:
         if self._params["gamma"] != 0:
             raise ValueError("tvl1-torch implements gamma = 0 only (OpenCV's default); "
                              "use the opencv-tvl1 backend for the illumination term")
-        if self._params["median_filtering"] not in (1, 3, 5):
-            raise ValueError("median_filtering must be 1 (off), 3 or 5, as cv::medianBlur on float allows")
+        if self._params["median_filtering"] not in (0, 1, 3, 5):
+            raise ValueError("median_filtering must be 0 or 1 (off), 3 or 5, as cv::medianBlur on float allows")
         if batch < 1 or sync_every < 1:
             raise ValueError(f"batch ({batch}) and sync_every ({sync_every}) must be >= 1")
         self._device = torch.device(device)  # parsing only; no CUDA call
@@ -364,6 +371,7 @@ class TorchTVL1:
         self.batch = int(batch)
         self.sync_every = int(sync_every)
         self.compile = bool(compile)
+        self.threads = threads
 
     def params(self) -> dict:
         """The algorithm's settings. Device and batch size change the result only by float
@@ -372,12 +380,17 @@ class TorchTVL1:
 
     @torch.no_grad()
     def compute(self, gray: np.ndarray) -> np.ndarray:
+        """gray: [N, H, W] uint8 frames of one video -> [N - 1, H, W, 2] float32 flow in pixels."""
+        if gray.ndim != 3 or gray.dtype != np.uint8:
+            raise ValueError(f"tvl1-torch takes [N, H, W] uint8 grey frames, got {gray.dtype} {gray.shape}")
         n, h, w = gray.shape
         out = np.zeros((max(n - 1, 0), h, w, 2), dtype=np.float32)
         if n < 2:
             return out
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
+        if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
         # Upload the whole video once; chunks of pairs overlap by one frame on the device.
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         for start in range(0, n - 1, self.batch):

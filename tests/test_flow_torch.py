@@ -22,7 +22,8 @@ SEEDS = [0, 1]
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Small tensors: one thread is fastest, and spares the shared CI cores OpenMP spinning."""
+    """tvl1-torch sets one CPU thread per process (its default, as in a preprocessing worker);
+    give the rest of the session its setting back afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
