@@ -150,6 +150,7 @@ class RunConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = all epochs
     progress: str = "auto"  # auto = rich bar on a terminal, plain lines otherwise; "none" = silent
     expect_world_size: int = 0  # refuse other world sizes (a preset tied to a GPU layout); 0 = any
+    knn_every: int = 0  # epochs between kNN retrieval checks on rank 0 (paper Fig. 3; cvtcl.retrieval); 0 = off
 
     def __post_init__(self):
         _choice("run.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
@@ -159,6 +160,7 @@ class RunConfig:
         _positive("run.keep_checkpoints", self.keep_checkpoints, zero_ok=True)
         _positive("run.max_steps", self.max_steps, zero_ok=True)
         _positive("run.expect_world_size", self.expect_world_size, zero_ok=True)
+        _positive("run.knn_every", self.knn_every, zero_ok=True)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also regi
 from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
+from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import cvtcl_schedule, run_schedule
@@ -41,7 +42,7 @@ from preprocess.schema import load_manifest, shard_name, write_json_atomic
 # logged, not what is computed. Anything else needs a new run.out_dir.
 RESUMABLE_CHANGES = {
     "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
-    "optim.epochs", "data.num_threads", "run.device",
+    "optim.epochs", "data.num_threads", "run.device", "run.knn_every",
 }
 
 
@@ -174,6 +175,17 @@ def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[st
     )
 
 
+def knn_monitor(config: TrainConfig, dist: distributed.DistInfo) -> KnnMonitor:
+    """The retrieval check of paper Fig. 3 on the trained modality: test queries, train gallery,
+    centre crop, non-overlapping windows (stride = frames_per_clip: half the evaluation's cost)."""
+    data = config.data
+    return KnnMonitor.from_dataset(
+        data.root, config.stage.modality, split=data.split, window_stride=data.frames_per_clip, device=dist.device,
+        frames_per_clip=data.frames_per_clip, crop_size=data.crop_size, batch_size=data.batch_size,
+        num_threads=data.num_threads, backend=data.backend,
+    )
+
+
 def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) -> dict[str, Any]:
     return {
         "step": ctx.step, "epoch": epoch, "epoch_step": epoch_step,
@@ -239,6 +251,8 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
     window = Window()
     global_batch = config.data.batch_size * dist.world_size
 
+    monitor = knn_monitor(config, dist) if config.run.knn_every else None
+
     def on_step(epoch: int, epoch_step: int, values: dict[str, float], data_s: float, compute_s: float) -> bool:
         nonlocal window
         window.add(values, data_s, compute_s)
@@ -259,6 +273,10 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
             if dist.is_main:
                 save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
                                 config.run.keep_checkpoints)
+            distributed.barrier()
+        if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
+            if dist.is_main:
+                logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
             distributed.barrier()
         if stop:
             logger.message(f"SIGTERM: checkpoint saved at step {ctx.step}; rerun the same command to resume")

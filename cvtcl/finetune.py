@@ -1,0 +1,160 @@
+"""End-to-end fine-tuning for action classification (paper §3.2, Table 4; CoCLR's protocol).
+
+The pretrained backbone gets dropout 0.9 + a linear classifier and everything trains with Adam,
+lr 1e-3 for the new head and 1e-4 for the backbone (it already holds a representation; the head
+starts from nothing), weight decay 1e-3. The epoch is selected on held-out train videos
+(`cvtcl.selection`), scored with the centre crop; the test split is scored once with the selected
+weights and ten crops (4 corners + centre, x 2 flips), the softmax averaged over every sliding
+window and crop of a video. Two-stream: the mean of the two streams' video probabilities.
+
+Training clips come from the pretraining loader (`build_pretrain_loader`, its spatial
+augmentation; copy 0 of each pair), its held-out videos masked out of each batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvtcl.features import average_over_windows, inference_mode
+from cvtcl.linear_probe import top1
+from cvtcl.selection import BestState
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 500  # CoCLR fine-tunes for hundreds of epochs on UCF101
+    lr_head: float = 1e-3  # the new classifier starts from scratch
+    lr_backbone: float = 1e-4  # 10x smaller: keep what pretraining learned
+    weight_decay: float = 1e-3
+    dropout: float = 0.9  # CoCLR's heavy dropout; UCF101 is small for a full S3D
+    lr_drops: tuple[float, ...] = (0.8, 0.9)  # lr x 0.1 at these fractions of the epochs (our choice)
+    eval_every: int = 5  # held-out scoring decodes the train subset: not every epoch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.eval_every < 1:
+            raise ValueError(f"fine-tune needs epochs >= 1 and eval_every >= 1, got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if any(not 0.0 < f < 1.0 for f in self.lr_drops):
+            raise ValueError(f"lr_drops are fractions of the epochs in (0, 1), got {self.lr_drops}")
+
+
+class Classifier(nn.Module):
+    """encoder.features -> dropout -> linear: clips [N, C, T, H, W] -> logits [N, num_classes]."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.9):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(encoder.feature_dim, num_classes)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.encoder.features(clips)))
+
+    def parameter_groups(self, lr_backbone: float, lr_head: float) -> list[dict[str, Any]]:
+        # The encoder's projection head is unused by `features`; its grads stay None and Adam
+        # skips it, so no need to know how the encoder names its parts.
+        return [
+            {"params": list(self.encoder.parameters()), "lr": lr_backbone},
+            {"params": list(self.fc.parameters()), "lr": lr_head},
+        ]
+
+
+@dataclass
+class FinetuneResult:
+    model: Classifier
+    selected_epoch: int
+    heldout_top1: float
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, held-out top-1)
+
+
+def video_probabilities(
+    model: nn.Module, loader: Any, *, modality: str | None = None, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Softmax [V, num_classes] per video of `loader.videos`, averaged over windows and crops."""
+    with inference_mode(model, "eval") as net:
+        return average_over_windows(lambda clips: net(clips).softmax(1), loader, modality=modality, device=device)
+
+
+def training_clips(batch: dict[str, Any], modality: str) -> torch.Tensor:
+    """[B, C, T, H, W] from a pretraining batch ([B, V, C, T, H, W]: copy 0) or a plain clip batch."""
+    clips = batch[modality]
+    return clips[:, 0] if clips.dim() == 6 else clips
+
+
+def finetune(
+    encoder: nn.Module,
+    num_classes: int,
+    train_loader: Any,
+    heldout_loader: Any,
+    heldout_names: Sequence[str],
+    *,
+    modality: str,
+    device: str | torch.device = "cpu",
+    config: FinetuneConfig | None = None,
+) -> FinetuneResult:
+    """Fine-tune `encoder` (in place) with a new head; return the classifier at the selected epoch.
+
+    train_loader: `.videos` and `.epoch(e)` yielding {modality: clips, "label", "video_index"};
+    videos named in `heldout_names` are masked out of every batch. heldout_loader: a centre-crop
+    `EvalLoader` whose `.videos` include the held-out videos (others are ignored when scoring).
+    """
+    config = config or FinetuneConfig()
+    torch.manual_seed(config.seed)
+    model = Classifier(encoder, num_classes, config.dropout).to(device)
+    optimiser = torch.optim.Adam(model.parameter_groups(config.lr_backbone, config.lr_head),
+                                 weight_decay=config.weight_decay)
+    milestones = sorted({max(1, round(f * config.epochs)) for f in config.lr_drops})
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
+
+    held = set(heldout_names)
+    excluded = torch.tensor([v.name in held for v in train_loader.videos])  # by train video_index
+    scored = torch.tensor([i for i, v in enumerate(heldout_loader.videos) if v.name in held])
+    if len(scored) != len(held):
+        raise ValueError(f"{len(held) - len(scored)} held-out videos are missing from the held-out loader")
+    held_labels = torch.tensor([heldout_loader.videos[i].label for i in scored.tolist()])
+
+    best, history = BestState(), []
+    for epoch in range(config.epochs):
+        model.train()
+        for batch in train_loader.epoch(epoch):
+            keep = ~excluded[batch["video_index"].cpu()]
+            if keep.sum() < 2:  # BN needs two clips
+                continue
+            clips = training_clips(batch, modality)[keep.to(batch[modality].device)].to(device)
+            labels = batch["label"][keep.to(batch["label"].device)].to(device)
+            loss = nn.functional.cross_entropy(model(clips).float(), labels)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        schedule.step()
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            probs = video_probabilities(model, heldout_loader, modality=modality, device=device)
+            score = top1(probs[scored], held_labels)
+            history.append((epoch, score))
+            best.update(model, score, epoch)
+    best.restore(model)
+    return FinetuneResult(model, best.epoch, best.score, history)
+
+
+def classification_top1(
+    models: dict[str, nn.Module], test_loaders: dict[str, Any], *, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Ten-crop (or whatever the loaders yield) test top-1 per stream and, with two, "two-stream".
+
+    models/test_loaders keyed by modality; the loaders must list the same videos in one order.
+    """
+    probs = {m: video_probabilities(models[m], test_loaders[m], modality=m, device=device) for m in sorted(models)}
+    labels = torch.tensor([v.label for v in next(iter(test_loaders.values())).videos])
+    results = {m: top1(p, labels) for m, p in probs.items()}
+    if len(probs) == 2:
+        if [v.name for v in test_loaders["rgb"].videos] != [v.name for v in test_loaders["flow"].videos]:
+            raise ValueError("RGB and flow test loaders list different videos; two-stream needs one order")
+        results["two-stream"] = top1((probs["rgb"] + probs["flow"]) / 2, labels)
+    return results

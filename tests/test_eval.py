@@ -1,0 +1,122 @@
+"""The evaluation entry points, with fake loaders/checkpoints standing in for DALI and the trainer."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from cvtcl import eval as cvtcl_eval
+from cvtcl.finetune import FinetuneConfig
+from cvtcl.linear_probe import LinearProbeConfig
+from cvtcl.report import neighbours_path, results_path
+from eval_fakes import FakeEvalLoader, FakePretrainLoader, TinyEncoder, make_videos
+from preprocess.schema import Manifest, write_json_atomic
+
+TRAIN = make_videos(num_classes=3, per_class=8, groups_per_class=4, prefix="train")
+TEST = make_videos(num_classes=3, per_class=4, groups_per_class=2, prefix="test")
+
+
+def fake_factory(subset, modality, crops):
+    return FakeEvalLoader(TRAIN if subset == "train" else TEST, modality, crops=crops, noise=0.3)
+
+
+def encoders():
+    return {"rgb": TinyEncoder("rgb", seed=0), "flow": TinyEncoder("flow", seed=1)}
+
+
+def test_retrieval_and_linear_with_model_objects():
+    train, test = cvtcl_eval.split_features(encoders(), fake_factory)
+    recalls, tops = cvtcl_eval.run_retrieval(train, test)
+    assert set(recalls) == {"rgb", "flow", "two-stream"}
+    assert list(recalls["rgb"]) == ["R@1", "R@5", "R@10", "R@20", "R@50"]
+    assert recalls["two-stream"]["R@1"] == 100.0  # clean class patterns
+    assert tops["rgb"].shape == (len(TEST), 3)
+    linear = cvtcl_eval.run_linear(train, test, 3, LinearProbeConfig(epochs=20, batch_size=8, lr=1e-2))
+    assert set(linear) == {"rgb", "flow", "two-stream"}
+    assert linear["two-stream"]["top1"] > 90.0
+
+
+def test_finetune_with_model_objects():
+    make_train = lambda modality: FakePretrainLoader(TRAIN, modality, batch_size=6, noise=0.3)
+    config = FinetuneConfig(epochs=2, eval_every=1, dropout=0.2)
+    results = cvtcl_eval.run_finetune(encoders(), fake_factory, make_train, 3, config=config)
+    assert set(results) == {"rgb", "flow", "two-stream"}
+    assert results["rgb"]["epoch"] in (0, 1) and "heldout_top1" in results["flow"]
+
+
+@pytest.fixture
+def fake_project(tmp_path, monkeypatch):
+    """A manifest plus stand-ins for cvtcl.data and cvtcl.checkpoint (modality = checkpoint name)."""
+    videos = TRAIN + TEST
+    manifest = Manifest("synthetic", {}, ["C0", "C1", "C2"], [], videos,
+                        {"1": {"train": [v.name for v in TRAIN], "test": [v.name for v in TEST]}})
+    write_json_atomic(tmp_path / "manifest.json", manifest.to_dict())
+    calls = []
+
+    def build_eval_loader(root, *, subset, modality, crops, **kwargs):
+        calls.append((subset, modality, crops, kwargs))
+        return fake_factory(subset, modality, crops)
+
+    data = types.SimpleNamespace(build_eval_loader=build_eval_loader, build_pretrain_loader=None)
+    checkpoint = types.SimpleNamespace(
+        load_encoder=lambda path, map_location: (TinyEncoder("flow" if "flow" in str(path) else "rgb"), {}))
+    monkeypatch.setitem(sys.modules, "cvtcl.data", data)
+    monkeypatch.setitem(sys.modules, "cvtcl.checkpoint", checkpoint)
+    return tmp_path, calls
+
+
+def test_cli_two_stream_retrieval_writes_results_and_neighbours(fake_project, capsys):
+    root, calls = fake_project
+    out = root / "run"
+    payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--checkpoint-flow",
+                               str(root / "flow.pt"), "--dataset", "synthetic", "--shards", str(root),
+                               "--out", str(out), "--device", "cpu"])
+    assert {c[:3] for c in calls} == {(s, m, "center") for s in ("train", "test") for m in ("rgb", "flow")}
+    assert calls[0][3]["window_stride"] == 16 and calls[0][3]["frames_per_clip"] == 32
+    saved = json.loads(results_path(out, "retrieval", "synthetic", "1").read_text())
+    assert saved["results"] == payload["results"] and set(saved["results"]) == {"rgb", "flow", "two-stream"}
+    neighbours = json.loads(neighbours_path(out, "synthetic", "1").read_text())
+    assert len(neighbours["queries"]) == len(TEST) and len(neighbours["gallery"]) == len(TRAIN)
+    assert len(neighbours["neighbours"]["two-stream"][0]) == 3
+    printed = capsys.readouterr().out
+    assert "two-stream" in printed and "R@50" in printed
+
+
+def test_cli_linear_random_init(fake_project, monkeypatch):
+    root, _ = fake_project
+    monkeypatch.setitem(sys.modules, "cvtcl.models", types.SimpleNamespace(Encoder=lambda m, b: TinyEncoder(m)))
+    payload = cvtcl_eval.main(["linear", "--random-init", "flow", "--bn-mode", "batch", "--epochs", "3",
+                               "--dataset", "synthetic", "--shards", str(root), "--out", str(root)])
+    assert set(payload["results"]) == {"flow"} and payload["encoders"] == {"flow": "random-init"}
+    assert payload["bn_mode"] == "batch"
+
+
+def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
+    root, _ = fake_project
+    with pytest.raises(SystemExit, match="synthetic"):
+        cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--dataset", "ucf101", "--shards", str(root)])
+    with pytest.raises(SystemExit, match="second rgb"):
+        cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--checkpoint-flow", "rgb2.pt",
+                         "--dataset", "synthetic", "--shards", str(root)])
+
+
+def test_trainer_monitor_then_eval_and_plot_on_real_shards(synthetic_dataset, tmp_path):
+    """Real loaders, trainer and checkpoint: the kNN monitor lands in metrics.jsonl at epoch ends,
+    the checkpoint evaluates through the CLI, and cvtcl-plot draws both figures."""
+    from cvtcl.checkpoint import latest_checkpoint
+    from cvtcl.plot import main as plot_main, read_metrics
+    from cvtcl.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--preset", "smoke", f"data.root={synthetic_dataset}", f"run.out_dir={run}",
+                       "loss.queue_size=8", "data.batch_size=4", "optim.epochs=2", "run.knn_every=1",
+                       "run.log_every=1", "run.progress=none", "data.backend=baseline"]) == 0
+    knn = [r for r in read_metrics(run / "metrics.jsonl") if "knn/R@1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1] and all(0 <= r["knn/R@1"] <= 100 for r in knn)
+    payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(latest_checkpoint(run)), "--dataset", "synthetic",
+                               "--shards", str(synthetic_dataset), "--backend", "baseline", "--device", "cpu",
+                               "--frames-per-clip", "8", "--window-stride", "8", "--crop-size", "32"])
+    assert payload["encoders"] == {"rgb": str(latest_checkpoint(run))}
+    assert plot_main([str(run)]) == 0
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["curves-run.png", "retrieval-synthetic-split1.png"]

@@ -1,0 +1,78 @@
+"""Fine-tuning: ten-crop/window softmax averaging, two-stream fusion, held-out masking, lr groups."""
+
+import pytest
+import torch
+from torch import nn
+
+from cvtcl.finetune import Classifier, FinetuneConfig, classification_top1, finetune, video_probabilities
+from eval_fakes import FakeEvalLoader, FakePretrainLoader, TinyEncoder, make_videos
+
+
+class MeanLogits(nn.Module):
+    """logits [N, 2] = (w * mean(x), -w * mean(x)): every crop/window gets its own softmax."""
+
+    def __init__(self, weight=3.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        m = self.weight * x.mean((1, 2, 3, 4))
+        return torch.stack([m, -m], 1)
+
+
+def test_ten_crop_softmax_is_averaged_over_windows_and_crops():
+    loader = FakeEvalLoader(make_videos(num_classes=2, per_class=2), crops="ten", noise=2.0, batch_size=2)
+    got = video_probabilities(MeanLogits(), loader)
+    assert got.shape == (4, 2)
+    for index in range(4):
+        probs = [MeanLogits()(loader.clip(i, s)).softmax(1) for i, s in loader.windows() if i == index]
+        assert probs[0].shape == (10, 2) and len(probs) > 1
+        assert torch.allclose(got[index], torch.cat(probs).mean(0), atol=1e-6)
+    # averaging probabilities is not averaging logits: the difference is visible with noisy crops
+    logits_first = [MeanLogits()(loader.clip(i, s)).mean(0) for i, s in loader.windows() if i == 0]
+    assert not torch.allclose(got[0], torch.stack(logits_first).mean(0).softmax(0), atol=1e-4)
+
+
+def test_two_stream_averages_probabilities(monkeypatch):
+    videos = make_videos(num_classes=2, per_class=2)
+    labels = torch.tensor([v.label for v in videos])  # [0, 0, 1, 1]
+    rgb = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.6, 0.4]])  # right on videos 0, 2
+    flow = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])  # right on 0, 1, 3
+    fake = {"rgb": rgb, "flow": flow}
+    monkeypatch.setattr("cvtcl.finetune.video_probabilities", lambda model, loader, **kw: fake[kw["modality"]])
+    loaders = {m: FakeEvalLoader(videos, m) for m in ("rgb", "flow")}
+    got = classification_top1({"rgb": nn.Identity(), "flow": nn.Identity()}, loaders)
+    fused = ((rgb + flow) / 2).argmax(1)
+    assert fused.tolist() == [0, 0, 0, 1]
+    assert got == {"rgb": 50.0, "flow": 75.0, "two-stream": 75.0}
+    assert got["two-stream"] == 100.0 * (fused == labels).float().mean().item()
+
+
+def test_parameter_groups_use_head_and_backbone_rates():
+    model = Classifier(TinyEncoder(), num_classes=4, dropout=0.9)
+    groups = model.parameter_groups(lr_backbone=1e-4, lr_head=1e-3)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.fc.parameters()}
+    assert model.dropout.p == 0.9
+    with pytest.raises(ValueError, match="dropout"):
+        FinetuneConfig(dropout=1.0)
+
+
+def test_finetune_masks_heldout_videos_and_learns():
+    videos = make_videos(num_classes=3, per_class=8, groups_per_class=4)
+    heldout = [v.name for v in videos if v.group.endswith("g00")]
+    train = FakePretrainLoader(videos, batch_size=6, noise=0.3)
+    held_index = {i for i, v in enumerate(videos) if v.name in heldout}
+    clean_clip = train.source.clip
+    # held-out clips are NaN in the training loader: one of them in a training step poisons the weights
+    train.source.clip = lambda i, s: clean_clip(i, s) * (float("nan") if i in held_index else 1.0)
+    held_loader = FakeEvalLoader(videos, noise=0.3)
+    config = FinetuneConfig(epochs=6, eval_every=2, dropout=0.2, lr_head=1e-2, lr_backbone=1e-2)
+    outcome = finetune(TinyEncoder(), 3, train, held_loader, heldout, modality="rgb", config=config)
+    assert held_index & set(train.seen)  # the loader did yield held-out clips ...
+    assert all(torch.isfinite(p).all() for p in outcome.model.parameters())  # ... never trained on
+    assert [e for e, _ in outcome.history] == [1, 3, 5]
+    assert outcome.heldout_top1 == max(s for _, s in outcome.history)
+    test_loader = FakeEvalLoader(make_videos(num_classes=3, per_class=3, prefix="te"), crops="ten", noise=0.3)
+    test_loader.patterns = held_loader.patterns
+    assert classification_top1({"rgb": outcome.model}, {"rgb": test_loader})["rgb"] > 60.0
