@@ -27,16 +27,19 @@ from cvtcl.models import Encoder
 
 
 @torch.no_grad()
-def video_embeddings(encoder: Encoder, root: str, subset: str, frames: int, crop: int, backend: str):
-    """-> (embeddings [N, D] unit norm, labels [N], groups [N]) for every video of the subset."""
+def video_embeddings(encoder: Encoder, root: str, subset: str, frames: int, crop: int, backend: str,
+                     features: bool = False):
+    """-> (embeddings [N, D] unit norm, labels [N], groups [N]) for every video of the subset;
+    `features`: the pooled backbone features instead of the head's embedding."""
     loader = build_eval_loader(root, subset=subset, modality=encoder.modality, frames_per_clip=frames,
                                window_stride=max(1, frames // 2), crop_size=crop, batch_size=8,
                                backend=backend, num_threads=1)
-    sums = torch.zeros(len(loader.videos), encoder.embed_dim)
+    embed = encoder.features if features else encoder
+    sums = torch.zeros(len(loader.videos), encoder.feature_dim if features else encoder.embed_dim)
     counts = torch.zeros(len(loader.videos))
     for batch in loader:
         clips = batch[encoder.modality][:, 0]  # [B, C, T, H, W]: the centre crop
-        sums.index_add_(0, batch["video_index"], encoder(clips.float()))
+        sums.index_add_(0, batch["video_index"], embed(clips.float()))
         counts.index_add_(0, batch["video_index"], torch.ones(len(clips)))
     group_ids = {g: i for i, g in enumerate(sorted({v.group for v in loader.videos}))}
     labels = torch.tensor([v.label for v in loader.videos])
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=16, help="frames per window")
     parser.add_argument("--crop", type=int, default=32, help="centre-crop size the encoder sees")
     parser.add_argument("--topk", type=int, default=5, help="positives mined per video (paper: 5)")
+    parser.add_argument("--features", action="store_true", help="mine with backbone features, not the head")
     parser.add_argument("--backend", default="dali", choices=("dali", "baseline"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         untrained = Encoder(**trained.config()).eval()
         for name, encoder in ((path, trained), ("untrained " + trained.modality, untrained)):
-            result = mine(*video_embeddings(encoder, args.data, args.subset, args.frames, args.crop, args.backend),
+            result = mine(*video_embeddings(encoder, args.data, args.subset, args.frames, args.crop, args.backend,
+                                           args.features),
                           args.topk)
             rows.append({"sampler": name, "modality": encoder.modality, **result})
     print(f"{'sampler':<70} {'precision':>9} {'chance':>7}")

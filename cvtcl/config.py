@@ -37,6 +37,7 @@ class DataConfig:
     frames_per_clip: int = 32  # T (paper §3.1: 32 frames)
     frame_stride: int = 1  # temporal subsampling of the window (paper: consecutive frames)
     crop_size: int = 128  # H = W after random resized crop (paper: 128x128)
+    crop_scale_min: float = 0.2  # smallest area fraction of that crop (CoCLR's 0.2); the demo raises it
     pair_mode: str = "same"  # how the two copies relate in time; "same" = paper §2.1
     segments: str = "quarters"  # local segments: slices of the clip (paper §2.3) or "spread"
     num_segments: int = 4  # M (paper: four non-overlapping segments)

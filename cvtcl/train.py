@@ -171,7 +171,7 @@ def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[st
         crop_size=data.crop_size, pair_mode=data.pair_mode, segments=data.segments,
         num_segments=data.num_segments, seed=config.run.seed, rank=dist.rank, world_size=dist.world_size,
         device=dist.device.type, device_id=dist.device_id, num_threads=data.num_threads, backend=data.backend,
-        dtype=torch.float32,
+        dtype=torch.float32, crop_scale_min=data.crop_scale_min,
     )
 
 

@@ -48,8 +48,11 @@ class SamplingConfig:
     num_segments: int = 4  # M; L = T / M frames per segment
     seed: int = 0
     colour: bool = True  # colour jitter / grayscale / blur on RGB; off for crop+flip only (tests, flow)
+    crop_scale_min: float = 0.2  # smallest area fraction of the random resized crop (torchvision: 0.08; CoCLR: 0.2)
 
     def __post_init__(self):
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError(f"crop_scale_min={self.crop_scale_min} must be in (0, 1]")
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode={self.pair_mode!r}: choose one of {PAIR_MODES}")
         if self.segments not in SEGMENT_MODES:
@@ -203,10 +206,12 @@ def colour_jitter(rng: np.random.Generator, strength=(0.4, 0.4, 0.4, 0.1), p_jit
     return np.hstack([mat, off[:, None]])
 
 
-def copy_augment(height: int, width: int, colour: bool, rng: np.random.Generator) -> CopyAugment:
-    """Crop, flip, colour and blur of one copy. The colour draws happen even with colour=False, so
-    switching colour off keeps every crop and flip (tests compare the two)."""
-    crop = random_resized_crop(height, width, rng)
+def copy_augment(height: int, width: int, colour: bool, rng: np.random.Generator,
+                 scale_min: float = 0.2) -> CopyAugment:
+    """Crop (area fraction in [scale_min, 1]), flip, colour and blur of one copy. The colour draws
+    happen even with colour=False, so switching colour off keeps every crop and flip (tests compare
+    the two)."""
+    crop = random_resized_crop(height, width, rng, scale=(scale_min, 1.0))
     flip = bool(rng.random() < 0.5)
     matrix = colour_jitter(rng)
     sigma = float(rng.uniform(0.1, 2.0)) if rng.random() < 0.5 else 0.0
@@ -223,7 +228,7 @@ def plan_sample(videos, cfg: SamplingConfig, epoch: int, rank: int, world_size: 
     independent = cfg.pair_mode == "independent" or (cfg.pair_mode == "coclr" and rng.random() < 0.5)
     second = window(n, t, stride, rng) if independent else first
     segments = spread_segments(n, cfg, rng) if cfg.segments == "spread" else None
-    augment = tuple(copy_augment(video.height, video.width, cfg.colour, rng) for _ in range(2))
+    augment = tuple(copy_augment(video.height, video.width, cfg.colour, rng, cfg.crop_scale_min) for _ in range(2))
     return SamplePlan(video_index, np.stack([first, second]), augment, segments)
 
 

@@ -99,6 +99,19 @@ def test_random_resized_crop_bounds_and_fallback():
     assert random_resized_crop(100, 4, rng, tries=0) == (47, 0, 5, 4)
 
 
+def test_crop_scale_min_bounds_every_copy():
+    videos = _videos([40] * 30, h=48, w=64)
+    for low in (0.2, 0.6):
+        cfg = SamplingConfig(frames_per_clip=8, crop_scale_min=low)
+        areas = [h * w / (48 * 64) for i in range(30) for _, _, h, w in
+                 (a.crop for a in plan_sample(videos, cfg, 0, 0, 1, i).augment)]
+        assert min(areas) >= low * 0.9  # rounding of h and w
+        if low == 0.2:
+            assert min(areas) < 0.5  # the default does draw small crops: the bound above can fail
+    with pytest.raises(ValueError, match="crop_scale_min"):
+        SamplingConfig(crop_scale_min=0.0)
+
+
 def test_flow_indices_clamp_last_frame():
     assert flow_indices(np.array([7, 8, 9]), 10).tolist() == [7, 8, 8]
     with pytest.raises(ValueError, match="no flow"):
