@@ -84,8 +84,8 @@ def summarise(data: Path, seconds: float) -> None:
 # random initialisation. Measured on the prototype: 60 stage-1 flow epochs took flow R@1 from 29.6
 # (random init) to 35.2 and the loss down 63%. Crops of at least 60% of the frame (CoCLR's 20% would
 # often cut the 11-14 px object out of a 48x64 frame, leaving only the class-free pan and distractor):
-# measured side by side on the demo data, stage-1 flow mined-positive precision 0.216 -> 0.262
-# (chance 0.167), flow kNN R@1 36.0 -> 40.8, loss fall 63% -> 79% (benchmarks/mining_quality.py).
+# stage-1 flow mined-positive precision (benchmarks/mining_quality.py, chance 0.167), seeds 0/1/2:
+# 0.216/0.243/0.208 -> 0.262/0.242/0.229; kNN R@1 unchanged within noise (README "Demo results").
 FRAMES, CROP = 32, 32
 STAGE1_EPOCHS, COTRAIN_EPOCHS, KNN_EVERY = 50, 15, 10
 TRAIN_OVERRIDES = [
