@@ -76,13 +76,16 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
 
 def build_eval_loader(root, *, split="1", subset="test", modality="rgb", frames_per_clip=32, window_stride=16,
                       crop_size=128, crops="center", batch_size=8, device="cpu", device_id=None, num_threads=2,
-                      backend="dali", dtype=torch.float32, num_workers=2):
-    """An EvalLoader: every sliding window of every video once, in order; see the module docstring."""
+                      backend="dali", dtype=torch.float32, num_workers=2, videos=None):
+    """An EvalLoader: every sliding window of every video once, in order; see the module docstring.
+    `videos` (an addition, optional): names or indices of the subset's videos to decode, in that
+    order; `EvalLoader.videos` is then that list (the fine-tune's held-out scoring uses it)."""
     if crops not in ("center", "ten"):
         raise ValueError(f"crops={crops!r}: choose 'center' or 'ten'")
     reader = ShardReader(root, split=split, subset=subset)
     _check(backend, device, (modality,), reader)
-    source = EvalSource(reader, modality, frames_per_clip, window_stride, batch_size, crops == "ten")
+    source = EvalSource(reader, modality, frames_per_clip, window_stride, batch_size, crops == "ten",
+                          videos)
     if backend == "baseline":
         from dali_pipelines.baseline import BaselineEvalLoader
 

@@ -17,8 +17,12 @@ TRAIN = make_videos(num_classes=3, per_class=8, groups_per_class=4, prefix="trai
 TEST = make_videos(num_classes=3, per_class=4, groups_per_class=2, prefix="test")
 
 
-def fake_factory(subset, modality, crops):
-    return FakeEvalLoader(TRAIN if subset == "train" else TEST, modality, crops=crops, noise=0.3)
+def fake_factory(subset, modality, crops, videos=None):
+    pool = TRAIN if subset == "train" else TEST
+    if videos is not None:
+        by_name = {v.name: v for v in pool}
+        pool = [by_name[name] for name in videos]
+    return FakeEvalLoader(pool, modality, crops=crops, noise=0.3)
 
 
 def encoders():
@@ -54,9 +58,9 @@ def fake_project(tmp_path, monkeypatch):
     write_json_atomic(tmp_path / "manifest.json", manifest.to_dict())
     calls = []
 
-    def build_eval_loader(root, *, subset, modality, crops, **kwargs):
+    def build_eval_loader(root, *, subset, modality, crops, videos=None, **kwargs):
         calls.append((subset, modality, crops, kwargs))
-        return fake_factory(subset, modality, crops)
+        return fake_factory(subset, modality, crops, videos)
 
     data = types.SimpleNamespace(build_eval_loader=build_eval_loader, build_pretrain_loader=None)
     checkpoint = types.SimpleNamespace(
