@@ -54,11 +54,13 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
                           frames_per_clip=32, frame_stride=1, crop_size=128, pair_mode="same",
                           segments="quarters", num_segments=4, seed=0, rank=0, world_size=1, device="cpu",
                           device_id=None, num_threads=2, backend="dali", dtype=torch.float32,
-                          num_workers=2, colour=True, hw_decoder_load=0.65):
+                          num_workers=2, colour=True, hw_decoder_load=0.65, augment="standard"):
     """A PretrainLoader; see the module docstring. `colour=False` keeps only crop and flip;
+    `augment`: "standard" | "weak" | "coclr" per-copy strength (dali_pipelines.sampling);
     `hw_decoder_load`: share of JPEGs sent to the GPU's hardware decoder (DALI on cuda only)."""
     cfg = SamplingConfig(frames_per_clip=frames_per_clip, frame_stride=frame_stride, pair_mode=pair_mode,
-                         segments=segments, num_segments=num_segments, seed=seed, colour=colour)
+                         segments=segments, num_segments=num_segments, seed=seed, colour=colour,
+                         augment=augment)
     reader = ShardReader(root, split=split, subset=subset)
     modalities = tuple(modalities)
     _check(backend, device, modalities, reader)

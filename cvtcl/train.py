@@ -168,7 +168,7 @@ def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[st
     return dict(
         root=data.root, split=data.split, subset=data.subset, modalities=modalities(config),
         batch_size=data.batch_size, frames_per_clip=data.frames_per_clip, frame_stride=data.frame_stride,
-        crop_size=data.crop_size, pair_mode=data.pair_mode, segments=data.segments,
+        crop_size=data.crop_size, pair_mode=data.pair_mode, segments=data.segments, augment=data.augment,
         num_segments=data.num_segments, seed=config.run.seed, rank=dist.rank, world_size=dist.world_size,
         device=dist.device.type, device_id=dist.device_id, num_threads=data.num_threads, backend=data.backend,
         dtype=torch.float32,
