@@ -44,11 +44,13 @@ class DataConfig:
     batch_size: int = 16  # clips per process (GPU); global batch = batch_size x world size
     num_threads: int = 4  # DALI CPU threads per process (file reads, CPU-mode decode)
     backend: str = "dali"  # "dali" (GPU or DALI CPU mode) or the plain PyTorch baseline loader
+    augment: str = "standard"  # per-copy strength: paper's full list | weak (crop+flip) | coclr mix (ALGORITHM)
 
     def __post_init__(self):
         _choice("data.pair_mode", self.pair_mode, ("same", "independent", "coclr"))
         _choice("data.segments", self.segments, ("quarters", "spread"))
         _choice("data.backend", self.backend, ("dali", "baseline"))
+        _choice("data.augment", self.augment, ("standard", "weak", "coclr"))
         for name in ("frames_per_clip", "frame_stride", "crop_size", "num_segments", "batch_size", "num_threads"):
             _positive(f"data.{name}", getattr(self, name))
         if self.frames_per_clip % self.num_segments:

@@ -54,13 +54,14 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
                           frames_per_clip=32, frame_stride=1, crop_size=128, pair_mode="same",
                           segments="quarters", num_segments=4, seed=0, rank=0, world_size=1, device="cpu",
                           device_id=None, num_threads=2, backend="dali", dtype=torch.float32,
-                          num_workers=2, colour=True, hw_decoder_load=0.65, crop_scale_min=0.2):
+                          num_workers=2, colour=True, hw_decoder_load=0.65, augment="standard", crop_scale_min=0.2):
     """A PretrainLoader; see the module docstring. `colour=False` keeps only crop and flip;
+    `augment`: "standard" | "weak" | "coclr" per-copy strength (dali_pipelines.sampling);
     `crop_scale_min`: smallest area fraction of the random resized crop;
     `hw_decoder_load`: share of JPEGs sent to the GPU's hardware decoder (DALI on cuda only)."""
     cfg = SamplingConfig(frames_per_clip=frames_per_clip, frame_stride=frame_stride, pair_mode=pair_mode,
                          segments=segments, num_segments=num_segments, seed=seed, colour=colour,
-                         crop_scale_min=crop_scale_min)
+                         augment=augment, crop_scale_min=crop_scale_min)
     reader = ShardReader(root, split=split, subset=subset)
     modalities = tuple(modalities)
     _check(backend, device, modalities, reader)
@@ -78,13 +79,16 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
 
 def build_eval_loader(root, *, split="1", subset="test", modality="rgb", frames_per_clip=32, window_stride=16,
                       crop_size=128, crops="center", batch_size=8, device="cpu", device_id=None, num_threads=2,
-                      backend="dali", dtype=torch.float32, num_workers=2):
-    """An EvalLoader: every sliding window of every video once, in order; see the module docstring."""
+                      backend="dali", dtype=torch.float32, num_workers=2, videos=None):
+    """An EvalLoader: every sliding window of every video once, in order; see the module docstring.
+    `videos` (an addition, optional): names or indices of the subset's videos to decode, in that
+    order; `EvalLoader.videos` is then that list (the fine-tune's held-out scoring uses it)."""
     if crops not in ("center", "ten"):
         raise ValueError(f"crops={crops!r}: choose 'center' or 'ten'")
     reader = ShardReader(root, split=split, subset=subset)
     _check(backend, device, (modality,), reader)
-    source = EvalSource(reader, modality, frames_per_clip, window_stride, batch_size, crops == "ten")
+    source = EvalSource(reader, modality, frames_per_clip, window_stride, batch_size, crops == "ten",
+                          videos)
     if backend == "baseline":
         from dali_pipelines.baseline import BaselineEvalLoader
 

@@ -30,8 +30,9 @@ from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval
 from cvtcl.selection import heldout_split
 
-# (subset "train" | "test", modality, crops "center" | "ten") -> EvalLoader
-LoaderFactory = Callable[[str, str, str], Any]
+# (subset "train" | "test", modality, crops "center" | "ten"[, videos=names]) -> EvalLoader;
+# `videos=` (used by the fine-tune only) restricts the loader to those videos, in that order.
+LoaderFactory = Callable[..., Any]
 
 
 def split_features(
@@ -83,10 +84,11 @@ def run_finetune(
     models, info = {}, {}
     for modality, encoder in encoders.items():
         train_loader = make_train_loader(modality)
-        heldout_loader = make_loader("train", modality, "center")
-        _, held = heldout_split(heldout_loader.videos, heldout_fraction, config.seed)
-        outcome = finetune(encoder, num_classes, train_loader, heldout_loader,
-                           [heldout_loader.videos[i].name for i in held],
+        _, held = heldout_split(train_loader.videos, heldout_fraction, config.seed)
+        held_names = [train_loader.videos[i].name for i in held]
+        # only the held-out videos are decoded for scoring, not the whole train subset
+        heldout_loader = make_loader("train", modality, "center", videos=held_names)
+        outcome = finetune(encoder, num_classes, train_loader, heldout_loader, held_names,
                            modality=modality, device=device, config=config)
         models[modality] = outcome.model
         info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch}
@@ -164,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   device="cuda" if on_gpu else "cpu", device_id=(device.index or 0) if on_gpu else None,
                   num_threads=args.num_threads, backend=args.backend)
 
-    def make_loader(subset: str, modality: str, crops: str) -> Any:
-        return build_eval_loader(args.shards, subset=subset, modality=modality, crops=crops,
+    def make_loader(subset: str, modality: str, crops: str, videos: Sequence[str] | None = None) -> Any:
+        return build_eval_loader(args.shards, subset=subset, modality=modality, crops=crops, videos=videos,
                                  window_stride=args.window_stride, batch_size=args.batch_size, **common)
 
     out_dir = Path(args.out or Path(args.checkpoint or ".").resolve().parent)

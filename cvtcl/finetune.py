@@ -33,7 +33,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-3
     dropout: float = 0.9  # CoCLR's heavy dropout; UCF101 is small for a full S3D
     lr_drops: tuple[float, ...] = (0.8, 0.9)  # lr x 0.1 at these fractions of the epochs (our choice)
-    eval_every: int = 5  # held-out scoring decodes the train subset: not every epoch
+    eval_every: int = 5  # held-out scoring decodes ~10% of train videos x all windows: not every epoch
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,7 +103,8 @@ def finetune(
 
     train_loader: `.videos` and `.epoch(e)` yielding {modality: clips, "label", "video_index"};
     videos named in `heldout_names` are masked out of every batch. heldout_loader: a centre-crop
-    `EvalLoader` whose `.videos` include the held-out videos (others are ignored when scoring).
+    `EvalLoader` whose `.videos` include the held-out videos (others are ignored when scoring;
+    `build_eval_loader(..., videos=heldout_names)` decodes the held-out videos alone).
     """
     config = config or FinetuneConfig()
     torch.manual_seed(config.seed)

@@ -65,6 +65,24 @@ class Window:
         return {name: total / self.counts[name] for name, total in self.sums.items()}
 
 
+def _rich_bar():
+    """Two lines: bar, step count, step rate, elapsed, ETA; under it the last logged metrics (on one
+    line with the bar, a narrow terminal squeezed the bar, count and ETA out of view)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    class Bar(Progress):
+        def get_renderables(self):
+            yield self.make_tasks_table(self.tasks)
+            status = self.tasks[0].fields.get("status") if self.tasks else ""
+            if status:
+                yield Text("  " + status, style="dim")
+
+    return Bar(TextColumn("[bold]train"), BarColumn(bar_width=30), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+
+
 class MetricsLogger:
     """Writes metrics on rank 0; every other rank holds a silent logger (no files, no output)."""
 
@@ -87,13 +105,8 @@ class MetricsLogger:
             progress = "rich" if sys.stdout.isatty() else "plain"
         self.mode = progress
         if progress == "rich":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"),
-            )
-            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="")
+            self.bar = _rich_bar()
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="", rate="")
             self.bar.start()
         self.started = time.time()
 
@@ -106,13 +119,27 @@ class MetricsLogger:
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "epoch"):
                     self.tensorboard.add_scalar(f"train/{name}", value, record["step"])
-        status = " ".join(
-            f"{name}={record[name]:.4g}" for name in ("loss", "top1_instance", "lr", "clips_per_s") if name in record
-        )
+        names = [n for n in ("loss", "top1_instance", "lr", "clips_per_s") if n in record] or [
+            n for n, v in record.items() if isinstance(v, (int, float)) and n not in ("step", "epoch")]  # kNN
+        status = " ".join(f"{name}={record[name]:.4g}" for name in names)
         if self.mode == "rich":
-            self.bar.update(self.task, completed=record["step"], status=status)
+            self.show(status)
+            self.tick(record["step"])
         elif self.mode == "plain":
             print(f"step {record['step']} epoch {record['epoch']} {status}", flush=True)
+
+    def tick(self, step: int) -> None:
+        """Move the bar to `step` (every step; cheap: rich redraws at its own refresh rate)."""
+        if self.bar is None:
+            return
+        self.bar.update(self.task, completed=step)
+        speed = self.bar.tasks[0].speed  # rich's estimate over its last 30 s of updates
+        self.bar.update(self.task, rate=f"{speed:.2f} step/s" if speed else "")
+
+    def show(self, text: str) -> None:
+        """Replace the line under the bar (the last metrics, or what a long pause is doing)."""
+        if self.bar is not None:
+            self.bar.update(self.task, status=text)
 
     def message(self, text: str) -> None:
         """A one-off line on rank 0 (resume, checkpoint on SIGTERM), whatever the progress mode."""

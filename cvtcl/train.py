@@ -168,7 +168,7 @@ def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[st
     return dict(
         root=data.root, split=data.split, subset=data.subset, modalities=modalities(config),
         batch_size=data.batch_size, frames_per_clip=data.frames_per_clip, frame_stride=data.frame_stride,
-        crop_size=data.crop_size, pair_mode=data.pair_mode, segments=data.segments,
+        crop_size=data.crop_size, pair_mode=data.pair_mode, segments=data.segments, augment=data.augment,
         num_segments=data.num_segments, seed=config.run.seed, rank=dist.rank, world_size=dist.world_size,
         device=dist.device.type, device_id=dist.device_id, num_threads=data.num_threads, backend=data.backend,
         dtype=torch.float32, crop_scale_min=data.crop_scale_min,
@@ -256,6 +256,7 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
     def on_step(epoch: int, epoch_step: int, values: dict[str, float], data_s: float, compute_s: float) -> bool:
         nonlocal window
         window.add(values, data_s, compute_s)
+        logger.tick(ctx.step)
         position = (epoch, epoch_step) if epoch_step < steps_per_epoch else (epoch + 1, 0)
         if ctx.step % config.run.log_every == 0 or ctx.step == total:
             means = distributed.all_reduce_mean(window.means(), dist.device)
@@ -276,6 +277,7 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
             distributed.barrier()
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
             if dist.is_main:
+                logger.show("kNN monitor: retrieval of the test split ...")
                 logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
             distributed.barrier()
         if stop:

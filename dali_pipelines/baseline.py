@@ -143,7 +143,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         video_index, frames = self.source.windows[index]
-        video = self.source.clips.reader.videos[video_index]
+        video = self.source.videos[video_index]
         m = self.source.modality
         decoded = decode(self.source.clips, m, video, frames)
         crops = eval_crops(video.height, video.width, self.source.ten_crop)
@@ -157,7 +157,7 @@ class BaselineEvalLoader:
 
     def __init__(self, source: EvalSource, *, crop_size: int, device: str, num_workers: int, dtype: torch.dtype):
         self.source, self.crop_size, self.device, self.num_workers, self.dtype = source, crop_size, device, num_workers, dtype
-        self.videos = source.clips.reader.videos
+        self.videos = source.videos
 
     def __len__(self) -> int:
         return len(self.source)

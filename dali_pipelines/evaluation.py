@@ -54,7 +54,7 @@ class DaliEvalLoader:
         self.source, self.crop_size, self.device, self.device_id = source, crop_size, device, device_id
         self.num_threads, self.num_workers, self.dtype = num_threads, num_workers, dtype
         self.hw_decoder_load = hw_decoder_load
-        self.videos = source.clips.reader.videos
+        self.videos = source.videos
         self._stream: DaliStream | None = None
 
     def __len__(self) -> int:

@@ -20,6 +20,13 @@ Choices where the spec is silent (documented in the README as well):
   mid-grey (128) rather than torchvision's per-image mean (that would need the decoded frame),
   saturation blends with the luma (0.299, 0.587, 0.114), hue rotates the chroma plane of YIQ
   (torchvision rotates in HSV, which is not linear). Values are clamped once, after the map.
+- Augmentation strength (`augment`, ALGORITHM's "CoCLR's strong/weak controller is an option"):
+  CoCLR has two transforms, "strong" (its base transform: ALGORITHM's list, crop + flip + jitter
+  + grayscale + blur) and "weak" (crop + flip only), and a controller that mixes them per copy.
+  "standard" gives every copy the strong list (the paper's setting), "weak" every copy crop + flip,
+  "coclr" CoCLR's controller: copies of one window get one strong and one weak copy (which one at
+  random), copies of two windows are each strong with p = 0.3. Crops, flips and frames do not
+  depend on `augment` (the colour/blur draws always happen; a weak copy drops them).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PAIR_MODES = ("same", "independent", "coclr")
+AUGMENTS = ("standard", "weak", "coclr")
+COCLR_STRONG_P = 0.3  # CoCLR's TwoClipTransform: chance that a copy of a two-window pair is strong
 SEGMENT_MODES = ("quarters", "spread")
 LUMA = np.array([0.299, 0.587, 0.114])
 # RGB -> YIQ and back: hue is a rotation of the (I, Q) plane, a linear operation on RGB.
@@ -48,11 +57,14 @@ class SamplingConfig:
     num_segments: int = 4  # M; L = T / M frames per segment
     seed: int = 0
     colour: bool = True  # colour jitter / grayscale / blur on RGB; off for crop+flip only (tests, flow)
+    augment: str = "standard"  # strong list on every copy | weak (crop + flip) | coclr (strong/weak mix)
     crop_scale_min: float = 0.2  # smallest area fraction of the random resized crop (torchvision: 0.08; CoCLR: 0.2)
 
     def __post_init__(self):
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min={self.crop_scale_min} must be in (0, 1]")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment={self.augment!r}: choose one of {AUGMENTS}")
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode={self.pair_mode!r}: choose one of {PAIR_MODES}")
         if self.segments not in SEGMENT_MODES:
@@ -218,6 +230,18 @@ def copy_augment(height: int, width: int, colour: bool, rng: np.random.Generator
     return CopyAugment(crop, flip, matrix, sigma) if colour else CopyAugment(crop, flip)
 
 
+def copy_strengths(augment: str, one_window: bool, rng: np.random.Generator) -> tuple[bool, bool]:
+    """Whether each of the two copies gets the strong list (True) or crop + flip only."""
+    if augment == "standard":
+        return True, True
+    if augment == "weak":
+        return False, False
+    if one_window:  # CoCLR's OneClipTransform: one strong and one weak view of the same frames
+        first = bool(rng.random() < 0.5)
+        return first, not first
+    return bool(rng.random() < COCLR_STRONG_P), bool(rng.random() < COCLR_STRONG_P)
+
+
 def plan_sample(videos, cfg: SamplingConfig, epoch: int, rank: int, world_size: int, index: int) -> SamplePlan:
     """The `index`-th sample of `rank` in `epoch` (videos: the loader's VideoRecord list)."""
     video_index = int(rank_order(len(videos), cfg.seed, epoch, rank, world_size)[index])
@@ -228,7 +252,10 @@ def plan_sample(videos, cfg: SamplingConfig, epoch: int, rank: int, world_size: 
     independent = cfg.pair_mode == "independent" or (cfg.pair_mode == "coclr" and rng.random() < 0.5)
     second = window(n, t, stride, rng) if independent else first
     segments = spread_segments(n, cfg, rng) if cfg.segments == "spread" else None
-    augment = tuple(copy_augment(video.height, video.width, cfg.colour, rng, cfg.crop_scale_min) for _ in range(2))
+    # strength draws use their own stream, so "standard" plans are those of before the option existed
+    strong = copy_strengths(cfg.augment, not independent, _rng(cfg.seed, epoch, 2, rank, index))
+    augment = tuple(copy_augment(video.height, video.width, cfg.colour and s, rng,
+                                 cfg.crop_scale_min) for s in strong)
     return SamplePlan(video_index, np.stack([first, second]), augment, segments)
 
 

@@ -188,15 +188,35 @@ class PretrainSource:
         return tuple(out[name] for name in self.layout.names())
 
 
+def select_videos(reader, videos) -> list:
+    """The reader's VideoRecords named by `videos` (names or indices into `reader.videos`), in the
+    given order; None keeps them all."""
+    if videos is None:
+        return list(reader.videos)
+    by_name = {v.name: i for i, v in enumerate(reader.videos)}
+    picked = []
+    for item in videos:
+        index = item if isinstance(item, (int, np.integer)) else by_name.get(item)
+        if index is None or not 0 <= index < len(reader.videos):
+            raise ValueError(f"{reader.root}: video {item!r} is not in this split/subset "
+                             f"({len(reader.videos)} videos); pass names or indices of `loader.videos`")
+        picked.append(int(index))
+    if len(set(picked)) != len(picked):
+        raise ValueError(f"{reader.root}: videos= names a video twice; each window must come once")
+    return [reader.videos[i] for i in picked]
+
+
 class EvalSource:
-    """Batches of `batch_size` sliding windows; each crop position gets its own ROI arguments."""
+    """Batches of `batch_size` sliding windows; each crop position gets its own ROI arguments.
+    `videos` (a `select_videos` list) restricts the pass; `video_index` indexes `self.videos`."""
 
     def __init__(self, reader, modality: str, frames_per_clip: int, window_stride: int, batch_size: int,
-                 ten_crop: bool):
+                 ten_crop: bool, videos=None):
         self.clips = ClipReader(reader)
         self.modality, self.batch_size, self.ten_crop = modality, batch_size, ten_crop
         self.frames_per_clip = frames_per_clip
-        self.windows = eval_windows(reader.videos, frames_per_clip, window_stride)
+        self.videos = select_videos(reader, videos)
+        self.windows = eval_windows(self.videos, frames_per_clip, window_stride)
         self.num_positions = 5 if ten_crop else 1
 
     def __len__(self) -> int:
@@ -216,9 +236,8 @@ class EvalSource:
         if iteration >= len(self):
             raise StopIteration
         out: dict[str, list] = {}
-        videos = self.clips.reader.videos
         for video_index, frames in self.batch_windows(iteration):
-            video = videos[video_index]
+            video = self.videos[video_index]
             for plane, bufs in self.clips.planes(self.modality, video, frames).items():
                 out.setdefault(f"{plane}:all", []).extend(bufs)
             for k, (y0, x0, h, w) in enumerate(eval_crops(video.height, video.width, self.ten_crop)):

@@ -50,6 +50,7 @@ def test_bad_preset_suggests_the_closest():
     ("data.pair_mode=independent", "set data.pair_mode=same"),
     ("optim.amp=fp8", "choose one of auto, bf16, fp16, fp32"),
     ("data.backend=pytorch", "choose one of dali, baseline"),
+    ("data.augment=strong", "choose one of standard, weak, coclr"),
     ("model.backbone=s3d", "needs >= 5 frames and >= 32 pixels per input; got 2-frame segments"),
     ("loss.bn_groups=1", "at least 2"),
     ("stage.kind=cotrain", "set stage.sampler_checkpoint"),

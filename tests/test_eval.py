@@ -17,8 +17,12 @@ TRAIN = make_videos(num_classes=3, per_class=8, groups_per_class=4, prefix="trai
 TEST = make_videos(num_classes=3, per_class=4, groups_per_class=2, prefix="test")
 
 
-def fake_factory(subset, modality, crops):
-    return FakeEvalLoader(TRAIN if subset == "train" else TEST, modality, crops=crops, noise=0.3)
+def fake_factory(subset, modality, crops, videos=None):
+    pool = TRAIN if subset == "train" else TEST
+    if videos is not None:
+        by_name = {v.name: v for v in pool}
+        pool = [by_name[name] for name in videos]
+    return FakeEvalLoader(pool, modality, crops=crops, noise=0.3)
 
 
 def encoders():
@@ -54,9 +58,9 @@ def fake_project(tmp_path, monkeypatch):
     write_json_atomic(tmp_path / "manifest.json", manifest.to_dict())
     calls = []
 
-    def build_eval_loader(root, *, subset, modality, crops, **kwargs):
+    def build_eval_loader(root, *, subset, modality, crops, videos=None, **kwargs):
         calls.append((subset, modality, crops, kwargs))
-        return fake_factory(subset, modality, crops)
+        return fake_factory(subset, modality, crops, videos)
 
     data = types.SimpleNamespace(build_eval_loader=build_eval_loader, build_pretrain_loader=None)
     checkpoint = types.SimpleNamespace(
@@ -120,3 +124,77 @@ def test_trainer_monitor_then_eval_and_plot_on_real_shards(synthetic_dataset, tm
     assert payload["encoders"] == {"rgb": str(latest_checkpoint(run))}
     assert plot_main([str(run)]) == 0
     assert sorted(p.name for p in (run / "figures").iterdir()) == ["curves-run.png", "retrieval-synthetic-split1.png"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """(dataset, checkpoint): RGB-only synthetic shards with two source groups per class in train
+    (the shared fixture has one, which leaves nothing to hold out), and a smoke-preset checkpoint."""
+    from conftest import TINY_SYNTHETIC
+    from cvtcl.checkpoint import latest_checkpoint
+    from cvtcl.train import main as train_main
+    from preprocess.cli import main as preprocess_main
+
+    base = tmp_path_factory.mktemp("grouped")
+    options = dict(zip(TINY_SYNTHETIC[::2], TINY_SYNTHETIC[1::2])) | {"--videos-per-class": "6", "--flow": "none"}
+    assert preprocess_main(["synthetic", "--out", str(base / "data"), *[x for kv in options.items() for x in kv]]) == 0
+    assert train_main(["--preset", "smoke", f"data.root={base / 'data'}", f"run.out_dir={base / 'run'}",
+                       "loss.queue_size=8", "optim.epochs=1", "run.progress=none", "data.backend=baseline"]) == 0
+    return base / "data", latest_checkpoint(base / "run")
+
+
+def spy_loaders(monkeypatch):
+    """Record (subset, crops, videos) of every build_eval_loader call while passing it through."""
+    import cvtcl.data
+
+    calls, real = [], cvtcl.data.build_eval_loader
+
+    def spy(root, **kwargs):
+        calls.append((kwargs["subset"], kwargs["crops"], kwargs.get("videos")))
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(cvtcl.data, "build_eval_loader", spy)
+    return calls
+
+
+def real_cli(protocol, dataset, checkpoint, out):
+    return cvtcl_eval.main([protocol, "--checkpoint", str(checkpoint), "--dataset", "synthetic", "--shards",
+                            str(dataset), "--backend", "dali", "--device", "cpu", "--frames-per-clip", "8",
+                            "--window-stride", "8", "--crop-size", "32", "--epochs", "3", "--out", str(out)])
+
+
+def sane(row, epochs):
+    return 0 <= row["top1"] <= 100 and 0 <= row["heldout_top1"] <= 100 and row["epoch"] in range(epochs)
+
+
+def test_cli_linear_on_real_dali_loaders_selects_on_heldout_train(trained_run, tmp_path, monkeypatch):
+    from preprocess.schema import load_manifest
+    import cvtcl.linear_probe
+
+    dataset, checkpoint = trained_run
+    split = load_manifest(dataset).splits["1"]
+    held_seen, real_train = [], cvtcl.linear_probe.train_linear_probe
+    monkeypatch.setattr(cvtcl.linear_probe, "train_linear_probe",
+                        lambda fit, held, *a: held_seen.append(held.names) or real_train(fit, held, *a))
+    calls = spy_loaders(monkeypatch)
+    payload = real_cli("linear", dataset, checkpoint, tmp_path)
+    saved = json.loads(results_path(tmp_path, "linear", "synthetic", "1").read_text())
+    assert saved["results"] == payload["results"] and set(saved["results"]) == {"rgb"}
+    assert sane(saved["results"]["rgb"], 3)
+    assert sorted(calls) == [("test", "center", None), ("train", "center", None)]
+    assert len(held_seen) == 1 and held_seen[0] and set(held_seen[0]) <= set(split["train"])
+
+
+def test_cli_finetune_on_real_dali_loaders_selects_on_heldout_train(trained_run, tmp_path, monkeypatch):
+    from preprocess.schema import load_manifest
+
+    dataset, checkpoint = trained_run
+    split = load_manifest(dataset).splits["1"]
+    calls = spy_loaders(monkeypatch)
+    payload = real_cli("finetune", dataset, checkpoint, tmp_path)
+    saved = json.loads(results_path(tmp_path, "finetune", "synthetic", "1").read_text())
+    assert saved["results"] == payload["results"] and set(saved["results"]) == {"rgb"}
+    assert sane(saved["results"]["rgb"], 3)
+    (held_subset, held_crops, held), test_call = calls  # held-out scoring first, the test split once at the end
+    assert (held_subset, held_crops) == ("train", "center") and test_call == ("test", "ten", None)
+    assert held and set(held) <= set(split["train"]) and not set(held) & set(split["test"])

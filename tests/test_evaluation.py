@@ -42,3 +42,27 @@ def test_ten_crop_flips_and_baseline_agreement(root, modality):
         diff = (x - b[modality]).abs() * scale
         assert diff.max() <= 12 and diff.mean() <= 2
         assert torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize("backend", ["dali", "baseline"])
+def test_videos_selects_those_videos_in_the_given_order(root, backend):
+    full = build_eval_loader(root, backend=backend, **KW)
+    names = [full.videos[2].name, full.videos[0].name]
+    by_name = build_eval_loader(root, backend=backend, videos=names, **KW)
+    by_index = build_eval_loader(root, backend=backend, videos=[2, 0], **KW)
+    assert [v.name for v in by_name.videos] == names == [v.name for v in by_index.videos]
+    picked = list(by_name)
+    indices = torch.cat([b["video_index"] for b in picked])
+    assert indices.tolist() == [v for v, _ in eval_windows(by_name.videos, 8, 8)]  # video 2's windows, then 0's
+    assert indices.tolist() == sorted(indices.tolist()) and set(indices.tolist()) == {0, 1}
+    assert torch.cat([b["label"] for b in picked]).tolist() == [by_name.videos[i].label for i in indices]
+    # the same clips as in the full pass
+    whole = list(full)
+    full_index, full_rgb = torch.cat([b["video_index"] for b in whole]), torch.cat([b["rgb"] for b in whole])
+    expected = torch.cat([full_rgb[full_index == 2], full_rgb[full_index == 0]])
+    assert torch.equal(torch.cat([b["rgb"] for b in picked]), expected)
+    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(picked, by_index))
+    with pytest.raises(ValueError, match="not in this split"):
+        build_eval_loader(root, backend=backend, videos=["v_nope"], **KW)
+    with pytest.raises(ValueError, match="twice"):
+        build_eval_loader(root, backend=backend, videos=[1, 1], **KW)

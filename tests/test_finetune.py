@@ -76,3 +76,22 @@ def test_finetune_masks_heldout_videos_and_learns():
     test_loader = FakeEvalLoader(make_videos(num_classes=3, per_class=3, prefix="te"), crops="ten", noise=0.3)
     test_loader.patterns = held_loader.patterns
     assert classification_top1({"rgb": outcome.model}, {"rgb": test_loader})["rgb"] > 60.0
+
+
+def test_heldout_only_loader_gives_the_same_finetune(tmp_path):
+    """Scoring on an EvalLoader of the held-out videos alone selects the same epoch, same weights."""
+    from cvtcl.data import build_eval_loader
+    from dali_pipelines.toy_shards import write_toy_dataset
+
+    root = write_toy_dataset(tmp_path, num_videos=6, num_frames=12, height=16, width=20)
+    kw = dict(frames_per_clip=4, window_stride=4, crop_size=8, batch_size=4, num_workers=0, num_threads=1)
+    full = build_eval_loader(root, subset="train", **kw)
+    heldout = [full.videos[3].name, full.videos[1].name]
+    only = build_eval_loader(root, subset="train", videos=heldout, **kw)
+    assert len(list(only)) < len(list(full))
+    config = FinetuneConfig(epochs=4, eval_every=1, dropout=0.2, lr_head=1e-2, lr_backbone=1e-2)
+    outcomes = [finetune(TinyEncoder(), 3, FakePretrainLoader(full.videos, batch_size=3), loader, heldout,
+                         modality="rgb", config=config) for loader in (full, only)]
+    assert outcomes[0].history == outcomes[1].history and outcomes[0].selected_epoch == outcomes[1].selected_epoch
+    for a, b in zip(outcomes[0].model.state_dict().values(), outcomes[1].model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -58,3 +58,26 @@ def test_window_leaves_undefined_values_out():
     only_nan = Window()
     only_nan.add({"loss": 1.0, "mining_precision": float("nan")}, 0.1, 0.1)
     assert only_nan.means() == {"loss": 1.0}
+
+
+def test_rich_bar_keeps_count_rate_and_eta_on_a_narrow_terminal(tmp_path, monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # no TensorBoard files
+    logger = MetricsLogger(tmp_path, enabled=True, progress="rich", total_steps=40, start_step=0)
+    logger.bar.stop()  # render by hand below instead of on the live terminal
+    for step in (1, 2, 3):  # ticks every step: rate and ETA exist before the first log record
+        time.sleep(0.01)
+        logger.tick(step)
+    logger.log({"step": 5, "epoch": 0, "loss": 7.047, "top1_instance": 0.25, "lr": 0.001, "clips_per_s": 39.56})
+    console = Console(file=io.StringIO(), width=70, force_terminal=True, color_system=None)
+    console.print(logger.bar.get_renderable())
+    bar, status = console.file.getvalue().splitlines()
+    assert "5/40" in bar and "step/s" in bar and "eta 0:00:" in bar  # nothing squeezed out at 70 columns
+    assert status.strip() == "loss=7.047 top1_instance=0.25 lr=0.001 clips_per_s=39.56"
+    logger.log({"step": 8, "epoch": 0, "knn/R@1": 12.5})  # a kNN record shows its own values
+    assert logger.bar.tasks[0].fields["status"] == "knn/R@1=12.5"
+    logger.close()

@@ -118,6 +118,19 @@ def test_dali_matches_baseline_crop_flip_resize(root, modalities):
             assert levels.max() <= 12 and levels.mean() <= 2, key  # INTER_AREA vs antialiased linear
 
 
+@pytest.mark.parametrize("backend", ["dali", "baseline"])
+def test_weak_augment_is_crop_and_flip_only_and_coclr_mixes(root, backend):
+    kw = dict(backend=backend, segments="spread", pair_mode="coclr")
+    weak, plain = _batches(root, augment="weak", **kw), _batches(root, colour=False, **kw)
+    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(weak, plain))  # no colour, no blur
+    standard, mixed = _batches(root, **kw), _batches(root, augment="coclr", **kw)
+    copies = lambda batches: torch.cat([b["rgb"] for b in batches]).flatten(0, 1)  # [N * 2, 3, T, H, W]
+    same_as = lambda x, y: [torch.equal(a, b) for a, b in zip(copies(x), copies(y))]
+    # every coclr copy is the standard (strong) copy or the weak one, and both kinds occur
+    strong, crop_flip = same_as(mixed, standard), same_as(mixed, weak)
+    assert all(s or w for s, w in zip(strong, crop_flip)) and any(strong) and not all(strong)
+
+
 def _corrupt(frame_bytes):
     def mutate(encoded):
         for video in encoded:

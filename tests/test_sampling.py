@@ -125,3 +125,58 @@ def test_eval_windows_and_crops():
     assert eval_crops(240, 320, ten=False) == [(8, 48, 224, 224)]
     ten = eval_crops(240, 320, ten=True)
     assert ten[0] == (0, 0, 224, 224) and ten[3] == (16, 96, 224, 224) and ten[4] == (8, 48, 224, 224)
+
+
+def _no_colour(aug):
+    return np.array_equal(aug.colour, np.hstack([np.eye(3), np.zeros((3, 1))]))
+
+
+def _is_weak(aug):
+    return _no_colour(aug) and aug.blur_sigma == 0.0
+
+
+def _same_draw(x, y):
+    return np.array_equal(x.colour, y.colour) and x.blur_sigma == y.blur_sigma
+
+
+def _plans(augment, pair_mode="same", n=400):
+    cfg = SamplingConfig(frames_per_clip=8, num_segments=2, augment=augment, pair_mode=pair_mode,
+                         segments="quarters" if pair_mode == "same" else "spread")
+    videos = _videos([40] * n)
+    return [plan_sample(videos, cfg, 0, 0, 1, i) for i in range(n)]
+
+
+def test_augment_strength_changes_colour_and_blur_only():
+    with pytest.raises(ValueError, match="augment='strong'"):
+        SamplingConfig(augment="strong")
+    standard, weak, coclr = _plans("standard"), _plans("weak"), _plans("coclr")
+    for a, b, c in zip(standard, weak, coclr):  # frames, crops and flips never depend on the strength
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.frames, c.frames)
+        assert [x.crop for x in a.augment] == [x.crop for x in b.augment] == [x.crop for x in c.augment]
+        assert [x.flip for x in a.augment] == [x.flip for x in b.augment] == [x.flip for x in c.augment]
+    copies = [aug for plan in standard for aug in plan.augment]
+    gray = [a for a in copies if np.allclose(a.colour[:, :3], a.colour[0, :3])]  # every row = luma weights
+    assert abs(np.mean([a.blur_sigma > 0 for a in copies]) - 0.5) < 0.06  # blur p = 0.5
+    assert abs(np.mean([not _no_colour(a) for a in copies]) - (1 - 0.2 * 0.8)) < 0.05  # no jitter (0.2) and no gray (0.8)
+    assert abs(len(gray) / len(copies) - 0.2) < 0.05  # grayscale p = 0.2
+    assert all(_is_weak(a) for plan in weak for a in plan.augment)  # weak: crop + flip only
+
+
+def test_coclr_controller_one_strong_copy_per_window_else_p03():
+    standard, coclr = _plans("standard"), _plans("coclr")
+    firsts = []
+    for s, c in zip(standard, coclr):
+        strong = [_same_draw(x, y) for x, y in zip(s.augment, c.augment)]
+        weak = [_is_weak(x) for x in c.augment]
+        assert all(st or wk for st, wk in zip(strong, weak))  # each copy is the strong draw or stripped
+        if not any(_is_weak(x) for x in s.augment):  # both standard copies visibly strong
+            assert sum(strong) == 1  # one strong and one weak view of the same frames
+            firsts.append(strong[0])
+    assert len(firsts) > 200 and abs(np.mean(firsts) - 0.5) < 0.1
+    two_windows = _plans("coclr", pair_mode="independent")
+    reference = _plans("standard", pair_mode="independent")
+    strong = [_same_draw(x, y) for s, c in zip(reference, two_windows) for x, y in zip(s.augment, c.augment)
+              if not _is_weak(x)]  # copies whose strong draw is visible
+    assert abs(np.mean(strong) - 0.3) < 0.06  # each copy of a two-window pair is strong with p = 0.3
+    again = _plans("coclr")  # deterministic in (seed, epoch, rank, index)
+    assert all(_same_draw(x, y) for a, b in zip(coclr, again) for x, y in zip(a.augment, b.augment))

@@ -56,7 +56,8 @@ class FakePretrainLoader:
     def __init__(self, root, *, split="1", subset="train", modalities=("rgb",), batch_size, frames_per_clip=32,
                  frame_stride=1, crop_size=128, pair_mode="same", segments="quarters", num_segments=4, seed=0,
                  rank=0, world_size=1, device="cpu", device_id=None, num_threads=2, backend="dali",
-                 dtype=torch.float32, crop_scale_min=0.2):
+                 dtype=torch.float32, augment="standard",
+                 crop_scale_min=0.2):
         reader = ShardReader(root, split, subset)
         self.videos = reader.videos
         self.group_ids = reader.group_ids
