@@ -45,7 +45,7 @@ def parity(args) -> dict:
         for colour in (False, True):
             kw = dict(batch_size=2, frames_per_clip=args.frames, crop_size=args.crop, num_segments=4,
                       modalities=("rgb", "flow"), segments="spread", pair_mode="coclr", colour=colour,
-                      num_workers=1, num_threads=2)
+                      num_workers=0, num_threads=2)  # parity of the ops: no spawned source workers (they slow each build)
             gpu = list(build_pretrain_loader(root, device=args.device, **kw).epoch(0))
             cpu = list(build_pretrain_loader(root, device="cpu", **kw).epoch(0))
             for key in ("rgb", "flow", "rgb_segments", "flow_segments"):
@@ -57,7 +57,7 @@ def parity(args) -> dict:
                 }
         for modality in ("rgb", "flow"):
             kw = dict(modality=modality, frames_per_clip=args.frames, window_stride=args.frames, crop_size=args.crop,
-                      crops="ten", batch_size=2, num_workers=1)
+                      crops="ten", batch_size=2, num_workers=0)
             gpu = list(build_eval_loader(root, device=args.device, **kw))
             cpu = list(build_eval_loader(root, device="cpu", **kw))
             stats = [_stats(g[modality], c[modality], modality) for g, c in zip(gpu, cpu)]

@@ -20,11 +20,13 @@ from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atom
 from preprocess.shards import EncodedVideo, write_shard
 
 
-def pattern(height: int, width: int, shift: float, seed: int) -> np.ndarray:
-    """Smooth RGB pattern [H, W, 3] uint8, translated right by `shift` pixels."""
+def pattern(height: int, width: int, shift: float, seed: int, extra: int = 0) -> np.ndarray:
+    """Smooth RGB pattern [H, W + extra, 3] uint8, translated right by `shift` pixels; the `extra`
+    columns continue it to the left (x = -extra .. -1), so a crop `[:, extra - s : extra - s + W]`
+    is the pattern translated by `shift + s`, bit for bit."""
     rng = np.random.default_rng(seed)
     fy, fx, phase = rng.uniform(0.5, 2.0, 3), rng.uniform(0.5, 2.0, 3), rng.uniform(0, 6.3, 3)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    yy, xx = np.mgrid[0:height, -extra:width].astype(np.float64)
     xx = xx - shift
     chans = [127.5 + 100 * np.sin(2 * np.pi * (fx[c] * xx / width + fy[c] * yy / height) + phase[c]) for c in range(3)]
     return np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8)
@@ -32,8 +34,10 @@ def pattern(height: int, width: int, shift: float, seed: int) -> np.ndarray:
 
 def toy_video(name: str, label: int, num_frames: int, height: int, width: int, kind: str, seed: int,
               with_flow: bool, quality: int = 95) -> EncodedVideo:
-    speed = 0.0 if kind == "static" else 1.0
-    frames = [pattern(height, width, speed * i, seed) for i in range(num_frames)]
+    speed = 0 if kind == "static" else 1  # whole pixels per frame: every frame is a crop of one canvas
+    canvas = pattern(height, width, 0.0, seed, extra=speed * (num_frames - 1))
+    start = speed * (num_frames - 1)
+    frames = [canvas[:, start - speed * i : start - speed * i + width] for i in range(num_frames)]
     rgb = [cv2.imencode(".jpg", f[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes() for f in frames]
     flow = None
     if with_flow:

@@ -19,3 +19,16 @@ def test_smoke_run_reports_all_variants(tmp_path, capsys):
     assert all(r["samples_per_s"] > 0 for r in variants.values())
     assert variants["fp32"]["speedup_vs_fp32"] == 1.0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
+
+
+def test_variants_option_picks_and_rejects(tmp_path):
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32,one_by_one",
+                             "--json", str(tmp_path / "speed.json")]) == 0
+    record = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["variant"] for r in record["results"]] == ["fp32", "fp32 segments one by one"]
+    try:
+        train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32,int8"])
+    except SystemExit as err:
+        assert "int8" in str(err)
+    else:
+        raise AssertionError("an unknown variant must be refused")
