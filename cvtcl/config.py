@@ -45,6 +45,7 @@ class DataConfig:
     num_threads: int = 4  # DALI CPU threads per process (file reads, CPU-mode decode)
     backend: str = "dali"  # "dali" (GPU or DALI CPU mode) or the plain PyTorch baseline loader
     augment: str = "standard"  # per-copy strength: paper's full list | weak (crop+flip) | coclr mix (ALGORITHM)
+    dihedral: bool = False  # random D4 element (transpose, flips) per clip copy, flow-aware (cvtcl/augment.py)
 
     def __post_init__(self):
         _choice("data.pair_mode", self.pair_mode, ("same", "independent", "coclr"))

@@ -86,11 +86,13 @@ def summarise(data: Path, seconds: float) -> None:
 # often cut the 11-14 px object out of a 48x64 frame, leaving only the class-free pan and distractor):
 # stage-1 flow mined-positive precision (benchmarks/mining_quality.py, chance 0.167), seeds 0/1/2:
 # 0.216/0.243/0.208 -> 0.262/0.242/0.229; kNN R@1 unchanged within noise (README "Demo results").
+# A random D4 element per clip copy (data.dihedral, cvtcl/augment.py): the classes are invariant to
+# direction, so direction must not be an instance cue; README "Demo results" has the measurements.
 FRAMES, CROP = 32, 32
 STAGE1_EPOCHS, COTRAIN_EPOCHS, KNN_EVERY = 50, 15, 10
 TRAIN_OVERRIDES = [
-    f"data.frames_per_clip={FRAMES}", f"data.crop_size={CROP}", "data.crop_scale_min=0.6", "data.batch_size=16",
-    "data.num_threads=2",
+    f"data.frames_per_clip={FRAMES}", f"data.crop_size={CROP}", "data.crop_scale_min=0.6", "data.dihedral=true",
+    "data.batch_size=16", "data.num_threads=2",
     "loss.queue_size=112", "loss.momentum=0.99", f"optim.epochs={STAGE1_EPOCHS}", "optim.lr_milestones=[]",
     f"schedule.cotrain_epochs={COTRAIN_EPOCHS}", f"schedule.cotrain_lr_milestones=[{COTRAIN_EPOCHS * 4 // 5}]",
     "run.log_every=7", "run.checkpoint_every=1000", f"run.knn_every={KNN_EVERY}", "run.progress=plain",

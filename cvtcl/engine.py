@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cvtcl import losses
+from cvtcl import augment, losses
 from cvtcl.config import OptimConfig, TrainConfig
 from cvtcl.moco import MomentumContrast
 
@@ -57,6 +57,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def augment_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """CPU generator for the batch-level augmentation (data.dihedral) of one step on one rank: each
+    rank draws its own elements, and a resumed run draws the same ones."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 4099 + rank) * 2 + 1)
+
+
 @dataclass
 class Context:
     """What one optimizer step needs. `query` is `model.query`, wrapped in DDP when world > 1."""
@@ -70,6 +76,7 @@ class Context:
     autocast_dtype: torch.dtype | None
     step: int = 0  # optimizer steps done
     sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
+    rank: int = 0  # this process's rank (seeds its batch-level augmentation)
 
 
 @dataclass
@@ -153,6 +160,9 @@ def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_s
     config = ctx.config
     ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed
     generator = step_generator(config.run.seed, ctx.step)
+    if config.data.dihedral:
+        batch = dict(batch)  # the caller's dict keeps its tensors
+        augment.dihedral_(batch, augment_generator(config.run.seed, ctx.step, ctx.rank))
     with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None):
         out = STEPS[config.stage.kind](ctx, batch, generator)
 

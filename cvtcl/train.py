@@ -159,7 +159,7 @@ def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
     dtype = amp_dtype(config.optim.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     sampler = load_sampler(config, dist.device) if cotrain else None
-    return Context(config, model, query, optimizer, scaler, dist.device, dtype, sampler=sampler)
+    return Context(config, model, query, optimizer, scaler, dist.device, dtype, sampler=sampler, rank=dist.rank)
 
 
 def loader_arguments(config: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def test_demo_end_to_end_and_repeatable(tmp_path, monkeypatch):
                                                            test_groups=1, frames=20, height=32, width=40, seed=0))
     monkeypatch.setattr(demo, "FRAMES", 8)
     monkeypatch.setattr(demo, "TRAIN_OVERRIDES", [
-        "data.frames_per_clip=8", "data.crop_size=32", "data.batch_size=2", "loss.queue_size=4", "optim.epochs=2",
+        "data.frames_per_clip=8", "data.crop_size=32", "data.dihedral=true", "data.batch_size=2", "loss.queue_size=4",
+        "optim.epochs=2",
         "optim.lr_milestones=[]", "schedule.cotrain_epochs=1", "schedule.cotrain_lr_milestones=[]",
         "run.knn_every=1", "run.progress=none"])
     runs = []

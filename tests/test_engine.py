@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cvtcl import engine
+from cvtcl import augment, engine
 from cvtcl.config import apply_overrides
 from cvtcl.engine import Context, clip_segments, encode_segments, instance_step, train_step
 from cvtcl.models import Encoder
@@ -110,3 +110,27 @@ def test_learning_rate_schedule_and_amp_choice(monkeypatch):
                               ((6, 1), None)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert engine.amp_dtype("auto", cuda) is dtype
+
+
+def test_dihedral_step_sees_the_transformed_batch_and_repeats():
+    seen = []
+
+    def recording(ctx, batch, generator):
+        seen.append(batch["rgb"].clone())
+        return instance_step(ctx, batch, generator)
+
+    engine.STEPS["recording"] = recording
+    try:
+        runs = []
+        for dihedral in ("false", "true", "true"):
+            ctx = _context(f"data.dihedral={dihedral}")
+            ctx.config.stage.kind = "recording"
+            batch = _batch()
+            runs.append(train_step(ctx, batch, 0, 0)["loss"])
+            assert torch.equal(batch["rgb"], _batch()["rgb"])  # the caller's batch is left as it was
+    finally:
+        del engine.STEPS["recording"]
+    plain, once, again = seen
+    elements = augment.draw_elements(4, 2, engine.augment_generator(0, 0, 0))
+    assert torch.equal(once, augment.apply_dihedral(plain, elements, flow=False))
+    assert torch.equal(once, again) and runs[1] == runs[2] and runs[0] != runs[1]
