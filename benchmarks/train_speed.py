@@ -34,6 +34,7 @@ from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
 
+VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "one_by_one")  # names for --variants
 batched_encode = engine.encode_segments  # the production path; one variant swaps in segments_one_by_one
 
 
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--gen-size", default="240x320", help="HxW of the toy shards' frames (UCF101's size)")
     parser.add_argument("--data-backend", default="dali", choices=("dali", "baseline"))
     parser.add_argument("--threads", type=int, default=4, help="DALI threads for --data")
-    parser.add_argument("--variants", default="fp32,bf16,fp16,channels_last,one_by_one",
+    parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma list of the variants to time (fp16 and bf16 only on CUDA; channels_last and "
                              "one_by_one run at the best precision); each costs a cuDNN autotune on the GPU")
     parser.add_argument("--smoke", action="store_true", help="tiny backbone, 8x32x32 clips, 2 steps: checks the script")
@@ -147,9 +148,9 @@ def main(argv=None) -> int:
     precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
     best = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     wanted = set(filter(None, args.variants.split(",")))
-    unknown = wanted - {"fp32", "bf16", "fp16", "channels_last", "one_by_one"}
+    unknown = wanted - set(VARIANTS)
     if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from fp32,bf16,fp16,channels_last,one_by_one")
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     variants = [(p, p, False, True) for p in precisions if p in wanted]
     if "channels_last" in wanted:
         variants.append((f"{best} channels_last_3d", best, True, True))

@@ -42,15 +42,17 @@ def apply_dihedral(x: torch.Tensor, elements: torch.Tensor, flow: bool) -> torch
     masks = elements.to(x.device).view(b, v, 3, *([1] * (x.dim() - 2)))
     transpose, flip_w, flip_h = masks[:, :, 0], masks[:, :, 1], masks[:, :, 2]
 
-    def signs(sx: float, sy: float) -> torch.Tensor:  # per flow channel, broadcast over T, H, W
-        return torch.tensor([sx, sy], dtype=x.dtype, device=x.device).view(2, 1, 1, 1)
+    def negate(y: torch.Tensor, channel: int) -> torch.Tensor:  # one flow channel (dim -4), no host tensor
+        planes = list(y.unbind(-4))
+        planes[channel] = -planes[channel]
+        return torch.stack(planes, dim=-4)
 
     moved = x.transpose(-1, -2)
     x = torch.where(transpose, moved.flip(-4) if flow else moved, x)
     moved = x.flip(-1)
-    x = torch.where(flip_w, moved * signs(-1.0, 1.0) if flow else moved, x)
+    x = torch.where(flip_w, negate(moved, 0) if flow else moved, x)
     moved = x.flip(-2)
-    return torch.where(flip_h, moved * signs(1.0, -1.0) if flow else moved, x)
+    return torch.where(flip_h, negate(moved, 1) if flow else moved, x)
 
 
 def dihedral_(batch: dict[str, torch.Tensor], generator: torch.Generator) -> None:
@@ -60,7 +62,7 @@ def dihedral_(batch: dict[str, torch.Tensor], generator: torch.Generator) -> Non
     if not keys:
         return
     b, v = batch[keys[0]].shape[:2]
-    elements = draw_elements(b, v, generator)
+    elements = draw_elements(b, v, generator).to(batch[keys[0]].device)  # one copy to the device per step
     for key in keys:
         if batch[key].shape[:2] != (b, v):
             raise ValueError(f"data.dihedral: batch[{key!r}] starts with {tuple(batch[key].shape[:2])}, "

@@ -35,8 +35,8 @@ def pattern(height: int, width: int, shift: float, seed: int, extra: int = 0) ->
 def toy_video(name: str, label: int, num_frames: int, height: int, width: int, kind: str, seed: int,
               with_flow: bool, quality: int = 95) -> EncodedVideo:
     speed = 0 if kind == "static" else 1  # whole pixels per frame: every frame is a crop of one canvas
-    canvas = pattern(height, width, 0.0, seed, extra=speed * (num_frames - 1))
-    start = speed * (num_frames - 1)
+    start = speed * (num_frames - 1)  # the last frame's shift: the canvas's extra columns
+    canvas = pattern(height, width, 0.0, seed, extra=start)
     frames = [canvas[:, start - speed * i : start - speed * i + width] for i in range(num_frames)]
     rgb = [cv2.imencode(".jpg", f[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes() for f in frames]
     flow = None
