@@ -89,7 +89,7 @@ def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], generator:
             loss = loss + config.loss.ltcl_weight * ltcl
             terms |= ltcl_terms
     terms["loss"] = loss.detach()
-    terms["queue_full"] = torch.tensor(float(optimize))
+    terms["queue_full"] = torch.tensor(float(optimize), device=loss.device)  # stacked with the other terms
 
     def enqueue() -> None:
         model.queue.enqueue(keys, video_index, group, sampler=s, label=label)

@@ -32,6 +32,7 @@ Choices where the spec is silent (documented in the README as well):
 from __future__ import annotations
 
 import math
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,7 @@ AUGMENTS = ("standard", "weak", "coclr")
 COCLR_STRONG_P = 0.3  # CoCLR's TwoClipTransform: chance that a copy of a two-window pair is strong
 SEGMENT_MODES = ("quarters", "spread")
 LUMA = np.array([0.299, 0.587, 0.114])
+_GRAY = np.outer(np.ones(3), LUMA)  # RGB -> its luma in every channel
 # RGB -> YIQ and back: hue is a rotation of the (I, Q) plane, a linear operation on RGB.
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_INV = np.linalg.inv(_YIQ)
@@ -119,13 +121,21 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(num_videos: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of every video, drawn once (every sample of a batch asks for it)."""
+    order = _rng(seed, epoch, 0).permutation(num_videos)
+    order.flags.writeable = False  # shared by the cache's callers
+    return order
+
+
 def rank_order(num_videos: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """Video indices this rank visits in `epoch`: its contiguous part of the epoch's permutation."""
+    """Video indices this rank visits in `epoch`: its contiguous part of the epoch's permutation
+    (a read-only view)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} outside 0..{world_size - 1}")
     per_rank = num_videos // world_size
-    order = _rng(seed, epoch, 0).permutation(num_videos)
-    return order[rank * per_rank : (rank + 1) * per_rank]
+    return _epoch_permutation(num_videos, seed, epoch)[rank * per_rank : (rank + 1) * per_rank]
 
 
 def steps_per_epoch(num_videos: int, batch_size: int, world_size: int) -> int:
@@ -202,16 +212,15 @@ def colour_jitter(rng: np.random.Generator, strength=(0.4, 0.4, 0.4, 0.1), p_jit
         sat = rng.uniform(1 - s, 1 + s)
         hue = rng.uniform(-h, h) * 2 * math.pi
         rot = np.array([[1, 0, 0], [0, math.cos(hue), -math.sin(hue)], [0, math.sin(hue), math.cos(hue)]])
-        gray = np.outer(np.ones(3), LUMA)
         jitters = [
             (bright * np.eye(3), np.zeros(3)),
             (contrast * np.eye(3), (1 - contrast) * 128.0 * np.ones(3)),
-            (sat * np.eye(3) + (1 - sat) * gray, np.zeros(3)),
+            (sat * np.eye(3) + (1 - sat) * _GRAY, np.zeros(3)),
             (_YIQ_INV @ rot @ _YIQ, np.zeros(3)),
         ]
         ops = [jitters[i] for i in rng.permutation(4)]
     if rng.random() < p_gray:
-        ops.append((np.outer(np.ones(3), LUMA), np.zeros(3)))
+        ops.append((_GRAY, np.zeros(3)))
     mat, off = np.eye(3), np.zeros(3)
     for a, t in ops:  # compose: x -> a (mat x + off) + t
         mat, off = a @ mat, a @ off + t
