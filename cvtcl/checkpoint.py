@@ -69,15 +69,18 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
 def is_complete(run_dir: str | os.PathLike) -> bool:
     """Whether the run in `run_dir` trained all its epochs (its latest checkpoint says so)."""
     latest = latest_checkpoint(run_dir)
-    return latest is not None and bool(load_checkpoint(latest).get("complete", False))
+    # memory-mapped: the schedule asks this of every sub-stage, and only one flag is read
+    return latest is not None and bool(load_checkpoint(latest, mmap=True).get("complete", False))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict with weights_only=True and check its format."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict with weights_only=True and check its format (`mmap`: tensors stay in
+    the file until touched)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {found!r}, this cvtcl reads format {CHECKPOINT_FORMAT}")

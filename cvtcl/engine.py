@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -114,11 +114,9 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch
 
     z = ctx.query(clips[:, 0])  # [B, D]
     keys = model.encode_keys(clips[:, 1], generator)  # [B, D]
-    instance = losses.info_nce(z, keys, queue, tau)
-    terms = {
-        "loss_instance": instance.detach(),
-        "top1_instance": losses.top1(losses.contrastive_logits(z.detach(), keys, queue, tau)),
-    }
+    logits = losses.contrastive_logits(z, keys, queue, tau)  # [B, 1 + K], once for the loss and its accuracy
+    instance = losses.positive_first_nce(logits)
+    terms = {"loss_instance": instance.detach(), "top1_instance": losses.top1(logits.detach())}
     loss = config.loss.instance_weight * instance
     if config.uses_segments:
         ltcl, ltcl_terms = ltcl_step(ctx, batch, generator)

@@ -15,7 +15,6 @@ loaders (`cvtcl.data.build_eval_loader`).
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,13 +169,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return build_eval_loader(args.shards, subset=subset, modality=modality, crops=crops, videos=videos,
                                  window_stride=args.window_stride, batch_size=args.batch_size, **common)
 
+    def make_train(modality: str) -> Any:  # fine-tune: augmented clips of the train subset
+        return build_pretrain_loader(args.shards, subset="train", modalities=(modality,), batch_size=args.batch_size,
+                                     pair_mode="same", seed=args.seed, **common)
+
     out_dir = Path(args.out or Path(args.checkpoint or ".").resolve().parent)
     payload: dict[str, Any] = {"protocol": args.protocol, "dataset": args.dataset, "split": args.split,
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
                                "bn_mode": args.bn_mode, "seed": args.seed}
     if args.protocol == "finetune":
         config = FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-        make_train = functools.partial(_finetune_loader, build_pretrain_loader, args, common)
         results = run_finetune(encoders, make_loader, make_train, len(manifest.classes),
                                device=args.device, config=config, heldout_fraction=args.heldout_fraction)
     else:
@@ -195,12 +197,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report.print_table(report.results_table(f"{args.protocol} on {args.dataset} split {args.split}", results))
     print(f"results: {path}")
     return payload
-
-
-def _finetune_loader(build_pretrain_loader: Callable[..., Any], args: argparse.Namespace,
-                     common: dict[str, Any], modality: str) -> Any:
-    return build_pretrain_loader(args.shards, subset="train", modalities=(modality,), batch_size=args.batch_size,
-                                 pair_mode="same", seed=args.seed, **common)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,15 +26,6 @@ from torch import nn
 from preprocess.schema import VideoRecord
 
 BN_MODES = ("eval", "batch")
-
-
-class FeatureEncoder(Protocol):
-    """What evaluation needs of `cvtcl.models.Encoder` (any nn.Module with `.features` will do)."""
-
-    feature_dim: int
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, T, H, W] -> [N, F]
-        ...
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvtcl.features import average_over_windows, inference_mode
+from cvtcl.features import average_over_windows, inference_mode, loader_labels
 from cvtcl.linear_probe import top1
 from cvtcl.selection import BestState
 
@@ -152,7 +152,7 @@ def classification_top1(
     models/test_loaders keyed by modality; the loaders must list the same videos in one order.
     """
     probs = {m: video_probabilities(models[m], test_loaders[m], modality=m, device=device) for m in sorted(models)}
-    labels = torch.tensor([v.label for v in next(iter(test_loaders.values())).videos])
+    labels = loader_labels(next(iter(test_loaders.values())))
     results = {m: top1(p, labels) for m, p in probs.items()}
     if len(probs) == 2:
         if [v.name for v in test_loaders["rgb"].videos] != [v.name for v in test_loaders["flow"].videos]:

@@ -32,7 +32,11 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) 
 
     q: [B, D], k: [B, D], queue: [K, D] -> scalar.
     """
-    logits = contrastive_logits(q, k, queue, tau)
+    return positive_first_nce(contrastive_logits(q, k, queue, tau))
+
+
+def positive_first_nce(logits: torch.Tensor) -> torch.Tensor:
+    """CE of [N, C] logits whose column 0 is the positive (eq. 1 given `contrastive_logits`)."""
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
@@ -47,7 +51,7 @@ def local_loss(q_segments: torch.Tensor, k_segments: torch.Tensor, queue: torch.
     once: CE = -l_pos + log(exp(l_pos) + sum exp(l_neg)) = -l_pos + logaddexp(l_pos, lse(l_neg)).
     """
     q, k, queue = q_segments.float(), k_segments.float(), queue.float()
-    positives = torch.einsum("bid,bmd->bim", q, k) / tau  # [B, Mq, M]
+    positives = temporal_logits(q, k, tau)  # [B, Mq, M]
     negatives = torch.einsum("bid,kd->bik", q, queue) / tau  # [B, Mq, K]
     denominator = torch.logaddexp(positives, torch.logsumexp(negatives, dim=2, keepdim=True))
     return (denominator - positives).mean()

@@ -20,10 +20,24 @@ METRICS_NAME = "metrics.jsonl"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl ([] when there is none yet). A torn last line (a run
+    killed mid-write) is skipped, so resume and plots read what was fully written; a damaged line
+    anywhere else is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not a JSON object; metrics.jsonl holds one per line") from None
+    return records
 
 
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:

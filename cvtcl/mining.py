@@ -134,10 +134,10 @@ def mining_precision(mined: Tensor, query_label: Tensor, queue_label: Tensor) ->
     queue_label: [K] -> scalar fp32, NaN when nothing was mined (warm-up, top-K = 0).
     """
     same_class = query_label[:, None] == queue_label[None, :]
-    total = mined.sum()
-    if int(total) == 0:
-        return torch.tensor(float("nan"), device=mined.device)
-    return (mined & same_class).sum().float() / total.float()
+    total = mined.sum().float()
+    hits = (mined & same_class).sum().float()
+    # no host read of `total`: this runs inside the training step
+    return torch.where(total > 0, hits / total.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 def chance_precision(query_label: Tensor, queue_label: Tensor, exclude: Tensor) -> Tensor:

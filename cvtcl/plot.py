@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cvtcl.metrics import read_metrics  # noqa: F401 (part of this module's interface)
 from cvtcl.report import NEIGHBOURS_PREFIX
 
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")  # first present one is the x axis
@@ -62,22 +63,6 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     return path
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    records = []
-    lines = Path(path).read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number} is not a JSON object; metrics.jsonl holds one per line") from None
-    return records
 
 
 def curve_series(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, tuple[list[float], list[float]]]]:

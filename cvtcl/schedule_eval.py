@@ -28,7 +28,7 @@ from torch import nn
 
 from cvtcl.eval import LoaderFactory, run_linear, run_retrieval, split_features
 from cvtcl.linear_probe import LinearProbeConfig
-from cvtcl.plot import read_metrics
+from cvtcl.metrics import read_metrics
 from cvtcl.report import STREAM_ORDER
 
 _STAGE_DIR = re.compile(r"^(stage1|cycle(\d+))-(rgb|flow)$")

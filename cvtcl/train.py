@@ -36,7 +36,7 @@ from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import cvtcl_schedule, run_schedule
-from preprocess.schema import load_manifest, shard_name, write_json_atomic
+from preprocess.schema import load_manifest, write_json_atomic
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
 # logged, not what is computed. Anything else needs a new run.out_dir.

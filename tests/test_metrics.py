@@ -81,3 +81,10 @@ def test_rich_bar_keeps_count_rate_and_eta_on_a_narrow_terminal(tmp_path, monkey
     logger.log({"step": 8, "epoch": 0, "knn/R@1": 12.5})  # a kNN record shows its own values
     assert logger.bar.tasks[0].fields["status"] == "knn/R@1=12.5"
     logger.close()
+
+
+def test_resume_truncation_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')  # killed mid-write
+    truncate_metrics(path, last_step=2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
