@@ -79,8 +79,7 @@ class DaliPretrainLoader:
             )
         self._stream: DaliStream | None = None
         self._source: PretrainSource | None = None
-        self._position: tuple[int, int] | None = None  # (epoch, step) of the next batch the stream yields
-        self._consumed = 0
+        self._consumed = 0  # batches taken from the stream: it yields (epoch, step) source.position(_consumed) next
 
     def _build(self, epoch: int, step: int) -> None:
         self.close()
@@ -94,22 +93,21 @@ class DaliPretrainLoader:
                               num_workers=self.num_workers, seed=self.cfg.seed),
         )
         self._stream = DaliStream(pipe, output_names(source.layout))
-        self._source, self._position, self._consumed = source, (epoch, step), 0
+        self._source, self._consumed = source, 0
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
-        self._stream = self._source = self._position = None
+        self._stream = self._source = None
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
         for step in range(start_step, self.steps_per_epoch):
-            if self._position != (epoch, step):
+            if self._source is None or self._source.position(self._consumed) != (epoch, step):
                 self._build(epoch, step)
             data = self._stream.next(lambda: f"epoch {epoch} step {step}", self._locate)
             self._consumed += 1
-            self._position = divmod(epoch * self.steps_per_epoch + step + 1, self.steps_per_epoch)
             yield self._assemble(data, epoch, step)
 
     def _assemble(self, data: dict, epoch: int, step: int) -> dict:
