@@ -102,9 +102,6 @@ class DaliStream:
             where = f"; first undecodable frame: {bad}" if bad else ""
             raise RuntimeError(f"DALI pipeline failed at {describe()}{where}: {text[-2000:]}") from err
 
-    def reset(self) -> None:
-        self.iterator.reset()
-
     def close(self) -> None:
         del self.iterator
         del self.pipeline
