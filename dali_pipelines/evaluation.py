@@ -19,7 +19,14 @@ import torch
 from nvidia.dali import fn, pipeline_def
 
 from dali_pipelines import frames as ops
-from dali_pipelines.iterate import DaliStream, dali_device, first_undecodable, pipeline_kwargs
+from dali_pipelines.iterate import (
+    DaliStream,
+    graph_kwargs,
+    locate_undecodable,
+    pipeline_kwargs,
+    source_kwargs,
+    stack_clips,
+)
 from dali_pipelines.source import FLOW_STD, EvalSource
 
 
@@ -33,10 +40,8 @@ def view_names(source: EvalSource) -> list[tuple[int, bool]]:
 def eval_pipeline(source: EvalSource, crop_size: int, device: str, dtype, parallel: bool, prefetch: int,
                   hw_decoder_load: float = 0.65):
     names = source.names()
-    kwargs = {"parallel": parallel, "batch_info": True}
-    if parallel:
-        kwargs["prefetch_queue_depth"] = prefetch
-    nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True, **kwargs)))
+    nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True,
+                                               **source_kwargs(parallel, prefetch))))
     decoded = ops.decode_modality(nodes, "all", source.modality, device, hw_decoder_load)
     outputs = []
     for position, flipped in view_names(source):
@@ -47,7 +52,7 @@ def eval_pipeline(source: EvalSource, crop_size: int, device: str, dtype, parall
 
 
 class DaliEvalLoader:
-    """`cvtcl.data.EvalLoader` on DALI: one pipeline, reset after each pass."""
+    """`cvtcl.data.EvalLoader` on DALI: a fresh pipeline per pass."""
 
     def __init__(self, source: EvalSource, *, crop_size: int, device: str, device_id, num_threads: int,
                  num_workers: int, dtype: torch.dtype, hw_decoder_load: float = 0.65):
@@ -62,9 +67,8 @@ class DaliEvalLoader:
 
     def _build(self) -> DaliStream:
         pipe = eval_pipeline(
-            source=self.source, crop_size=self.crop_size, device=dali_device(self.device),
-            dtype=ops.dali_dtype(self.dtype), parallel=self.num_workers > 0, prefetch=max(2, self.num_workers),
-            hw_decoder_load=self.hw_decoder_load,
+            source=self.source, crop_size=self.crop_size, hw_decoder_load=self.hw_decoder_load,
+            **graph_kwargs(self.device, self.dtype, self.num_workers),
             **pipeline_kwargs(batch_size=self.source.batch_size * self.source.frames_per_clip, device=self.device,
                               device_id=self.device_id, num_threads=self.num_threads,
                               num_workers=self.num_workers),
@@ -84,24 +88,16 @@ class DaliEvalLoader:
             data = self._stream.next(lambda: f"evaluation batch {step}", lambda: self._locate(step))
             windows = self.source.batch_windows(step)
             views = [data[f"view{i}"] for i in range(len(data))]
-            c, h, w = views[0].shape[1:]
-            b = len(windows)
-            out = torch.empty((b, len(views), c, t, h, w), dtype=self.dtype, device=views[0].device)
-            for i, view in enumerate(views):  # [B*T, C, H, W] -> [B, C, T, H, W], the one copy
-                out[:, i].copy_(view.view(b, t, c, h, w).transpose(1, 2))
             yield {
-                m: out,
+                m: stack_clips(views, self.dtype, t, len(windows)),
                 "video_index": torch.tensor([vi for vi, _ in windows], dtype=torch.long),
                 "label": torch.tensor([self.videos[vi].label for vi, _ in windows], dtype=torch.long),
             }
         self.close()
 
     def _locate(self, step: int) -> str | None:
-        for iteration in range(step, min(step + max(2, self.num_workers) + 2, len(self.source))):
+        def windows(iteration: int):  # past the last batch: no windows
             for video_index, frames in self.source.batch_windows(iteration):
-                video = self.videos[video_index]
-                for plane, bufs in self.source.clips.planes(self.source.modality, video, frames).items():
-                    found = first_undecodable((f"video {video.name} {plane} frame {f}", b) for f, b in zip(frames, bufs))
-                    if found:
-                        return found
-        return None
+                yield self.videos[video_index], frames
+
+        return locate_undecodable(self.source.clips, (self.source.modality,), windows, step, self.num_workers)

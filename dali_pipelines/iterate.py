@@ -39,6 +39,40 @@ def dali_device(device: str) -> str:
     return "gpu" if device == "cuda" else "cpu"
 
 
+def in_flight(num_workers: int) -> int:
+    """Batches the parallel source prepares ahead of the iterator: its prefetch queue depth."""
+    return max(2, num_workers)
+
+
+def source_kwargs(parallel: bool, prefetch: int) -> dict:
+    """`fn.external_source` arguments of a batch source called with `batch_info`."""
+    kwargs = {"parallel": parallel, "batch_info": True}
+    if parallel:
+        kwargs["prefetch_queue_depth"] = prefetch
+    return kwargs
+
+
+def graph_kwargs(device: str, dtype, num_workers: int) -> dict:
+    """The pipeline-function arguments the loaders derive alike from their settings (with
+    `pipeline_kwargs`): DALI device, output type, worker mode and prefetch depth."""
+    from dali_pipelines.frames import dali_dtype
+
+    return dict(device=dali_device(device), dtype=dali_dtype(dtype), parallel=num_workers > 0,
+                prefetch=in_flight(num_workers))
+
+
+def stack_clips(views, dtype, t: int, b: int, *rest: int):
+    """Per-view frame batches [N = B * prod(rest) * T, C, H, W] -> one tensor [B, V, *rest, C, T, H, W]
+    of `dtype` on the views' device. The T <-> C transpose is the one copy of the batch."""
+    import torch
+
+    c, h, w = views[0].shape[1:]
+    out = torch.empty((b, len(views), *rest, c, t, h, w), dtype=dtype, device=views[0].device)
+    for i, view in enumerate(views):
+        out[:, i].copy_(view.view(b, *rest, t, c, h, w).transpose(-4, -3))
+    return out
+
+
 class DaliStream:
     """A built pipeline and its iterator; `next()` returns {output name: tensor view}."""
 
@@ -68,9 +102,6 @@ class DaliStream:
             where = f"; first undecodable frame: {bad}" if bad else ""
             raise RuntimeError(f"DALI pipeline failed at {describe()}{where}: {text[-2000:]}") from err
 
-    def reset(self) -> None:
-        self.iterator.reset()
-
     def close(self) -> None:
         del self.iterator
         del self.pipeline
@@ -82,4 +113,19 @@ def first_undecodable(frames) -> str | None:
         image = cv2.imdecode(np.asarray(buf), cv2.IMREAD_UNCHANGED)
         if image is None:
             return description
+    return None
+
+
+def locate_undecodable(clips, modalities, windows, first: int, num_workers: int) -> str | None:
+    """On a DALI decode error: decode the batches that may be in flight from iteration `first` on
+    with OpenCV and name the first bad frame. `windows(iteration)` yields the (VideoRecord, frame
+    indices) windows of a batch; `clips` is the source's ClipReader."""
+    for iteration in range(first, first + in_flight(num_workers) + 2):
+        for video, frames in windows(iteration):
+            for modality in modalities:
+                for plane, bufs in clips.planes(modality, video, frames).items():
+                    found = first_undecodable(
+                        (f"video {video.name} {plane} frame {f}", buf) for f, buf in zip(frames, bufs))
+                    if found:
+                        return found
     return None

@@ -22,9 +22,16 @@ import torch
 from nvidia.dali import fn, pipeline_def
 
 from dali_pipelines import frames as ops
-from dali_pipelines.iterate import DaliStream, dali_device, first_undecodable, pipeline_kwargs
+from dali_pipelines.iterate import (
+    DaliStream,
+    graph_kwargs,
+    locate_undecodable,
+    pipeline_kwargs,
+    source_kwargs,
+    stack_clips,
+)
 from dali_pipelines.sampling import SamplingConfig, batch_meta, steps_per_epoch
-from dali_pipelines.source import ClipReader, PretrainSource, group_windows
+from dali_pipelines.source import PretrainSource, group_windows
 
 
 @pipeline_def
@@ -33,10 +40,8 @@ def pretrain_pipeline(source: PretrainSource, crop_size: int, device: str, dtype
     """Outputs, in `output_names(layout)` order: per modality, part and copy, [N = B * T, C, S, S]."""
     layout = source.layout
     names = layout.names()
-    kwargs = {"parallel": parallel, "batch_info": True}
-    if parallel:
-        kwargs["prefetch_queue_depth"] = prefetch
-    nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True, **kwargs)))
+    nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True,
+                                               **source_kwargs(parallel, prefetch))))
     outputs = []
     for modality in layout.modalities:
         decoded = {g: ops.decode_modality(nodes, g, modality, device, hw_decoder_load) for g in layout.groups()}
@@ -74,75 +79,59 @@ class DaliPretrainLoader:
             )
         self._stream: DaliStream | None = None
         self._source: PretrainSource | None = None
-        self._position: tuple[int, int] | None = None  # (epoch, step) of the next batch the stream yields
-        self._consumed = 0
+        self._consumed = 0  # batches taken from the stream: it yields (epoch, step) source.position(_consumed) next
 
     def _build(self, epoch: int, step: int) -> None:
         self.close()
         source = PretrainSource(self.reader, self.cfg, self.batch_size, self.rank, self.world_size,
                                 self.modalities, self.steps_per_epoch, epoch, step)
         pipe = pretrain_pipeline(
-            source=source, crop_size=self.crop_size, device=dali_device(self.device),
-            dtype=ops.dali_dtype(self.dtype), parallel=self.num_workers > 0, prefetch=max(2, self.num_workers),
-            hw_decoder_load=self.hw_decoder_load,
+            source=source, crop_size=self.crop_size, hw_decoder_load=self.hw_decoder_load,
+            **graph_kwargs(self.device, self.dtype, self.num_workers),
             **pipeline_kwargs(batch_size=self.batch_size * self.cfg.frames_per_clip, device=self.device,
                               device_id=self.device_id, num_threads=self.num_threads,
                               num_workers=self.num_workers, seed=self.cfg.seed),
         )
         self._stream = DaliStream(pipe, output_names(source.layout))
-        self._source, self._position, self._consumed = source, (epoch, step), 0
+        self._source, self._consumed = source, 0
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
-        self._stream = self._source = self._position = None
+        self._stream = self._source = None
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
         for step in range(start_step, self.steps_per_epoch):
-            if self._position != (epoch, step):
+            if self._source is None or self._source.position(self._consumed) != (epoch, step):
                 self._build(epoch, step)
             data = self._stream.next(lambda: f"epoch {epoch} step {step}", self._locate)
             self._consumed += 1
-            self._position = divmod(epoch * self.steps_per_epoch + step + 1, self.steps_per_epoch)
             yield self._assemble(data, epoch, step)
 
     def _assemble(self, data: dict, epoch: int, step: int) -> dict:
         b, t, m = self.batch_size, self.cfg.frames_per_clip, self.cfg.num_segments
         layout = self._source.layout
-        out_device = data[output_names(layout)[0]].device
         batch = {k: torch.as_tensor(a) for k, a in batch_meta(
             self.videos, self.reader.group_ids, self.cfg.seed, epoch, step, b, self.rank, self.world_size).items()}
         for modality in self.modalities:
             for part in layout.parts:
                 frames = [data[f"{modality}:{part}{v}"] for v in (0, 1)]
-                c, h, w = frames[0].shape[1:]
                 if part == "clip":
-                    out = torch.empty((b, 2, c, t, h, w), dtype=self.dtype, device=out_device)
-                    for v in (0, 1):  # [B*T, C, H, W] -> [B, C, T, H, W]: the one copy, T <-> C transpose
-                        out[:, v].copy_(frames[v].view(b, t, c, h, w).transpose(1, 2))
-                    batch[modality] = out
+                    batch[modality] = stack_clips(frames, self.dtype, t, b)
                 else:
-                    seg = torch.empty((b, 2, m, c, t // m, h, w), dtype=self.dtype, device=out_device)
-                    for v in (0, 1):
-                        seg[:, v].copy_(frames[v].view(b, m, t // m, c, h, w).transpose(2, 3))
-                    batch[f"{modality}_segments"] = seg
+                    batch[f"{modality}_segments"] = stack_clips(frames, self.dtype, t // m, b, m)
         return batch
 
     def _locate(self) -> str | None:
         """On a DALI decode error: decode the batches in flight with OpenCV to name the bad frame."""
-        clips, source = ClipReader(self.reader), self._source
-        for iteration in range(self._consumed, self._consumed + max(2, self.num_workers) + 2):
+        source = self._source
+
+        def windows(iteration: int):
             for plan in source.plans(iteration):
-                video = self.videos[plan.video_index]
                 for group in source.layout.groups():
                     for frames in group_windows(plan, group):
-                        for modality in self.modalities:
-                            for plane, bufs in clips.planes(modality, video, frames).items():
-                                found = first_undecodable(
-                                    (f"video {video.name} {plane} frame {f}", buf) for f, buf in zip(frames, bufs))
-                                if found:
-                                    return found
-        return None
+                        yield self.videos[plan.video_index], frames
 
+        return locate_undecodable(source.clips, self.modalities, windows, self._consumed, self.num_workers)

@@ -34,7 +34,7 @@ from dali_pipelines.sampling import (
 PLANES = {"rgb": ("rgb",), "flow": ("flowx", "flowy")}
 RGB_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 RGB_STD = np.array([0.229, 0.224, 0.225]) * 255
-FLOW_MEAN, FLOW_STD = 128.0, 128.0  # (u8 - 128) / 128, schema.normalise_flow
+FLOW_MEAN, FLOW_STD = 128.0, 128.0  # (u8 - 128) / 128 ~ flow / 20: schema.FLOW_ZERO, schema.FLOW_SCALE
 
 
 class CorruptFrameError(RuntimeError):

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from preprocess.flow import encode_flow
-from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atomic
+from preprocess.schema import Manifest, VideoRecord, manifest_path, shard_name, write_json_atomic
 from preprocess.shards import EncodedVideo, write_shard
 
 
@@ -78,5 +78,5 @@ def write_toy_dataset(root: str | Path, *, num_videos: int = 8, num_frames: int 
     params = {"flow": {"backend": "toy" if with_flow else "none"}, "jpeg_quality": quality}
     manifest = Manifest("toy", params, ["class0", "class1", "class2"], shards, records,
                         {"1": {"train": names, "test": names}})
-    write_json_atomic(root / "manifest.json", manifest.to_dict())
+    write_json_atomic(manifest_path(root), manifest.to_dict())
     return root

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def pack_options(args: argparse.Namespace, extra_params: dict | None = None) -> PackOptions:
+def pack_options(args: argparse.Namespace) -> PackOptions:
     flow_options = {}
     if args.flow_device is not None:
         flow_options["device"] = args.flow_device
@@ -80,7 +80,7 @@ def pack_options(args: argparse.Namespace, extra_params: dict | None = None) -> 
     return PackOptions(
         out=str(args.out), workers=args.workers, videos_per_shard=args.videos_per_shard,
         jpeg_quality=args.jpeg_quality, flow_jpeg_quality=args.flow_jpeg_quality, short_side=args.short_side,
-        flow=args.flow, flow_options=flow_options, extra_params=extra_params or {},
+        flow=args.flow, flow_options=flow_options,
     )
 
 

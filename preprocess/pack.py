@@ -38,7 +38,7 @@ from preprocess.schema import (
     write_json_atomic,
 )
 from preprocess.shards import EncodedVideo, file_sha256, read_shard_header, write_shard
-from preprocess.video import VideoDecodeError, iter_frames, video_fps
+from preprocess.video import VideoDecodeError, open_video
 
 PARAMS_NAME = "params.json"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CONFIG = 0, 3, 2
@@ -148,7 +148,8 @@ def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | 
         del pending[: len(pending) - 1 if keep_last else len(pending)]
 
     height = width = 0
-    for frame in iter_frames(src.path, options.short_side):
+    fps, frames = open_video(src.path, options.short_side)  # one capture gives the frames and the fps
+    for frame in frames:
         ok, buf = cv2.imencode(".jpg", frame, params)
         if not ok:
             raise VideoDecodeError(f"{src.path}: OpenCV could not JPEG-encode frame {len(rgb)}")
@@ -160,7 +161,7 @@ def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | 
                 flush(keep_last=True)
     if backend is not None:
         flush(keep_last=False)
-    record = VideoRecord(src.name, src.class_name, src.label, src.group, len(rgb), video_fps(src.path), height, width)
+    record = VideoRecord(src.name, src.class_name, src.label, src.group, len(rgb), fps, height, width)
     return EncodedVideo(record, rgb, flow if backend is not None else None)
 
 

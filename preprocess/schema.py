@@ -39,7 +39,6 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.h5"
 TEMP_SUFFIX = ".tmp"
 
-MODALITIES = ("rgb", "flow")
 CHANNELS = {"rgb": 3, "flow": 2}
 
 FLOW_BOUND = 20.0  # pixels; each flow component is clipped to ±FLOW_BOUND before quantisation
@@ -192,7 +191,7 @@ def quantise_flow(flow: np.ndarray) -> np.ndarray:
     levels = np.rint((clipped + FLOW_BOUND) * (255.0 / (2 * FLOW_BOUND))).astype(np.uint8)
     # Zero flow sits on the rounding boundary (127.5), so TV-L1's +-0.05 px noise in static
     # regions would flicker between 127 and 128. Flow within half a level of zero is stored as
-    # 128, the level `normalise_flow` reads as exactly zero.
+    # 128, the level the loaders' (u8 - FLOW_ZERO) / FLOW_SCALE reads as exactly zero.
     levels[np.abs(clipped) < FLOW_BOUND / 255.0] = FLOW_ZERO
     return levels
 
@@ -201,8 +200,3 @@ def dequantise_flow(levels: np.ndarray) -> np.ndarray:
     """uint8 levels -> flow in pixels, the inverse of `quantise_flow` up to half a level (0.078 px);
     one level (0.157 px) for flow in (-0.078, 0), which is stored as 128."""
     return levels.astype(np.float32) * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND
-
-
-def normalise_flow(levels: np.ndarray) -> np.ndarray:
-    """uint8 levels -> network input, (u8 - 128) / 128 ~ flow / 20."""
-    return (levels.astype(np.float32) - FLOW_ZERO) / FLOW_SCALE

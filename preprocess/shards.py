@@ -116,6 +116,15 @@ def read_shard_header(path: str | os.PathLike) -> tuple[list[VideoRecord], list[
     return videos, failed
 
 
+def read_frames(blob, offsets: np.ndarray) -> list[np.ndarray]:
+    """The encoded frames bounded by `offsets` (count + 1 consecutive entries of a shard's
+    `<modality>/offsets`), cut from `blob` (its `<modality>/bytes` dataset) with one read."""
+    lo = int(offsets[0])
+    data = blob[lo : int(offsets[-1])]
+    rel = offsets - lo
+    return [data[rel[i] : rel[i + 1]] for i in range(len(offsets) - 1)]
+
+
 class ShardReader:
     """Random access to the frames of a packed dataset.
 
@@ -187,11 +196,8 @@ class ShardReader:
         return self._offsets[key]
 
     def _read_range(self, shard: int, modality: str, first: int, count: int) -> list[np.ndarray]:
-        offsets = self._offsets_of(shard, modality)
-        lo, hi = int(offsets[first]), int(offsets[first + count])
-        blob = self._file(shard)[modality]["bytes"][lo:hi]
-        rel = offsets[first : first + count + 1] - lo
-        return [blob[rel[i] : rel[i + 1]] for i in range(count)]
+        offsets = self._offsets_of(shard, modality)[first : first + count + 1]
+        return read_frames(self._file(shard)[modality]["bytes"], offsets)
 
     def read_rgb(self, video: VideoRecord, start: int, count: int) -> list[np.ndarray]:
         """JPEG bytes of frames start .. start + count - 1 of `video`, in one read."""

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from preprocess.schema import LayoutError, VideoRecord, load_manifest
-from preprocess.shards import file_sha256, read_shard_header
+from preprocess.shards import file_sha256, read_frames, read_shard_header
 
 
 def _check_offsets(h5: h5py.File, modality: str, frames: int, where: str) -> list[str]:
@@ -39,15 +39,14 @@ def _decode_all(h5: h5py.File, modality: str, video: VideoRecord, where: str) ->
     count = video.num_frames if modality == "rgb" else 2 * video.num_flow_frames
     if count == 0:
         return []
-    offsets = h5[modality]["offsets"][first : first + count + 1]
-    blob = h5[modality]["bytes"][offsets[0] : offsets[-1]]
+    frames = read_frames(h5[modality]["bytes"], h5[modality]["offsets"][first : first + count + 1])
     flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
-    for i in range(count):
-        image = cv2.imdecode(blob[offsets[i] - offsets[0] : offsets[i + 1] - offsets[0]], flag)
-        expected = (video.height, video.width) + ((3,) if channels == 3 else ())
+    expected = (video.height, video.width) + ((3,) if channels == 3 else ())
+    unit = "frame" if modality == "rgb" else "flow plane"
+    for i, buf in enumerate(frames):
+        image = cv2.imdecode(buf, flag)
         if image is None or image.shape != expected:
             got = "undecodable" if image is None else f"shape {image.shape}"
-            unit = "frame" if modality == "rgb" else "flow plane"
             return [f"{where}: {video.name} {modality} {unit} {i} is {got}, expected {expected}"]
     return []
 
@@ -59,18 +58,19 @@ def check_shard(root: str, entry: dict[str, Any], videos: list[VideoRecord], wit
     if not path.is_file():
         return [f"{where}: missing"]
     problems = []
-    if path.stat().st_size != entry["bytes"]:
-        problems.append(f"{where}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        problems.append(f"{where}: {size} bytes, manifest says {entry['bytes']}")
     if file_sha256(path) != entry["sha256"]:
         problems.append(f"{where}: sha256 differs from the manifest (damaged or rewritten)")
     try:
         header, _ = read_shard_header(path)
         if header != videos:
             problems.append(f"{where}: the header's video records differ from the manifest's")
-        if len(videos) != entry["num_videos"] or sum(v.num_frames for v in videos) != entry["num_frames"]:
+        frames = sum(v.num_frames for v in videos)
+        if len(videos) != entry["num_videos"] or frames != entry["num_frames"]:
             problems.append(f"{where}: video/frame counts differ from the manifest's shard entry")
         with h5py.File(path, "r") as h5:
-            frames = sum(v.num_frames for v in videos)
             layout = _check_offsets(h5, "rgb", frames, where)
             if with_flow:
                 layout += _check_offsets(h5, "flow", 2 * sum(v.num_flow_frames for v in videos), where)

@@ -60,11 +60,12 @@ def _open(path: Path) -> tuple[cv2.VideoCapture, float]:
     return capture, fps if math.isfinite(fps) and fps > 0 else 0.0
 
 
-def video_fps(path: str | os.PathLike) -> float:
-    """The frame rate the container states (0.0 when it states none); raises VideoDecodeError."""
-    capture, fps = _open(Path(path))
-    capture.release()
-    return fps
+def open_video(path: str | os.PathLike, short_side: int | None = None) -> tuple[float, Iterator[np.ndarray]]:
+    """Open a video once: (the frame rate the container states, 0.0 when it states none; its frames
+    as `iter_frames` yields them). Raises VideoDecodeError at once when the file does not open."""
+    path = Path(path)
+    capture, fps = _open(path)
+    return fps, _frames(capture, path, short_side)
 
 
 def iter_frames(path: str | os.PathLike, short_side: int | None = None) -> Iterator[np.ndarray]:
@@ -73,8 +74,10 @@ def iter_frames(path: str | os.PathLike, short_side: int | None = None) -> Itera
     Streaming keeps a worker's memory at one frame plus what the caller keeps (a UCF101 video can
     hold 1,800 frames). Raises VideoDecodeError when nothing decodes or the frame size changes.
     """
-    path = Path(path)
-    capture, _ = _open(path)
+    yield from open_video(path, short_side)[1]
+
+
+def _frames(capture: cv2.VideoCapture, path: Path, short_side: int | None) -> Iterator[np.ndarray]:
     count, shape = 0, None
     try:
         while True:
@@ -97,5 +100,5 @@ def iter_frames(path: str | os.PathLike, short_side: int | None = None) -> Itera
 
 def read_video(path: str | os.PathLike, short_side: int | None = None) -> DecodedVideo:
     """The whole video in memory: frames [N, H, W, 3] BGR uint8 and fps (for tests and benchmarks)."""
-    frames = list(iter_frames(path, short_side))
-    return DecodedVideo(np.stack(frames), video_fps(path))
+    fps, frames = open_video(path, short_side)
+    return DecodedVideo(np.stack(list(frames)), fps)
