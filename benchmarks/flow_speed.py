@@ -27,8 +27,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import cpu_name
 from preprocess.flow import make_backend
 from preprocess.flow_check import end_point_error, synthetic_video
+from preprocess.schema import write_json_atomic
 
 SEGMENT = 9  # frames per generated shot; pairs across two shots are cuts without ground truth
 
@@ -86,14 +88,6 @@ def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compiled: bool) -
     return time_backend(backend, gray)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def plan_runs(args, cuda: bool) -> list[tuple]:
     """(backend, where, pairs, run(gray) -> (seconds, flow)); OpenCV with one process first: the
     reference of every ratio and agreement column."""
@@ -114,13 +108,6 @@ def plan_runs(args, cuda: bool) -> list[tuple]:
                      lambda g, c=compiled: time_backend(
                          make_backend("tvl1-torch", device="cuda", batch=args.batch, compile=c), g)))
     return runs
-
-
-def write_record(path: Path | None, record: dict) -> None:
-    if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -153,7 +140,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     record = {
         "benchmark": "flow_speed",
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "workers": args.workers,
+        "cpu": cpu_name() or "unknown CPU", "cpu_count": os.cpu_count(), "workers": args.workers,
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -177,11 +164,13 @@ def main() -> None:
             record["results"].append(row)
             print(json.dumps(row), flush=True)
             # A time limit may stop the run: what is done so far stays, marked as incomplete.
-            write_record(args.json, {**record, "error": "incomplete: the run stopped before its end"})
+            if args.json:
+                write_json_atomic(args.json, {**record, "error": "incomplete: the run stopped before its end"})
 
     print_table(record["results"])
     print(json.dumps(record))
-    write_record(args.json, record)
+    if args.json:
+        write_json_atomic(args.json, record)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import write_toy_shards  # noqa: E402
+from preprocess.schema import write_json_atomic  # noqa: E402
+
 LEVELS = {"rgb": 0.225 * 255, "flow": 128.0}  # normalised units -> 8-bit levels
 
 
@@ -81,13 +84,9 @@ def parity(args) -> dict:
 def decoder_sweep(args) -> dict:
     import loader_speed  # benchmarks/ is on sys.path when this file runs as a script
 
-    from dali_pipelines.toy_shards import write_toy_dataset
-
-    h, w = (int(v) for v in args.size.split("x"))
     results = []
     with tempfile.TemporaryDirectory() as tmp:  # one dataset for every load
-        root = write_toy_dataset(Path(tmp), num_videos=args.batch * (args.steps + 2), num_frames=args.frames + 8,
-                                 height=h, width=w, num_static=0, with_flow=False, videos_per_shard=64, quality=90)
+        root = write_toy_shards(Path(tmp), size=args.size, num_videos=args.batch * (args.steps + 2), frames=args.frames)
         for load in (float(v) for v in args.loads.split(",")):
             argv = ["--shards", str(root), "--device", args.device, "--backends", "dali", "--batch", str(args.batch),
                     "--frames", str(args.frames), "--crop", str(args.crop), "--steps", str(args.steps),
@@ -116,7 +115,7 @@ def main(argv=None) -> None:
     except Exception as err:  # fail soft: the error is the result, gpu_check.sh goes on
         result = {"error": f"{type(err).__name__}: {err}"[:4000]}
     result.update(check=args.check, seconds=time.time() - started)
-    Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_json_atomic(args.out, result)
     print(json.dumps(result, sort_keys=True))
 
 

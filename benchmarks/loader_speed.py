@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_name, write_toy_shards  # noqa: E402
+
 FRAMES_PER_SAMPLE = 2 * 32  # stage 1: two copies of a 32-frame clip
 PAPER_SAMPLES_PER_S = 8 * 25  # 8 TITAN Xp at ~25 stage-1 samples/s each (DESIGN.md)
 H100_ROOFLINE_SAMPLES_PER_S = 1300  # DESIGN.md, S3D stage 1 on one H100
@@ -64,9 +66,7 @@ def cpu_seconds() -> float:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    return f"CPU {model} ({os.cpu_count()} cores)"
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores)"
 
 
 def versions() -> dict:
@@ -110,7 +110,7 @@ def run_loader(backend: str, args, root) -> dict:
             "cpu_cores_busy": cpu / wall, "wall_s": wall}
 
 
-def consumption(device: str, step_rate: float | None) -> dict:
+def consumption(step_rate: float | None) -> dict:
     if step_rate:
         present, how = step_rate, "measured trainer rate (--step-rate)"
     else:
@@ -142,19 +142,15 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.shards
         if root is None:
-            from dali_pipelines.toy_shards import write_toy_dataset
-
-            h, w = (int(v) for v in args.gen_size.split("x"))
-            n = args.gen_videos or args.batch * (args.steps + args.warmup)
-            root = write_toy_dataset(Path(tmp) / "shards", num_videos=n, num_frames=args.frames + 8, height=h,
-                                     width=w, num_static=0, with_flow=False, videos_per_shard=64, quality=90)
+            root = write_toy_shards(Path(tmp) / "shards", size=args.gen_size, frames=args.frames,
+                                    num_videos=args.gen_videos or args.batch * (args.steps + args.warmup))
         results = {}
         for backend in args.backends.split(","):
             try:
                 results[backend] = run_loader(backend, args, root)
             except Exception as err:  # fail soft: report which loader failed and why, keep the other
                 results[backend] = {"error": f"{type(err).__name__}: {err}"[:2000]}
-    need = consumption(args.device, args.step_rate)
+    need = consumption(args.step_rate)
     for res in results.values():
         if "frames_per_s" in res:
             res["headroom_paper"] = res["frames_per_s"] / need["paper_8x_titan_xp_frames_per_s"]

@@ -27,24 +27,25 @@ from cvtcl.models import Encoder
 
 
 @torch.no_grad()
-def video_embeddings(encoder: Encoder, root: str, subset: str, frames: int, crop: int, backend: str,
-                     features: bool = False):
-    """-> (embeddings [N, D] unit norm, labels [N], groups [N]) for every video of the subset;
-    `features`: the pooled backbone features instead of the head's embedding."""
-    loader = build_eval_loader(root, subset=subset, modality=encoder.modality, frames_per_clip=frames,
-                               window_stride=max(1, frames // 2), crop_size=crop, batch_size=8,
-                               backend=backend, num_threads=1)
-    embed = encoder.features if features else encoder
-    sums = torch.zeros(len(loader.videos), encoder.feature_dim if features else encoder.embed_dim)
+def video_embeddings(encoders: list[Encoder], loader, features: bool = False):
+    """-> ([embeddings [N, D] unit norm, one per encoder], labels [N], groups [N]) for every video of
+    the loader: the mean over its windows. One pass over the loader serves every encoder (in eval
+    mode). `features`: the pooled backbone features instead of the head's embedding."""
+    embeds = [encoder.features if features else encoder for encoder in encoders]
+    dims = [encoder.feature_dim if features else encoder.embed_dim for encoder in encoders]
+    # Summed in float32, not by cvtcl.features.average_over_windows (float64 sums): on the synthetic
+    # data that last-bit difference changed which neighbours flow samplers mine, and their precision.
+    sums = torch.zeros(len(loader.videos), sum(dims))
     counts = torch.zeros(len(loader.videos))
     for batch in loader:
-        clips = batch[encoder.modality][:, 0]  # [B, C, T, H, W]: the centre crop
-        sums.index_add_(0, batch["video_index"], embed(clips.float()))
+        clips = batch[encoders[0].modality][:, 0].float()  # [B, C, T, H, W]: the centre crop
+        sums.index_add_(0, batch["video_index"], torch.cat([embed(clips) for embed in embeds], dim=1))
         counts.index_add_(0, batch["video_index"], torch.ones(len(clips)))
     group_ids = {g: i for i, g in enumerate(sorted({v.group for v in loader.videos}))}
     labels = torch.tensor([v.label for v in loader.videos])
     groups = torch.tensor([group_ids[v.group] for v in loader.videos])
-    return F.normalize(sums / counts.clamp(min=1)[:, None], dim=1), labels, groups
+    means = sums / counts.clamp(min=1)[:, None]
+    return [F.normalize(mean, dim=1) for mean in means.split(dims, dim=1)], labels, groups
 
 
 def mine(embeddings: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, topk: int) -> dict[str, float]:
@@ -67,16 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="dali", choices=("dali", "baseline"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
+    rows, loaders = [], {}  # one loader per modality
     for path in args.checkpoints:
         trained, _ = load_encoder(path)
         torch.manual_seed(0)
         untrained = Encoder(**trained.config()).eval()
-        for name, encoder in ((path, trained), ("untrained " + trained.modality, untrained)):
-            result = mine(*video_embeddings(encoder, args.data, args.subset, args.frames, args.crop, args.backend,
-                                           args.features),
-                          args.topk)
-            rows.append({"sampler": name, "modality": encoder.modality, **result})
+        modality = trained.modality
+        if modality not in loaders:
+            loaders[modality] = build_eval_loader(
+                args.data, subset=args.subset, modality=modality, frames_per_clip=args.frames,
+                window_stride=max(1, args.frames // 2), crop_size=args.crop, batch_size=8, backend=args.backend,
+                num_threads=1)
+        embeddings, labels, groups = video_embeddings([trained, untrained], loaders[modality], args.features)
+        for name, encoder_embeddings in zip((path, "untrained " + modality), embeddings):
+            rows.append({"sampler": name, "modality": modality, **mine(encoder_embeddings, labels, groups, args.topk)})
     print(f"{'sampler':<70} {'precision':>9} {'chance':>7}")
     for row in rows:
         print(f"{row['sampler'][-70:]:<70} {row['precision']:9.3f} {row['chance']:7.3f}")

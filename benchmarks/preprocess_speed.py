@@ -23,6 +23,7 @@ import cv2
 import h5py
 import numpy as np
 
+from benchmarks.common import cpu_name
 from preprocess.datasets import SourceVideo
 from preprocess.flow import encode_flow, make_backend
 from preprocess.pack import PackOptions, encode_video
@@ -65,11 +66,7 @@ def _frames(path: str) -> list[np.ndarray]:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+    return {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
             "load_average_1min": os.getloadavg()[0]}  # a shared machine slows the wall-clock rates
 
 
@@ -96,7 +93,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"preprocessing, one worker ({machine()['cpu']})")
+    host = machine()
+    table = Table(title=f"preprocessing, one worker ({host['cpu']})")
     flow = results[0]["flow_backend"]
     for column in ("frame size", "RGB packing frames/s", "(per CPU s)", f"flow ({flow}) frames/s", "(per CPU s)"):
         table.add_column(column, justify="right")
@@ -105,7 +103,7 @@ def main() -> None:
                       f"{r['flow_frames_per_s']:.1f}", f"{r['flow_frames_per_cpu_s']:.1f}")
     Console(stderr=True).print(table)
     versions = {"python": sys.version.split()[0], "numpy": np.__version__, "opencv": cv2.__version__, "h5py": h5py.__version__}
-    print(json.dumps({"benchmark": "preprocess_speed", "machine": machine(), "versions": versions,
+    print(json.dumps({"benchmark": "preprocess_speed", "machine": host, "versions": versions,
                       "frames": args.frames, "results": results}))
 
 

@@ -28,11 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_toy_shards  # noqa: E402
 from cvtcl import engine  # noqa: E402
 from cvtcl.config import apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
+from preprocess.schema import write_json_atomic  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "one_by_one")  # names for --variants
 batched_encode = engine.encode_segments  # the production path; one variant swaps in segments_one_by_one
@@ -163,11 +165,17 @@ def main(argv=None) -> int:
     }
     for variant in variants:
         record["results"].append(time_variant(args, dist, *variant))
-        write_json(args.json, record | {"error": f"incomplete: stopped after {len(record['results'])} variants"})
+        # Written after every variant, so a timeout leaves the variants measured so far (marked incomplete).
+        if args.json:
+            incomplete = f"incomplete: stopped after {len(record['results'])} variants"
+            write_json_atomic(args.json, record | {"error": incomplete})
     if args.loader:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                root = args.data or toy_dataset(args, Path(tmp))
+                # enough toy shards for the timed steps
+                root = args.data or write_toy_shards(
+                    Path(tmp) / "shards", size=args.gen_size, num_videos=args.batch * (args.steps + args.warmup + 1),
+                    frames=args.frames, with_flow=args.modality == "flow")
                 record["results"].append(time_loader(args, dist, best, root))
             except Exception as err:  # fail soft: keep the synthetic variants, say why the loader failed
                 record["results"].append({"variant": "loader", "error": f"{type(err).__name__}: {err}"[:2000]})
@@ -178,26 +186,9 @@ def main(argv=None) -> int:
             r["speedup_vs_fp32"] = r["samples_per_s"] / reference["samples_per_s"]
     print_table(record["results"])
     print(json.dumps(record))
-    write_json(args.json, record)
+    if args.json:
+        write_json_atomic(args.json, record)
     return 0
-
-
-def write_json(path, record):
-    """Write after every variant, so a timeout leaves the variants measured so far (marked incomplete)."""
-    if path:
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record) + "\n")
-        tmp.replace(path)
-
-
-def toy_dataset(args, where: Path) -> Path:
-    """Enough toy shards (dali_pipelines.toy_shards, the loader benchmark's) for the timed steps."""
-    from dali_pipelines.toy_shards import write_toy_dataset
-
-    height, width = (int(v) for v in args.gen_size.split("x"))
-    return write_toy_dataset(where / "shards", num_videos=args.batch * (args.steps + args.warmup + 1),
-                             num_frames=args.frames + 8, height=height, width=width, num_static=0,
-                             with_flow=args.modality == "flow", videos_per_shard=64, quality=90)
 
 
 def print_table(results):
