@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (DESIGN.md "Testing without a GPU"): validates and times everything
-# GPU-specific in one call of about 7 minutes on one H100, writing one JSON file per step to OUTDIR.
+# GPU-specific in one call of about 9 minutes on one H100, writing one JSON file per step to OUTDIR.
 #
 #   export PYTHONPATH=$(cat ~/.cache/cvtcl-gpu/site.path):$PWD   # DALI, see ../shared/gpu/README.md
 #   bash benchmarks/gpu_check.sh OUTDIR
@@ -67,12 +67,16 @@ step hw_decoder_sweep 60 $PY benchmarks/gpu_loader_check.py decoder-sweep "$OUTD
   --loads $([ $DEVICE = cpu ] && echo 0.65 || echo 0,0.5,1)
 step loader_speed 60 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]}" --json "$OUTDIR/loader_speed.json"
 
+# --- issue 5: the whole schedule at smoke size (stage 2 on the device, autocast, dihedral copies) ---
+# first of the training steps: a correctness check (stage-2 paths that CPU tests cannot reach)
+step schedule 120 $PY benchmarks/schedule_check.py --device $DEVICE --json "$OUTDIR/schedule.json"
+
 # --- issue 4: stage-1 training step (precision, channels_last_3d, batched segments, loader wait) --
 # each variant spends ~30 s in cuDNN's autotune of the 3D convolutions on an H100 (2026-11-26), so three
 if [ $DEVICE = cuda ]; then TRAIN=(--batch 16 --steps 8 --warmup 2 --threads 4 --variants fp32,bf16,channels_last); else TRAIN=(--smoke); fi
 step train_speed 130 $PY benchmarks/train_speed.py --device $DEVICE --loader "${TRAIN[@]}" --json "$OUTDIR/train_speed.json"
 
-# --- later issues: append steps here; the step limits together must stay under ~7 min (now 405 s) ---
+# --- later issues: append steps here; the step limits together must stay under ~9 min (now 525 s) ---
 
 # --- issue 7: flow extraction (OpenCV TV-L1 vs tvl1-torch, eager and compiled on the GPU) -------
 if [ $DEVICE = cuda ]; then

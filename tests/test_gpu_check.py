@@ -18,8 +18,11 @@ def test_gpu_check_runs_cpu_parts(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = {p.stem for p in tmp_path.glob("*.json")}
-    assert {"environment", "loader_parity", "hw_decoder_sweep", "loader_speed", "flow_speed", "train_speed"} <= names
+    assert {"environment", "loader_parity", "hw_decoder_sweep", "loader_speed", "flow_speed", "train_speed",
+            "schedule"} <= names
     for path in tmp_path.glob("*.json"):
         result = json.loads(path.read_text())
         assert "error" not in result, (path.name, result)
     assert json.loads((tmp_path / "loader_parity.json").read_text())["ok"]
+    schedule = json.loads((tmp_path / "schedule.json").read_text())
+    assert all(schedule["complete"].values()) and schedule["last_record"]["queue_full"] == 1.0
