@@ -10,10 +10,11 @@ Every frame is one DALI sample (DALI 2.4's image decoder silently decodes only t
 a sequence), so each output is a batch of N = B * T frames, and the per-clip augmentation is
 repeated per frame: all frames of a clip copy share crop, flip, colour and blur by construction.
 
-Corrupt data: every frame must start with the JPEG SOI marker and end with EOI; otherwise the
-source raises `CorruptFrameError` naming shard root, video, modality and frame, and DALI re-raises
-it from the iterator (checked in tests). Damage inside the entropy-coded data cannot be seen
-without decoding; `cvtcl-preprocess verify` checks the shard checksums for that.
+Corrupt data: the ShardReader checks every frame's crc32 (layout version 2) as it reads it, and
+every frame must start with the JPEG SOI marker and end with EOI; otherwise the source raises
+`CorruptFrameError` naming shard root, video, modality and frame, and DALI re-raises it from the
+iterator (checked in tests). The DALI CPU and GPU paths and the baseline loader all read through
+`ClipReader`, so all of them check.
 """
 
 from __future__ import annotations
@@ -30,15 +31,12 @@ from dali_pipelines.sampling import (
     flow_indices,
     plan_batch,
 )
+from preprocess.schema import CorruptFrameError  # noqa: F401 (raised here, re-exported to the loaders)
 
 PLANES = {"rgb": ("rgb",), "flow": ("flowx", "flowy")}
 RGB_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 RGB_STD = np.array([0.229, 0.224, 0.225]) * 255
 FLOW_MEAN, FLOW_STD = 128.0, 128.0  # (u8 - 128) / 128 ~ flow / 20: schema.FLOW_ZERO, schema.FLOW_SCALE
-
-
-class CorruptFrameError(RuntimeError):
-    """A stored frame that is not a complete JPEG."""
 
 
 class ClipReader:

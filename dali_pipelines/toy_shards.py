@@ -17,7 +17,7 @@ import numpy as np
 
 from preprocess.flow import encode_flow
 from preprocess.schema import Manifest, VideoRecord, manifest_path, shard_name, write_json_atomic
-from preprocess.shards import EncodedVideo, write_shard
+from preprocess.shards import EncodedVideo, shard_entry, write_shard
 
 
 def pattern(height: int, width: int, shift: float, seed: int, extra: int = 0) -> np.ndarray:
@@ -72,8 +72,9 @@ def write_toy_dataset(root: str | Path, *, num_videos: int = 8, num_frames: int 
     records, shards = [], []
     for s in range(0, num_videos, videos_per_shard):
         index = s // videos_per_shard
-        records += write_shard(root / shard_name(index), index, encoded[s : s + videos_per_shard], (), with_flow)
-        shards.append({"file": shard_name(index), "num_videos": len(encoded[s : s + videos_per_shard])})
+        written = write_shard(root / shard_name(index), index, encoded[s : s + videos_per_shard], (), with_flow)
+        records += written
+        shards.append(shard_entry(root / shard_name(index), written))
     names = [r.name for r in records]
     params = {"flow": {"backend": "toy" if with_flow else "none"}, "jpeg_quality": quality}
     manifest = Manifest("toy", params, ["class0", "class1", "class2"], shards, records,

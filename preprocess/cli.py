@@ -17,7 +17,7 @@ from pathlib import Path
 
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
 from preprocess.flow import backend_names
-from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, pack
+from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, locked_out, pack
 from preprocess.synthetic import SyntheticConfig, generate_raw
 from preprocess.verify import verify
 
@@ -96,9 +96,10 @@ def run_synthetic(config: SyntheticConfig, options: PackOptions) -> int:
     """Generate under OUT/raw, then pack exactly as `ucf101` does into OUT."""
     import dataclasses
 
-    raw = generate_raw(config, Path(options.out) / "raw")
-    options = dataclasses.replace(options, extra_params={"synthetic": dataclasses.asdict(config)})
-    return _pack(index_ucf101(raw, dataset="synthetic"), options)
+    with locked_out(options.out):  # one writer for OUT/raw too, not only for the shards
+        raw = generate_raw(config, Path(options.out) / "raw")
+        options = dataclasses.replace(options, extra_params={"synthetic": dataclasses.asdict(config)})
+        return _pack(index_ucf101(raw, dataset="synthetic"), options)
 
 
 def _pack(index: DatasetIndex, options: PackOptions) -> int:

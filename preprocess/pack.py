@@ -2,10 +2,16 @@
 
 Deterministic: videos sorted by name go to shards of `videos_per_shard` in order (failed videos
 keep their slot), so a shard's content never depends on the worker count or on what ran before.
-Resumable: parameters are written to `params.json` before any shard; a rerun with the same
-parameters keeps every shard whose header reads back with the planned videos and redoes the rest;
-a rerun with other parameters is refused. The manifest is written last, atomically, so a
-directory with a manifest is a finished dataset (DESIGN.md, Storage).
+Resumable: parameters are written to `params.json` before any shard; each finished shard's sha256
+is recorded in `packed.json` as soon as it is renamed into place. A rerun with the same parameters
+keeps a shard only if its sha256 still matches the recorded one and its header lists the planned
+videos, and says why it rebuilds any other (a damaged shard is rebuilt, never laundered into the
+manifest); a rerun with other parameters is refused. The manifest is written last, atomically, so
+a directory with a manifest is a finished dataset (DESIGN.md, Storage).
+
+One writer: the run holds `OUT/.lock` (preprocess/hygiene.py); a second run on the same --out is a
+ConfigError (exit 2). A full disk or an unwritable --out is an OutputError (exit 2): one line,
+the finished shards kept, and the same command resumes once there is room.
 
 Workers are spawned processes (never forked: a flow backend may hold CUDA state, and forking
 OpenCV's thread pool can deadlock); each builds its own flow backend.
@@ -13,6 +19,7 @@ OpenCV's thread pool can deadlock); each builds its own flow backend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -26,6 +33,7 @@ import numpy as np
 
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
+from preprocess.hygiene import DirectoryBusyError, die_with_parent, exclusive_dir
 from preprocess.progress import Progress
 from preprocess.schema import (
     LAYOUT_VERSION,
@@ -37,16 +45,35 @@ from preprocess.schema import (
     shard_name,
     write_json_atomic,
 )
-from preprocess.shards import EncodedVideo, file_sha256, read_shard_header, write_shard
+from preprocess.shards import EncodedVideo, file_sha256, read_shard_header, shard_entry, write_shard
 from preprocess.video import VideoDecodeError, open_video
 
 PARAMS_NAME = "params.json"
+PACKED_NAME = "packed.json"  # {shard file name: sha256} of the shards this run finished
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CONFIG = 0, 3, 2
 FLOW_CHUNK = 64  # frames per flow call: bounds a worker's memory on long videos
 
 
 class ConfigError(RuntimeError):
     """Bad arguments or an output directory that cannot be used; nothing was written."""
+
+
+class OutputError(ConfigError):
+    """The output could not be written (disk full, unwritable); finished shards are kept and a rerun
+    resumes. Exit status 2, like a configuration error."""
+
+
+@contextlib.contextmanager
+def locked_out(out: str | Path):
+    """Hold --out's lock (created if missing): a second run on it is a ConfigError."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_dir(out, "cvtcl-preprocess run"))
+        except DirectoryBusyError as err:
+            raise ConfigError(str(err)) from None
+        except OSError as err:  # unwritable, a file in the way, a read-only mount
+            raise ConfigError(f"cannot write to the output directory {out}: {err}") from None
+        yield
 
 
 @dataclass(frozen=True)
@@ -128,6 +155,8 @@ _worker_backend: FlowBackend | None = None
 
 def _init_worker(flow: str, flow_options: dict[str, Any], pooled: bool = False) -> None:
     global _worker_backend
+    if pooled:
+        die_with_parent(multiprocessing.parent_process().pid)  # a killed run leaves no worker behind
     cv2.setNumThreads(1)  # parallelism is across videos; OpenCV's pool would oversubscribe
     _worker_backend = None if flow == "none" else make_backend(flow, **flow_options)
     if pooled and "torch" in sys.modules:  # a torch backend on the CPU: one thread per worker too
@@ -179,37 +208,69 @@ def plan_shards(index: DatasetIndex, per_shard: int) -> list[list[SourceVideo]]:
     return [index.videos[i : i + per_shard] for i in range(0, len(index.videos), per_shard)]
 
 
-def _complete_shard(path: Path, planned: list[SourceVideo]) -> tuple[list[VideoRecord], list[FailedVideo]] | None:
-    """The header of a finished shard holding exactly the planned videos, else None (redo it)."""
+def _complete_shard(path: Path, planned: list[SourceVideo], recorded: str | None,
+                    log) -> tuple[list[VideoRecord], list[FailedVideo]] | None:
+    """The header of a finished shard holding exactly the planned videos whose sha256 is the one
+    recorded when it was written, else None (redo it, saying why when a file is there)."""
     if not path.exists():
+        return None
+    if recorded is None:
+        log(f"{path.name}: no sha256 recorded for it in {PACKED_NAME} (an older cvtcl, or killed before "
+            "recording it): rebuilding it")
+        return None
+    if file_sha256(path) != recorded:
+        log(f"{path.name}: sha256 differs from the one recorded when it was written (damaged?): rebuilding it")
         return None
     try:
         records, failed = read_shard_header(path)
-    except (OSError, LayoutError, KeyError, ValueError):
+    except (OSError, LayoutError, KeyError, ValueError) as err:
+        log(f"{path.name}: header unreadable ({err}): rebuilding it")
         return None
     names = sorted([r.name for r in records] + [f.name for f in failed])
-    return (records, failed) if names == sorted(v.name for v in planned) else None
+    if names != sorted(v.name for v in planned):
+        log(f"{path.name}: holds other videos than planned: rebuilding it")
+        return None
+    return records, failed
 
 
-def _shard_entry(path: Path, records: list[VideoRecord]) -> dict[str, Any]:
-    return {
-        "file": path.name,
-        "sha256": file_sha256(path),
-        "num_videos": len(records),
-        "num_frames": sum(r.num_frames for r in records),
-        "bytes": path.stat().st_size,
-    }
+def _read_packed(out: Path) -> dict[str, str]:
+    path = out / PACKED_NAME
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # unreadable record: every shard is rehashed against nothing and rebuilt
+    return data if isinstance(data, dict) else {}
 
 
 def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = None) -> Manifest:
     """Pack `index` into options.out (see the module docstring). Returns the manifest written."""
     out = Path(options.out)
-    params = run_params(index, options)
-    prepare_out(out, params)
+    with locked_out(out):
+        params = run_params(index, options)
+        prepare_out(out, params)
+        try:
+            return _pack_locked(index, options, params, out, progress or Progress.auto())
+        except OSError as err:  # ENOSPC, EACCES, EROFS while writing a shard or a record
+            kept = len(_read_packed(out))
+            raise OutputError(
+                f"cannot write to {out}: {err.strerror or err} ({err.filename or 'shard'}); {kept} finished "
+                "shard(s) kept. Free space (or fix permissions) and rerun the same command to resume"
+            ) from None
+
+
+def _pack_locked(index: DatasetIndex, options: PackOptions, params: dict[str, Any], out: Path,
+                 progress: Progress) -> Manifest:
     plan = plan_shards(index, options.videos_per_shard)
-    done = {i: h for i, s in enumerate(plan) if (h := _complete_shard(out / shard_name(i), s)) is not None}
+    packed = _read_packed(out)
+    done = {}
+    for i, planned in enumerate(plan):
+        name = shard_name(i)
+        header = _complete_shard(out / name, planned, packed.get(name), progress.log)
+        if header is not None:
+            done[i] = header
+        else:
+            packed.pop(name, None)
     todo = [i for i in range(len(plan)) if i not in done]
-    progress = progress or Progress.auto()
     progress.start(total_videos=sum(len(plan[i]) for i in todo), kept_shards=len(done), total_shards=len(plan))
 
     tasks = [(src, options) for i in todo for src in plan[i]]
@@ -234,7 +295,10 @@ def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = 
                 else:
                     encoded.append(result)
                     progress.video_done(result.record.num_frames)
-            records = write_shard(out / shard_name(i), i, encoded, failed, with_flow=with_flow)
+            path = out / shard_name(i)
+            records = write_shard(path, i, encoded, failed, with_flow=with_flow)
+            packed[path.name] = file_sha256(path)
+            write_json_atomic(out / PACKED_NAME, packed)
             done[i] = (records, failed)
             progress.shard_done(i)
     finally:
@@ -243,17 +307,17 @@ def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = 
             pool.join()
         progress.stop()
 
-    return write_manifest(out, index, params, [done[i] for i in range(len(plan))])
+    return write_manifest(out, index, params, [done[i] for i in range(len(plan))], packed)
 
 
 def write_manifest(out: Path, index: DatasetIndex, params: dict[str, Any],
-                   shards: list[tuple[list[VideoRecord], list[FailedVideo]]]) -> Manifest:
+                   shards: list[tuple[list[VideoRecord], list[FailedVideo]]], sha256s: dict[str, str]) -> Manifest:
     records = [r for recs, _ in shards for r in recs]
     failed = [f for _, fails in shards for f in fails]
     packed = {r.name for r in records}
     splits = {k: {s: [n for n in names if n in packed] for s, names in subsets.items()}
               for k, subsets in index.splits.items()}
-    entries = [_shard_entry(out / shard_name(i), recs) for i, (recs, _) in enumerate(shards)]
+    entries = [shard_entry(out / shard_name(i), recs, sha256s[shard_name(i)]) for i, (recs, _) in enumerate(shards)]
     manifest = Manifest(index.dataset, params, index.classes, entries, records, splits, failed, LAYOUT_VERSION)
     write_json_atomic(manifest_path(out), manifest.to_dict())
     return manifest

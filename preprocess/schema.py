@@ -3,17 +3,27 @@
 Imports only the standard library and numpy, so that any reader (the DALI source, the baseline
 loader, `verify`, a user's notebook) can depend on it without pulling in h5py, OpenCV or torch.
 
-Layout version 1. A dataset directory holds `manifest.json` and shards `shard-00000.h5`, ...
+Layout version 2. A dataset directory holds `manifest.json` and shards `shard-00000.h5`, ...
 Each shard is an HDF5 file:
 
     attrs:  layout_version (int), shard_index (int), videos (JSON list of VideoRecord dicts),
             failed (JSON list of FailedVideo dicts)
     rgb/bytes     uint8 [nbytes]           JPEG bytes of every RGB frame of every video, back to back
     rgb/offsets   int64 [frames + 1]       frame i is bytes[offsets[i]:offsets[i+1]]
+    rgb/crc32     uint32 [frames]          zlib.crc32 of frame i's bytes (new in version 2)
     flow/bytes    uint8 [nbytes]           (absent when flow was not extracted)
     flow/offsets  int64 [2 * flow_frames + 1]
                                            flow frame i is two single-channel JPEG planes:
                                            2i = x component, 2i + 1 = y component
+    flow/crc32    uint32 [2 * flow_frames] zlib.crc32 of each plane
+
+The manifest's entry of each shard: file, sha256 (whole file), bytes, num_videos, num_frames and
+`index_crc32` (new in version 2): zlib.crc32 of every byte of the file outside the `*/bytes`
+data, in file order, i.e. HDF5 metadata, attributes, offsets and crc32 tables. Readers check the
+index once when they open a shard and a frame's crc32 on every read (a few microseconds per
+frame), so a damaged byte anywhere in a shard stops training with a message naming it; `verify`
+also checks the sha256. Version 1 (no checksums) is refused with the advice to re-run
+preprocessing, which rebuilds the shards in place.
 
 A video's frames are contiguous (`VideoRecord.rgb_start`, `VideoRecord.flow_start`), so a
 32-frame clip is one contiguous read. A video of n frames has n - 1 flow frames (flow between
@@ -32,9 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zlib
+
 import numpy as np
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.h5"
 TEMP_SUFFIX = ".tmp"
@@ -48,6 +60,29 @@ FLOW_SCALE = 128.0  # (u8 - FLOW_ZERO) / FLOW_SCALE ~ flow / FLOW_BOUND in [-1, 
 
 class LayoutError(RuntimeError):
     """A dataset directory or shard that this version of cvtcl cannot read as it is."""
+
+
+class CorruptFrameError(LayoutError):
+    """A stored frame whose bytes are damaged (checksum, JPEG markers or decode); the message names
+    the dataset, video, modality and frame."""
+
+
+def frame_crc32(buf) -> int:
+    """The checksum stored for one encoded frame (or flow plane)."""
+    return zlib.crc32(buf)
+
+
+def _expect(value: Any, kind, where: str, name: str):
+    """`value` if it is a `kind`, else a LayoutError naming the file and the field."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise LayoutError(f"{where}: field {name!r} is {type(value).__name__} {value!r:.60}, expected {names}; "
+                          "the file is damaged or edited: re-run the preprocessing command")
+    return value
+
+
+SHARD_ENTRY_FIELDS = {"file": str, "sha256": str, "num_videos": int, "num_frames": int, "bytes": int,
+                      "index_crc32": int}
 
 
 @dataclass(frozen=True)
@@ -74,11 +109,22 @@ class VideoRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VideoRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+    def from_dict(cls, data: dict[str, Any], where: str = "video record") -> VideoRecord:
+        _expect(data, dict, where, "videos[]")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
         if unknown:
-            raise LayoutError(f"video record has unknown fields {sorted(unknown)}: {data}")
+            raise LayoutError(f"{where}: video record has unknown fields {sorted(unknown)}: {data}")
+        name = data.get("name", "?")
+        for key, f in fields.items():
+            if key not in data:
+                if f.default is dataclasses.MISSING:
+                    raise LayoutError(f"{where}: video {name!r} misses field {key!r}; re-run the preprocessing command")
+                continue
+            kind = {"str": str, "int": int, "float": (int, float)}[f.type]
+            _expect(data[key], kind, where, f"videos[{name}].{key}")
+        if data["num_frames"] < 1:
+            raise LayoutError(f"{where}: field 'videos[{name}].num_frames' is {data['num_frames']}, expected >= 1")
         return cls(**data)
 
 
@@ -125,23 +171,47 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        """Every field is checked for presence and type: a damaged or hand-edited manifest is a
+        LayoutError naming `where` and the field, never an AttributeError deep in a reader."""
+        _expect(data, dict, where, "(top level)")
         check_layout_version(data.get("layout_version"), where)
+        missing = [k for k in ("dataset", "params", "classes", "shards", "videos", "splits") if k not in data]
+        if missing:
+            raise LayoutError(f"{where}: missing field {missing[0]!r}; the file is damaged or not a cvtcl manifest")
+        shards = _expect(data["shards"], list, where, "shards")
+        for i, entry in enumerate(shards):
+            _expect(entry, dict, where, f"shards[{i}]")
+            for key, kind in SHARD_ENTRY_FIELDS.items():
+                if key not in entry:
+                    raise LayoutError(f"{where}: field 'shards[{i}].{key}' is missing; re-run the preprocessing command")
+                _expect(entry[key], kind, where, f"shards[{i}].{key}")
+        splits = _expect(data["splits"], dict, where, "splits")
+        for split, subsets in splits.items():
+            for subset, names in _expect(subsets, dict, where, f"splits[{split}]").items():
+                _expect(names, list, where, f"splits[{split}][{subset}]")
+        failed = _expect(data.get("failed", []), list, where, "failed")
         try:
-            return cls(
-                dataset=data["dataset"],
-                params=data["params"],
-                classes=list(data["classes"]),
-                shards=list(data["shards"]),
-                videos=[VideoRecord.from_dict(v) for v in data["videos"]],
-                splits={k: dict(v) for k, v in data["splits"].items()},
-                failed=[FailedVideo(**f) for f in data.get("failed", [])],
-                layout_version=data["layout_version"],
-            )
-        except KeyError as err:
-            raise LayoutError(f"{where}: missing key {err}; the file is damaged or not a cvtcl manifest") from None
+            failed = [FailedVideo(**_expect(f, dict, where, "failed[]")) for f in failed]
+        except TypeError as err:
+            raise LayoutError(f"{where}: field 'failed' holds a malformed entry ({err})") from None
+        return cls(
+            dataset=_expect(data["dataset"], str, where, "dataset"),
+            params=_expect(data["params"], dict, where, "params"),
+            classes=list(_expect(data["classes"], list, where, "classes")),
+            shards=shards,
+            videos=[VideoRecord.from_dict(v, where) for v in _expect(data["videos"], list, where, "videos")],
+            splits={k: dict(v) for k, v in splits.items()},
+            failed=failed,
+            layout_version=data["layout_version"],
+        )
 
 
 def check_layout_version(found: Any, where: str) -> None:
+    if found == 1:
+        raise LayoutError(
+            f"{where} has shard layout version 1 (no per-frame checksums); this cvtcl reads version "
+            f"{LAYOUT_VERSION}. Re-run the same `cvtcl-preprocess` command: it rebuilds the shards in place."
+        )
     if found != LAYOUT_VERSION:
         raise LayoutError(
             f"{where} has shard layout version {found!r}, this cvtcl reads version {LAYOUT_VERSION}. "

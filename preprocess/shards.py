@@ -1,15 +1,21 @@
 """Writing and reading HDF5 shards in the layout that `schema` defines.
 
-The writer never leaves a half shard under a final name (temp name, fsync, rename). The reader is
-picklable and opens HDF5 files lazily, in the process that reads: a handle opened before a fork
-is shared by the children and corrupts HDF5's state, so `__getstate__` drops every handle.
+The writer never leaves a half shard under a final name (temp name, fsync, rename). It builds the
+HDF5 image in memory and writes it with plain file I/O, so a full disk or an unwritable directory
+is one OSError (HDF5's own write path printed a hundred lines of error stack, then crashed).
+The reader is picklable and opens HDF5 files lazily, in the process that reads: a handle opened
+before a fork is shared by the children and corrupts HDF5's state, so `__getstate__` drops every
+handle. It checks each shard's index against the manifest when it opens it and each frame's
+crc32 on every read (schema.py, layout version 2).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -17,14 +23,17 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from preprocess.hygiene import die_with_parent_if_child, kill_forked_children_with_parent
 from preprocess.schema import (
     LAYOUT_VERSION,
     TEMP_SUFFIX,
+    CorruptFrameError,
     FailedVideo,
     LayoutError,
     Manifest,
     VideoRecord,
     check_layout_version,
+    frame_crc32,
     load_manifest,
     shard_name,
 )
@@ -43,11 +52,44 @@ class EncodedVideo:
     flow: list[tuple[bytes, bytes]] | None
 
 
-def _blob(chunks: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+def _blob(chunks: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(c) for c in chunks], dtype=np.int64)
     data = np.frombuffer(b"".join(chunks), dtype=np.uint8) if chunks else np.zeros(0, np.uint8)
-    return data, offsets
+    crcs = np.array([frame_crc32(c) for c in chunks], dtype=np.uint32)
+    return data, offsets, crcs
+
+
+def write_file_atomic(path: Path, data) -> None:
+    """Write `data` to `path` via a temporary name, fsync, rename. On any OSError (ENOSPC, EACCES,
+    EROFS) the temporary file is removed and the error propagates; `path` is untouched."""
+    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def index_crc32(path: str | os.PathLike) -> int:
+    """zlib.crc32 of every byte of a shard outside its `*/bytes` data (schema.py): the metadata,
+    offsets and checksum tables. Reads only those bytes."""
+    with h5py.File(path, "r") as h5:
+        regions = sorted(
+            (h5[m]["bytes"].id.get_offset(), h5[m]["bytes"].id.get_storage_size())
+            for m in ("rgb", "flow") if m in h5 and h5[m]["bytes"].id.get_offset() is not None
+        )
+    crc, position = 0, 0
+    with open(path, "rb") as fh:
+        for start, size in regions + [(os.fstat(fh.fileno()).st_size, 0)]:
+            fh.seek(position)
+            crc = zlib.crc32(fh.read(start - position), crc)
+            position = start + size
+    return crc
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -89,21 +131,20 @@ def write_shard(
         records.append(replace(rec, shard=shard_index, rgb_start=len(rgb_chunks), flow_start=flow_start))
         rgb_chunks += video.rgb
 
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
-    with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as h5:
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=("earliest", "v110"), track_order=False) as h5:
         h5.attrs["layout_version"] = LAYOUT_VERSION
         h5.attrs["shard_index"] = shard_index
         h5.attrs["videos"] = json.dumps([r.to_dict() for r in records])
         h5.attrs["failed"] = json.dumps([f.to_dict() for f in failed])
         groups = [("rgb", rgb_chunks)] + ([("flow", flow_chunks)] if with_flow else [])
         for modality, chunks in groups:
-            data, offsets = _blob(chunks)
+            data, offsets, crcs = _blob(chunks)
             grp = h5.create_group(modality, track_order=False)
             grp.create_dataset("bytes", data=data, track_times=False)
             grp.create_dataset("offsets", data=offsets, track_times=False)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+            grp.create_dataset("crc32", data=crcs, track_times=False)
+    write_file_atomic(path, image.getbuffer())
     return records
 
 
@@ -111,9 +152,29 @@ def read_shard_header(path: str | os.PathLike) -> tuple[list[VideoRecord], list[
     """The records and failures stored in a complete shard (used to resume a run)."""
     with h5py.File(path, "r") as h5:
         check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
-        videos = [VideoRecord.from_dict(v) for v in json.loads(h5.attrs["videos"])]
+        videos = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
         failed = [FailedVideo(**f) for f in json.loads(h5.attrs["failed"])]
     return videos, failed
+
+
+def shard_entry(path: Path, records: Sequence[VideoRecord], sha256: str | None = None) -> dict:
+    """The manifest's entry of a complete shard (schema.SHARD_ENTRY_FIELDS)."""
+    return {
+        "file": path.name,
+        "sha256": sha256 or file_sha256(path),
+        "num_videos": len(records),
+        "num_frames": sum(r.num_frames for r in records),
+        "bytes": path.stat().st_size,
+        "index_crc32": index_crc32(path),
+    }
+
+
+def first_bad_crc(frames: Sequence[np.ndarray], crcs: np.ndarray) -> int | None:
+    """Index of the first frame whose crc32 differs from the stored one, or None."""
+    for i, (buf, crc) in enumerate(zip(frames, crcs)):
+        if frame_crc32(buf) != int(crc):
+            return i
+    return None
 
 
 def read_frames(blob, offsets: np.ndarray) -> list[np.ndarray]:
@@ -150,20 +211,27 @@ class ShardReader:
         groups = sorted({v.group for v in self.manifest.videos})
         self.group_ids = {g: i for i, g in enumerate(groups)}
         self._files: dict[int, h5py.File] = {}
-        self._offsets: dict[tuple[int, str], np.ndarray] = {}
+        self._tables: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}  # offsets, crc32
+        kill_forked_children_with_parent()  # DALI / DataLoader workers forked from here die with us
 
     # Handles are per process: never pickled, reopened on first use after unpickling.
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_files"] = {}
-        state["_offsets"] = {}
+        state["_tables"] = {}
         return state
+
+    def __setstate__(self, state):
+        # DALI unpickles its spawned workers' source, this reader included, at worker start: the
+        # one hook it offers before the worker waits for work.
+        die_with_parent_if_child()
+        self.__dict__.update(state)
 
     def close(self) -> None:
         for h5 in self._files.values():
             h5.close()
         self._files.clear()
-        self._offsets.clear()
+        self._tables.clear()
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -176,34 +244,71 @@ class ShardReader:
         h5 = self._files.get(shard)
         if h5 is None:
             path = self.root / shard_name(shard)
+            advice = f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing"
             try:
                 h5 = h5py.File(path, "r")
             except OSError as err:
-                raise LayoutError(
-                    f"cannot open shard {path} ({err}); run `cvtcl-preprocess verify {self.root}`"
-                ) from None
-            check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
+                raise LayoutError(f"cannot open shard {path} ({err}); {advice}") from None
+            try:
+                check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
+                self._check_index(shard, path, h5, advice)
+            except Exception:
+                h5.close()
+                raise
             self._files[shard] = h5
         return h5
 
-    def _offsets_of(self, shard: int, modality: str) -> np.ndarray:
+    def _check_index(self, shard: int, path: Path, h5: h5py.File, advice: str) -> None:
+        """The shard's own index (metadata, offsets, checksums) is the one the manifest recorded,
+        and its header lists exactly the manifest's videos of this shard, counts and offsets."""
+        entries = [e for e in self.manifest.shards if e["file"] == path.name]
+        if not entries:
+            raise LayoutError(f"{self.root}/manifest.json lists no shard {path.name}; {advice}")
+        try:
+            found = index_crc32(path)
+            header = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
+        except (OSError, KeyError, ValueError) as err:
+            raise LayoutError(f"{path}: index cannot be read ({err}); {advice}") from None
+        if found != entries[0]["index_crc32"]:
+            raise LayoutError(f"{path}: its index (HDF5 metadata, offsets or checksums) is damaged: "
+                              f"crc32 {found} differs from the manifest's {entries[0]['index_crc32']}; {advice}")
+        listed = [v for v in self.manifest.videos if v.shard == shard]
+        if header != listed:
+            bad = next((a, b) for a, b in zip(header + [None] * len(listed), listed + [None] * len(header)) if a != b)
+            raise LayoutError(f"{self.root}/manifest.json: video record {bad[1]} differs from shard {path.name}'s "
+                              f"own index {bad[0]} (frame counts or offsets edited?); {advice}")
+
+    def _tables_of(self, shard: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         key = (shard, modality)
-        if key not in self._offsets:
+        if key not in self._tables:
             h5 = self._file(shard)
             if modality not in h5:
                 raise LayoutError(f"{self.root}: shard {shard} has no {modality} frames (preprocessed with --flow none?)")
-            self._offsets[key] = h5[modality]["offsets"][()]
-        return self._offsets[key]
+            self._tables[key] = (h5[modality]["offsets"][()], h5[modality]["crc32"][()])
+        return self._tables[key]
 
-    def _read_range(self, shard: int, modality: str, first: int, count: int) -> list[np.ndarray]:
-        offsets = self._offsets_of(shard, modality)[first : first + count + 1]
-        return read_frames(self._file(shard)[modality]["bytes"], offsets)
+    def _read_range(self, video: VideoRecord, modality: str, first: int, count: int) -> list[np.ndarray]:
+        """`count` entries of the shard's `modality` tables from `first`, each checked against its
+        crc32; a mismatch is a CorruptFrameError naming dataset, video, modality and frame."""
+        offsets, crcs = self._tables_of(video.shard, modality)
+        frames = read_frames(self._file(video.shard)[modality]["bytes"], offsets[first : first + count + 1])
+        bad = first_bad_crc(frames, crcs[first : first + count])
+        if bad is not None:
+            if modality == "rgb":
+                what, frame = "rgb", first + bad - video.rgb_start
+            else:
+                what, frame = ("flow-x", "flow-y")[(first + bad) % 2], (first + bad) // 2 - video.flow_start
+            raise CorruptFrameError(
+                f"{self.root}: video {video.name} {what} frame {frame} (shard {video.shard}) fails its checksum: "
+                f"the shard is damaged; run `cvtcl-preprocess verify {self.root}` and re-run preprocessing"
+            )
+        return frames
 
     def read_rgb(self, video: VideoRecord, start: int, count: int) -> list[np.ndarray]:
         """JPEG bytes of frames start .. start + count - 1 of `video`, in one read."""
         if start < 0 or start + count > video.num_frames:
             raise IndexError(f"{video.name}: frames {start}..{start + count - 1} outside 0..{video.num_frames - 1}")
-        return self._read_range(video.shard, "rgb", video.rgb_start + start, count)
+        return self._read_range(video, "rgb", video.rgb_start + start, count)
 
     def read_flow(self, video: VideoRecord, start: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(x plane, y plane) JPEG bytes of flow frames start .. start + count - 1, in one read."""
@@ -213,5 +318,5 @@ class ShardReader:
             raise IndexError(
                 f"{video.name}: flow frames {start}..{start + count - 1} outside 0..{video.num_flow_frames - 1}"
             )
-        planes = self._read_range(video.shard, "flow", 2 * (video.flow_start + start), 2 * count)
+        planes = self._read_range(video, "flow", 2 * (video.flow_start + start), 2 * count)
         return [(planes[2 * i], planes[2 * i + 1]) for i in range(count)]

@@ -16,6 +16,7 @@ import cv2
 import h5py
 import numpy as np
 
+from preprocess.hygiene import die_with_parent_if_child
 from preprocess.schema import LayoutError, VideoRecord, load_manifest
 from preprocess.shards import file_sha256, read_frames, read_shard_header
 
@@ -101,7 +102,7 @@ def verify(root: str | Path, workers: int = 1) -> list[str]:
         by_shard.setdefault(video.shard, []).append(video)
     tasks = [(str(root), entry, by_shard.get(i, []), manifest.has_flow) for i, entry in enumerate(manifest.shards)]
     if workers > 1 and len(tasks) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), die_with_parent_if_child) as pool:
             results = pool.map(_check_task, tasks, chunksize=1)
     else:
         results = [_check_task(t) for t in tasks]

@@ -9,7 +9,7 @@ import pytest
 from cvtcl import plot
 from cvtcl.report import neighbours_path, write_results
 from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atomic
-from preprocess.shards import EncodedVideo, write_shard
+from preprocess.shards import EncodedVideo, shard_entry, write_shard
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,7 +60,7 @@ def toy_dataset(root, classes=3, per_class=2, size=(24, 32)):
     root.mkdir(parents=True)
     records = write_shard(root / shard_name(0), 0, videos, [], with_flow=False)
     names = [r.name for r in records]
-    manifest = Manifest("synthetic", {}, [f"Class{i}" for i in range(classes)], [{"file": shard_name(0)}], records,
+    manifest = Manifest("synthetic", {}, [f"Class{i}" for i in range(classes)], [shard_entry(root / shard_name(0), records)], records,
                         {"1": {"train": names[::2], "test": names[1::2]}})
     write_json_atomic(root / "manifest.json", manifest.to_dict())
     return records

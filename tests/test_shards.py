@@ -17,7 +17,7 @@ from preprocess.schema import (
     shard_name,
     write_json_atomic,
 )
-from preprocess.shards import EncodedVideo, ShardReader, file_sha256, read_shard_header, write_shard
+from preprocess.shards import EncodedVideo, ShardReader, file_sha256, read_shard_header, shard_entry, write_shard
 
 
 def _encoded(name, n, h=8, w=10, seed=0):
@@ -30,7 +30,7 @@ def _encoded(name, n, h=8, w=10, seed=0):
 
 def _dataset(tmp_path, videos):
     records = write_shard(tmp_path / shard_name(0), 0, videos, [FailedVideo("bad", "x/bad.avi", "empty")])
-    man = Manifest("toy", {"flow": {"backend": "fake"}}, ["A"], [{"file": shard_name(0)}], records,
+    man = Manifest("toy", {"flow": {"backend": "fake"}}, ["A"], [shard_entry(tmp_path / shard_name(0), records)], records,
                    {"1": {"train": [records[0].name], "test": [r.name for r in records[1:]]}})
     write_json_atomic(tmp_path / "manifest.json", man.to_dict())
     return records

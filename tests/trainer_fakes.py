@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atomic
-from preprocess.shards import EncodedVideo, ShardReader, write_shard
+from preprocess.shards import EncodedVideo, ShardReader, shard_entry, write_shard
 
 CHANNELS = {"rgb": 3, "flow": 2}
 
@@ -47,7 +47,7 @@ def make_dataset(root: Path, num_videos: int = 16, num_frames: int = 4, with_flo
     records = write_shard(root / shard_name(0), 0, videos, [], with_flow)
     names = [r.name for r in records]
     manifest = Manifest("fake", {"flow": {"backend": "fake" if with_flow else "none"}}, [f"C{i}" for i in range(4)],
-                        [{"file": shard_name(0)}], records, {"1": {"train": names, "test": names[:4]}})
+                        [shard_entry(root / shard_name(0), records)], records, {"1": {"train": names, "test": names[:4]}})
     write_json_atomic(root / "manifest.json", manifest.to_dict())
     return root
 
