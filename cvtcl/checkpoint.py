@@ -13,18 +13,27 @@ only, loadable with `torch.load(path, weights_only=True)` by any later cvtcl (no
     config        the run's resolved TrainConfig as a nested dict
     complete      True once every epoch of the config is trained (not after max_steps or SIGTERM)
     world_size    processes that trained it (resume needs the same: global batch and data order)
+    metrics_window  cvtcl.metrics.Window state: the steps since the last log line, so the first
+                  line after a resume averages the same steps as an uninterrupted run's (optional)
+
+Resume takes the newest checkpoint that loads (`latest_loadable`): a damaged one (a torn copy, a
+disk error) is named and skipped. A write that fails (full disk, unwritable directory) removes its
+temporary file, keeps the previous checkpoints and raises CheckpointWriteError.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cvtcl.models import Encoder
+from preprocess.hygiene import OutputDirError
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
@@ -43,9 +52,28 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CheckpointWriteError(OutputDirError):
+    """A checkpoint could not be written; the previous ones are kept."""
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_loadable(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False,
+                    log: Callable[[str], Any] | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state) of the newest checkpoint in `run_dir` that loads, (None, None) when none does.
+    Each newer one that does not load is named through `log`. A checkpoint of another format is
+    an error, not skipped: an older cvtcl must not resume behind a newer one's back."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location, mmap)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            if log is not None:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                log(f"skipping checkpoint {path}: it does not load ({reason}); trying the one before")
+    return None, None
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int = 3) -> Path:
@@ -55,11 +83,18 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
     path = checkpoint_path(run_dir, int(state["step"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "the previous checkpoints are kept: free space (or fix permissions) and rerun the same command to resume"
+        ) from None
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -68,9 +103,9 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
 
 def is_complete(run_dir: str | os.PathLike) -> bool:
     """Whether the run in `run_dir` trained all its epochs (its latest checkpoint says so)."""
-    latest = latest_checkpoint(run_dir)
     # memory-mapped: the schedule asks this of every sub-stage, and only one flag is read
-    return latest is not None and bool(load_checkpoint(latest, mmap=True).get("complete", False))
+    _, state = latest_loadable(run_dir, mmap=True)
+    return state is not None and bool(state.get("complete", False))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -80,7 +115,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
-    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torn, truncated, not a checkpoint
+        raise RuntimeError(f"checkpoint {path} cannot be loaded: {err}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {found!r}, this cvtcl reads format {CHECKPOINT_FORMAT}")

@@ -78,6 +78,22 @@ class Window:
     def means(self) -> dict[str, float]:
         return {name: total / self.counts[name] for name, total in self.sums.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values (a checkpoint loads with weights_only=True)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "steps": self.steps,
+                "data_seconds": self.data_seconds, "compute_seconds": self.compute_seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> Window:
+        """A window holding `state` (a `state_dict()`); empty for None (a checkpoint without one)."""
+        window = cls()
+        if state:
+            window.sums.update(state["sums"])
+            window.counts.update(state["counts"])
+            window.steps = state["steps"]
+            window.data_seconds, window.compute_seconds = state["data_seconds"], state["compute_seconds"]
+        return window
+
 
 def _rich_bar():
     """Two lines: bar, step count, step rate, elapsed, ETA; under it the last logged metrics (on one

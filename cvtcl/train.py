@@ -16,6 +16,7 @@ run epochs (cvtcl/engine.py) until done, `run.max_steps`, or SIGTERM (checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cvtcl import distributed
-from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
+from cvtcl.checkpoint import is_complete, latest_loadable, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_overrides, describe
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
@@ -36,7 +37,8 @@ from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import cvtcl_schedule, run_schedule
-from preprocess.schema import load_manifest, write_json_atomic
+from preprocess.hygiene import OutputDirError, exclusive_dir
+from preprocess.schema import LayoutError, load_manifest, write_json_atomic
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
 # logged, not what is computed. Anything else needs a new run.out_dir.
@@ -108,9 +110,9 @@ def validate(config: TrainConfig, world_size: int) -> None:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"stage.{name}={path} does not exist")
     check_dataset(config, modalities(config), global_batch)
-    latest = latest_checkpoint(config.run.out_dir)
+    latest, state = latest_loadable(config.run.out_dir)
     if latest is not None:
-        check_resumable(config, world_size, load_checkpoint(latest), latest)
+        check_resumable(config, world_size, state, latest)
 
 
 def modalities(config: TrainConfig) -> tuple[str, ...]:
@@ -195,26 +197,40 @@ def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) 
     }
 
 
+def run_dir_lock(out_dir: str | Path):
+    """One writer per run directory: rank 0 holds `out_dir/.lock` for the run (preprocess/hygiene.py);
+    a second training on it stops with OutputDirError (exit 2). Other ranks share rank 0's."""
+    rank, _, _ = distributed.env_world()
+    return exclusive_dir(out_dir, "cvtcl.train run") if rank == 0 else contextlib.nullcontext()
+
+
 def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
     config, only = parse_config(argv)
     if not config.schedule.cycles:
         train(config, build_loader)
     else:
         rank, _, _ = distributed.env_world()
-        run_schedule(
-            cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
-            run_one=lambda run: train(stage_config(config, run), build_loader),
-            is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
-            log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
-        )
+        with run_dir_lock(config.run.out_dir):
+            run_schedule(
+                cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
+                run_one=lambda run: train(stage_config(config, run), build_loader),
+                is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
+                log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
+            )
     distributed.shutdown()
     return 0
 
 
 def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
-    """One run of the training loop: validate, build, resume from run.out_dir, train, checkpoint."""
+    """One run of the training loop: validate (creating nothing), then under run.out_dir's lock
+    build, resume from run.out_dir, train, checkpoint."""
     _, _, world_size = distributed.env_world()
     validate(config, world_size)
+    with run_dir_lock(config.run.out_dir):
+        _train(config, build_loader)
+
+
+def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
 
     dist = distributed.init(config.run.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
@@ -229,9 +245,9 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
     ctx = build_context(config, dist)
 
     epoch, epoch_step = 0, 0
-    latest = latest_checkpoint(run_dir)
+    skipped = []  # newer checkpoints that do not load, named once the logger exists
+    latest, state = latest_loadable(run_dir, map_location=dist.device, log=skipped.append)
     if latest is not None:
-        state = load_checkpoint(latest, map_location=dist.device)
         ctx.model.load_state_dict(state["model"])
         ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.scaler.load_state_dict(state["scaler"])
@@ -243,12 +259,16 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
     if config.run.max_steps:
         total = min(total, config.run.max_steps)
     logger = MetricsLogger(run_dir, dist.is_main, config.run.progress, total, ctx.step)
+    for text in skipped:
+        logger.message(text)
     if latest is not None:
         logger.message(f"resumed from {latest} (step {ctx.step}, epoch {epoch}, batch {epoch_step})")
 
     sigterm = {"seen": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True))
-    window = Window()
+    # the steps since the last log line before the checkpoint: the first line after a resume
+    # averages the same steps as an uninterrupted run's
+    window = Window.from_state(state.get("metrics_window") if state else None)
     global_batch = config.data.batch_size * dist.world_size
 
     monitor = knn_monitor(config, dist) if config.run.knn_every else None
@@ -272,8 +292,8 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
             if dist.is_main:
-                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
-                                config.run.keep_checkpoints)
+                save_checkpoint(run_dir, {**checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
+                                          "metrics_window": window.state_dict()}, config.run.keep_checkpoints)
             distributed.barrier()
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
             if dist.is_main:
@@ -300,7 +320,8 @@ def cli(argv: list[str] | None = None) -> int:
     """`python -m cvtcl.train`: expected errors (config, data, non-finite loss) as one line, exit 2 / 1."""
     try:
         return main(argv)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError, OutputDirError,
+            LayoutError) as err:
         message = err.args[0] if err.args else repr(err)
         print(f"cvtcl.train: error: {message}", file=sys.stderr)
         return 1 if isinstance(err, FloatingPointError) else 2

@@ -31,7 +31,12 @@ _PR_SET_PDEATHSIG = 1
 _held: dict[Path, int] = {}  # lock file -> nesting depth, in this process
 
 
-class DirectoryBusyError(RuntimeError):
+class OutputDirError(RuntimeError):
+    """An output directory that cannot be used: another live process writes it, or it cannot be
+    written (permissions, read-only mount, full disk). The CLIs print it as one line, exit 2."""
+
+
+class DirectoryBusyError(OutputDirError):
     """Another live process writes the same output directory."""
 
 
@@ -46,8 +51,11 @@ def exclusive_dir(path: str | os.PathLike, what: str):
         finally:
             _held[lock] -= 1
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputDirError(f"cannot write to the output directory {lock.parent}: {err.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -33,7 +33,7 @@ import numpy as np
 
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
-from preprocess.hygiene import DirectoryBusyError, die_with_parent, exclusive_dir
+from preprocess.hygiene import OutputDirError, die_with_parent, exclusive_dir
 from preprocess.progress import Progress
 from preprocess.schema import (
     LAYOUT_VERSION,
@@ -69,10 +69,8 @@ def locked_out(out: str | Path):
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(exclusive_dir(out, "cvtcl-preprocess run"))
-        except DirectoryBusyError as err:
+        except OutputDirError as err:  # busy, unwritable, a file in the way, a read-only mount
             raise ConfigError(str(err)) from None
-        except OSError as err:  # unwritable, a file in the way, a read-only mount
-            raise ConfigError(f"cannot write to the output directory {out}: {err}") from None
         yield
 
 

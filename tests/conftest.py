@@ -1,13 +1,50 @@
-"""Shared fixtures. `synthetic_dataset` is a tiny packed dataset made by the real
-`cvtcl-preprocess synthetic` code path (generator, UCF101 indexing, packing with TV-L1 flow)."""
+"""Shared fixtures and the suite's process check.
+
+`synthetic_dataset` is a tiny packed dataset made by the real `cvtcl-preprocess synthetic` code
+path (generator, UCF101 indexing, packing with TV-L1 flow).
+
+No test may leave a process behind: pytest makes itself a child subreaper (Linux), so a process
+orphaned by a test (a trainer's DALI worker after the trainer was killed) is re-parented to pytest
+instead of init; at the end of the session every child still running is listed, killed, and the
+session fails.
+"""
+
+import ctypes
+import gc
+import os
+import signal
+import sys
+import time
 
 import pytest
+
+from processes import alive, children, command_line, reap_zombies
 
 TINY_SYNTHETIC = [
     "--classes", "3", "--videos-per-class", "4", "--clips-per-group", "2",
     "--frames", "20", "--height", "32", "--width", "40", "--seed", "0",
     "--videos-per-shard", "5", "--workers", "1",
 ]
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config):
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    gc.collect()  # loaders still referenced by dead frames close their worker pools
+    deadline = time.time() + 10
+    while (running := [p for p in children(os.getpid()) if alive(p)]) and time.time() < deadline:
+        time.sleep(0.2)
+    reap_zombies()
+    if running:
+        lines = "\n".join(f"  {pid}: {command_line(pid)}" for pid in running)
+        print(f"\nFAILED: the tests left {len(running)} process(es) running (killed now):\n{lines}", file=sys.stderr)
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")
