@@ -17,12 +17,13 @@ Each shard is an HDF5 file:
                                            2i = x component, 2i + 1 = y component
     flow/crc32    uint32 [2 * flow_frames] zlib.crc32 of each plane
 
-The manifest's entry of each shard: file, sha256 (whole file), bytes, num_videos, num_frames and
-`index_crc32` (new in version 2): zlib.crc32 of every byte of the file outside the `*/bytes`
-data, in file order, i.e. HDF5 metadata, attributes, offsets and crc32 tables. Readers check the
-index once when they open a shard and a frame's crc32 on every read (a few microseconds per
-frame), so a damaged byte anywhere in a shard stops training with a message naming it; `verify`
-also checks the sha256. Version 1 (no checksums) is refused with the advice to re-run
+The manifest's entry of each shard: file, sha256 (whole file), bytes, num_videos, num_frames, and
+(new in version 2) `data_regions`, the [file offset, bytes] pairs of the `*/bytes` data in file
+order, and `index_crc32`, zlib.crc32 of every other byte of the file in file order (HDF5
+metadata, attributes, offsets and crc32 tables). Readers check the index with plain file reads
+once when they open a shard, before HDF5 parses it, and a frame's crc32 on every read (a few
+microseconds per frame), so a damaged byte anywhere in a shard stops training with a message
+naming it; `verify` also checks the sha256. Version 1 (no checksums) is refused with the advice to re-run
 preprocessing, which rebuilds the shards in place.
 
 A video's frames are contiguous (`VideoRecord.rgb_start`, `VideoRecord.flow_start`), so a
@@ -82,7 +83,7 @@ def _expect(value: Any, kind, where: str, name: str):
 
 
 SHARD_ENTRY_FIELDS = {"file": str, "sha256": str, "num_videos": int, "num_frames": int, "bytes": int,
-                      "index_crc32": int}
+                      "data_regions": list, "index_crc32": int}
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,12 @@ class Manifest:
                 if key not in entry:
                     raise LayoutError(f"{where}: field 'shards[{i}].{key}' is missing; re-run the preprocessing command")
                 _expect(entry[key], kind, where, f"shards[{i}].{key}")
+            for region in entry["data_regions"]:
+                if not (isinstance(region, list) and len(region) == 2 and all(type(v) is int and v >= 0 for v in region)):
+                    raise LayoutError(f"{where}: field 'shards[{i}].data_regions' holds {region!r}, expected "
+                                      "[offset, bytes] pairs; re-run the preprocessing command")
+        params = _expect(data["params"], dict, where, "params")
+        _expect(params.get("flow", {}), dict, where, "params.flow")
         splits = _expect(data["splits"], dict, where, "splits")
         for split, subsets in splits.items():
             for subset, names in _expect(subsets, dict, where, f"splits[{split}]").items():
@@ -196,7 +203,7 @@ class Manifest:
             raise LayoutError(f"{where}: field 'failed' holds a malformed entry ({err})") from None
         return cls(
             dataset=_expect(data["dataset"], str, where, "dataset"),
-            params=_expect(data["params"], dict, where, "params"),
+            params=params,
             classes=list(_expect(data["classes"], list, where, "classes")),
             shards=shards,
             videos=[VideoRecord.from_dict(v, where) for v in _expect(data["videos"], list, where, "videos")],

@@ -75,17 +75,24 @@ def write_file_atomic(path: Path, data) -> None:
         raise
 
 
-def index_crc32(path: str | os.PathLike) -> int:
-    """zlib.crc32 of every byte of a shard outside its `*/bytes` data (schema.py): the metadata,
-    offsets and checksum tables. Reads only those bytes."""
+def data_regions(path: str | os.PathLike) -> list[list[int]]:
+    """[[file offset, bytes], ...] of the shard's `*/bytes` data, in file order (empty ones left out)."""
     with h5py.File(path, "r") as h5:
-        regions = sorted(
-            (h5[m]["bytes"].id.get_offset(), h5[m]["bytes"].id.get_storage_size())
+        return sorted(
+            [h5[m]["bytes"].id.get_offset(), h5[m]["bytes"].id.get_storage_size()]
             for m in ("rgb", "flow") if m in h5 and h5[m]["bytes"].id.get_offset() is not None
         )
+
+
+def index_crc32(path: str | os.PathLike, regions: Sequence[Sequence[int]]) -> int:
+    """zlib.crc32 of every byte of a shard outside its `data_regions` (schema.py): the metadata,
+    offsets and checksum tables. Plain file reads, no HDF5: damaged metadata is found before the
+    HDF5 library parses it."""
     crc, position = 0, 0
     with open(path, "rb") as fh:
-        for start, size in regions + [(os.fstat(fh.fileno()).st_size, 0)]:
+        for start, size in [*regions, (os.fstat(fh.fileno()).st_size, 0)]:
+            if start < position:
+                raise LayoutError(f"{path}: data regions {regions} overlap or are out of order")
             fh.seek(position)
             crc = zlib.crc32(fh.read(start - position), crc)
             position = start + size
@@ -165,8 +172,21 @@ def shard_entry(path: Path, records: Sequence[VideoRecord], sha256: str | None =
         "num_videos": len(records),
         "num_frames": sum(r.num_frames for r in records),
         "bytes": path.stat().st_size,
-        "index_crc32": index_crc32(path),
+        "data_regions": (regions := data_regions(path)),
+        "index_crc32": index_crc32(path, regions),
     }
+
+
+def record_mismatch(listed: Sequence[VideoRecord], header: Sequence[VideoRecord]) -> str | None:
+    """How the manifest's records of a shard (`listed`) differ from the shard's own (`header`):
+    the first video and field that differ, or None when they agree."""
+    if [v.name for v in listed] != [v.name for v in header]:
+        return f"the manifest lists videos {[v.name for v in listed][:3]}..., the shard holds {[v.name for v in header][:3]}..."
+    for mine, theirs in zip(listed, header):
+        for key, value in mine.to_dict().items():
+            if getattr(theirs, key) != value:
+                return f"video {mine.name}: manifest {key}={value!r}, the shard's own index says {getattr(theirs, key)!r}"
+    return None
 
 
 def first_bad_crc(frames: Sequence[np.ndarray], crcs: np.ndarray) -> int | None:
@@ -246,37 +266,32 @@ class ShardReader:
             path = self.root / shard_name(shard)
             advice = f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing"
             try:
+                self._check_index(path, advice)  # before HDF5 parses a byte of it
                 h5 = h5py.File(path, "r")
             except OSError as err:
                 raise LayoutError(f"cannot open shard {path} ({err}); {advice}") from None
             try:
                 check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
-                self._check_index(shard, path, h5, advice)
-            except Exception:
+                header = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
+            except (KeyError, ValueError) as err:
                 h5.close()
-                raise
+                raise LayoutError(f"{path}: header cannot be read ({err}); {advice}") from None
+            mismatch = record_mismatch([v for v in self.manifest.videos if v.shard == shard], header)
+            if mismatch:
+                h5.close()
+                raise LayoutError(f"{self.root}/manifest.json and {path.name} disagree: {mismatch}; {advice}")
             self._files[shard] = h5
         return h5
 
-    def _check_index(self, shard: int, path: Path, h5: h5py.File, advice: str) -> None:
-        """The shard's own index (metadata, offsets, checksums) is the one the manifest recorded,
-        and its header lists exactly the manifest's videos of this shard, counts and offsets."""
+    def _check_index(self, path: Path, advice: str) -> None:
+        """The shard's index (HDF5 metadata, offsets, checksums) is the one the manifest recorded."""
         entries = [e for e in self.manifest.shards if e["file"] == path.name]
         if not entries:
             raise LayoutError(f"{self.root}/manifest.json lists no shard {path.name}; {advice}")
-        try:
-            found = index_crc32(path)
-            header = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
-        except (OSError, KeyError, ValueError) as err:
-            raise LayoutError(f"{path}: index cannot be read ({err}); {advice}") from None
+        found = index_crc32(path, entries[0]["data_regions"])
         if found != entries[0]["index_crc32"]:
             raise LayoutError(f"{path}: its index (HDF5 metadata, offsets or checksums) is damaged: "
                               f"crc32 {found} differs from the manifest's {entries[0]['index_crc32']}; {advice}")
-        listed = [v for v in self.manifest.videos if v.shard == shard]
-        if header != listed:
-            bad = next((a, b) for a, b in zip(header + [None] * len(listed), listed + [None] * len(header)) if a != b)
-            raise LayoutError(f"{self.root}/manifest.json: video record {bad[1]} differs from shard {path.name}'s "
-                              f"own index {bad[0]} (frame counts or offsets edited?); {advice}")
 
     def _tables_of(self, shard: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         key = (shard, modality)

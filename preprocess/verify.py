@@ -1,9 +1,11 @@
 """`cvtcl-preprocess verify DIR`: re-read a packed dataset end to end and list every problem.
 
-Checks, per shard in the manifest: the file exists, its size and sha256 match, its header lists
-the manifest's videos, the offset tables are consistent, and every RGB frame and every flow plane
-decodes as a JPEG of the recorded size. Then the split lists must name packed videos only.
-A problem is a string naming the file (and video / frame); none means the dataset is sound.
+Checks, per shard in the manifest: the file exists, its size, sha256 and index crc32 match, its
+header lists the manifest's videos (counts and offsets), the offset and checksum tables are
+consistent, and every RGB frame and every flow plane matches its crc32 and decodes as a JPEG of
+the recorded size. Then the split lists must name packed videos only. A malformed manifest is one
+problem naming the file and the field. A problem is a string naming the file (and video / frame);
+none means the dataset is sound.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from preprocess.hygiene import die_with_parent_if_child
 from preprocess.schema import LayoutError, VideoRecord, load_manifest
-from preprocess.shards import file_sha256, read_frames, read_shard_header
+from preprocess.shards import file_sha256, first_bad_crc, index_crc32, read_frames, read_shard_header, record_mismatch
 
 
 def _check_offsets(h5: h5py.File, modality: str, frames: int, where: str) -> list[str]:
@@ -27,6 +29,8 @@ def _check_offsets(h5: h5py.File, modality: str, frames: int, where: str) -> lis
     offsets, blob = h5[modality]["offsets"], h5[modality]["bytes"]
     if offsets.shape != (frames + 1,):
         return [f"{where}: {modality}/offsets has {offsets.shape[0]} entries, expected {frames + 1}"]
+    if "crc32" not in h5[modality] or h5[modality]["crc32"].shape != (frames,):
+        return [f"{where}: {modality}/crc32 is missing or does not have {frames} entries"]
     values = offsets[()]
     if values[0] != 0 or np.any(np.diff(values) <= 0) or values[-1] != blob.shape[0]:
         return [f"{where}: {modality}/offsets are not increasing from 0 to the blob size {blob.shape[0]}"]
@@ -41,9 +45,12 @@ def _decode_all(h5: h5py.File, modality: str, video: VideoRecord, where: str) ->
     if count == 0:
         return []
     frames = read_frames(h5[modality]["bytes"], h5[modality]["offsets"][first : first + count + 1])
+    unit = "frame" if modality == "rgb" else "flow plane"
+    bad = first_bad_crc(frames, h5[modality]["crc32"][first : first + count])
+    if bad is not None:
+        return [f"{where}: {video.name} {modality} {unit} {bad} fails its checksum (damaged bytes)"]
     flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
     expected = (video.height, video.width) + ((3,) if channels == 3 else ())
-    unit = "frame" if modality == "rgb" else "flow plane"
     for i, buf in enumerate(frames):
         image = cv2.imdecode(buf, flag)
         if image is None or image.shape != expected:
@@ -65,9 +72,13 @@ def check_shard(root: str, entry: dict[str, Any], videos: list[VideoRecord], wit
     if file_sha256(path) != entry["sha256"]:
         problems.append(f"{where}: sha256 differs from the manifest (damaged or rewritten)")
     try:
+        if index_crc32(path, entry["data_regions"]) != entry["index_crc32"]:
+            problems.append(f"{where}: its index (HDF5 metadata, offsets or checksums) differs from the manifest's "
+                            "index_crc32 (damaged)")
         header, _ = read_shard_header(path)
-        if header != videos:
-            problems.append(f"{where}: the header's video records differ from the manifest's")
+        mismatch = record_mismatch(videos, header)
+        if mismatch:
+            problems.append(f"{where}: manifest and shard disagree: {mismatch}")
         frames = sum(v.num_frames for v in videos)
         if len(videos) != entry["num_videos"] or frames != entry["num_frames"]:
             problems.append(f"{where}: video/frame counts differ from the manifest's shard entry")
