@@ -38,24 +38,29 @@ def _check_offsets(h5: h5py.File, modality: str, frames: int, where: str) -> lis
 
 
 def _decode_all(h5: h5py.File, modality: str, video: VideoRecord, where: str) -> list[str]:
-    """Decode every frame (RGB) or plane (flow) of one video; report the first bad one."""
+    """Check every frame (RGB) or plane (flow) of one video against its crc32 and decode it;
+    report the first bad one, named as the loaders name it (`video V flow-y frame 7`)."""
     channels = 3 if modality == "rgb" else 1
     first = video.rgb_start if modality == "rgb" else 2 * video.flow_start
     count = video.num_frames if modality == "rgb" else 2 * video.num_flow_frames
     if count == 0:
         return []
     frames = read_frames(h5[modality]["bytes"], h5[modality]["offsets"][first : first + count + 1])
-    unit = "frame" if modality == "rgb" else "flow plane"
+
+    def name(i: int) -> str:
+        return f"video {video.name} rgb frame {i}" if modality == "rgb" else \
+            f"video {video.name} flow-{'xy'[i % 2]} frame {i // 2}"
+
     bad = first_bad_crc(frames, h5[modality]["crc32"][first : first + count])
     if bad is not None:
-        return [f"{where}: {video.name} {modality} {unit} {bad} fails its checksum (damaged bytes)"]
+        return [f"{where}: {name(bad)} fails its checksum (damaged bytes)"]
     flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
     expected = (video.height, video.width) + ((3,) if channels == 3 else ())
     for i, buf in enumerate(frames):
         image = cv2.imdecode(buf, flag)
         if image is None or image.shape != expected:
             got = "undecodable" if image is None else f"shape {image.shape}"
-            return [f"{where}: {video.name} {modality} {unit} {i} is {got}, expected {expected}"]
+            return [f"{where}: {name(i)} is {got}, expected {expected}"]
     return []
 
 
