@@ -10,8 +10,11 @@ process and every descendant: DALI/DataLoader workers included), and the DALI/ba
 Consumption (DESIGN.md "Performance principles"): a stage-1 sample is 2 copies x 32 frames; the
 paper's 8 x TITAN Xp train ~25 samples/s each, an H100's roofline is ~1300 samples/s (stated, not
 measured here unless --step-rate gives a measured trainer rate); headroom = loader frames/s over
-the frames/s training consumes. Without --shards, small synthetic shards are written by the real
-shard writer. Prints a rich table and one JSON line naming device and versions.
+the frames/s training consumes. Integrity check (shard layout 2): the time of the reader's
+checked read (one contiguous read + every frame's crc32, the production path of both loaders)
+against the bare read, per frame, and the difference as a share of the DALI loader's CPU time
+per frame. Without --shards, small synthetic shards are written by the real shard writer. Prints
+a rich table and one JSON line naming device and versions.
 """
 
 from __future__ import annotations
@@ -110,6 +113,35 @@ def run_loader(backend: str, args, root) -> dict:
             "cpu_cores_busy": cpu / wall, "wall_s": wall}
 
 
+def integrity_check_cost(root, frames: int, repeats: int = 5) -> dict:
+    """Microseconds per RGB frame: the reader's checked read vs the bare contiguous read of the
+    same windows (what readers did before per-frame checksums), best of `repeats` passes."""
+    from preprocess.shards import ShardReader, read_frames
+
+    reader = ShardReader(root)
+    windows = [(v, min(frames, v.num_frames)) for v in reader.videos]
+    count = sum(n for _, n in windows)
+
+    def best(read) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for video, n in windows:
+                read(video, n)
+            times.append(time.perf_counter() - t0)
+        return min(times) / count * 1e6
+
+    def bare(video, n):
+        offsets, _ = reader._tables_of(video.shard, "rgb")
+        return read_frames(reader._file(video.shard)["rgb"]["bytes"], offsets[video.rgb_start : video.rgb_start + n + 1])
+
+    checked = best(lambda video, n: reader.read_rgb(video, 0, n))
+    unchecked = best(bare)
+    reader.close()
+    return {"frames": count, "checked_read_us_per_frame": checked, "bare_read_us_per_frame": unchecked,
+            "check_us_per_frame": checked - unchecked}
+
+
 def consumption(step_rate: float | None) -> dict:
     if step_rate:
         present, how = step_rate, "measured trainer rate (--step-rate)"
@@ -150,6 +182,10 @@ def main(argv=None) -> dict:
                 results[backend] = run_loader(backend, args, root)
             except Exception as err:  # fail soft: report which loader failed and why, keep the other
                 results[backend] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        integrity = integrity_check_cost(root, args.frames)
+    for res in results.values():
+        if "cpu_s_per_frame" in res:
+            res["integrity_check_share_of_cpu"] = integrity["check_us_per_frame"] * 1e-6 / res["cpu_s_per_frame"]
     need = consumption(args.step_rate)
     for res in results.values():
         if "frames_per_s" in res:
@@ -159,7 +195,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "loader_speed", "device": device_name(args.device), "versions": versions(),
         "config": {k: v for k, v in vars(args).items() if k != "json"} | {"shards": str(args.shards or "synthetic")},
-        "results": results, "consumption": need,
+        "results": results, "consumption": need, "integrity_check": integrity,
         "ratio_dali_over_baseline": results["dali"]["frames_per_s"] / results["baseline"]["frames_per_s"] if ok else None,
     }
     print_table(report)
@@ -189,6 +225,13 @@ def print_table(report: dict) -> None:
     ratio = report["ratio_dali_over_baseline"]
     Console(stderr=True).print(f"DALI / baseline frames/s: {ratio:.2f}" if ratio else "DALI / baseline: n/a",
                                f"(present GPU basis: {report['consumption']['present_gpu_basis']})")
+    check = report["integrity_check"]
+    shares = ", ".join(f"{name} {res['integrity_check_share_of_cpu']:.2%}" for name, res in report["results"].items()
+                       if "integrity_check_share_of_cpu" in res)
+    Console(stderr=True).print(
+        f"integrity check: read {check['checked_read_us_per_frame']:.1f} us/frame with crc32, "
+        f"{check['bare_read_us_per_frame']:.1f} without (+{check['check_us_per_frame']:.1f} us; "
+        f"share of the loaders' CPU per frame: {shares or 'n/a'})")
 
 
 if __name__ == "__main__":

@@ -22,4 +22,7 @@ def test_loader_speed_runs_on_cpu(tmp_path, capsys):
         res = line["results"][backend]
         assert res["frames_per_s"] > 0 and res["cpu_s_per_frame"] > 0 and res["headroom_paper"] > 0
     assert line["ratio_dali_over_baseline"] > 0
+    check = line["integrity_check"]
+    assert check["frames"] > 0 and check["checked_read_us_per_frame"] > 0 and check["bare_read_us_per_frame"] > 0
+    assert "integrity_check_share_of_cpu" in line["results"]["dali"]
     assert line["consumption"]["paper_8x_titan_xp_frames_per_s"] == 12800
