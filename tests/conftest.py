@@ -33,10 +33,18 @@ def pytest_configure(config):
         ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def _resource_tracker() -> int | None:
+    """multiprocessing's resource tracker: a child by design, it ends when pytest does."""
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     gc.collect()  # loaders still referenced by dead frames close their worker pools
+    expected = {_resource_tracker()}
     deadline = time.time() + 10
-    while (running := [p for p in children(os.getpid()) if alive(p)]) and time.time() < deadline:
+    while (running := [p for p in children(os.getpid()) if alive(p) and p not in expected]) and time.time() < deadline:
         time.sleep(0.2)
     reap_zombies()
     if running:

@@ -410,3 +410,34 @@ def test_damaged_frame_stops_training_naming_video_and_frame(synthetic_dataset, 
     assert re.search(r"cvtcl.train: error: .*video v_\w+ rgb frame \d+ \(shard \d\) fails its checksum",
                                    done.stderr), done.stderr
     assert not list_checkpoints(tmp_path / "run")
+
+
+def _death_signal(reader) -> int:
+    """In a child: unpickle the reader if given (as DALI's spawned workers do), then report the
+    signal the kernel sends this process when its parent dies (PR_GET_PDEATHSIG)."""
+    import ctypes
+
+    signal_number = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(signal_number), 0, 0, 0)
+    return signal_number.value
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_children_of_a_reader_process_die_with_it(toy, start_method):
+    """DALI forks its workers on CPU and spawns them on GPU; both must get PR_SET_PDEATHSIG."""
+    import multiprocessing
+
+    reader = ShardReader(toy)  # registers the at-fork hook in this process
+    with multiprocessing.get_context(start_method).Pool(1) as pool:
+        assert pool.apply(_death_signal, (reader,)) == signal.SIGKILL
+
+
+def test_unwritable_run_directory_is_one_error_exit_2(fake_data, tmp_path, capsys):
+    from cvtcl.train import cli
+
+    (tmp_path / "file").write_text("in the way")
+    status = cli(_train_args(fake_data, tmp_path / "file" / "run", "run.max_steps=1"))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert f"cvtcl.train: error: cannot write to the output directory {tmp_path / 'file' / 'run'}" in err
