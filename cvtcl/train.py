@@ -322,7 +322,8 @@ def cli(argv: list[str] | None = None) -> int:
         return main(argv)
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError, OutputDirError,
             LayoutError) as err:
-        message = err.args[0] if err.args else repr(err)
+        # an OSError's args[0] is its errno: a lone "error: 2" said nothing
+        message = str(err) if isinstance(err, OSError) else err.args[0] if err.args else repr(err)
         print(f"cvtcl.train: error: {message}", file=sys.stderr)
         return 1 if isinstance(err, FloatingPointError) else 2
 

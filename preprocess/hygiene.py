@@ -41,9 +41,10 @@ class DirectoryBusyError(OutputDirError):
 
 
 @contextlib.contextmanager
-def exclusive_dir(path: str | os.PathLike, what: str):
-    """Hold the lock of directory `path` (created if missing) while the block runs."""
-    lock = Path(path).resolve() / LOCK_NAME
+def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME):
+    """Hold the lock of directory `path` (created if missing) while the block runs. `name`: the lock
+    file, for writers that may share a directory but not a part of it (one lock per part)."""
+    lock = Path(path).resolve() / name
     if lock in _held:
         _held[lock] += 1
         try:
