@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,12 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
+        # torch's message is its stream writer's, without errno: the free space says what happened
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-            "the previous checkpoints are kept: free space (or fix permissions) and rerun the same command to resume"
+            f"cannot write checkpoint {path} ({reason}; {free} bytes free there); the previous checkpoints are "
+            "kept: free space (or fix permissions) and rerun the same command to resume"
         ) from None
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:

@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from preprocess.hygiene import OutputDirError
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -143,8 +145,12 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: one line (exit 2), not a traceback
+            raise OutputDirError(f"cannot write {self.path} ({err.strerror}); the checkpoints written so far are "
+                                 "kept: free space and rerun the same command to resume") from None
         if self.tensorboard is not None:
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "epoch"):

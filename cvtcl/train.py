@@ -231,13 +231,16 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
 
 
 def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
-
+    """Build, resume from run.out_dir, train, checkpoint (the caller validated and holds the lock)."""
     dist = distributed.init(config.run.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
     run_dir = Path(config.run.out_dir)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", config.to_dict())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_dir / "config.json", config.to_dict())
+        except OSError as err:  # a full disk: one line (exit 2), not a traceback
+            raise OutputDirError(f"cannot write {run_dir / 'config.json'} ({err.strerror}); free space") from None
 
     if build_loader is None:
         from cvtcl.data import build_pretrain_loader as build_loader  # DALI is imported only here

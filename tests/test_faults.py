@@ -307,7 +307,7 @@ def test_checkpoint_write_failure_keeps_the_previous_ones(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", no_space)
-    with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoint-00000002.pt.*No space left.*previous"):
+    with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoint-00000002.pt .No space left.*bytes free"):
         checkpoint.save_checkpoint(tmp_path, {**state, "step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-00000001.pt"]
 
@@ -441,3 +441,25 @@ def test_unwritable_run_directory_is_one_error_exit_2(fake_data, tmp_path, capsy
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert f"cvtcl.train: error: cannot write to the output directory {tmp_path / 'file' / 'run'}" in err
+
+
+def test_full_disk_while_training_is_one_error_exit_2(fake_data, small_disk, capsys):
+    """Checkpoints or metrics that no longer fit: one line, exit 2, the earlier checkpoints kept."""
+    from cvtcl.train import cli
+
+    out = small_disk / "run"
+    args = ("run.checkpoint_every=1", "run.keep_checkpoints=0", "run.log_every=1")
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert cli(_train_args(fake_data, out, "run.max_steps=1", *args)) == 0
+    used = shutil.disk_usage(small_disk).used
+    size = latest_checkpoint(out).stat().st_size
+    # room for about one more checkpoint: the resumed run writes step 2's, and step 3's does not fit
+    subprocess.run(["mount", "-o", f"remount,size={(used + size * 3 // 2) // 1024 + 1}k", str(small_disk)], check=True)
+    capsys.readouterr()
+    status = cli(_train_args(fake_data, out, "run.max_steps=40", *args))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert re.search(r"cvtcl.train: error: cannot write (checkpoint .*bytes free there|.*No space left on device)", err)
+    assert "rerun the same command to resume" in err
+    assert len(list_checkpoints(out)) >= 2 and not list(out.glob("*.tmp"))
+    assert load_checkpoint(latest_checkpoint(out))["step"] >= 2  # the last one written is whole
