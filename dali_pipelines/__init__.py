@@ -20,7 +20,9 @@ Documented choices (ALGORITHM.md leaves them open or asks to say so):
   chroma, one clamp at the end), identical in DALI and the baseline;
 - evaluation crops a centre square of 224/240 of the short side (the paper's 224 of 240) and
   resizes it to crop_size; ten crops follow torchvision's TenCrop order;
-- a frame that is not a complete JPEG raises CorruptFrameError naming video and frame; a DALI
-  decode error is re-raised naming the first frame of the batches in flight that OpenCV cannot
-  decode. There is no skip policy: a damaged shard stops training with a message saying what to do.
+- a frame whose crc32 differs from the shard's (layout version 2) or that is not a complete JPEG
+  raises CorruptFrameError naming video, modality and frame; a damaged shard index is a
+  LayoutError naming the shard; a DALI decode error is re-raised naming the first frame of the
+  batches in flight that OpenCV cannot decode. There is no skip policy: a damaged shard stops
+  training with a message saying what to do.
 """
