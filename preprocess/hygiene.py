@@ -12,7 +12,9 @@ naming the holder's pid; the CLIs turn it into one line and exit 2. Nested use i
 initialiser hook: forked workers get it from an `os.register_at_fork` hook
 (`kill_forked_children_with_parent`), spawned ones when they unpickle the shard reader
 (`ShardReader.__setstate__`). Without it a SIGKILLed trainer left its workers (~0.45 GB each,
-deaf to SIGTERM) running until reboot. Elsewhere (macOS) both are no-ops.
+deaf to SIGTERM) running until reboot. Elsewhere (macOS) both are no-ops. torchrun's rank
+processes are not covered: the agent starts them, and whether from a thread that outlives them
+is its business (PR_SET_PDEATHSIG fires when the forking thread ends).
 """
 
 from __future__ import annotations
@@ -77,12 +79,24 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME):
         os.close(fd)  # releases the flock
 
 
+_prctl = None
+
+
+def _load_prctl():
+    """libc's prctl, resolved once: a forked child of a threaded process must not dlopen (another
+    thread may have held the loader's lock at the fork), so the parent resolves it beforehand."""
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
+
+
 def die_with_parent(parent_pid: int | None = None) -> None:
     """SIGKILL this process when its parent dies; exit now if the parent already died."""
-    if not sys.platform.startswith("linux"):
+    prctl = _load_prctl()
+    if prctl is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:  # died before prctl took effect
         os._exit(1)
 
@@ -108,7 +122,7 @@ def kill_forked_children_with_parent() -> None:
     parent. PR_SET_PDEATHSIG watches the forking thread: DALI and torch fork from the thread that
     builds the pipeline or iterates the DataLoader, the trainer's main thread. Idempotent."""
     global _registered
-    if _registered or not hasattr(os, "register_at_fork"):
+    if _registered or not hasattr(os, "register_at_fork") or _load_prctl() is None:
         return
     os.register_at_fork(before=_before_fork, after_in_child=lambda: die_with_parent(_forking_pid))
     _registered = True
