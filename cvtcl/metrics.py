@@ -80,9 +80,12 @@ class Window:
     def means(self) -> dict[str, float]:
         return {name: total / self.counts[name] for name, total in self.sums.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain values (a checkpoint loads with weights_only=True)."""
-        return {"sums": dict(self.sums), "counts": dict(self.counts), "steps": self.steps,
+    def state_dict(self, reduce_sums=None) -> dict[str, Any]:
+        """Plain values (a checkpoint loads with weights_only=True). `reduce_sums` (the ranks' mean)
+        makes it the state of every rank: the logged means are averaged over ranks, and the mean
+        over ranks of (restored + own new sums) / count is the uninterrupted run's."""
+        sums = dict(self.sums) if reduce_sums is None else reduce_sums(dict(self.sums))
+        return {"sums": sums, "counts": dict(self.counts), "steps": self.steps,
                 "data_seconds": self.data_seconds, "compute_seconds": self.compute_seconds}
 
     @classmethod

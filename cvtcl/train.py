@@ -294,9 +294,10 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) 
         stop = distributed.broadcast_flag(sigterm["seen"], dist.device)
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
+            window_state = window.state_dict(lambda sums: distributed.all_reduce_mean(sums, dist.device))
             if dist.is_main:
                 save_checkpoint(run_dir, {**checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
-                                          "metrics_window": window.state_dict()}, config.run.keep_checkpoints)
+                                          "metrics_window": window_state}, config.run.keep_checkpoints)
             distributed.barrier()
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
             if dist.is_main:

@@ -3,7 +3,8 @@
 `exclusive_dir(path, what)` holds an `fcntl.flock` on `path/.lock` for the duration of a run
 (`cvtcl-preprocess --out`, `cvtcl.train run.out_dir`). flock belongs to the open file, so the
 kernel drops it when the holder exits however it exits (SIGKILL included): a lock left by a dead
-process is not a lock, with no pid file to clean up. A second run gets `DirectoryBusyError`
+process is not a lock, and nothing is left to clean up (the pid written in the file only
+names the holder in the message). A second run gets `DirectoryBusyError`
 naming the holder's pid; the CLIs turn it into one line and exit 2. Nested use in one process
 (the schedule's directory, then `pack` inside the `synthetic` command) is re-entrant.
 
