@@ -24,7 +24,6 @@ temporary file, keeps the previous checkpoints and raises CheckpointWriteError.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -70,10 +69,10 @@ def latest_loadable(run_dir: str | os.PathLike, map_location: str | torch.device
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path, map_location, mmap)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        except (RuntimeError, OSError) as err:
             if log is not None:
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                log(f"skipping checkpoint {path}: it does not load ({reason}); trying the one before")
+                log(f"{reason}: skipped, resuming from an older one")
     return None, None
 
 
@@ -121,8 +120,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torn, truncated, not a checkpoint
-        raise RuntimeError(f"checkpoint {path} cannot be loaded: {err}") from None
+    except Exception as err:  # damaged bytes make torch's unpickler raise anything (IndexError, ...)
+        raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {found!r}, this cvtcl reads format {CHECKPOINT_FORMAT}")

@@ -110,9 +110,13 @@ def validate(config: TrainConfig, world_size: int) -> None:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"stage.{name}={path} does not exist")
     check_dataset(config, modalities(config), global_batch)
-    latest, state = latest_loadable(config.run.out_dir)
+    skipped = []
+    latest, state = latest_loadable(config.run.out_dir, log=skipped.append)
     if latest is not None:
         check_resumable(config, world_size, state, latest)
+    elif skipped:  # starting over would overwrite their history: the user decides
+        raise ValueError(f"no checkpoint in {config.run.out_dir} loads ({skipped[0]}); move them away to start "
+                         "the run over, or use a new run.out_dir")
 
 
 def modalities(config: TrainConfig) -> tuple[str, ...]:

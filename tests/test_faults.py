@@ -334,9 +334,14 @@ def test_resume_skips_a_torn_checkpoint_and_names_it(fake_data, tmp_path, capsys
     capsys.readouterr()
     assert train_main(_train_args(fake_data, out, "run.max_steps=6", *args), build_loader=FakePretrainLoader) == 0
     printed = capsys.readouterr().out
-    assert f"skipping checkpoint {torn}" in printed and "(step 2, " in printed
+    assert f"checkpoint {torn} cannot be loaded (RuntimeError: " in printed and "skipped" in printed
+    assert "(step 2, " in printed
     assert load_checkpoint(latest_checkpoint(out))["step"] == 6
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
+    for path in list_checkpoints(out):  # none loads: refused, not silently started over
+        path.write_bytes(b"torn")
+    with pytest.raises(ValueError, match=f"no checkpoint in {out} loads .checkpoint .* cannot be loaded.*move them away"):
+        train_main(_train_args(fake_data, out, "run.max_steps=8", *args), build_loader=FakePretrainLoader)
 
 
 class _Killed(Exception):
