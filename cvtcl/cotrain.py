@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cvtcl import engine, mining
-from cvtcl.checkpoint import latest_checkpoint, load_encoder
+from cvtcl.checkpoint import latest_loadable, load_encoder
 from cvtcl.config import TrainConfig
 from cvtcl.schedule import StageRun
 
@@ -127,8 +127,9 @@ def stage_config(base: TrainConfig, run: StageRun) -> TrainConfig:
 
 
 def checkpoint_of(run_dir: Path) -> Path:
-    """The checkpoint a finished sub-stage hands to the next ones (its latest, complete one)."""
-    latest = latest_checkpoint(run_dir)
+    """The checkpoint a finished sub-stage hands to the next ones (its latest complete one: the
+    newest that loads, the one `is_complete` read)."""
+    latest, _ = latest_loadable(run_dir, mmap=True)
     if latest is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint; run its sub-stage first")
     return latest
