@@ -232,6 +232,7 @@ class ShardReader:
         self.group_ids = {g: i for i, g in enumerate(groups)}
         self._files: dict[int, h5py.File] = {}
         self._tables: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}  # offsets, crc32
+        self._headers: dict[int, dict[str, VideoRecord]] = {}  # each open shard's own records, by name
         kill_forked_children_with_parent()  # DALI / DataLoader workers forked from here die with us
 
     # Handles are per process: never pickled, reopened on first use after unpickling.
@@ -239,6 +240,7 @@ class ShardReader:
         state = self.__dict__.copy()
         state["_files"] = {}
         state["_tables"] = {}
+        state["_headers"] = {}
         return state
 
     def __setstate__(self, state):
@@ -252,6 +254,7 @@ class ShardReader:
             h5.close()
         self._files.clear()
         self._tables.clear()
+        self._headers.clear()
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -276,22 +279,32 @@ class ShardReader:
             except (KeyError, ValueError) as err:
                 h5.close()
                 raise LayoutError(f"{path}: header cannot be read ({err}); {advice}") from None
-            mismatch = record_mismatch([v for v in self.manifest.videos if v.shard == shard], header)
-            if mismatch:
+            except LayoutError:
                 h5.close()
-                raise LayoutError(f"{self.root}/manifest.json and {path.name} disagree: {mismatch}; {advice}")
+                raise
+            self._headers[shard] = {v.name: v for v in header}
             self._files[shard] = h5
         return h5
 
+    def _check_record(self, video: VideoRecord) -> None:
+        """The manifest's record of `video` (counts, offsets) is the shard's own: an edited manifest
+        would read shifted frames. One dict lookup per read."""
+        self._file(video.shard)  # opens the shard and reads its header, once
+        own = self._headers[video.shard].get(video.name)
+        if own != video:
+            mismatch = record_mismatch([video], [own] if own else [])
+            raise LayoutError(f"{self.root}/manifest.json and {shard_name(video.shard)} disagree: {mismatch}; "
+                              f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing")
+
     def _check_index(self, path: Path, advice: str) -> None:
         """The shard's index (HDF5 metadata, offsets, checksums) is the one the manifest recorded."""
-        entries = [e for e in self.manifest.shards if e["file"] == path.name]
-        if not entries:
+        entry = next((e for e in self.manifest.shards if e["file"] == path.name), None)
+        if entry is None:
             raise LayoutError(f"{self.root}/manifest.json lists no shard {path.name}; {advice}")
-        found = index_crc32(path, entries[0]["data_regions"])
-        if found != entries[0]["index_crc32"]:
+        found = index_crc32(path, entry["data_regions"])
+        if found != entry["index_crc32"]:
             raise LayoutError(f"{path}: its index (HDF5 metadata, offsets or checksums) is damaged: "
-                              f"crc32 {found} differs from the manifest's {entries[0]['index_crc32']}; {advice}")
+                              f"crc32 {found} differs from the manifest's {entry['index_crc32']}; {advice}")
 
     def _tables_of(self, shard: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         key = (shard, modality)
@@ -305,6 +318,7 @@ class ShardReader:
     def _read_range(self, video: VideoRecord, modality: str, first: int, count: int) -> list[np.ndarray]:
         """`count` entries of the shard's `modality` tables from `first`, each checked against its
         crc32; a mismatch is a CorruptFrameError naming dataset, video, modality and frame."""
+        self._check_record(video)
         offsets, crcs = self._tables_of(video.shard, modality)
         frames = read_frames(self._file(video.shard)[modality]["bytes"], offsets[first : first + count + 1])
         bad = first_bad_crc(frames, crcs[first : first + count])

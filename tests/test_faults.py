@@ -215,6 +215,7 @@ def test_edited_counts_and_offsets_are_cross_checked_against_the_shard(toy, tmp_
     reader = ShardReader(root)
     with pytest.raises(LayoutError, match=f"disagree: video {name}: manifest {field}"):
         reader.read_rgb(reader.videos[0], 0, 1)
+    assert f"disagree: video {name}: manifest {field}" in str(_train_epoch(root))
 
 
 # ---- preprocessing reruns, two writers, full disk ----------------------------------------------
