@@ -41,6 +41,7 @@ from preprocess.schema import (
     LayoutError,
     Manifest,
     VideoRecord,
+    load_manifest,
     manifest_path,
     shard_name,
     write_json_atomic,
@@ -232,11 +233,15 @@ def _complete_shard(path: Path, planned: list[SourceVideo], recorded: str | None
 
 
 def _read_packed(out: Path) -> dict[str, str]:
+    """The recorded sha256 of each finished shard: `packed.json`, else a finished dataset's manifest
+    (a copy that left packed.json behind). Unreadable records count as none: those shards are rebuilt."""
     path = out / PACKED_NAME
     try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}  # unreadable record: every shard is rehashed against nothing and rebuilt
+        data = json.loads(path.read_text()) if path.is_file() else None
+        if data is None:
+            data = {e["file"]: e["sha256"] for e in load_manifest(out).shards}
+    except (OSError, ValueError, LayoutError):  # JSONDecodeError is a ValueError
+        return {}
     return data if isinstance(data, dict) else {}
 
 
@@ -293,10 +298,13 @@ def _pack_locked(index: DatasetIndex, options: PackOptions, params: dict[str, An
                 else:
                     encoded.append(result)
                     progress.video_done(result.record.num_frames)
-            path = out / shard_name(i)
-            records = write_shard(path, i, encoded, failed, with_flow=with_flow)
-            packed[path.name] = file_sha256(path)
-            write_json_atomic(out / PACKED_NAME, packed)
+            name = shard_name(i)
+
+            def record(sha256: str) -> None:
+                write_json_atomic(out / PACKED_NAME, {**packed, name: sha256})
+                packed[name] = sha256
+
+            records = write_shard(out / name, i, encoded, failed, with_flow=with_flow, record_sha256=record)
             done[i] = (records, failed)
             progress.shard_done(i)
     finally:

@@ -254,12 +254,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + TEMP_SUFFIX)
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk: leave no half temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def quantise_flow(flow: np.ndarray) -> np.ndarray:

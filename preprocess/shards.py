@@ -18,7 +18,7 @@ import os
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
@@ -60,15 +60,18 @@ def _blob(chunks: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, offsets, crcs
 
 
-def write_file_atomic(path: Path, data) -> None:
-    """Write `data` to `path` via a temporary name, fsync, rename. On any OSError (ENOSPC, EACCES,
-    EROFS) the temporary file is removed and the error propagates; `path` is untouched."""
+def write_file_atomic(path: Path, data, before_rename: Callable[[], None] | None = None) -> None:
+    """Write `data` to `path` via a temporary name, fsync, `before_rename()`, rename. On any OSError
+    (ENOSPC, EACCES, EROFS) the temporary file is removed and the error propagates; `path` is
+    untouched."""
     tmp = path.with_name(path.name + TEMP_SUFFIX)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
@@ -113,8 +116,12 @@ def write_shard(
     videos: Sequence[EncodedVideo],
     failed: Sequence[FailedVideo] = (),
     with_flow: bool = True,
+    record_sha256: Callable[[str], None] | None = None,
 ) -> list[VideoRecord]:
     """Write one shard atomically; returns the records with shard/rgb_start/flow_start filled in.
+    `record_sha256(sha256 of the file)` runs before the shard takes its final name: a run killed
+    in between leaves a recorded sha256 that no file under that name matches (rebuilt on resume),
+    never a finished shard without its record.
 
     The file is byte-for-byte deterministic for the same input (no HDF5 timestamps), so a
     resumed run produces the same checksums as an uninterrupted one.
@@ -151,7 +158,9 @@ def write_shard(
             grp.create_dataset("bytes", data=data, track_times=False)
             grp.create_dataset("offsets", data=offsets, track_times=False)
             grp.create_dataset("crc32", data=crcs, track_times=False)
-    write_file_atomic(path, image.getbuffer())
+    data = image.getbuffer()
+    record = None if record_sha256 is None else (lambda: record_sha256(hashlib.sha256(data).hexdigest()))
+    write_file_atomic(path, data, record)
     return records
 
 
