@@ -3,7 +3,7 @@
 Deterministic: videos sorted by name go to shards of `videos_per_shard` in order (failed videos
 keep their slot), so a shard's content never depends on the worker count or on what ran before.
 Resumable: parameters are written to `params.json` before any shard; each finished shard's sha256
-is recorded in `packed.json` as soon as it is renamed into place. A rerun with the same parameters
+is recorded in `packed.json` just before it takes its final name. A rerun with the same parameters
 keeps a shard only if its sha256 still matches the recorded one and its header lists the planned
 videos, and says why it rebuilds any other (a damaged shard is rebuilt, never laundered into the
 manifest); a rerun with other parameters is refused. The manifest is written last, atomically, so
