@@ -94,11 +94,12 @@ def _train_epoch(root: Path) -> Exception | None:
     return None
 
 
-def _flip_trials(toy, tmp_path, trials: int, seed: int) -> None:
+def _flip_trials(toy, tmp_path, trials: int, seed: int) -> dict[str, int]:
     """Random single-byte flips anywhere in a shard: verify and one training epoch must report each,
-    naming the video and frame when the byte is frame data, the shard's index otherwise."""
+    naming the video and frame when the byte is frame data, the shard's index otherwise. Returns
+    how many flips hit frame data and the index."""
     rng = random.Random(seed)
-    missed = []
+    missed, hits = [], {"frame": 0, "index": 0}
     for trial in range(trials):
         root = tmp_path / f"trial{trial}"
         shutil.copytree(toy, root)
@@ -110,12 +111,14 @@ def _flip_trials(toy, tmp_path, trials: int, seed: int) -> None:
         problems = verify(root)
         error = _train_epoch(root)
         named = where if where is not None else "index"
+        hits["frame" if where else "index"] += 1
         if not any(path.name in p and named in p + " " for p in problems):
             missed.append(f"verify, byte {position} of {path.name} ({where}): {problems}")
         if error is None or named not in str(error) + " ":
             missed.append(f"training, byte {position} of {path.name} ({where}): {error!r}")
         shutil.rmtree(root)
     assert not missed, "\n".join(missed)
+    return hits
 
 
 def test_random_byte_flips_are_reported_by_verify_and_training(toy, tmp_path):
@@ -124,7 +127,9 @@ def test_random_byte_flips_are_reported_by_verify_and_training(toy, tmp_path):
 
 @pytest.mark.slow
 def test_thirty_two_random_byte_flips(toy, tmp_path):
-    _flip_trials(toy, tmp_path, trials=32, seed=2)
+    hits = _flip_trials(toy, tmp_path, trials=32, seed=2)
+    assert hits["frame"] and hits["index"], hits  # both kinds of damage were tried
+    print(f"32 flips: {hits}")
 
 
 def test_flip_inside_a_frame_is_named_by_every_reader(toy, tmp_path):
