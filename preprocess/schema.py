@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    # a temporary name per writer: the parts of a split run (`--part`) write the same params.json
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{TEMP_SUFFIX}")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)
         fh.write("\n")
