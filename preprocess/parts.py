@@ -80,7 +80,12 @@ def _write_if_changed(path: Path, data: Any) -> None:
 def pack_part(index: DatasetIndex, options: PackOptions, part: Part, progress: Progress | None = None) -> dict[int, ShardContent]:
     """Pack part `part` of `index` into options.out and record it as complete. Returns its shards."""
     params, done = pack_shards(index, options, part.owns, progress)
-    out = Path(options.out)
+    record_part(Path(options.out), index, part, params, done)
+    return done
+
+
+def record_part(out: Path, index: DatasetIndex, part: Part, params: dict[str, Any], done: dict[int, ShardContent]) -> None:
+    """Write the marker of a complete part (and the index that merge needs)."""
     (out / PARTS_DIR).mkdir(exist_ok=True)
     _write_if_changed(out / PARTS_DIR / INDEX_NAME,
                       {"dataset": index.dataset, "root": index.root, "classes": index.classes, "splits": index.splits})
@@ -88,7 +93,6 @@ def pack_part(index: DatasetIndex, options: PackOptions, part: Part, progress: P
                "videos": [r.to_dict() for r in records], "failed": [f.to_dict() for f in failed]}
               for i, (records, failed) in done.items()]
     write_json_atomic(marker_path(out, part), {"part": part.index, "parts": part.count, "params": params, "shards": shards})
-    return done
 
 
 def num_shards(params: dict[str, Any]) -> int:
