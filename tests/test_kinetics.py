@@ -60,12 +60,18 @@ def test_missing_annotations_and_columns_are_named(tree, tmp_path):
         index_kinetics400(tmp_path / "nowhere", annotations)
 
 
-def test_pack_records_missing_and_broken_downloads(tree, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def packed(tree, tmp_path_factory):
     root, annotations = tree
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("k400-packed") / "out"
     argv = ["kinetics400", "--root", str(root), "--annotations", str(annotations), "--out", str(out),
             "--workers", "1", "--videos-per-shard", "4"]
     assert main(argv) == 3  # some videos failed, the dataset was written
+    return out
+
+
+def test_pack_records_missing_and_broken_downloads(packed):
+    out = packed
     manifest = load_manifest(out)
     failed = {f.name: f.reason for f in manifest.failed}
     assert sorted(failed) == sorted([BROKEN, MISSING])
@@ -73,3 +79,14 @@ def test_pack_records_missing_and_broken_downloads(tree, tmp_path, capsys):
     assert len(manifest.videos) == 15 and manifest.params["source_groups"] == SOURCE_GROUPS
     assert MISSING not in manifest.splits["1"]["train"] and BROKEN not in manifest.splits["1"]["test"]
     assert verify(out) == []
+
+
+def test_linear_probe_on_kinetics400(packed, tmp_path):
+    from cvtcl import eval as cvtcl_eval
+
+    payload = cvtcl_eval.main(["linear", "--random-init", "rgb", "--backbone", "tiny", "--dataset", "kinetics400",
+                               "--shards", str(packed), "--backend", "baseline", "--device", "cpu",
+                               "--frames-per-clip", "4", "--window-stride", "4", "--crop-size", "16",
+                               "--epochs", "2", "--out", str(tmp_path)])
+    assert payload["dataset"] == "kinetics400" and set(payload["results"]) == {"rgb"}
+    assert (tmp_path / "eval-linear-kinetics400-split1.json").is_file()
