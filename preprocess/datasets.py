@@ -12,6 +12,7 @@ HMDB51 (`--root DIR --splits SPLITS`):
     DIR/<class>/<video>.avi
     SPLITS/<class>_test_split{1,2,3}.txt       "<video>.avi 1" (1 = train, 2 = test, 0 = unused)
   HMDB51 has no source groups; each video is its own group. Classes are sorted by name.
+Kinetics-400: preprocess/kinetics.py.
 
 Every missing root or split file is a `DatasetError` naming the path, raised before any work.
 """

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.datasets import DatasetIndex
-from preprocess.pack import PARAMS_NAME, ConfigError, PackOptions, ShardContent, pack_shards, shard_entry, write_manifest
+from preprocess.pack import (
+    PARAMS_NAME, ConfigError, PackOptions, ShardContent, pack_shards, prepare_out, run_params, shard_entry, write_manifest,
+)
 from preprocess.progress import Progress
 from preprocess.schema import FailedVideo, Manifest, VideoRecord, shard_name, write_json_atomic
 
@@ -79,6 +81,9 @@ def _write_if_changed(path: Path, data: Any) -> None:
 
 def pack_part(index: DatasetIndex, options: PackOptions, part: Part, progress: Progress | None = None) -> dict[int, ShardContent]:
     """Pack part `part` of `index` into options.out and record it as complete. Returns its shards."""
+    prepare_out(Path(options.out), run_params(index, options))  # refuses other params before the next line
+    # a marker from an earlier run of this part must not let `merge` go ahead while it runs again
+    marker_path(options.out, part).unlink(missing_ok=True)
     params, done = pack_shards(index, options, part.owns, progress)
     record_part(Path(options.out), index, part, params, done)
     return done

@@ -78,6 +78,8 @@ def test_merge_without_parts_and_with_a_damaged_shard(tmp_path, capsys):
     args = ["kinetics400", "--root", str(root), "--annotations", str(annotations), "--out", str(out),
             "--workers", "1", "--videos-per-shard", "4", "--flow", "none"]
     assert [main(args + ["--part", f"{i}/2"]) for i in range(2)] == [0, 3]
+    assert main(args + ["--part", "1/2", "--jpeg-quality", "80"]) == 2  # other params: refused ...
+    assert (out / "parts" / Part(1, 2).marker_name).is_file()  # ... before the part's marker is touched
     shard = out / "shard-00001.h5"
     shard.write_bytes(shard.read_bytes()[:-100])  # cut short after its part finished
     assert main(["merge", str(out)]) == 2 and "rerun part 1/2" in capsys.readouterr().err
