@@ -79,7 +79,8 @@ def _write_if_changed(path: Path, data: Any) -> None:
     write_json_atomic(path, data)
 
 
-def pack_part(index: DatasetIndex, options: PackOptions, part: Part, progress: Progress | None = None) -> dict[int, ShardContent]:
+def pack_part(index: DatasetIndex, options: PackOptions, part: Part,
+              progress: Progress | None = None) -> dict[int, ShardContent]:
     """Pack part `part` of `index` into options.out and record it as complete. Returns its shards."""
     prepare_out(Path(options.out), run_params(index, options))  # refuses other params before the next line
     # a marker from an earlier run of this part must not let `merge` go ahead while it runs again
@@ -89,7 +90,8 @@ def pack_part(index: DatasetIndex, options: PackOptions, part: Part, progress: P
     return done
 
 
-def record_part(out: Path, index: DatasetIndex, part: Part, params: dict[str, Any], done: dict[int, ShardContent]) -> None:
+def record_part(out: Path, index: DatasetIndex, part: Part, params: dict[str, Any],
+                done: dict[int, ShardContent]) -> None:
     """Write the marker of a complete part (and the index that merge needs)."""
     (out / PARTS_DIR).mkdir(exist_ok=True)
     _write_if_changed(out / PARTS_DIR / INDEX_NAME,
@@ -97,7 +99,8 @@ def record_part(out: Path, index: DatasetIndex, part: Part, params: dict[str, An
     shards = [{"index": i, "entry": shard_entry(out / shard_name(i), records),
                "videos": [r.to_dict() for r in records], "failed": [f.to_dict() for f in failed]}
               for i, (records, failed) in done.items()]
-    write_json_atomic(marker_path(out, part), {"part": part.index, "parts": part.count, "params": params, "shards": shards})
+    marker = {"part": part.index, "parts": part.count, "params": params, "shards": shards}
+    write_json_atomic(marker_path(out, part), marker)
 
 
 def num_shards(params: dict[str, Any]) -> int:
@@ -107,7 +110,8 @@ def num_shards(params: dict[str, Any]) -> int:
 def read_params(out: Path) -> dict[str, Any]:
     path = out / PARAMS_NAME
     if not path.is_file():
-        raise ConfigError(f"{out}: no {PARAMS_NAME}; not a cvtcl-preprocess output (run the parts with --out {out} first)")
+        raise ConfigError(f"{out}: no {PARAMS_NAME}; not a cvtcl-preprocess output "
+                          f"(run the parts with --out {out} first)")
     return json.loads(path.read_text())
 
 

@@ -164,8 +164,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: not a finished cvtcl dataset. Run `cvtcl-preprocess` "
-            "(ucf101 | hmdb51 | synthetic) with --out pointing there; an interrupted run resumes "
-            "when the same command is run again."
+            "(ucf101 | hmdb51 | kinetics400 | synthetic) with --out pointing there; an interrupted run resumes "
+            "when the same command is run again; after a run split with --part, `cvtcl-preprocess merge`."
         )
     try:
         data = json.loads(path.read_text())

@@ -20,7 +20,8 @@ MISSING = "missing0000_000010_000020"
 BROKEN = "broken00000_000003_000013"
 
 
-def write_kinetics_tree(base: Path, clips_per_class: int = 3, frames: int = 8, class_folders: bool = False) -> tuple[Path, Path]:
+def write_kinetics_tree(base: Path, clips_per_class: int = 3, frames: int = 8,
+                        class_folders: bool = False) -> tuple[Path, Path]:
     """-> (video root, annotation folder). Per class: `clips_per_class` train clips, one validate
     clip and one labelled test clip; plus MISSING (train, not on disk), BROKEN (validate, cut
     short) and two unlabelled test rows."""

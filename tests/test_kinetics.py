@@ -25,7 +25,8 @@ def test_index_classes_splits_groups(tree):
     assert all(v.group == v.name for v in index.videos)  # no source groups in Kinetics
     assert index.params["source_groups"] == SOURCE_GROUPS
     first = by_name[clip_name("rid000xxxxx", 0, 10)]
-    assert (first.class_name, first.label) == ("riding a bike", 2) and first.path.endswith("train/rid000xxxxx_000000_000010.mp4")
+    assert (first.class_name, first.label) == ("riding a bike", 2)
+    assert first.path.endswith("train/rid000xxxxx_000000_000010.mp4")
     assert index.splits["1"]["train"] == index.splits["official"]["train"]
     assert index.splits["1"]["test"] == index.splits["official"]["validate"]
     assert len(index.splits["official"]["train"]) == 10 and len(index.splits["official"]["test"]) == 3
