@@ -106,3 +106,15 @@ def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
     assert [a.tobytes() for a in again] == [f.tobytes() for f in first]
     with pytest.raises(ValueError, match="max_open_files"):
         ShardReader(root, max_open_files=0)
+
+
+def test_a_pickled_reader_leaves_the_full_video_list_behind(tmp_path):
+    import pickle
+
+    root = write_toy_dataset(tmp_path / "toy", num_videos=6, num_frames=4, videos_per_shard=2)
+    reader = ShardReader(root, split="1", subset="test")
+    copy = pickle.loads(pickle.dumps(reader))  # what a DALI or DataLoader worker receives
+    assert copy.videos == reader.videos and copy.group_ids == reader.group_ids and copy.has_flow
+    assert copy.manifest.videos == [] and copy.manifest.splits == {}  # a worker reads `videos` only
+    assert [a.tobytes() for a in copy.read_rgb(copy.videos[3], 0, 2)] == \
+        [a.tobytes() for a in reader.read_rgb(reader.videos[3], 0, 2)]
