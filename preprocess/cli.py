@@ -4,10 +4,9 @@
 manifest once every part is complete (preprocess/parts.py).
 
 Exit status: 0 every video packed (verify: no problem); 3 some videos failed and were recorded in
-the manifest, the dataset was written (or the part); 2 usage or configuration error (bad flag, missing root or
-split file, an --out made with other parameters, unwritable output; merge: a part not complete),
-nothing packed;
-1 verify found problems (each listed on stderr).
+the manifest, the dataset (or the part) was written; 2 usage or configuration error (bad flag,
+missing root or split file, an --out made with other parameters, unwritable output; merge: a part
+not complete), nothing packed; 1 verify found problems (each listed on stderr).
 """
 
 from __future__ import annotations
