@@ -2,10 +2,12 @@
 
 `cvtcl-preprocess kinetics400 --root DIR --annotations ANN`:
     ANN/train.csv, ANN/validate.csv             label,youtube_id,time_start,time_end,split[,is_cc]
-    ANN/test.csv (optional; may lack `label`)
+    ANN/test.csv (optional; may lack `label`)   (CVDF's copy names the second one val.csv: accepted)
     DIR/**/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4   (also .mkv / .webm)
   The videos may sit in class folders (`train/abseiling/...`), in split folders, or flat: the
-  tree is walked once and a clip is found by its file name alone, wherever it is.
+  tree is walked once and a clip is found by its file name alone, wherever it is. A clip found
+  twice resolves to the copy under a `replacement*` folder (CVDF's replacements for corrupted
+  clips), else to the first in sorted order, the same on every machine.
 
 Classes are the CSV labels, sorted (400 for K400). A clip listed in a CSV but absent on disk (a
 real copy misses several percent: removed or private YouTube videos) is kept in the index with a
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from preprocess.datasets import DatasetError, DatasetIndex, SourceVideo
 
-CSV_SUBSETS = ("train", "validate", "test")
+CSV_NAMES = {"train": ("train.csv",), "validate": ("validate.csv", "val.csv"), "test": ("test.csv",)}
 REQUIRED_CSVS = ("train", "validate")
 COLUMNS = ("youtube_id", "time_start", "time_end")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")  # what youtube-dl / yt-dlp downloads produce
@@ -45,16 +47,17 @@ def clip_name(youtube_id: str, start: int, end: int) -> str:
 
 
 def _find_videos(root: Path) -> dict[str, str]:
-    """stem -> path of every video file below `root`; the first in sorted walk order wins, so a
-    clip downloaded twice (an .mkv next to an .mp4) resolves the same way on every machine."""
+    """stem -> path of every video file below `root` (a clip found twice: see the module docstring)."""
     found: dict[str, str] = {}
+    replacements: dict[str, str] = {}
     for folder, dirs, files in os.walk(root):
         dirs.sort()
+        chosen = replacements if "replacement" in Path(folder).relative_to(root).as_posix() else found
         for name in sorted(files):
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in VIDEO_SUFFIXES:
-                found.setdefault(stem, os.path.join(folder, name))
-    return found
+                chosen.setdefault(stem, os.path.join(folder, name))
+    return found | replacements
 
 
 def _read_csv(path: Path, subset: str) -> list[tuple[str, str | None]]:
@@ -86,12 +89,12 @@ def index_kinetics400(root: str | Path, annotations: str | Path) -> DatasetIndex
     if not annotations.is_dir():
         raise DatasetError(f"Kinetics-400 annotation folder (--annotations) not found: {annotations}")
     rows: dict[str, list[tuple[str, str | None]]] = {}
-    for subset in CSV_SUBSETS:
-        path = annotations / f"{subset}.csv"
-        if path.is_file():
+    for subset, names in CSV_NAMES.items():
+        path = next((annotations / n for n in names if (annotations / n).is_file()), None)
+        if path is not None:
             rows[subset] = _read_csv(path, subset)
         elif subset in REQUIRED_CSVS:
-            raise DatasetError(f"Kinetics-400 annotation file not found: {path}")
+            raise DatasetError(f"Kinetics-400 annotation file not found: {annotations / names[0]}")
 
     classes = sorted({label for listed in rows.values() for _, label in listed if label is not None})
     if not classes:

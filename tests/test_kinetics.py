@@ -42,13 +42,30 @@ def test_class_folders_index_like_flat_files(tree, tmp_path):
     assert folders.splits == flat.splits
 
 
+def test_a_clip_found_twice_resolves_to_the_replacement(tree, tmp_path):
+    root, annotations = tree
+    copy = tmp_path / "videos"
+    shutil.copytree(root, copy)
+    name = clip_name("abs100xxxxx", 0, 10)
+    for folder in ("replacement/replacement_for_corrupted_k400", "a_duplicates"):
+        (copy / folder).mkdir(parents=True)
+        shutil.copy(copy / "train" / f"{name}.mp4", copy / folder / f"{name}.mp4")
+    by_name = {v.name: v.path for v in index_kinetics400(copy, annotations).videos}
+    assert by_name[name] == str(copy / "replacement/replacement_for_corrupted_k400" / f"{name}.mp4")
+    other = clip_name("abs101xxxxx", 10, 20)
+    (copy / "a_duplicates" / f"{other}.mkv").write_bytes(b"")
+    assert index_kinetics400(copy, annotations).videos[1].path == str(copy / "a_duplicates" / f"{other}.mkv")
+
+
 def test_missing_annotations_and_columns_are_named(tree, tmp_path):
     root, annotations = tree
     copy = tmp_path / "ann"
     shutil.copytree(annotations, copy)
     (copy / "test.csv").unlink()  # optional
     assert "test" not in index_kinetics400(root, copy).splits["official"]
-    (copy / "validate.csv").unlink()
+    (copy / "validate.csv").rename(copy / "val.csv")  # CVDF's name for it
+    assert index_kinetics400(root, copy).splits["1"] == index_kinetics400(root, annotations).splits["1"]
+    (copy / "val.csv").unlink()
     with pytest.raises(DatasetError, match="validate.csv"):
         index_kinetics400(root, copy)
     (copy / "validate.csv").write_text("label,youtube_id,time_end\nabseiling,abc,10\n")
