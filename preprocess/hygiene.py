@@ -3,8 +3,8 @@
 `exclusive_dir(path, what)` holds an `fcntl.flock` on `path/.lock` for the duration of a run
 (`cvtcl-preprocess --out`, `cvtcl.train run.out_dir`). flock belongs to the open file, so the
 kernel drops it when the holder exits however it exits (SIGKILL included): a lock left by a dead
-process is not a lock, and nothing is left to clean up (the pid written in the file only
-names the holder in the message). A second run gets `DirectoryBusyError`
+process is not a lock, and nothing is left to clean up (the holder's pid, written in the file
+for the message, is erased on release). A second run gets `DirectoryBusyError`
 naming the holder's pid; the CLIs turn it into one line and exit 2. Nested use in one process
 (the schedule's directory, then `pack` inside the `synthetic` command) is re-entrant.
 
@@ -44,9 +44,10 @@ class DirectoryBusyError(OutputDirError):
 
 
 @contextlib.contextmanager
-def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME):
+def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, shared: bool = False):
     """Hold the lock of directory `path` (created if missing) while the block runs. `name`: the lock
-    file, for writers that may share a directory but not a part of it (one lock per part)."""
+    file; `shared`: any number of shared holders, or one exclusive (the parts of a split run share
+    --out with each other, never with a whole run)."""
     lock = Path(path).resolve() / name
     if lock in _held:
         _held[lock] += 1
@@ -62,9 +63,9 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME):
         raise OutputDirError(f"cannot write to the output directory {lock.parent}: {err.strerror}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "not recorded"
             raise DirectoryBusyError(
                 f"{lock.parent} is in use by another {what} (pid {holder}); wait for it to finish, "
                 "or choose another output directory"
@@ -76,6 +77,7 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME):
             yield
         finally:
             del _held[lock]
+            os.ftruncate(fd, 0)  # an empty file once released: a finished output is the same on every run
     finally:
         os.close(fd)  # releases the flock
 

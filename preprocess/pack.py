@@ -10,7 +10,8 @@ manifest); a rerun with other parameters is refused. The manifest is written las
 a directory with a manifest is a finished dataset (DESIGN.md, Storage).
 
 One writer: the run holds `OUT/.lock` (preprocess/hygiene.py); a second run on the same --out is a
-ConfigError (exit 2). A full disk or an unwritable --out is an OutputError (exit 2): one line,
+ConfigError (exit 2). The parts of a split run (preprocess/parts.py) share `.lock` with each other,
+and each holds its own lock and records its shards' sha256 in its own file under `OUT/parts/`. A full disk or an unwritable --out is an OutputError (exit 2): one line,
 the finished shards kept, and the same command resumes once there is room.
 
 Workers are spawned processes (never forked: a flow backend may hold CUDA state, and forking
@@ -26,7 +27,7 @@ import multiprocessing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -53,6 +54,7 @@ PARAMS_NAME = "params.json"
 PACKED_NAME = "packed.json"  # {shard file name: sha256} of the shards this run finished
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CONFIG = 0, 3, 2
 FLOW_CHUNK = 64  # frames per flow call: bounds a worker's memory on long videos
+ShardContent = tuple[list[VideoRecord], list[FailedVideo]]  # a shard's records and failed videos
 
 
 class ConfigError(RuntimeError):
@@ -65,11 +67,15 @@ class OutputError(ConfigError):
 
 
 @contextlib.contextmanager
-def locked_out(out: str | Path):
-    """Hold --out's lock (created if missing): a second run on it is a ConfigError."""
+def locked_out(out: str | Path, part_lock: str | None = None):
+    """Hold --out's lock (created if missing): a second run on it is a ConfigError. With `part_lock`
+    (a lock file's path under `out`, one per part of a split run): --out's lock is shared with the
+    other parts, never with a whole run, and the part's own is exclusive."""
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(exclusive_dir(out, "cvtcl-preprocess run"))
+            stack.enter_context(exclusive_dir(out, "cvtcl-preprocess run", shared=part_lock is not None))
+            if part_lock is not None:
+                stack.enter_context(exclusive_dir(out, "cvtcl-preprocess run of this part", name=part_lock))
         except OutputDirError as err:  # busy, unwritable, a file in the way, a read-only mount
             raise ConfigError(str(err)) from None
         yield
@@ -123,6 +129,7 @@ def run_params(index: DatasetIndex, options: PackOptions) -> dict[str, Any]:
         "flow_jpeg_quality": options.flow_jpeg_quality,
         "short_side": options.short_side,
         "flow": _flow_params(options),
+        **index.params,
         **options.extra_params,
     }
 
@@ -132,6 +139,9 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         recorded = out / PARAMS_NAME
+        # looked at before params.json: parts sharing --out write params.json before any shard, so
+        # a shard seen here implies a params.json seen below
+        finished = manifest_path(out).exists() or any(out.glob("shard-*.h5"))
         if recorded.exists():
             old = json.loads(recorded.read_text())
             if old != params:
@@ -140,7 +150,7 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
                     f"{out} was packed with other parameters (differing: {', '.join(changed)}; see {recorded}). "
                     "Rerun with the same arguments to resume, or choose another --out."
                 )
-        elif list(out.glob("shard-*.h5")) or manifest_path(out).exists():
+        elif finished:
             raise ConfigError(f"{out} holds shards but no {PARAMS_NAME}: not ours to resume; choose another --out")
         write_json_atomic(recorded, params)
     except OSError as err:  # unwritable, a file in the way, a read-only mount
@@ -233,48 +243,58 @@ def _complete_shard(path: Path, planned: list[SourceVideo], recorded: str | None
 
 
 def _read_packed(out: Path) -> dict[str, str]:
-    """The recorded sha256 of each finished shard: `packed.json`, else a finished dataset's manifest
-    (a copy that left packed.json behind). Unreadable records count as none: those shards are rebuilt."""
-    path = out / PACKED_NAME
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else None
-        if data is None:
-            data = {e["file"]: e["sha256"] for e in load_manifest(out).shards}
+    """The recorded sha256 of each finished shard: the union of `packed.json` and the parts' records
+    (parts write concurrently, one file each; records agree, shards being deterministic), else a
+    finished dataset's manifest (a copy that left them behind). Unreadable records count as none:
+    those shards are rebuilt."""
+    found: dict[str, str] = {}
+    try:  # a split run's parts record theirs one directory down (preprocess/parts.py)
+        for path in sorted([*out.glob(PACKED_NAME), *out.glob(f"*/{Path(PACKED_NAME).stem}-*.json")]):
+            data = json.loads(path.read_text())
+            found.update(data if isinstance(data, dict) else {})
+        if not found and manifest_path(out).exists():
+            found = {e["file"]: e["sha256"] for e in load_manifest(out).shards}
     except (OSError, ValueError, LayoutError):  # JSONDecodeError is a ValueError
         return {}
-    return data if isinstance(data, dict) else {}
+    return found
 
 
-def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = None) -> Manifest:
-    """Pack `index` into options.out (see the module docstring). Returns the manifest written."""
+def pack_shards(index: DatasetIndex, options: PackOptions, owns: Callable[[int], bool] = lambda shard: True,
+                progress: Progress | None = None, record: str = PACKED_NAME
+                ) -> tuple[dict[str, Any], dict[int, ShardContent], dict[str, str]]:
+    """Pack the shards `owns` selects (all by default; `parts` selects 1/N of them) into
+    options.out, keeping complete ones whose recorded sha256 still matches; this run's sha256s go
+    to `record` (a path under options.out). The caller holds `locked_out`. Returns the run's
+    params, {shard index: content} and {shard file: recorded sha256}."""
     out = Path(options.out)
-    with locked_out(out):
-        params = run_params(index, options)
-        prepare_out(out, params)
-        try:
-            return _pack_locked(index, options, params, out, progress or Progress.auto())
-        except OSError as err:  # ENOSPC, EACCES, EROFS while writing a shard or a record
-            kept = len(_read_packed(out))
-            raise OutputError(
-                f"cannot write to {out}: {err.strerror or err} ({err.filename or 'shard'}); {kept} finished "
-                "shard(s) kept. Free space (or fix permissions) and rerun the same command to resume"
-            ) from None
+    params = run_params(index, options)
+    prepare_out(out, params)
+    try:
+        return (params, *_pack_shards(index, options, out, owns, progress or Progress.auto(), out / record))
+    except OSError as err:  # ENOSPC, EACCES, EROFS while writing a shard or a record
+        kept = len(_read_packed(out))
+        raise OutputError(
+            f"cannot write to {out}: {err.strerror or err} ({err.filename or 'shard'}); {kept} finished "
+            "shard(s) kept. Free space (or fix permissions) and rerun the same command to resume"
+        ) from None
 
 
-def _pack_locked(index: DatasetIndex, options: PackOptions, params: dict[str, Any], out: Path,
-                 progress: Progress) -> Manifest:
+def _pack_shards(index: DatasetIndex, options: PackOptions, out: Path, owns: Callable[[int], bool],
+                 progress: Progress, record_path: Path) -> tuple[dict[int, ShardContent], dict[str, str]]:
     plan = plan_shards(index, options.videos_per_shard)
-    packed = _read_packed(out)
+    mine = [i for i in range(len(plan)) if owns(i)]
+    recorded = _read_packed(out)
+    packed = {}  # this run's record: the kept shards' and the written shards' sha256
     done = {}
-    for i, planned in enumerate(plan):
+    for i in mine:
         name = shard_name(i)
-        header = _complete_shard(out / name, planned, packed.get(name), progress.log)
+        header = _complete_shard(out / name, plan[i], recorded.get(name), progress.log)
         if header is not None:
-            done[i] = header
-        else:
-            packed.pop(name, None)
-    todo = [i for i in range(len(plan)) if i not in done]
-    progress.start(total_videos=sum(len(plan[i]) for i in todo), kept_shards=len(done), total_shards=len(plan))
+            done[i], packed[name] = header, recorded[name]
+    todo = [i for i in mine if i not in done]
+    progress.start(total_videos=sum(len(plan[i]) for i in todo), kept_shards=len(done), total_shards=len(mine))
+    record_path.parent.mkdir(exist_ok=True)
+    write_json_atomic(record_path, packed)  # forget the records of shards being redone
 
     tasks = [(src, options) for i in todo for src in plan[i]]
     with_flow = options.flow != "none"
@@ -301,7 +321,7 @@ def _pack_locked(index: DatasetIndex, options: PackOptions, params: dict[str, An
             name = shard_name(i)
 
             def record(sha256: str) -> None:
-                write_json_atomic(out / PACKED_NAME, {**packed, name: sha256})
+                write_json_atomic(record_path, {**packed, name: sha256})
                 packed[name] = sha256
 
             records = write_shard(out / name, i, encoded, failed, with_flow=with_flow, record_sha256=record)
@@ -312,18 +332,30 @@ def _pack_locked(index: DatasetIndex, options: PackOptions, params: dict[str, An
             pool.terminate()
             pool.join()
         progress.stop()
+    return {i: done[i] for i in mine}, packed
 
-    return write_manifest(out, index, params, [done[i] for i in range(len(plan))], packed)
+
+def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = None) -> Manifest:
+    """Pack `index` into options.out (see the module docstring). Returns the manifest written."""
+    out = Path(options.out)
+    with locked_out(out):
+        params, done, packed = pack_shards(index, options, progress=progress)
+    shards = [done[i] for i in range(len(done))]
+    entries = [shard_entry(out / shard_name(i), recs, packed[shard_name(i)]) for i, (recs, _) in enumerate(shards)]
+    return write_manifest(out, index, params, shards, entries)
 
 
-def write_manifest(out: Path, index: DatasetIndex, params: dict[str, Any],
-                   shards: list[tuple[list[VideoRecord], list[FailedVideo]]], sha256s: dict[str, str]) -> Manifest:
+def write_manifest(out: Path, index: DatasetIndex, params: dict[str, Any], shards: list[ShardContent],
+                   entries: list[dict[str, Any]] | None = None) -> Manifest:
+    """The manifest of complete shards; `entries` (sha256, sizes, index checksums) are computed
+    unless given."""
     records = [r for recs, _ in shards for r in recs]
     failed = [f for _, fails in shards for f in fails]
     packed = {r.name for r in records}
     splits = {k: {s: [n for n in names if n in packed] for s, names in subsets.items()}
               for k, subsets in index.splits.items()}
-    entries = [shard_entry(out / shard_name(i), recs, sha256s[shard_name(i)]) for i, (recs, _) in enumerate(shards)]
+    if entries is None:
+        entries = [shard_entry(out / shard_name(i), recs) for i, (recs, _) in enumerate(shards)]
     manifest = Manifest(index.dataset, params, index.classes, entries, records, splits, failed, LAYOUT_VERSION)
     write_json_atomic(manifest_path(out), manifest.to_dict())
     return manifest

@@ -39,11 +39,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import zlib
 
 import numpy as np
 
@@ -86,7 +86,7 @@ SHARD_ENTRY_FIELDS = {"file": str, "sha256": str, "num_videos": int, "num_frames
                       "data_regions": list, "index_crc32": int}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a Kinetics reader holds 250 k of them, in every loader worker
 class VideoRecord:
     """One packed video. `rgb_start`/`flow_start` index the shard's frame tables."""
 
@@ -240,8 +240,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: not a finished cvtcl dataset. Run `cvtcl-preprocess` "
-            "(ucf101 | hmdb51 | synthetic) with --out pointing there; an interrupted run resumes "
-            "when the same command is run again."
+            "(ucf101 | hmdb51 | kinetics400 | synthetic) with --out pointing there; an interrupted run resumes "
+            "when the same command is run again; after a run split with --part, `cvtcl-preprocess merge`."
         )
     try:
         data = json.loads(path.read_text())
@@ -253,7 +253,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    # a temporary name per writer: the parts of a split run (`--part`) write the same params.json
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{TEMP_SUFFIX}")
     try:
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)
@@ -262,7 +263,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError:  # a full disk: leave no half temporary file behind
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -4,8 +4,10 @@ Checks, per shard in the manifest: the file exists, its size, sha256 and index c
 header lists the manifest's videos (counts and offsets), the offset and checksum tables are
 consistent, and every RGB frame and every flow plane matches its crc32 and decodes as a JPEG of
 the recorded size. Then the split lists must name packed videos only. A malformed manifest is one
-problem naming the file and the field. A problem is a string naming the file (and video / frame);
-none means the dataset is sound.
+problem naming the file and the field. `--part I/N` checks that part's shards only: against the
+manifest once merged, else against the part's marker (so each array task can verify its own
+shards before `merge`). A problem is a string naming the file (and video / frame); none means the
+dataset is sound.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import h5py
 import numpy as np
 
 from preprocess.hygiene import die_with_parent_if_child
-from preprocess.schema import LayoutError, VideoRecord, load_manifest
+from preprocess.pack import ConfigError
+from preprocess.parts import Part, read_marker, read_params
+from preprocess.schema import LayoutError, VideoRecord, load_manifest, manifest_path
 from preprocess.shards import file_sha256, first_bad_crc, index_crc32, read_frames, read_shard_header, record_mismatch
 
 
@@ -106,9 +110,23 @@ def _check_task(args) -> list[str]:
     return check_shard(*args)
 
 
-def verify(root: str | Path, workers: int = 1) -> list[str]:
-    """All problems of the dataset at `root`; an empty list means it is sound."""
+def _part_tasks(root: Path, part: Part) -> list[tuple]:
+    """Check tasks of one part's shards before `merge`: from its marker (no manifest yet)."""
+    params = read_params(root)
+    with_flow = params.get("flow", {}).get("backend", "none") != "none"
+    shards = read_marker(root, part, params)
+    return [(str(root), entry, records, with_flow) for _, (entry, (records, _)) in sorted(shards.items())]
+
+
+def verify(root: str | Path, workers: int = 1, part: Part | None = None) -> list[str]:
+    """All problems of the dataset at `root` (of `part`'s shards only, with or without a manifest);
+    an empty list means it is sound."""
     root = Path(root)
+    if part is not None and not manifest_path(root).exists():
+        try:
+            return _run(_part_tasks(root, part), workers)
+        except ConfigError as err:
+            return [str(err)]
     try:
         manifest = load_manifest(root)
     except (FileNotFoundError, LayoutError) as err:
@@ -116,13 +134,11 @@ def verify(root: str | Path, workers: int = 1) -> list[str]:
     by_shard: dict[int, list[VideoRecord]] = {}
     for video in manifest.videos:
         by_shard.setdefault(video.shard, []).append(video)
-    tasks = [(str(root), entry, by_shard.get(i, []), manifest.has_flow) for i, entry in enumerate(manifest.shards)]
-    if workers > 1 and len(tasks) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), die_with_parent_if_child) as pool:
-            results = pool.map(_check_task, tasks, chunksize=1)
-    else:
-        results = [_check_task(t) for t in tasks]
-    problems = [p for r in results for p in r]
+    tasks = [(str(root), entry, by_shard.get(i, []), manifest.has_flow) for i, entry in enumerate(manifest.shards)
+             if part is None or part.owns(i)]
+    problems = _run(tasks, workers)
+    if part is not None:
+        return problems  # the checks below are of the whole dataset
     unknown_shards = sorted(set(by_shard) - set(range(len(manifest.shards))))
     if unknown_shards:
         problems.append(f"{root}: videos refer to shards {unknown_shards} that the manifest does not list")
@@ -133,3 +149,12 @@ def verify(root: str | Path, workers: int = 1) -> list[str]:
             if stray:
                 problems.append(f"{root}: split {split} {subset} names {len(stray)} unpacked video(s), e.g. {stray[0]}")
     return problems
+
+
+def _run(tasks: list[tuple], workers: int) -> list[str]:
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), die_with_parent_if_child) as pool:
+            results = pool.map(_check_task, tasks, chunksize=1)
+    else:
+        results = [_check_task(t) for t in tasks]
+    return [p for r in results for p in r]

@@ -259,6 +259,20 @@ def test_second_writer_gets_a_clear_message_and_exit_2(synthetic_dataset, tmp_pa
     assert not list(out.glob("shard-*"))
 
 
+def test_parts_share_the_output_but_not_a_part(synthetic_dataset, tmp_path):
+    from preprocess.pack import locked_out
+
+    out, raw = tmp_path / "out", synthetic_dataset / "raw"
+    with locked_out(out, "parts/.lock-part-00000-of-00002"):  # as part 0/2 holds them
+        same = subprocess.run(_pack_command(raw, out, "--part", "0/2"), env=_env(), capture_output=True, text=True)
+        whole = subprocess.run(_pack_command(raw, out), env=_env(), capture_output=True, text=True)
+        other = subprocess.run(_pack_command(raw, out, "--part", "1/2"), env=_env(), capture_output=True, text=True)
+    assert same.returncode == 2 and "in use by another cvtcl-preprocess run of this part" in same.stderr
+    assert whole.returncode == 2 and f"{out} is in use by another cvtcl-preprocess run" in whole.stderr
+    assert other.returncode == 0, other.stderr
+    assert (out / "parts" / "packed-part-00001-of-00002.json").is_file()
+
+
 def test_lock_of_a_killed_process_is_not_held(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from preprocess.hygiene import exclusive_dir\n"
                                f"with exclusive_dir({str(tmp_path)!r}, 'x'):\n print('held', flush=True); time.sleep(60)"],
