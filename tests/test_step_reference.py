@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from step_reference import run_stages
 from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
@@ -20,7 +21,13 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "step_reference.json"
 
 @pytest.fixture(scope="module")
 def current(tmp_path_factory):
-    return run_stages(tmp_path_factory.mktemp("reference"))
+    # recorded with one thread; the module fixture runs before the autouse one_thread fixture
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield run_stages(tmp_path_factory.mktemp("reference"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
