@@ -1,8 +1,12 @@
 """Twenty CPU training steps of each stage, summarised: what `tests/fixtures/step_reference.json` holds.
 
-The fixture was recorded from the trainer as it was before the sync-free step (issue 11), with
+The fixture was recorded from the trainer as it was before the sync-free step (issue 11, commit
+6122a8d, this file copied into an export of it) with
 `python tests/step_reference.py tests/fixtures/step_reference.json`; test_step_reference.py
-runs the same steps with the current code and compares. The summary is every metrics.jsonl
+runs the same steps with the current code and compares. Batch 8: the key encoder now runs its
+BN groups in one call, so its projection head multiplies 2x as many rows at once; with 2 rows
+per group (batch 4) the CPU BLAS picks another kernel for 2 rows than for 4 and results differ
+in the last bit, with 4 or more rows per group they are bitwise equal. The summary is every metrics.jsonl
 field except timings and memory, and per tensor of the final checkpoint (model buffers and
 parameters, optimizer state) its float64 sum and sum of squares, written with repr-exact floats.
 """
@@ -21,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_fakes import FakePretrainLoader, make_dataset  # noqa: E402
 
 TIMING_FIELDS = {"clips_per_s", "data_s", "compute_s", "data_wait_fraction", "peak_memory_gib"}
-COMMON = ["--preset", "smoke", "loss.queue_size=16", "run.progress=none", "optim.epochs=10",
+COMMON = ["--preset", "smoke", "data.batch_size=8", "loss.queue_size=16", "run.progress=none", "optim.epochs=10",
           "run.max_steps=20", "run.log_every=3", "run.checkpoint_every=1000"]
 
 
