@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cvtcl import distributed
-from cvtcl.models import Encoder, running_statistics, split_batch_norm, split_batch_norm_
+from cvtcl.models import Encoder, repeat_affine_, repeat_index, running_statistics, split_batch_norm, split_batch_norm_
 
 
 def check_queue_size(queue_size: int, global_batch: int) -> None:
@@ -131,11 +131,11 @@ def shuffle_plan(world: int, n: int, rank: int, perm: torch.Tensor) -> ShufflePl
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without making the host wait: pinned memory + non-blocking copy on
-    CUDA (a pageable copy would block until the GPU reached it); a plain copy elsewhere."""
+    """A host tensor on `device` without making the host wait: a non-blocking copy, from pinned
+    memory on CUDA (pinning needs CUDA; a pageable source would make the copy wait)."""
     if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,7 @@ class MomentumContrast(nn.Module):
         self.key.requires_grad_(False)
         self.queue = Queue(queue_size, query.embed_dim, cross_view)
         self.bn_groups = bn_groups
+        self.register_buffer("repeat_index", repeat_index(self.key, bn_groups), persistent=False)
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
@@ -228,6 +229,7 @@ class MomentumContrast(nn.Module):
         # running statistics); it carries the query's, so eval-mode use of it (load_encoder
         # which="key") normalises with statistics of the same data.
         torch._foreach_copy_(running_statistics(self.key), running_statistics(self.query))
+        repeat_affine_(self.key, self.repeat_index, self.bn_groups)  # the split BatchNorms' affine, two launches
 
     @torch.no_grad()
     def copy_query_to_key(self) -> None:

@@ -152,6 +152,7 @@ class SplitBatchNorm3d(nn.BatchNorm3d):
     """
 
     groups = 1
+    repeated: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (weight, bias) x groups, versions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1 or not self.training:  # eval: running statistics, nothing per group
@@ -159,12 +160,42 @@ class SplitBatchNorm3d(nn.BatchNorm3d):
         g, (n, c) = self.groups, x.shape[:2]
         if x.is_contiguous():
             grouped = x.view(n // g, g * c, *x.shape[2:])
-            return F.batch_norm(grouped, None, None, self.weight.repeat(g), self.bias.repeat(g), True, 0.0,
-                                self.eps).view_as(x)
+            weight, bias = self._repeated_affine()
+            return F.batch_norm(grouped, None, None, weight, bias, True, 0.0, self.eps).view_as(x)
         out = torch.empty_like(x)  # channels_last_3d: the groups are not a view; one call per group
         for i in range(g):
             out[i::g] = F.batch_norm(x[i::g], None, None, self.weight, self.bias, True, 0.0, self.eps)
         return out
+
+
+    def _repeated_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight and bias repeated `groups` times: from `repeat_affine_` (two launches for the whole
+        encoder per step) while the parameters have not changed since, else two launches here."""
+        cached = self.repeated
+        if cached is not None and not torch.compiler.is_compiling() and len(cached[0]) == self.groups * len(self.weight) \
+                and (cached[2], cached[3]) == (self.weight._version, self.bias._version):
+            return cached[0], cached[1]
+        return self.weight.repeat(self.groups), self.bias.repeat(self.groups)
+
+
+def repeat_index(module: nn.Module, groups: int) -> torch.Tensor:
+    """The gather index `repeat_affine_` uses: for the SplitBatchNorm3d layers' [weight, bias, ...]
+    concatenated, each tensor's entries `groups` times in a row."""
+    sizes = [len(m.weight) for m in module.modules() if isinstance(m, SplitBatchNorm3d) for _ in range(2)]
+    starts = torch.tensor([0, *sizes]).cumsum(0)[:-1].tolist()
+    return torch.cat([start + torch.arange(groups * size) % size for start, size in zip(starts, sizes)])
+
+
+@torch.no_grad()
+def repeat_affine_(module: nn.Module, index: torch.Tensor, groups: int) -> None:
+    """Give every SplitBatchNorm3d of `module` its weight and bias repeated `groups` times, all in
+    one gather with `index` (`repeat_index`) instead of two repeat launches per layer and call.
+    Call after the parameters change."""
+    layers = [m for m in module.modules() if isinstance(m, SplitBatchNorm3d)]
+    flat = torch.cat([t for m in layers for t in (m.weight, m.bias)])
+    pieces = flat.index_select(0, index).split([groups * len(m.weight) for m in layers for _ in range(2)])
+    for m, weight, bias in zip(layers, pieces[0::2], pieces[1::2]):
+        m.repeated = (weight, bias, m.weight._version, m.bias._version)
 
 
 def split_batch_norm_(module: nn.Module) -> nn.Module:
