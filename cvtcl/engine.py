@@ -62,6 +62,18 @@ def autocast(ctx: Context) -> contextlib.AbstractContextManager:
     return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype)
 
 
+def compile_encoders(model: MomentumContrast, setting: str, device: torch.device, world_size: int = 1) -> None:
+    """run.compile: "encoder" compiles the query and key encoders in place (`nn.Module.compile`,
+    state-dict keys unchanged) as whole graphs; "step" also replays them as CUDA graphs on CUDA
+    (mode reduce-overhead: forward and backward without per-kernel launches; the optimizer is one
+    fused kernel already). Elsewhere "step" is "encoder". Under DDP graphs may break at buckets."""
+    if setting == "none":
+        return
+    mode = "reduce-overhead" if setting == "step" and device.type == "cuda" else None
+    for encoder in (model.query, model.key):
+        encoder.compile(fullgraph=world_size == 1, mode=mode)
+
+
 def learning_rate(optim: OptimConfig, epoch: int) -> float:
     """Multistep schedule: lr x gamma for every milestone epoch reached (paper: 250, 280)."""
     return optim.lr * optim.lr_gamma ** sum(epoch >= m for m in optim.lr_milestones)
@@ -248,6 +260,8 @@ def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_s
     CPU, where a read is free, by a host check) and is reported by `read_terms`.
     """
     config = ctx.config
+    if config.run.compile == "step" and ctx.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
     global_batch = batch[config.stage.modality].shape[0] * distributed.world_size()
     draws = StepDraws(ctx, DRAWS[config.stage.kind](config, global_batch), step_generator(config.run.seed, ctx.step))
     ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed

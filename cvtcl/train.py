@@ -30,7 +30,8 @@ from cvtcl import distributed
 from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_overrides, describe
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
-from cvtcl.engine import STEPS, Context, StepTerms, amp_dtype, peak_memory_gib, read_terms, train_one_epoch
+from cvtcl.engine import (STEPS, Context, StepTerms, amp_dtype, compile_encoders, peak_memory_gib, read_terms,
+                          train_one_epoch)
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
 from cvtcl.retrieval import KnnMonitor
@@ -150,6 +151,7 @@ def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
         weights, _ = load_encoder(config.stage.init_checkpoint, map_location=dist.device)
         model.query.load_state_dict(weights.state_dict())
         model.copy_query_to_key()
+    compile_encoders(model, config.run.compile, dist.device, dist.world_size)
     query = model.query
     if dist.world_size > 1:
         # BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
