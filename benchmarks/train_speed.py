@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_toy_shards  # noqa: E402
-from cvtcl import engine  # noqa: E402
+from cvtcl import engine, graphed  # noqa: E402
 from cvtcl.config import apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
@@ -136,7 +136,9 @@ def time_variant(args, dist, spec, sampler=""):
         for _ in range(config.loss.queue_size // batch_size):
             engine.train_step(ctx, batch, 0, 0)
     try:
-        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(args.warmup)]
+        # the captured step (run.compile=step) needs its eager warm-up and the capture before timing
+        warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if compile_setting == "step" else args.warmup
+        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
         synchronize(dist.device)
         start = time.perf_counter()
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(args.steps)]
@@ -147,6 +149,8 @@ def time_variant(args, dist, spec, sampler=""):
                "compile": compile_setting, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
+        if ctx.graph is not None:  # run.compile=step on CUDA: was the step replayed as a CUDA graph?
+            row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
         if args.profile and dist.device.type == "cuda":
             row["profile"] = profile_steps(ctx, batch, dist.device)
         return row

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,19 +60,18 @@ def autocast(ctx: Context) -> contextlib.AbstractContextManager:
     that cvtcl.step_audit counts syncs on, even disabled)."""
     if ctx.autocast_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype)
+    # a CUDA graph must not capture autocast's cache of cast weights (they change every step)
+    return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype, cache_enabled=ctx.config.run.compile != "step")
 
 
 def compile_encoders(model: MomentumContrast, setting: str, device: torch.device, world_size: int = 1) -> None:
-    """run.compile: "encoder" compiles the query and key encoders in place (`nn.Module.compile`,
-    state-dict keys unchanged) as whole graphs; "step" also replays them as CUDA graphs on CUDA
-    (mode reduce-overhead: forward and backward without per-kernel launches; the optimizer is one
-    fused kernel already). Elsewhere "step" is "encoder". Under DDP graphs may break at buckets."""
+    """run.compile: "encoder" and "step" compile the query and key encoders in place
+    (`nn.Module.compile`, state-dict keys unchanged) as whole graphs; "step" also captures the
+    whole step in a CUDA graph on CUDA (cvtcl/graphed.py). Under DDP graphs may break at buckets."""
     if setting == "none":
         return
-    mode = "reduce-overhead" if setting == "step" and device.type == "cuda" else None
     for encoder in (model.query, model.key):
-        encoder.compile(fullgraph=world_size == 1, mode=mode)
+        encoder.compile(fullgraph=world_size == 1)
 
 
 def learning_rate(optim: OptimConfig, epoch: int) -> float:
@@ -105,6 +105,7 @@ class Context:
     step: int = 0  # optimizer steps done
     sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
     rank: int = 0  # this process's rank (seeds its batch-level augmentation)
+    graph: Any = None  # run.compile=step on CUDA: the captured step (cvtcl.graphed.GraphedStep) once warmed up
 
 
 @dataclass
@@ -152,7 +153,14 @@ class StepDraws:
                 drop = mining.self_positive_drop(value, generator)  # a CPU draw: no device sync
                 self.items.append(torch.tensor(drop, device=ctx.device) if legacy else
                                   to_device_async(torch.tensor(drop), ctx.device))
-        self.items.reverse()
+        self.items.reverse()  # popped from the end
+
+    @classmethod
+    def of(cls, items: list) -> StepDraws:
+        """Draws already made (in the order the step takes them): cvtcl.graphed's static buffers."""
+        draws = cls.__new__(cls)
+        draws.items = list(reversed(items))
+        return draws
 
     def permutation(self) -> Permutation:
         item = self.items.pop()
@@ -257,35 +265,46 @@ def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_s
     """One optimizer step on `batch`; returns its logged terms on the device (no host sync).
 
     A non-finite loss skips the optimizer update on the device (fused Adam's found_inf; on the
-    CPU, where a read is free, by a host check) and is reported by `read_terms`.
+    CPU, where a read is free, by a host check) and is reported by `read_terms`. With
+    run.compile=step on CUDA the step after the warm-up ones replays as one CUDA graph (cvtcl/graphed.py).
     """
+    from cvtcl import graphed
+
     config = ctx.config
-    if config.run.compile == "step" and ctx.device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
     global_batch = batch[config.stage.modality].shape[0] * distributed.world_size()
     draws = StepDraws(ctx, DRAWS[config.stage.kind](config, global_batch), step_generator(config.run.seed, ctx.step))
-    ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed
     if config.data.dihedral:
         batch = dict(batch)  # the caller's dict keeps its tensors
         augment.dihedral_(batch, augment_generator(config.run.seed, ctx.step, ctx.rank))
-    with autocast(ctx):
-        out = STEPS[config.stage.kind](ctx, batch, draws)
-
-    terms = StepTerms(list(out.terms), torch.stack(list(out.terms.values())).float(), ctx.step + 1, epoch, epoch_step)
+    names, row = graphed.run(ctx, batch, draws)
+    terms = StepTerms(names, row, ctx.step + 1, epoch, epoch_step)
     if config.run.legacy_step:
         read_terms([terms])  # the old step's per-step read (and its immediate stop)
+    ctx.step += 1
+    if config.run.legacy_step and ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    return terms
+
+
+def step_body(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws,
+              grads_to_none: bool = True) -> tuple[list[str], torch.Tensor, bool]:
+    """EMA, forward, backward, optimizer, enqueue: (term names, terms row, whether it optimized).
+    `grads_to_none=False` in a CUDA-graph capture: the gradients are None then, the captured
+    backward allocates them and every replay rewrites them in place."""
+    config = ctx.config
+    ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed
+    with autocast(ctx):
+        out = STEPS[config.stage.kind](ctx, batch, draws)
+    row = torch.stack(list(out.terms.values())).float()
     if out.optimize:
-        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.optimizer.zero_grad(set_to_none=grads_to_none)
         ctx.scaler.scale(out.loss).backward()
         if config.optim.grad_clip > 0:
             ctx.scaler.unscale_(ctx.optimizer)
             nn.utils.clip_grad_norm_(ctx.model.query.parameters(), config.optim.grad_clip)
         optimizer_step(ctx, out.loss.detach())
     out.enqueue()  # after backward: the graph saved the queue buffer, an earlier in-place write would break it
-    ctx.step += 1
-    if config.run.legacy_step and ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    return terms
+    return list(out.terms), row, out.optimize
 
 
 def optimizer_step(ctx: Context, loss: torch.Tensor) -> None:

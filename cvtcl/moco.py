@@ -95,6 +95,11 @@ class Queue(nn.Module):
             buffer.index_copy_(0, slots, distributed.all_gather_cat(value.to(buffer.device, non_blocking=True)))
         self.ptr.add_(n).remainder_(self.size)
         self.count.add_(n).clamp_(max=self.size)
+        self.counted(n)
+
+    def counted(self, n: int) -> None:
+        """Advance the host mirror of count by n entries (enqueue does; so does a replayed CUDA graph
+        of the step, cvtcl.graphed, whose enqueue ran in Python only once, at capture)."""
         if self._count_on_host is not None:
             self._count_on_host = min(self._count_on_host + n, self.size)
 

@@ -171,8 +171,10 @@ class SplitBatchNorm3d(nn.BatchNorm3d):
     def _repeated_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """weight and bias repeated `groups` times: from `repeat_affine_` (two launches for the whole
         encoder per step) while the parameters have not changed since, else two launches here."""
+        if torch.compiler.is_compiling():  # first: a traced read of the cache would guard on it every step
+            return self.weight.repeat(self.groups), self.bias.repeat(self.groups)
         cached = self.repeated
-        if cached is not None and not torch.compiler.is_compiling() and len(cached[0]) == self.groups * len(self.weight) \
+        if cached is not None and len(cached[0]) == self.groups * len(self.weight) \
                 and (cached[2], cached[3]) == (self.weight._version, self.bias._version):
             return cached[0], cached[1]
         return self.weight.repeat(self.groups), self.bias.repeat(self.groups)
