@@ -33,7 +33,8 @@ Capture = Callable[[Body], tuple[Callable[[], None], Callable[[], tuple[list[str
 def cuda_capture(body: Body):
     """Capture body() in a CUDA graph: (replay, the static outputs the replays refresh)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: the loader's threads (DALI) may keep using CUDA while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         outputs = body()
     return graph.replay, lambda: outputs
 
