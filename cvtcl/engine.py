@@ -105,7 +105,7 @@ class Context:
     step: int = 0  # optimizer steps done
     sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
     rank: int = 0  # this process's rank (seeds its batch-level augmentation)
-    graph: Any = None  # run.compile=step on CUDA: the captured step (cvtcl.graphed.GraphedStep) once warmed up
+    graph: Any = None  # run.compile=step on CUDA: warm-up count and captured step (cvtcl.graphed.GraphState)
 
 
 @dataclass
