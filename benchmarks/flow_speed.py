@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -27,10 +28,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import cpu_name
-from preprocess.flow import make_backend
-from preprocess.flow_check import end_point_error, synthetic_video
-from preprocess.schema import write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.common import cpu_name  # noqa: E402
+from preprocess.flow import make_backend  # noqa: E402
+from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
+from preprocess.schema import write_json_atomic  # noqa: E402
 
 SEGMENT = 9  # frames per generated shot; pairs across two shots are cuts without ground truth
 
