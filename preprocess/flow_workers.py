@@ -196,3 +196,66 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
+
+
+# ---- which devices ----------------------------------------------------------------------------
+
+WORKER_OVERHEAD_BYTES = 2 << 30  # CUDA context, inductor's workspace, the allocator's slack
+PAIR_BYTES = 12 << 20  # tvl1-torch's working set per pair at 240x320 (state, data, pyramid, chunk temporaries)
+MAX_WORKERS_PER_GPU = 2
+
+
+def workers_per_gpu(gpu_bytes: int, batch: int, cpu_cores: int, gpus: int) -> int:
+    """Flow workers per GPU when --flow-workers-per-gpu is not given: two, so that one worker's
+    host side (upload, the convergence read between chunks, download, launching kernels) runs
+    while the other's kernels fill the GPU; fewer when the GPU's memory (measured) cannot hold two
+    working sets or the cores are short (half of them stay for decoding and JPEG encoding)."""
+    by_memory = gpu_bytes // (WORKER_OVERHEAD_BYTES + batch * PAIR_BYTES)
+    by_cores = cpu_cores // (2 * gpus)
+    return max(1, min(MAX_WORKERS_PER_GPU, by_memory, by_cores))
+
+
+def resolve_flow_devices(flow: str, device: str | None, devices: str | None, per_gpu: int | None,
+                         batch: int | None) -> tuple[str, ...]:
+    """The flow workers' devices for the CLI: --flow-device cuda -> every visible GPU,
+    cuda:i -> that one, --flow-devices 0,2 -> those; each repeated per_gpu times. Empty for the
+    CPU (each CPU worker computes its own videos' flow, as before). ValueError says what to do."""
+    import os
+
+    if devices is None and (device is None or not device.startswith("cuda")):
+        if per_gpu is not None:
+            raise ValueError("--flow-workers-per-gpu needs --flow-device cuda or --flow-devices")
+        return ()
+    if flow != "tvl1-torch":
+        raise ValueError(f"--flow {flow} runs on the CPU; GPU flow (--flow-device cuda, --flow-devices) "
+                         "needs --flow tvl1-torch")
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise ValueError(f"{'--flow-devices ' + devices if devices else '--flow-device ' + device}: torch sees "
+                         f"no CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                         "use --flow-device cpu, or check the NVIDIA driver")
+    if devices is not None:
+        if device is not None and device != "cuda":
+            raise ValueError("give --flow-devices or --flow-device, not both")
+        try:
+            indices = [int(d) for d in devices.split(",")]
+        except ValueError:
+            raise ValueError(f"--flow-devices takes GPU indices like 0,1; got {devices!r}") from None
+    elif device == "cuda":
+        indices = list(range(visible))
+    else:
+        try:
+            indices = [int(device.split(":", 1)[1])]
+        except ValueError:
+            raise ValueError(f"--flow-device must be cpu, cuda or cuda:N; got {device!r}") from None
+    bad = [i for i in indices if not 0 <= i < visible]
+    if bad or len(set(indices)) != len(indices):
+        raise ValueError(f"--flow-devices {indices}: torch sees {visible} GPU(s), 0..{visible - 1}, each once")
+    if per_gpu is None:
+        per_gpu = min(workers_per_gpu(torch.cuda.get_device_properties(i).total_memory, batch or 64,
+                                      os.cpu_count() or 1, len(indices)) for i in indices)
+    elif per_gpu < 1:
+        raise ValueError(f"--flow-workers-per-gpu must be >= 1, got {per_gpu}")
+    return tuple(f"cuda:{i}" for i in indices for _ in range(per_gpu))

@@ -54,3 +54,59 @@ def test_cross_video_batches_write_the_same_shards(tmp_path):
     assert per_video.params == crossed.params
     assert [s["sha256"] for s in per_video.shards] == [s["sha256"] for s in crossed.shards]
     assert len(per_video.videos) == 6 and not per_video.failed
+
+
+class _Props:
+    total_memory = 141 << 30  # an H200
+
+
+@pytest.fixture()
+def gpus(monkeypatch):
+    """torch.cuda reports `gpus.count` devices of 141 GiB, on a 16-core machine."""
+    import os
+    import types
+
+    import torch
+
+    state = types.SimpleNamespace(count=3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state.count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Props())
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    return state
+
+
+def test_flow_device_cuda_spreads_workers_over_every_gpu(gpus):
+    from preprocess.flow_workers import resolve_flow_devices
+
+    assert resolve_flow_devices("tvl1-torch", "cuda", None, None, None) == (
+        "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:2", "cuda:2")
+    assert resolve_flow_devices("tvl1-torch", None, "0,2", 1, None) == ("cuda:0", "cuda:2")
+    assert resolve_flow_devices("tvl1-torch", "cuda:1", None, None, 64) == ("cuda:1", "cuda:1")
+    assert resolve_flow_devices("tvl1-torch", "cpu", None, None, None) == ()
+    assert resolve_flow_devices("tvl1", None, None, None, None) == ()
+    for args, match in [(("tvl1", "cuda", None, None, None), "needs --flow tvl1-torch"),
+                        (("tvl1-torch", None, "0,3", None, None), "sees 3 GPU"),
+                        (("tvl1-torch", None, "0,x", None, None), "GPU indices"),
+                        (("tvl1-torch", "cpu", None, 2, None), "needs --flow-device cuda")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_flow_devices(*args)
+
+
+def test_workers_per_gpu_rule():
+    from preprocess.flow_workers import workers_per_gpu
+
+    assert workers_per_gpu(141 << 30, 64, 16, 8) == 1  # 8 GPUs on 16 cores: half the cores decode
+    assert workers_per_gpu(141 << 30, 64, 16, 2) == 2
+    assert workers_per_gpu(3 << 30, 64, 16, 1) == 1  # one working set fits at most: still one worker
+    assert workers_per_gpu(141 << 30, 64, 1, 1) == 1
+
+
+def test_gpu_requested_without_one_is_one_line_and_exit_2(gpus, tmp_path, capsys):
+    from preprocess.cli import main
+
+    gpus.count = 0
+    status = main(["synthetic", "--out", str(tmp_path / "d"), "--flow", "tvl1-torch", "--flow-device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "no CUDA device" in err and "--flow-device cpu" in err
+    assert not (tmp_path / "d").exists()  # nothing generated or packed
