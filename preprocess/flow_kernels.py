@@ -7,7 +7,7 @@ Both paths run the same steps (preprocess/flow_torch.py); they differ in how:
 * `compiled`: `torch.compile` (inductor) fuses a chunk of `n` inner iterations into one graph
   (~76 launches per iteration in eager become a few kernels), the masked 5x5 median and the
   bicubic warp likewise. Shapes are dynamic, so one compilation serves every pyramid level and
-  batch size (inductor specialises a batch of one separately). A chunk reads nothing back to
+  batch size. A chunk reads nothing back to
   the host and copies nothing: the convergence test stays on the device in the `active` flags,
   so a chunk is a fixed-shape, capturable unit of work. The update norm is summed in float64
   inside the chunk: a float32 sum depends on the reduction order, which inductor chooses per
@@ -15,8 +15,10 @@ Both paths run the same steps (preprocess/flow_torch.py); they differ in how:
   float64 it does not (to ~1e-16 relative), and cross-video batching stays byte-identical.
 
 Converged pairs leave the working batch in buckets: the batch shrinks only to a size from the
-fixed set {1, 2, 4, ..., batch} (padded with frozen copies), so a warp compacts at most
-log2(batch) times and the compiled code sees few distinct shapes.
+fixed set {2, 4, 8, ..., batch} (padded with frozen copies), so a warp compacts at most
+log2(batch) times and the compiled code sees few distinct shapes. No batch has one pair: inductor
+would compile a batch of one separately (a size-1 dimension is always specialised), so a lone
+pair is solved next to a copy of itself.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class Kernels:
         """The working batch size for `count` live pairs out of `size` rows."""
         if not self.bucketed:
             return count
-        return min(1 << (count - 1).bit_length(), size)
+        return min(max(2, 1 << (count - 1).bit_length()), size)
 
 
 def _compile(fn: Callable) -> Callable:
