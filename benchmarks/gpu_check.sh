@@ -76,7 +76,7 @@ step schedule 120 $PY benchmarks/schedule_check.py --device $DEVICE --json "$OUT
 if [ $DEVICE = cuda ]; then TRAIN=(--batch 16 --steps 8 --warmup 2 --threads 4 --variants fp32,bf16,channels_last); else TRAIN=(--smoke); fi
 step train_speed 130 $PY benchmarks/train_speed.py --device $DEVICE --loader "${TRAIN[@]}" --json "$OUTDIR/train_speed.json"
 
-# --- later issues: append steps here; the step limits together must stay under ~9 min (now 525 s) ---
+# --- later issues: append steps here; the step limits together must stay under ~9 min (now 555 s) ---
 
 # --- issues 7, 12: flow extraction (OpenCV TV-L1 vs tvl1-torch's fast path on the GPU, with and without cuts) ---
 if [ $DEVICE = cuda ]; then

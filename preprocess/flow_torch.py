@@ -236,6 +236,8 @@ class TorchTVL1:
     def _setup(self) -> None:
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
+        if self._device.type == "cuda" and self._device.index is not None:
+            torch.cuda.set_device(self._device)  # compiled kernels and the allocator follow the data's GPU
         if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
 

@@ -179,8 +179,12 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
             try:
                 index, flow, *error = outbox.get(timeout=0.05)
             except queue.Empty:
-                if not any(slot[1].is_alive() for slot in slots):
-                    raise FlowWorkerError("every flow worker exited; see the messages above") from None
+                # A worker killed from outside (out of host memory, a driver fault) sends nothing.
+                dead = [(device, s[1].exitcode) for device, s in zip(options.flow_devices, slots)
+                        if s[2] > 0 and not s[1].is_alive()]
+                if dead:
+                    raise FlowWorkerError(f"flow worker on {dead[0][0]} exited with status {dead[0][1]} "
+                                          "holding videos; see the messages above") from None
                 continue
             if error:
                 raise FlowWorkerError(error[0])
