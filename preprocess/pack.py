@@ -8,7 +8,9 @@ a rerun with other parameters is refused. The manifest is written last, atomical
 directory with a manifest is a finished dataset (DESIGN.md, Storage).
 
 Workers are spawned processes (never forked: a flow backend may hold CUDA state, and forking
-OpenCV's thread pool can deadlock); each builds its own flow backend.
+OpenCV's thread pool can deadlock); each builds its own flow backend, or, with
+`PackOptions.flow_devices`, decodes only and hands its grey frames to the flow workers
+(preprocess/flow_workers.py), which batch pairs across videos on the GPUs.
 """
 
 from __future__ import annotations
