@@ -9,11 +9,13 @@ tvl1-torch gets its pairs in batches that span shots, as the flow workers of pac
 process per core; tvl1-torch eager (the reference) and the fused fast path (path=compiled) on the
 CPU and, when CUDA is present, on the GPU. For each row: pairs/s per mix, the ratio to one OpenCV
 process, end-point errors, and how long UCF101's ~2.5 M pairs would take at that rate (GPU rows:
-one process per GPU, every GPU of the machine). Prints a table and one JSON line naming the
-devices and versions.
+every GPU of the machine). With --gpu-processes, rows of k flow-worker processes sharing one GPU:
+the measurement behind packing's --flow-workers-per-gpu default (preprocess/flow_workers.py).
+Prints a table and one JSON line naming the devices and versions.
 
     python benchmarks/flow_speed.py                       # 128x171 and 240x320
     python benchmarks/flow_speed.py --sizes 240x320 --gpu-pairs 512 --compile cuda --skip torch-cpu
+    python benchmarks/flow_speed.py --sizes 240x320 --gpu-processes 2,3 --skip pool,torch-cpu  # workers per GPU
 """
 
 from __future__ import annotations
@@ -115,6 +117,34 @@ def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.
     return time.perf_counter() - start, flow
 
 
+_barrier = None
+
+
+def _gpu_init(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
+    gray, first, batch = task
+    backend = make_backend("tvl1-torch", device="cuda", path="compiled", batch=batch)
+    solve_batched(backend, gray, first[:2])  # warm-up, as time_torch
+    _barrier.wait()  # every process starts timing together
+    start = time.perf_counter()
+    flow = solve_batched(backend, gray, first)
+    return time.perf_counter() - start, flow
+
+
+def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batch) -> tuple[float, np.ndarray]:
+    """`processes` flow workers sharing one GPU, each solving the whole mix, as packing runs
+    --flow-workers-per-gpu of them: -> (seconds per mix's worth of pairs, one worker's flow)."""
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_gpu_init,
+                             initargs=(ctx.Barrier(processes),)) as pool:
+        results = list(pool.map(_gpu_process, [(gray, first, batch)] * processes))
+    return max(seconds for seconds, _ in results) / processes, results[0][1]
+
+
 def plan_runs(args, cuda: bool) -> list[tuple]:
     """(backend, where, pairs, run(gray, first) -> (seconds, flow)), the fast path first: a time
     limit that stops the run early leaves its row."""
@@ -126,6 +156,9 @@ def plan_runs(args, cuda: bool) -> list[tuple]:
             continue
         runs.append((f"tvl1-torch {path}", "cuda", args.gpu_pairs,
                      lambda g, f, p=path: time_torch(torch_backend("cuda", p), g, f)))
+    for processes in args.gpu_processes if cuda and args.compile != "none" else ():
+        runs.append(("tvl1-torch compiled", f"cuda, {processes} processes", args.gpu_pairs,
+                     lambda g, f, k=processes: time_gpu_processes(g, f, k, args.batch)))
     runs.append(("opencv-tvl1", "cpu 1 proc", args.cpu_pairs, time_opencv))
     if "pool" not in args.skip:
         runs.append(("opencv-tvl1", f"cpu pool of {args.workers}", args.pool_pairs or 4 * args.workers,
@@ -154,7 +187,7 @@ def compare(rows: list[dict], gpus: int) -> None:
                 keep = cell["true"][:common]
                 cell["epe_vs_opencv"] = end_point_error(cell["flow"][:common][keep], base[mix]["flow"][:common][keep])
         # Real videos cut less often than one pair in 9: the two mixes bound the estimate.
-        scale = gpus if row["device"] == "cuda" else 1
+        scale = gpus if row["device"].startswith("cuda") else 1
         row["ucf101_hours"] = [UCF101_PAIRS / (row[mix]["pairs_per_s"] * scale) / 3600 for mix in MIXES]
 
 
@@ -188,11 +221,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="OpenCV pool size (default: all cores)")
     ap.add_argument("--compile", choices=("none", "cuda", "all"), default="cuda",
                     help="time the fast path (path=compiled) on these devices (inductor; minutes of warm-up on CPU)")
+    ap.add_argument("--gpu-processes", default="",
+                    help="comma list of flow workers per GPU to time side by side (e.g. 2,3): how many to run")
     ap.add_argument("--skip", default="", help="comma list of runs to leave out: pool, torch-cpu, eager-cuda")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    args.gpu_processes = [int(k) for k in args.gpu_processes.split(",") if k]
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0

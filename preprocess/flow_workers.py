@@ -213,7 +213,8 @@ def workers_per_gpu(gpu_bytes: int, batch: int, cpu_cores: int, gpus: int) -> in
     """Flow workers per GPU when --flow-workers-per-gpu is not given: two, so that one worker's
     host side (upload, the convergence read between chunks, download, launching kernels) runs
     while the other's kernels fill the GPU; fewer when the GPU's memory (measured) cannot hold two
-    working sets or the cores are short (half of them stay for decoding and JPEG encoding)."""
+    working sets or the cores are short (half of them stay for decoding and JPEG encoding).
+    Check it on a GPU box with `python benchmarks/flow_speed.py --gpu-processes 2,3`."""
     by_memory = gpu_bytes // (WORKER_OVERHEAD_BYTES + batch * PAIR_BYTES)
     by_cores = cpu_cores // (2 * gpus)
     return max(1, min(MAX_WORKERS_PER_GPU, by_memory, by_cores))
