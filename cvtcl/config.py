@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -291,14 +294,76 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
-def describe() -> str:
-    """Every key with its default and reason, for `--help-config`."""
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """A value read from a config file, checked against the field's type (YAML's `split: 1` is a str)."""
+    if isinstance(value, str) and hint is not str:
+        return _parse(key, value, hint)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    name = getattr(hint, "__name__", None) or "a list of integers"
+    raise ValueError(f"config key {key!r}: expected {name}, got {value!r}")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """{section: {field: value}} from a YAML or JSON file (`.json` is read as JSON, anything else as
+    YAML, which also reads JSON). A run's own config.json has this shape and is accepted as is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; give a YAML or JSON file, or a run's config.json")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as err:  # json.JSONDecodeError
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    except Exception as err:  # yaml.YAMLError, without importing yaml for JSON files
+        if type(err).__module__.split(".")[0] != "yaml":
+            raise
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"--config {path}: expected sections of key: value, e.g. 'optim:' then '  lr: 0.0005' "
+                         f"(sections: {', '.join(SECTIONS)})")
+    return data
+
+
+def apply_file(config: TrainConfig, data: dict[str, Any], where: str) -> TrainConfig:
+    """Return a new, re-validated config with a config file's values (read_config_file) applied."""
+    types = _field_types()
+    merged = config.to_dict()
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise KeyError(f"{where}: unknown config section {section!r}; sections are {', '.join(SECTIONS)}")
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key not in types:
+                raise KeyError(f"{where}: {_unknown_key_message(key)}")
+            merged[section][name] = _coerce(key, value, types[key])
+    return TrainConfig.from_dict(merged)
+
+
+def describe(config: TrainConfig | None = None) -> str:
+    """Every key with its value in `config` (default: the dataclass defaults) and its reason, for
+    `--help-config`."""
     import inspect
 
     lines = []
     for name, section in SECTIONS.items():
+        values = getattr(config, name) if config is not None else section()
         source = inspect.getsource(section).splitlines()
         for f in dataclasses.fields(section):
             reason = next((line.split("#", 1)[1].strip() for line in source if line.strip().startswith(f"{f.name}:") and "#" in line), "")
-            lines.append(f"{name}.{f.name} = {getattr(section(), f.name)!r}  # {reason}")
+            lines.append(f"{name}.{f.name} = {getattr(values, f.name)!r}  # {reason}")
     return "\n".join(lines)

@@ -76,6 +76,25 @@ def select(stages: Sequence[SubStage], name: str | None) -> list[SubStage]:
     raise ValueError(f"--stage {name!r} is not in this schedule; choose one of {[s.name for s in stages]}")
 
 
+def warmup_steps(queue_size: int, global_batch: int) -> int:
+    """Steps a co-training run takes before its queue is full: they train nothing (cvtcl/cotrain.py)."""
+    return -(-queue_size // global_batch)
+
+
+def check_queue_fills(queue_size: int, global_batch: int, steps_per_epoch: int, epochs: int, epochs_key: str) -> None:
+    """Refuse, before any work, a co-training run whose queue is still filling at its last step: it
+    would end "complete" without a single optimizer step."""
+    warmup = warmup_steps(queue_size, global_batch)
+    steps = steps_per_epoch * epochs
+    if steps <= warmup:
+        raise ValueError(
+            f"co-training takes no optimizer step until its queue is full: loss.queue_size={queue_size} needs "
+            f"{warmup} steps of global batch {global_batch}, but {epochs_key}={epochs} epochs of {steps_per_epoch} "
+            f"steps are {steps}. Raise {epochs_key} above {warmup // max(steps_per_epoch, 1)} or lower "
+            "loss.queue_size (a multiple of the global batch)"
+        )
+
+
 @dataclass(frozen=True)
 class StageRun:
     """What the trainer needs to run one sub-stage: where, and from which checkpoints."""

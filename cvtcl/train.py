@@ -10,12 +10,14 @@ sub-stage is one ordinary run below in `run.out_dir/<sub-stage>/`; rerunning res
 Reads top to bottom in execution order: parse the config, validate everything that can be
 checked without work (config, world size vs queue, dataset files, checkpoints), join the process
 group, build loader / model / optimizer, resume from the run directory's latest checkpoint, then
-run epochs (cvtcl/engine.py) until done, `run.max_steps`, or SIGTERM (checkpoint, exit 0).
+run epochs (cvtcl/engine.py) until done, `run.max_steps`, SIGTERM (checkpoint, exit 0) or Ctrl-C
+(checkpoint, exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cvtcl import distributed
 from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
-from cvtcl.config import TrainConfig, apply_overrides, describe
+from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
 from cvtcl.metrics import MetricsLogger, Window
@@ -35,7 +37,8 @@ from cvtcl.models import Encoder
 from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
-from cvtcl.schedule import cvtcl_schedule, run_schedule
+from cvtcl.errors import EXIT_INTERRUPTED, run_command
+from cvtcl.schedule import check_queue_fills, cvtcl_schedule, run_schedule, warmup_steps
 from preprocess.schema import load_manifest, write_json_atomic
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
@@ -47,24 +50,33 @@ RESUMABLE_CHANGES = {
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
-    """(config, --stage NAME or None)."""
+    """(config, --stage NAME or None): the preset, then --config FILE, then key=value overrides."""
     parser = argparse.ArgumentParser(
         prog="python -m cvtcl.train",
         description="CVTCL training (one process, or one per GPU under torchrun).",
         epilog="overrides: section.field=value, e.g. optim.lr=5e-4 data.root=/data/ucf101 (--help-config lists them)",
     )
-    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and reason")
+    parser.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file of sections and keys (a run's config.json works as is), "
+                             "applied over the preset (or the defaults without --preset)")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its value (after --preset, --config, overrides) and reason")
     parser.add_argument("--stage", help="with a schedule preset (e.g. ucf101-cvtcl): run this sub-stage only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help-config" in argv:
-        print(describe())
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not (args.preset or args.config or args.help_config):
+        parser.error("give --preset NAME or --config FILE (or both: the file's keys override the preset's)")
+    config = get_preset(args.preset) if args.preset else TrainConfig()
+    if args.config:
+        config = apply_file(config, read_config_file(args.config), f"--config {args.config}")
+    config = apply_overrides(config, args.overrides)
+    if args.help_config:
+        print(describe(config))
         raise SystemExit(0)
-    args = parser.parse_args(argv)
-    config = apply_overrides(get_preset(args.preset), args.overrides)
     if args.stage and not config.schedule.cycles:
-        raise ValueError(f"--stage {args.stage}: preset {args.preset!r} runs one stage (schedule.cycles=0); "
+        raise ValueError(f"--stage {args.stage}: this config runs one stage (schedule.cycles=0); "
                          "use a schedule preset such as ucf101-cvtcl or smoke-cvtcl")
     return config, args.stage
 
@@ -101,6 +113,8 @@ def validate(config: TrainConfig, world_size: int) -> None:
         )
     global_batch = config.data.batch_size * world_size
     check_queue_size(config.loss.queue_size, global_batch)
+    check_device(config.run.device)
+    check_out_dir(config.run.out_dir)
     if config.stage.kind not in STEPS:
         raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
     for name in ("sampler_checkpoint", "init_checkpoint"):
@@ -108,9 +122,38 @@ def validate(config: TrainConfig, world_size: int) -> None:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"stage.{name}={path} does not exist")
     check_dataset(config, modalities(config), global_batch)
+    if config.stage.kind == "cotrain":
+        check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
+                          config.optim.epochs, "optim.epochs")
     latest = latest_checkpoint(config.run.out_dir)
     if latest is not None:
         check_resumable(config, world_size, load_checkpoint(latest), latest)
+
+
+def check_device(name: str) -> None:
+    """run.device names a device this machine has (before any process group or loader exists)."""
+    _, local_rank, _ = distributed.env_world()
+    try:
+        distributed.resolve_device(name.split(":")[0], local_rank)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+
+
+def check_out_dir(out_dir: str) -> None:
+    """run.out_dir is a directory, or can become one (it is created only once the checks pass)."""
+    path = Path(out_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # ends at "." or "/"
+    if not existing.is_dir():
+        raise NotADirectoryError(f"run.out_dir={out_dir}: {existing} is a file, not a directory; "
+                                 "choose another run.out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"run.out_dir={out_dir}: {existing} is not writable; choose another run.out_dir")
+
+
+def epoch_steps(config: TrainConfig, world_size: int) -> int:
+    """Steps per epoch as the loader will have them: the split's videos over the global batch."""
+    videos = load_manifest(config.data.root).splits[config.data.split][config.data.subset]
+    return len(videos) // world_size // config.data.batch_size
 
 
 def modalities(config: TrainConfig) -> tuple[str, ...]:
@@ -196,31 +239,74 @@ def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) 
 
 
 def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
+    """Train one run or the whole schedule; 0 when done or stopped by SIGTERM, 130 after Ctrl-C."""
     config, only = parse_config(argv)
+    stopped_by: list[int | None] = []
     if not config.schedule.cycles:
-        train(config, build_loader)
+        stopped_by.append(train(config, build_loader))
     else:
-        rank, _, _ = distributed.env_world()
+        rank, _, world_size = distributed.env_world()
+        global_batch = config.data.batch_size * world_size
+        check_dataset(config, ("rgb", "flow"), global_batch)
+        check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
+                          config.schedule.cotrain_epochs, "schedule.cotrain_epochs")
         run_schedule(
             cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
-            run_one=lambda run: train(stage_config(config, run), build_loader),
+            run_one=lambda run: stopped_by.append(train(stage_config(config, run), build_loader)),
             is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
             log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
         )
     distributed.shutdown()
-    return 0
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
 
 
-def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
-    """One run of the training loop: validate, build, resume from run.out_dir, train, checkpoint."""
+class StopSignals:
+    """SIGTERM and Ctrl-C (SIGINT) during a run: remember the first, so that the loop checkpoints
+    after the current step and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
+
+    Installed before the loader exists: DALI and DataLoader workers forked later inherit this
+    handler instead of Python's default one, so Ctrl-C prints no traceback from every worker."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def describe(self) -> str:
+        return "Ctrl-C" if self.received == signal.SIGINT else "SIGTERM"
+
+
+def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> int | None:
+    """One run of the training loop: validate, build, resume from run.out_dir, train, checkpoint.
+    Returns the signal that stopped it early (SIGTERM, SIGINT), or None."""
     _, _, world_size = distributed.env_world()
     validate(config, world_size)
+    with StopSignals() as stop_signals:
+        _train(config, build_loader, stop_signals)
+    return stop_signals.received
 
+
+def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_signals: StopSignals) -> None:
     dist = distributed.init(config.run.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
     run_dir = Path(config.run.out_dir)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"run.out_dir={run_dir}: cannot create it ({err.strerror}); "
+                                  "choose a writable run.out_dir") from None
         write_json_atomic(run_dir / "config.json", config.to_dict())
 
     if build_loader is None:
@@ -239,6 +325,9 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
 
     steps_per_epoch = loader.steps_per_epoch
     epochs_total = config.optim.epochs * steps_per_epoch  # "complete" = every epoch trained
+    # ... and at least one optimizer step taken (stage 2 trains nothing while its queue fills)
+    trained = config.stage.kind != "cotrain" or (
+        epochs_total > warmup_steps(config.loss.queue_size, config.data.batch_size * dist.world_size))
     total = epochs_total
     if config.run.max_steps:
         total = min(total, config.run.max_steps)
@@ -246,8 +335,6 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
     if latest is not None:
         logger.message(f"resumed from {latest} (step {ctx.step}, epoch {epoch}, batch {epoch_step})")
 
-    sigterm = {"seen": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True))
     window = Window()
     global_batch = config.data.batch_size * dist.world_size
 
@@ -268,11 +355,11 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
                 "data_wait_fraction": window.data_seconds / seconds, "peak_memory_gib": peak_memory_gib(dist.device),
             })
             window = Window()
-        stop = distributed.broadcast_flag(sigterm["seen"], dist.device)
+        stop = distributed.broadcast_flag(stop_signals.received is not None, dist.device)
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
             if dist.is_main:
-                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
+                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total and trained),
                                 config.run.keep_checkpoints)
             distributed.barrier()
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
@@ -281,7 +368,8 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
                 logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
             distributed.barrier()
         if stop:
-            logger.message(f"SIGTERM: checkpoint saved at step {ctx.step}; rerun the same command to resume")
+            logger.message(f"{stop_signals.describe()}: checkpoint saved at step {ctx.step}; "
+                           "rerun the same command to resume")
         return stop or finished
 
     try:
@@ -293,17 +381,12 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
         logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     finally:
         logger.close()
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m cvtcl.train`: expected errors (config, data, non-finite loss) as one line, exit 2 / 1."""
-    try:
-        return main(argv)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
-        message = err.args[0] if err.args else repr(err)
-        print(f"cvtcl.train: error: {message}", file=sys.stderr)
-        return 1 if isinstance(err, FloatingPointError) else 2
+def cli(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
+    """`python -m cvtcl.train`: expected errors as one line (cvtcl/errors.py); exit 2 for bad input,
+    1 when training failed (non-finite loss), 130 after Ctrl-C."""
+    return run_command("cvtcl.train", lambda args: main(args, build_loader), argv)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Exit status: 0 every video packed (verify: no problem); 3 some videos failed and were recorded in
 the manifest, the dataset was written; 2 usage or configuration error (bad flag, missing root or
-split file, an --out made with other parameters, unwritable output), nothing packed;
-1 verify found problems (each listed on stderr).
+split file, an --out made with other parameters, unwritable output, no GPU for --flow-device cuda),
+nothing packed; 1 verify found problems (each listed on stderr); 130 Ctrl-C and 143 SIGTERM
+(finished shards are kept: rerun to resume). Errors are one line; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_
 from preprocess.flow import backend_names
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, pack
 from preprocess.synthetic import SyntheticConfig, generate_raw
+from preprocess.schema import LayoutError
 from preprocess.verify import verify
 
 EXIT_PROBLEMS = 1
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports 128 + SIGINT
 
 
 def _pack_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,11 @@ def _pack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow", choices=backend_names(), default="tvl1", help="flow backend, or none (RGB only)")
     parser.add_argument("--flow-device", default=None, help="device for backends that take one (e.g. cuda:0)")
     parser.add_argument("--flow-batch", type=int, default=None, help="frame pairs per call for batched backends")
+    _debug_flag(parser)
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver = commands.add_parser("verify", help="re-read every shard, check checksums and counts, decode every frame")
     ver.add_argument("dir", type=Path)
     ver.add_argument("--workers", type=int, default=1)
+    _debug_flag(ver)
     return parser
 
 
@@ -112,28 +121,58 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwind: the worker pool is terminated, finished shards stay
 
 
+def check_flow_device(device: str | None) -> None:
+    """--flow-device names a device this machine has, before any worker starts (workers are
+    spawned, so asking torch here leaves no CUDA state for them to inherit)."""
+    if not device or not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.partition(":")[2] or 0) if device.partition(":")[2].isdigit() else 0
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--flow-device {device}: torch sees no CUDA device; use --flow-device cpu, "
+                          "or --flow tvl1 (OpenCV, CPU)")
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--flow-device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console script. Expected failures print one line naming the flag or file (the traceback
+    with --debug); Ctrl-C exits 130, SIGTERM 143, keeping finished shards."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        if args.command == "verify":
-            if not args.dir.is_dir():
-                raise ConfigError(f"{args.dir} is not a directory")
-            problems = verify(args.dir, workers=args.workers)
-            for problem in problems:
-                print(f"PROBLEM {problem}", file=sys.stderr)
-            print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
-            return EXIT_PROBLEMS if problems else EXIT_OK
-        if args.command == "synthetic":
-            return run_synthetic(synthetic_config(args), pack_options(args))
-        options = pack_options(args)
-        if args.command == "ucf101":
-            return _pack(index_ucf101(args.root), options)
-        return _pack(index_hmdb51(args.root, args.splits), options)
-    except (ConfigError, DatasetError, ValueError, PermissionError) as err:
-        print(f"cvtcl-preprocess {args.command}: error: {err}", file=sys.stderr)
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"cvtcl-preprocess {args.command}: interrupted (Ctrl-C); finished shards are kept, rerun the same "
+              "command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, DatasetError, LayoutError, ValueError, OSError) as err:
+        if getattr(args, "debug", False):
+            raise
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
+        print(f"cvtcl-preprocess {args.command}: error: {' '.join(text.split())}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "verify":
+        if not args.dir.is_dir():
+            raise ConfigError(f"{args.dir} is not a directory")
+        problems = verify(args.dir, workers=args.workers)
+        for problem in problems:
+            print(f"PROBLEM {problem}", file=sys.stderr)
+        print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
+        return EXIT_PROBLEMS if problems else EXIT_OK
+    check_flow_device(args.flow_device)
+    if args.command == "synthetic":
+        return run_synthetic(synthetic_config(args), pack_options(args))
+    options = pack_options(args)
+    if args.command == "ucf101":
+        return _pack(index_ucf101(args.root), options)
+    return _pack(index_hmdb51(args.root, args.splits), options)
 
 
 if __name__ == "__main__":

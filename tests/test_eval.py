@@ -7,6 +7,7 @@ import types
 import pytest
 
 from cvtcl import eval as cvtcl_eval
+from cvtcl.errors import UsageError
 from cvtcl.finetune import FinetuneConfig
 from cvtcl.linear_probe import LinearProbeConfig
 from cvtcl.report import neighbours_path, results_path
@@ -53,9 +54,11 @@ def test_finetune_with_model_objects():
 def fake_project(tmp_path, monkeypatch):
     """A manifest plus stand-ins for cvtcl.data and cvtcl.checkpoint (modality = checkpoint name)."""
     videos = TRAIN + TEST
-    manifest = Manifest("synthetic", {}, ["C0", "C1", "C2"], [], videos,
+    manifest = Manifest("synthetic", {"flow": {"backend": "fake"}}, ["C0", "C1", "C2"], [], videos,
                         {"1": {"train": [v.name for v in TRAIN], "test": [v.name for v in TEST]}})
     write_json_atomic(tmp_path / "manifest.json", manifest.to_dict())
+    for name in ("rgb.pt", "rgb2.pt", "flow.pt"):  # read by the stand-in load_encoder below, never opened
+        (tmp_path / name).touch()
     calls = []
 
     def build_eval_loader(root, *, subset, modality, crops, videos=None, **kwargs):
@@ -98,10 +101,10 @@ def test_cli_linear_random_init(fake_project, monkeypatch):
 
 def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
     root, _ = fake_project
-    with pytest.raises(SystemExit, match="synthetic"):
-        cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--dataset", "ucf101", "--shards", str(root)])
-    with pytest.raises(SystemExit, match="second rgb"):
-        cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--checkpoint-flow", "rgb2.pt",
+    with pytest.raises(UsageError, match="synthetic"):
+        cvtcl_eval.main(["retrieval", "--checkpoint", f"{root}/rgb.pt", "--dataset", "ucf101", "--shards", str(root)])
+    with pytest.raises(UsageError, match="second rgb"):
+        cvtcl_eval.main(["retrieval", "--checkpoint", f"{root}/rgb.pt", "--checkpoint-flow", f"{root}/rgb2.pt",
                          "--dataset", "synthetic", "--shards", str(root)])
 
 
