@@ -350,7 +350,10 @@ def apply_file(config: TrainConfig, data: dict[str, Any], where: str) -> TrainCo
             key = f"{section}.{name}"
             if key not in types:
                 raise KeyError(f"{where}: {_unknown_key_message(key)}")
-            merged[section][name] = _coerce(key, value, types[key])
+            try:
+                merged[section][name] = _coerce(key, value, types[key])
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
     return TrainConfig.from_dict(merged)
 
 
