@@ -99,6 +99,42 @@ def test_cli_linear_random_init(fake_project, monkeypatch):
     assert payload["bn_mode"] == "batch"
 
 
+def test_cli_writes_next_to_the_checkpoint_and_never_overwrites(fake_project, monkeypatch):
+    root, _ = fake_project
+    run = root / "runs" / "stage1"
+    run.mkdir(parents=True)
+    (run / "rgb.pt").touch()
+    argv = ["retrieval", "--checkpoint", str(run / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root),
+            "--device", "cpu"]
+    cvtcl_eval.main(argv)
+    first = json.loads(results_path(run, "retrieval", "synthetic", "1").read_text())
+    cvtcl_eval.main(argv)  # a second evaluation keeps the first one's files and adds -2 files
+    assert json.loads(results_path(run, "retrieval", "synthetic", "1").read_text()) == first
+    assert (run / "eval-retrieval-synthetic-split1-2.json").is_file()
+    assert (run / "retrieval-neighbours-synthetic-split1-2.json").is_file()
+    # --random-init without --out: the current directory, not its parent
+    monkeypatch.chdir(run)
+    monkeypatch.setitem(sys.modules, "cvtcl.models", types.SimpleNamespace(Encoder=lambda m, b: TinyEncoder(m)))
+    cvtcl_eval.main(["retrieval", "--random-init", "rgb", "--dataset", "synthetic", "--shards", str(root)])
+    assert (run / "eval-retrieval-synthetic-split1-3.json").is_file()
+    assert not list(run.parent.glob("eval-*.json"))
+
+
+def test_cli_takes_frames_and_crop_from_the_checkpoint(fake_project, monkeypatch):
+    root, calls = fake_project
+    trained = {"data": {"frames_per_clip": 8, "crop_size": 32}}
+    monkeypatch.setitem(sys.modules, "cvtcl.checkpoint",
+                        types.SimpleNamespace(load_encoder=lambda path, map_location: (TinyEncoder("rgb"), trained)))
+    payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic",
+                               "--shards", str(root), "--out", str(root / "a")])
+    assert {(c[3]["frames_per_clip"], c[3]["crop_size"], c[3]["window_stride"]) for c in calls} == {(8, 32, 4)}
+    assert (payload["frames_per_clip"], payload["crop_size"]) == (8, 32)
+    calls.clear()
+    cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards",
+                     str(root), "--out", str(root / "b"), "--frames-per-clip", "16", "--window-stride", "16"])
+    assert {(c[3]["frames_per_clip"], c[3]["crop_size"], c[3]["window_stride"]) for c in calls} == {(16, 32, 16)}
+
+
 def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
     root, _ = fake_project
     with pytest.raises(UsageError, match="synthetic"):

@@ -155,6 +155,50 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_zero(dataset, tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_ctrl_c_checkpoints_at_the_next_step_and_exits_130(dataset, tmp_path):
+    """Ctrl-C is SIGINT to the process: the same as SIGTERM (checkpoint after the step), one line, 130."""
+    out = tmp_path / "run"
+    process = _start(dataset, out, "run.max_steps=100000", "optim.epochs=100000", "run.log_every=1")
+    _wait_for(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    printed = process.stdout.read()
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
+    assert [line for line in printed.splitlines() if "Ctrl-C" in line] == [
+        f"Ctrl-C: checkpoint saved at step {load_checkpoint(latest_checkpoint(out))['step']}; "
+        "rerun the same command to resume"]
+    assert load_checkpoint(latest_checkpoint(out))["step"] == read_metrics(out / "metrics.jsonl")[-1]["step"]
+
+
+def test_config_file_yaml_and_a_runs_own_config_json(dataset, tmp_path, capsys):
+    """--config FILE is validated like overrides; a run's config.json reruns (and resumes) the run as is."""
+    (tmp_path / "run.yaml").write_text(
+        f"data:\n  root: {dataset}\n  split: 1\nloss:\n  queue_size: 16\noptim:\n  lr: 5e-4\n  epochs: 10\n"
+        f"run:\n  out_dir: {tmp_path / 'run'}\n  max_steps: 2\n  progress: none\n")
+    assert main(["--preset", "smoke", "--config", str(tmp_path / "run.yaml")], build_loader=FakePretrainLoader) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optim"]["lr"] == 5e-4 and saved["data"]["split"] == "1" and saved["model"]["backbone"] == "tiny"
+    # the run's own config.json, with no preset: the same config, so it resumes the same run
+    assert main(["--config", str(tmp_path / "run" / "config.json"), "run.max_steps=3"],
+                build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 3
+    with pytest.raises(ValueError, match="different config .optim.lr"):
+        main(["--config", str(tmp_path / "run" / "config.json"), "optim.lr=0.1", "run.max_steps=4"],
+             build_loader=_never_called)
+
+
+def test_help_config_shows_the_presets_values(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "smoke", "--help-config", "optim.lr=0.002"])
+    assert exit_.value.code == 0
+    listed = capsys.readouterr().out
+    assert "model.backbone = 'tiny'" in listed and "data.crop_size = 32" in listed and "optim.lr = 0.002" in listed
+    with pytest.raises(SystemExit):
+        main(["--help-config"])
+    assert "model.backbone = 's3d'" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
 def test_torchrun_two_ranks_share_one_queue(dataset, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAKE_TRAIN,
