@@ -143,31 +143,21 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(dataset, tmp_path
 
 
 @pytest.mark.multiprocess
-def test_sigterm_checkpoints_at_the_next_step_and_exits_zero(dataset, tmp_path):
+@pytest.mark.parametrize("signum,status,name", [(signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_stop_signal_checkpoints_at_the_next_step(dataset, tmp_path, signum, status, name):
+    """SIGTERM (a scheduler's preemption) exits 0; Ctrl-C (SIGINT) does the same and exits 130. Each
+    checkpoints after the current step and prints one line, no traceback."""
     out = tmp_path / "run"
     process = _start(dataset, out, "run.max_steps=100000", "optim.epochs=100000", "run.log_every=1")
     _wait_for(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
-    assert "SIGTERM: checkpoint saved at step" in process.stdout.read()
-    last = read_metrics(out / "metrics.jsonl")[-1]["step"]
-    assert load_checkpoint(latest_checkpoint(out))["step"] == last
-
-
-@pytest.mark.multiprocess
-def test_ctrl_c_checkpoints_at_the_next_step_and_exits_130(dataset, tmp_path):
-    """Ctrl-C is SIGINT to the process: the same as SIGTERM (checkpoint after the step), one line, 130."""
-    out = tmp_path / "run"
-    process = _start(dataset, out, "run.max_steps=100000", "optim.epochs=100000", "run.log_every=1")
-    _wait_for(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3, process)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == status
     printed = process.stdout.read()
     assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
-    assert [line for line in printed.splitlines() if "Ctrl-C" in line] == [
-        f"Ctrl-C: checkpoint saved at step {load_checkpoint(latest_checkpoint(out))['step']}; "
-        "rerun the same command to resume"]
-    assert load_checkpoint(latest_checkpoint(out))["step"] == read_metrics(out / "metrics.jsonl")[-1]["step"]
+    step = load_checkpoint(latest_checkpoint(out))["step"]
+    assert step == read_metrics(out / "metrics.jsonl")[-1]["step"]
+    assert [line for line in printed.splitlines() if line.startswith(name)] == [
+        f"{name}: checkpoint saved at step {step}; rerun the same command to resume"]
 
 
 def test_config_file_yaml_and_a_runs_own_config_json(dataset, tmp_path, capsys):
