@@ -37,7 +37,7 @@ class DataConfig:
     root: str = "data/ucf101"  # dataset directory written by `cvtcl-preprocess` (manifest.json + shards)
     split: str = "1"  # official split id; pretraining uses its train subset only
     subset: str = "train"  # never pretrain on the test videos the evaluation queries with
-    frames_per_clip: int = 32  # T (paper §3.1: 32 frames)
+    frames_per_clip: int = 32  # T (paper §3.2: 32 frames)
     frame_stride: int = 1  # temporal subsampling of the window (paper: consecutive frames)
     crop_size: int = 128  # H = W after random resized crop (paper: 128x128)
     crop_scale_min: float = 0.2  # smallest area fraction of that crop (CoCLR's 0.2); the demo raises it
@@ -100,9 +100,9 @@ class StageConfig:
 
 @dataclass
 class LossConfig:
-    tau: float = 0.07  # softmax temperature of every contrastive term (paper: 0.07)
-    queue_size: int = 2048  # K negatives; must be a multiple of the global batch
-    momentum: float = 0.999  # m of the key encoder's EMA (paper: 0.999)
+    tau: float = 0.07  # softmax temperature of every contrastive term (CoCLR: 0.07; the paper is silent)
+    queue_size: int = 2048  # K negatives (CoCLR: 2048); must be a multiple of the global batch
+    momentum: float = 0.999  # m of the key encoder's EMA (CoCLR: 0.999; the paper is silent)
     instance_weight: float = 1.0  # alpha: weight of the instance term (eq. 1 or eqs. 2/4)
     ltcl_weight: float = 1.0  # beta: weight of L_LTCL (eq. 8); 0 turns the local terms off
     local_queries: str = "first"  # "first" = paper's z_1; "all" = every segment a query (beyond paper)
@@ -127,12 +127,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
-    weight_decay: float = 1e-4  # Adam L2 weight decay (paper: 1e-4)
-    epochs: int = 300  # paper stage 1: 300 epochs
-    lr_milestones: tuple[int, ...] = (250, 280)  # epochs where lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1  # paper: x0.1 at each milestone
-    amp: str = "auto"  # auto = bf16 on compute capability >= 8.0, fp16 on 7.x, fp32 below and on CPU
+    lr: float = 1e-3  # Adam learning rate (paper §3.2: 1e-3)
+    weight_decay: float = 1e-4  # Adam L2 weight decay (paper §3.2: 1e-4)
+    epochs: int = 300  # stage 1: 300 epochs (paper §3.2)
+    lr_milestones: tuple[int, ...] = (250, 280)  # epochs where lr is multiplied by lr_gamma (CoCLR: 250, 280)
+    lr_gamma: float = 0.1  # x0.1 at each milestone (CoCLR; the paper is silent)
+    amp: str = "auto"  # bf16 on compute capability >= 8.0, fp16 on 7.x, else fp32 (our choice; paper: fp32 = strict)
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the paper does not clip)
 
     def __post_init__(self):

@@ -31,6 +31,8 @@ from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval
 from cvtcl.selection import heldout_split
 
+PROBE_LR = {"adam": 1e-3, "sgd": 0.1}  # linear probe: our default, and CoCLR's SGD setting
+
 # (subset "train" | "test", modality, crops "center" | "ten"[, videos=names]) -> EvalLoader;
 # `videos=` (used by the fine-tune only) restricts the loader to those videos, in that order.
 LoaderFactory = Callable[..., Any]
@@ -126,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, help="default: the checkpoint's data.crop_size (128)")
     parser.add_argument("--epochs", type=int, help="linear probe / fine-tune epochs (defaults: 100 / 500)")
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
+    parser.add_argument("--probe-optimizer", choices=tuple(PROBE_LR), default="adam",
+                        help="linear probe: adam, lr 1e-3 (default, our choice) or sgd, lr 0.1 (CoCLR's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     return parser
@@ -264,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def make_train(modality: str) -> Any:  # fine-tune: augmented clips of the train subset
         return build_pretrain_loader(args.shards, subset="train", modalities=(modality,), batch_size=args.batch_size,
-                                     pair_mode="same", seed=args.seed, **common)
+                                     pair_mode="same", seed=args.seed, augment=FinetuneConfig.augment, **common)
 
     payload: dict[str, Any] = {"protocol": args.protocol, "dataset": args.dataset, "split": args.split,
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
@@ -283,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             report.write_results(neighbours_file, report.neighbours_payload(
                 args.shards, manifest.classes, test[any_modality], train[any_modality], tops))
         else:
-            config = LinearProbeConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+            config = LinearProbeConfig(seed=args.seed, optimizer=args.probe_optimizer,
+                                       lr=PROBE_LR[args.probe_optimizer],
+                                       **({"epochs": args.epochs} if args.epochs else {}))
             results = run_linear(train, test, len(manifest.classes), config, args.heldout_fraction)
     payload["results"] = results
     path = report.write_results(results_file, payload)
