@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,28 @@ def test_config_file_yaml_and_a_runs_own_config_json(dataset, tmp_path, capsys):
     with pytest.raises(ValueError, match="different config .optim.lr"):
         main(["--config", str(tmp_path / "run" / "config.json"), "optim.lr=0.1", "run.max_steps=4"],
              build_loader=_never_called)
+
+
+def test_tensorboard_events_when_it_is_installed(dataset, tmp_path, monkeypatch):
+    """The `tensorboard` extra: every sub-stage run (so `make demo` too) writes scalars beside metrics.jsonl."""
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step):
+            Path(log_dir).mkdir(parents=True)
+            self.log_dir = log_dir
+
+        def add_scalar(self, name, value, step):
+            written.append((Path(self.log_dir).parent.name, name, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert main(_args(dataset, tmp_path / "run", "run.max_steps=2", "run.log_every=1"),
+                build_loader=FakePretrainLoader) == 0
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+    assert {("run", "train/loss", 1), ("run", "train/loss", 2), ("run", "train/lr", 2)} <= set(written)
 
 
 def test_help_config_shows_the_presets_values(capsys):
