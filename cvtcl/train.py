@@ -378,7 +378,8 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
             if train_one_epoch(ctx, batches, epoch, epoch_step, on_step):
                 break
             epoch, epoch_step = epoch + 1, 0
-        logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
+        if stop_signals.received is None:  # a signal's own line already said where the run stopped
+            logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     finally:
         logger.close()
 
