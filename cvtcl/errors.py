@@ -11,13 +11,16 @@ the README documents ("Exit status"):
     130  interrupted with Ctrl-C (training checkpoints first)
 
 Anything else is a bug and keeps its traceback; `--debug` shows the traceback of expected
-failures too.
+failures too. `StopSignals` turns SIGTERM and Ctrl-C during training into a request that the
+loop honours after the current step (checkpoint, then exit 0 or 130).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from preprocess.schema import LayoutError
 
@@ -57,3 +60,33 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
         status = EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return status
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C (SIGINT) during a run: remember the first, so that the loop checkpoints
+    after the current step and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
+
+    Installed before the loader exists: DALI and DataLoader workers forked later inherit this
+    handler instead of Python's default one, so Ctrl-C prints no traceback from every worker."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def describe(self) -> str:
+        """How the stop was asked for, for the run's last line."""
+        if self.received is None:
+            return "stop requested on another rank"
+        return "Ctrl-C" if self.received == signal.SIGINT else "SIGTERM"

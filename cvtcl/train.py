@@ -32,12 +32,12 @@ from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, lo
 from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
+from cvtcl.errors import EXIT_INTERRUPTED, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
 from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
-from cvtcl.errors import EXIT_INTERRUPTED, run_command
 from cvtcl.schedule import check_queue_fills, cvtcl_schedule, run_schedule, warmup_steps
 from preprocess.schema import load_manifest, write_json_atomic
 
@@ -258,33 +258,6 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         )
     distributed.shutdown()
     return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
-
-
-class StopSignals:
-    """SIGTERM and Ctrl-C (SIGINT) during a run: remember the first, so that the loop checkpoints
-    after the current step and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
-
-    Installed before the loader exists: DALI and DataLoader workers forked later inherit this
-    handler instead of Python's default one, so Ctrl-C prints no traceback from every worker."""
-
-    def __init__(self):
-        self.received: int | None = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = self.received or signum
-
-    def __enter__(self) -> StopSignals:
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def describe(self) -> str:
-        return "Ctrl-C" if self.received == signal.SIGINT else "SIGTERM"
 
 
 def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> int | None:
