@@ -183,8 +183,9 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
         try:
             encoder, config = load_encoder(path, map_location="cpu")
         except Exception as err:  # torch.load of a file that is not a checkpoint raises anything
-            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({type(err).__name__}: "
-                             f"{' '.join(str(err).split())[:200]}); give a checkpoint-*.pt file of cvtcl.train") from None
+            detail = " ".join(str(err).split())[:200]
+            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({type(err).__name__}: {detail}); "
+                             "give a checkpoint-*.pt file of cvtcl.train") from None
         modality = getattr(encoder, "modality", None)
         if modality in encoders:
             raise UsageError(f"{path}: a second {modality} encoder; --checkpoint-flow must be a flow checkpoint")
@@ -212,7 +213,8 @@ def clip_shape(args: argparse.Namespace, trained: dict[str, Any], encoders: dict
         min_frames, min_size = MIN_INPUT.get(backbone, (1, 1))
         if args.frames_per_clip < min_frames or args.crop_size < min_size:
             raise UsageError(f"the {modality} encoder ({backbone}) needs >= {min_frames} frames and >= {min_size} "
-                             f"pixels: raise --frames-per-clip ({args.frames_per_clip}) or --crop-size ({args.crop_size})")
+                             f"pixels: raise --frames-per-clip ({args.frames_per_clip}) "
+                             f"or --crop-size ({args.crop_size})")
 
 
 def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[str]) -> None:
@@ -233,11 +235,11 @@ def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tupl
     than overwrite an earlier evaluation."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; give a directory")
-    results, neighbours = report.results_path(out_dir, protocol, dataset, split), report.neighbours_path(out_dir, dataset, split)
+    first = (report.results_path(out_dir, protocol, dataset, split), report.neighbours_path(out_dir, dataset, split))
     n = 1
     while True:
         suffix = f"-{n}" if n > 1 else ""
-        pair = (results.with_name(f"{results.stem}{suffix}.json"), neighbours.with_name(f"{neighbours.stem}{suffix}.json"))
+        pair = tuple(path.with_name(f"{path.stem}{suffix}.json") for path in first)
         if not any(p.exists() for p in pair):
             return pair
         n += 1

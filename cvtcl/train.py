@@ -113,7 +113,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
         )
     global_batch = config.data.batch_size * world_size
     check_queue_size(config.loss.queue_size, global_batch)
-    check_device(config.run.device)
+    check_device(config)
     check_out_dir(config.run.out_dir)
     if config.stage.kind not in STEPS:
         raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
@@ -130,13 +130,16 @@ def validate(config: TrainConfig, world_size: int) -> None:
         check_resumable(config, world_size, load_checkpoint(latest), latest)
 
 
-def check_device(name: str) -> None:
-    """run.device names a device this machine has (before any process group or loader exists)."""
+def check_device(config: TrainConfig) -> None:
+    """run.device names a device this machine has, and optim.amp suits it (before any process group
+    or loader exists)."""
     _, local_rank, _ = distributed.env_world()
     try:
-        distributed.resolve_device(name.split(":")[0], local_rank)
+        device = distributed.resolve_device(config.run.device.split(":")[0], local_rank)
     except RuntimeError as err:
         raise ValueError(str(err)) from None
+    if device.type == "cpu":  # on a GPU, asking for its capability would initialise CUDA here
+        amp_dtype(config.optim.amp, device)
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -332,8 +335,8 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
             if dist.is_main:
-                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total and trained),
-                                config.run.keep_checkpoints)
+                complete = ctx.step >= epochs_total and trained
+                save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=complete), config.run.keep_checkpoints)
             distributed.barrier()
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
             if dist.is_main:

@@ -126,6 +126,7 @@ CASES = [
     ("train", [*TRAIN, "data.split=3"], 2, "no split '3'"),
     pytest.param("train", [*TRAIN, "run.device=cuda"], 2, "run.device=cuda but torch sees no CUDA device",
                  marks=NO_GPU, id="train-device-cuda-without-gpu"),
+    ("train", [*TRAIN, "optim.amp=bf16", "run.device=cpu"], 2, "optim.amp=bf16 needs a CUDA device"),
     ("train", [*TRAIN, "run.out_dir={file}"], 2, "is a file, not a directory"),
     ("train", [*TRAIN, "run.out_dir={file}/sub"], 2, "is a file, not a directory"),
     ("train", [*TRAIN, "run.out_dir=/proc/cvtcl-nope"], 2, "run.out_dir=/proc/cvtcl-nope: cannot create it"),
