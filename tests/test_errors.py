@@ -212,6 +212,10 @@ def test_bad_input_is_one_line_with_the_documented_status(paths, capsys, command
     if command in ("train", "train-nan", "eval", "plot") and "usage:" not in err:
         assert len(lines) == 1, err  # exactly one line, naming what to fix
     assert any(message.format(**paths) in line and "error" in line.lower() or status == 1 for line in lines)
+    if command == "preprocess" and status == 2 and "--out" in argv and argv[argv.index("--out") + 1] != str(paths["file"]):
+        assert not Path(argv[argv.index("--out") + 1]).exists()  # nothing packed, nothing left behind
+    if command in ("train", "eval"):  # refused before any work: no run or results directory
+        assert not any((paths["tmp"] / name).exists() for name in ("train-out", "sched", "eval-out"))
 
 
 def test_the_table_is_large_enough():
