@@ -17,6 +17,7 @@ loop honours after the current step (checkpoint, then exit 0 or 130).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -54,6 +55,9 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`... --help-config | head`): nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_FAILED
     except USAGE_ERRORS + RUN_ERRORS as err:
         if "--debug" in argv:
             raise
