@@ -164,14 +164,14 @@ def check_checkpoint_path(path: Path) -> None:
         raise UsageError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
 
 
-def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, Any]]:
-    """{modality: encoder}, {modality: where it came from} and the first checkpoint's training
-    config ({} for --random-init) from the CLI's checkpoint options."""
+def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, str], list[dict[str, Any]]]:
+    """{modality: encoder}, {modality: where it came from} and each checkpoint's training config
+    (none for --random-init) from the CLI's checkpoint options."""
     if args.random_init:
         from cvtcl.models import Encoder
 
         torch.manual_seed(args.seed)
-        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: "random-init"}, {}
+        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: "random-init"}, []
     try:
         from cvtcl.checkpoint import load_encoder
     except ImportError as err:
@@ -193,19 +193,22 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
         configs.append(config or {})
     if args.checkpoint_flow and set(encoders) != {"rgb", "flow"}:
         raise UsageError(f"two-stream needs an RGB --checkpoint and a flow --checkpoint-flow, got {sources}")
-    return encoders, sources, configs[0]
+    return encoders, sources, configs
 
 
-def clip_shape(args: argparse.Namespace, trained: dict[str, Any], encoders: dict[str, nn.Module]) -> None:
-    """Frames and crop size from the checkpoint's training config unless given; checked against the
-    backbone's smallest input."""
+def clip_shape(args: argparse.Namespace, trained: list[dict[str, Any]], encoders: dict[str, nn.Module]) -> None:
+    """Frames and crop size from the checkpoints' training configs unless given (32 and 128 without
+    one); checked against the backbone's smallest input."""
     from cvtcl.config import MIN_INPUT
 
-    data = trained.get("data", {})
-    if args.frames_per_clip is None:
-        args.frames_per_clip = int(data.get("frames_per_clip", 32))
-    if args.crop_size is None:
-        args.crop_size = int(data.get("crop_size", 128))
+    for flag, key, default in (("frames_per_clip", "frames_per_clip", 32), ("crop_size", "crop_size", 128)):
+        if getattr(args, flag) is not None:
+            continue
+        values = {int(config.get("data", {}).get(key, default)) for config in trained} or {default}
+        if len(values) > 1:
+            raise UsageError(f"the two checkpoints were trained with different data.{key} ({sorted(values)}); "
+                             f"choose one with --{flag.replace('_', '-')}")
+        setattr(args, flag, values.pop())
     if args.window_stride is None:
         args.window_stride = max(1, args.frames_per_clip // 2)
     for modality, encoder in encoders.items():

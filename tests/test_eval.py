@@ -133,6 +133,15 @@ def test_cli_takes_frames_and_crop_from_the_checkpoint(fake_project, monkeypatch
     cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards",
                      str(root), "--out", str(root / "b"), "--frames-per-clip", "16", "--window-stride", "16"])
     assert {(c[3]["frames_per_clip"], c[3]["crop_size"], c[3]["window_stride"]) for c in calls} == {(16, 32, 16)}
+    # two-stream from checkpoints trained on different clips: the user says which
+    other = {"data": {"frames_per_clip": 16, "crop_size": 32}}
+    monkeypatch.setitem(sys.modules, "cvtcl.checkpoint", types.SimpleNamespace(load_encoder=lambda path, map_location: (
+        (TinyEncoder("flow"), other) if "flow" in str(path) else (TinyEncoder("rgb"), trained))))
+    two_stream = ["retrieval", "--checkpoint", str(root / "rgb.pt"), "--checkpoint-flow", str(root / "flow.pt"),
+                  "--dataset", "synthetic", "--shards", str(root), "--out", str(root / "c")]
+    with pytest.raises(UsageError, match=r"different data.frames_per_clip \(\[8, 16\]\); choose one with --frames-per-clip"):
+        cvtcl_eval.main(two_stream)
+    assert cvtcl_eval.main([*two_stream, "--frames-per-clip", "8"])["frames_per_clip"] == 8
 
 
 def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
