@@ -201,14 +201,14 @@ def clip_shape(args: argparse.Namespace, trained: list[dict[str, Any]], encoders
     one); checked against the backbone's smallest input."""
     from cvtcl.config import MIN_INPUT
 
-    for flag, key, default in (("frames_per_clip", "frames_per_clip", 32), ("crop_size", "crop_size", 128)):
-        if getattr(args, flag) is not None:
+    for key, default in (("frames_per_clip", 32), ("crop_size", 128)):  # flag and config key share the name
+        if getattr(args, key) is not None:
             continue
         values = {int(config.get("data", {}).get(key, default)) for config in trained} or {default}
         if len(values) > 1:
             raise UsageError(f"the two checkpoints were trained with different data.{key} ({sorted(values)}); "
-                             f"choose one with --{flag.replace('_', '-')}")
-        setattr(args, flag, values.pop())
+                             f"choose one with --{key.replace('_', '-')}")
+        setattr(args, key, values.pop())
     if args.window_stride is None:
         args.window_stride = max(1, args.frames_per_clip // 2)
     for modality, encoder in encoders.items():
