@@ -229,6 +229,10 @@ def test_debug_shows_the_traceback(paths):
     with pytest.raises(Exception, match="does not exist"):
         cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["nowhere"]), "--dataset", "synthetic", "--shards",
                         str(paths["data"]), "--debug"])
+    with pytest.raises(Exception, match="is not a directory"):
+        plot.main([str(paths["nowhere"]), "--debug"])
+    with pytest.raises(Exception, match="is not a directory"):
+        preprocess_cli.main(["verify", str(paths["nowhere"]), "--debug"])
 
 
 def test_some_videos_failed_exits_3_and_lists_them(synthetic_dataset, tmp_path, capsys):
