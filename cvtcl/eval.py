@@ -243,6 +243,8 @@ def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tupl
     while True:
         suffix = f"-{n}" if n > 1 else ""
         pair = tuple(path.with_name(f"{path.stem}{suffix}.json") for path in first)
+        if any(p.resolve().parent != out_dir.resolve() for p in pair):  # a split named like a path
+            raise UsageError(f"--split {split!r} would write outside {out_dir}; use a split id such as 1")
         if not any(p.exists() for p in pair):
             return pair
         n += 1

@@ -120,6 +120,11 @@ def test_cli_writes_next_to_the_checkpoint_and_never_overwrites(fake_project, mo
     assert not list(run.parent.glob("eval-*.json"))
 
 
+def test_results_never_leave_the_output_directory(tmp_path):
+    with pytest.raises(UsageError, match="would write outside"):
+        cvtcl_eval.output_paths(tmp_path, "linear", "synthetic", "1/../../elsewhere")
+
+
 def test_cli_takes_frames_and_crop_from_the_checkpoint(fake_project, monkeypatch):
     root, calls = fake_project
     trained = {"data": {"frames_per_clip": 8, "crop_size": 32}}
