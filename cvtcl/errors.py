@@ -17,10 +17,12 @@ loop honours after the current step (checkpoint, then exit 0 or 130).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from preprocess.schema import LayoutError
@@ -47,11 +49,34 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+@contextlib.contextmanager
+def interrupt_main_process_only() -> Iterator[None]:
+    """Ctrl-C reaches every process of the terminal's process group: the command's, and the loader
+    workers (DALI, DataLoader) it forks. Only the command raises KeyboardInterrupt; a forked worker
+    inherits this handler and ignores the signal (its parent shuts it down), instead of printing
+    a traceback of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run `body(argv)` and turn expected failures into one line and an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return body(argv)
+        with interrupt_main_process_only():
+            return body(argv)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -71,12 +96,16 @@ class StopSignals:
     after the current step and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
 
     Installed before the loader exists: DALI and DataLoader workers forked later inherit this
-    handler instead of Python's default one, so Ctrl-C prints no traceback from every worker."""
+    handler instead of Python's default one and ignore the signal, so Ctrl-C prints no traceback
+    from every worker."""
 
     def __init__(self):
         self.received: int | None = None
+        self.pid = os.getpid()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a forked loader worker: its parent decides and shuts it down
+            return
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = self.received or signum

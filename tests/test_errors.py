@@ -7,15 +7,17 @@ real subprocesses at the end that check the console entry points themselves."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cvtcl import errors, plot, train
 from cvtcl import eval as cvtcl_eval
-from cvtcl import plot, train
 from cvtcl.checkpoint import save_checkpoint
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
@@ -233,6 +235,24 @@ def test_debug_shows_the_traceback(paths):
         plot.main([str(paths["nowhere"]), "--debug"])
     with pytest.raises(Exception, match="is not a directory"):
         preprocess_cli.main(["verify", str(paths["nowhere"]), "--debug"])
+
+
+def test_ctrl_c_interrupts_the_command_not_its_forked_workers():
+    """A terminal's Ctrl-C reaches the loader workers too: they must not raise (and print) on their own."""
+    with errors.interrupt_main_process_only():
+        pid = os.fork()
+        if pid == 0:  # a forked worker
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                os._exit(0)
+            except KeyboardInterrupt:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
 
 
 def test_some_videos_failed_exits_3_and_lists_them(synthetic_dataset, tmp_path, capsys):
