@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="s3d", choices=("s3d", "tiny"), help="with --random-init")
     parser.add_argument("--bn-mode", default="eval", choices=("eval", "batch"),
                         help="feature extraction: running (eval) or batch statistics")
-    parser.add_argument("--dataset", required=True, choices=("ucf101", "hmdb51", "synthetic"))
+    parser.add_argument("--dataset", required=True, choices=("ucf101", "hmdb51", "kinetics400", "synthetic"),
+                        help="kinetics400: split 1 = train.csv / validate.csv (preprocess/kinetics.py)")
     parser.add_argument("--shards", required=True, help="preprocessed dataset directory (manifest.json)")
     parser.add_argument("--split", default="1")
     parser.add_argument("--out", help="where the JSON results go (default: the checkpoint's directory; with "

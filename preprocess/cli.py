@@ -1,10 +1,14 @@
-"""`cvtcl-preprocess`: ucf101 | hmdb51 | synthetic | verify.
+"""`cvtcl-preprocess`: ucf101 | hmdb51 | kinetics400 | synthetic | verify | merge.
+
+`--part I/N` (0-based I) packs 1/N of the shards into a shared --out; `merge OUT` writes the
+manifest once every part is complete (preprocess/parts.py).
 
 Exit status: 0 every video packed (verify: no problem); 3 some videos failed and were recorded in
-the manifest, the dataset was written; 2 usage or configuration error (bad flag, missing root or
-split file, an --out made with other parameters, unwritable output, no GPU for --flow-device cuda),
-nothing packed; 1 verify found problems (each listed on stderr); 130 Ctrl-C and 143 SIGTERM
-(finished shards are kept: rerun to resume). Errors are one line; --debug shows the traceback.
+the manifest, the dataset (or the part) was written; 2 usage or configuration error (bad flag,
+missing root or split file, an --out made with other parameters, unwritable output, no GPU for
+--flow-device cuda; merge: a part not complete), nothing packed; 1 verify found problems (each
+listed on stderr); 130 Ctrl-C and 143 SIGTERM (finished shards are kept: rerun to resume).
+Errors are one line; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
 from preprocess.flow import backend_names
+from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, pack
-from preprocess.synthetic import SyntheticConfig, generate_raw
+from preprocess.parts import Part, merge, pack_part
 from preprocess.schema import LayoutError
+from preprocess.synthetic import SyntheticConfig, generate_raw
 from preprocess.verify import verify
 
 EXIT_PROBLEMS = 1
@@ -38,11 +44,24 @@ def _pack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow", choices=backend_names(), default="tvl1", help="flow backend, or none (RGB only)")
     parser.add_argument("--flow-device", default=None, help="device for backends that take one (e.g. cuda:0)")
     parser.add_argument("--flow-batch", type=int, default=None, help="frame pairs per call for batched backends")
+    _part_flag(parser)
     _debug_flag(parser)
 
 
 def _debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
+
+
+def _parse_part(text: str) -> Part:
+    try:
+        return Part.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _part_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--part", type=_parse_part, default=None, metavar="I/N",
+                        help="only part I of N (0-based: 0..N-1), the shards i with i %% N == I; then `merge OUT`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     hmdb.add_argument("--root", required=True, type=Path, help="folder of class folders of .avi files")
     hmdb.add_argument("--splits", required=True, type=Path, help="folder of <class>_test_split{1,2,3}.txt")
     _pack_flags(hmdb)
+
+    k400 = commands.add_parser("kinetics400", help="pack Kinetics-400 (videos anywhere under --root + the official CSVs)")
+    k400.add_argument("--root", required=True, type=Path,
+                      help="folder holding <youtube_id>_<start:06d>_<end:06d>.mp4 files (flat or in class folders)")
+    k400.add_argument("--annotations", required=True, type=Path, help="folder of train.csv, validate.csv[, test.csv]")
+    _pack_flags(k400)
 
     syn = commands.add_parser("synthetic", help="generate the synthetic motion dataset (UCF101 layout) and pack it")
     defaults = SyntheticConfig()
@@ -76,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver = commands.add_parser("verify", help="re-read every shard, check checksums and counts, decode every frame")
     ver.add_argument("dir", type=Path)
     ver.add_argument("--workers", type=int, default=1)
+    _part_flag(ver)
     _debug_flag(ver)
+
+    mer = commands.add_parser("merge", help="after a run split with --part: check every part, write the manifest")
+    mer.add_argument("dir", type=Path)
+    _debug_flag(mer)
     return parser
 
 
@@ -110,11 +140,20 @@ def run_synthetic(config: SyntheticConfig, options: PackOptions) -> int:
     return _pack(index_ucf101(raw, dataset="synthetic"), options)
 
 
-def _pack(index: DatasetIndex, options: PackOptions) -> int:
-    manifest = pack(index, options)
-    print(f"{options.out}: {len(manifest.videos)} videos in {len(manifest.shards)} shard(s), "
-          f"{sum(v.num_frames for v in manifest.videos)} frames, {len(manifest.failed)} failed", file=sys.stderr)
-    return EXIT_SOME_FAILED if manifest.failed else EXIT_OK
+def _summary(where: str, shards: list, records: list, failed: list) -> int:
+    print(f"{where}: {len(records)} videos in {len(shards)} shard(s), "
+          f"{sum(v.num_frames for v in records)} frames, {len(failed)} failed", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _pack(index: DatasetIndex, options: PackOptions, part: Part | None = None) -> int:
+    if part is None:
+        manifest = pack(index, options)
+        return _summary(options.out, manifest.shards, manifest.videos, manifest.failed)
+    done = pack_part(index, options, part)
+    print(f"part {part} complete; once every part is, run: cvtcl-preprocess merge {options.out}", file=sys.stderr)
+    return _summary(f"{options.out} part {part}", list(done), [r for recs, _ in done.values() for r in recs],
+                    [f for _, fails in done.values() for f in fails])
 
 
 def _exit_on_sigterm(signum, frame):
@@ -161,19 +200,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         if not args.dir.is_dir():
             raise ConfigError(f"{args.dir} is not a directory")
-        problems = verify(args.dir, workers=args.workers)
+        problems = verify(args.dir, workers=args.workers, part=args.part)
         for problem in problems:
             print(f"PROBLEM {problem}", file=sys.stderr)
         print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
         return EXIT_PROBLEMS if problems else EXIT_OK
+    if args.command == "merge":
+        manifest = merge(args.dir)
+        return _summary(str(args.dir), manifest.shards, manifest.videos, manifest.failed)
     check_flow_device(args.flow_device)
     if args.command == "synthetic":
+        if args.part is not None:  # parts would generate the same raw videos at once
+            raise ConfigError("synthetic does not take --part: it is small, run it as one process")
         return run_synthetic(synthetic_config(args), pack_options(args))
     options = pack_options(args)
     if args.command == "ucf101":
-        return _pack(index_ucf101(args.root), options)
-    return _pack(index_hmdb51(args.root, args.splits), options)
-
+        return _pack(index_ucf101(args.root), options, args.part)
+    if args.command == "kinetics400":
+        return _pack(index_kinetics400(args.root, args.annotations), options, args.part)
+    return _pack(index_hmdb51(args.root, args.splits), options, args.part)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ HMDB51 (`--root DIR --splits SPLITS`):
     DIR/<class>/<video>.avi
     SPLITS/<class>_test_split{1,2,3}.txt       "<video>.avi 1" (1 = train, 2 = test, 0 = unused)
   HMDB51 has no source groups; each video is its own group. Classes are sorted by name.
+Kinetics-400: preprocess/kinetics.py.
 
 Every missing root or split file is a `DatasetError` naming the path, raised before any work.
 """
@@ -22,6 +23,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SPLIT_IDS = ("1", "2", "3")
 _UCF_GROUP = re.compile(r"_g(\d+)_c(\d+)$")
@@ -31,7 +33,7 @@ class DatasetError(RuntimeError):
     """The source dataset is missing or not in the official layout; the message names the path."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a Kinetics index holds 300 k of them
 class SourceVideo:
     """One video to pack. `path` may not exist (listed in a split file only): packing records it as failed."""
 
@@ -44,13 +46,15 @@ class SourceVideo:
 
 @dataclass
 class DatasetIndex:
-    """What to pack: videos sorted by name, classes in label order, official splits by id."""
+    """What to pack: videos sorted by name, classes in label order, official splits by id.
+    `params`: facts about the dataset recorded in the manifest's params (e.g. how groups are formed)."""
 
     dataset: str
     root: str
     classes: list[str]
     videos: list[SourceVideo]
     splits: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.videos = sorted(self.videos, key=lambda v: v.name)

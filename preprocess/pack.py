@@ -19,7 +19,7 @@ import multiprocessing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -43,6 +43,7 @@ from preprocess.video import VideoDecodeError, open_video
 PARAMS_NAME = "params.json"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CONFIG = 0, 3, 2
 FLOW_CHUNK = 64  # frames per flow call: bounds a worker's memory on long videos
+ShardContent = tuple[list[VideoRecord], list[FailedVideo]]  # a shard's records and failed videos
 
 
 class ConfigError(RuntimeError):
@@ -97,6 +98,7 @@ def run_params(index: DatasetIndex, options: PackOptions) -> dict[str, Any]:
         "flow_jpeg_quality": options.flow_jpeg_quality,
         "short_side": options.short_side,
         "flow": _flow_params(options),
+        **index.params,
         **options.extra_params,
     }
 
@@ -106,6 +108,9 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         recorded = out / PARAMS_NAME
+        # looked at before params.json: parts sharing --out write params.json before any shard, so
+        # a shard seen here implies a params.json seen below
+        finished = manifest_path(out).exists() or any(out.glob("shard-*.h5"))
         if recorded.exists():
             old = json.loads(recorded.read_text())
             if old != params:
@@ -114,7 +119,7 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
                     f"{out} was packed with other parameters (differing: {', '.join(changed)}; see {recorded}). "
                     "Rerun with the same arguments to resume, or choose another --out."
                 )
-        elif list(out.glob("shard-*.h5")) or manifest_path(out).exists():
+        elif finished:
             raise ConfigError(f"{out} holds shards but no {PARAMS_NAME}: not ours to resume; choose another --out")
         write_json_atomic(recorded, params)
     except OSError as err:  # unwritable, a file in the way, a read-only mount
@@ -191,7 +196,7 @@ def _complete_shard(path: Path, planned: list[SourceVideo]) -> tuple[list[VideoR
     return (records, failed) if names == sorted(v.name for v in planned) else None
 
 
-def _shard_entry(path: Path, records: list[VideoRecord]) -> dict[str, Any]:
+def shard_entry(path: Path, records: list[VideoRecord]) -> dict[str, Any]:
     return {
         "file": path.name,
         "sha256": file_sha256(path),
@@ -201,16 +206,19 @@ def _shard_entry(path: Path, records: list[VideoRecord]) -> dict[str, Any]:
     }
 
 
-def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = None) -> Manifest:
-    """Pack `index` into options.out (see the module docstring). Returns the manifest written."""
+def pack_shards(index: DatasetIndex, options: PackOptions, owns: Callable[[int], bool] = lambda shard: True,
+                progress: Progress | None = None) -> tuple[dict[str, Any], dict[int, ShardContent]]:
+    """Pack the shards `owns` selects (all by default; `parts` selects 1/N of them) into
+    options.out, keeping complete ones. Returns the run's params and {shard index: content}."""
     out = Path(options.out)
     params = run_params(index, options)
     prepare_out(out, params)
     plan = plan_shards(index, options.videos_per_shard)
-    done = {i: h for i, s in enumerate(plan) if (h := _complete_shard(out / shard_name(i), s)) is not None}
-    todo = [i for i in range(len(plan)) if i not in done]
+    mine = [i for i in range(len(plan)) if owns(i)]
+    done = {i: h for i in mine if (h := _complete_shard(out / shard_name(i), plan[i])) is not None}
+    todo = [i for i in mine if i not in done]
     progress = progress or Progress.auto()
-    progress.start(total_videos=sum(len(plan[i]) for i in todo), kept_shards=len(done), total_shards=len(plan))
+    progress.start(total_videos=sum(len(plan[i]) for i in todo), kept_shards=len(done), total_shards=len(mine))
 
     tasks = [(src, options) for i in todo for src in plan[i]]
     with_flow = options.flow != "none"
@@ -242,18 +250,25 @@ def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = 
             pool.terminate()
             pool.join()
         progress.stop()
+    return params, {i: done[i] for i in mine}
 
-    return write_manifest(out, index, params, [done[i] for i in range(len(plan))])
+
+def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = None) -> Manifest:
+    """Pack `index` into options.out (see the module docstring). Returns the manifest written."""
+    params, done = pack_shards(index, options, progress=progress)
+    return write_manifest(Path(options.out), index, params, [done[i] for i in range(len(done))])
 
 
-def write_manifest(out: Path, index: DatasetIndex, params: dict[str, Any],
-                   shards: list[tuple[list[VideoRecord], list[FailedVideo]]]) -> Manifest:
+def write_manifest(out: Path, index: DatasetIndex, params: dict[str, Any], shards: list[ShardContent],
+                   entries: list[dict[str, Any]] | None = None) -> Manifest:
+    """The manifest of complete shards; `entries` (sha256, sizes) are computed unless given."""
     records = [r for recs, _ in shards for r in recs]
     failed = [f for _, fails in shards for f in fails]
     packed = {r.name for r in records}
     splits = {k: {s: [n for n in names if n in packed] for s, names in subsets.items()}
               for k, subsets in index.splits.items()}
-    entries = [_shard_entry(out / shard_name(i), recs) for i, (recs, _) in enumerate(shards)]
+    if entries is None:
+        entries = [shard_entry(out / shard_name(i), recs) for i, (recs, _) in enumerate(shards)]
     manifest = Manifest(index.dataset, params, index.classes, entries, records, splits, failed, LAYOUT_VERSION)
     write_json_atomic(manifest_path(out), manifest.to_dict())
     return manifest

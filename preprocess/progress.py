@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from preprocess.schema import FailedVideo
+from preprocess.schema import FailedVideo, shard_name
 
 
 class Progress:
@@ -47,7 +47,8 @@ class Progress:
 
     def shard_done(self, index: int) -> None:
         fps, eta = self._rates()
-        self.log(f"shard {index + 1}/{self.total_shards} written: {self.videos}/{self.total} videos, "
+        # named, not "k of n": a part (--part) writes every N-th shard
+        self.log(f"{shard_name(index)} written: {self.videos}/{self.total} videos, "
                  f"{fps:.0f} frames/s, ETA {eta}")
 
     def stop(self) -> None:

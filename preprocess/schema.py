@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class LayoutError(RuntimeError):
     """A dataset directory or shard that this version of cvtcl cannot read as it is."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a Kinetics reader holds 250 k of them, in every loader worker
 class VideoRecord:
     """One packed video. `rgb_start`/`flow_start` index the shard's frame tables."""
 
@@ -163,8 +164,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: not a finished cvtcl dataset. Run `cvtcl-preprocess` "
-            "(ucf101 | hmdb51 | synthetic) with --out pointing there; an interrupted run resumes "
-            "when the same command is run again."
+            "(ucf101 | hmdb51 | kinetics400 | synthetic) with --out pointing there; an interrupted run resumes "
+            "when the same command is run again; after a run split with --part, `cvtcl-preprocess merge`."
         )
     try:
         data = json.loads(path.read_text())
@@ -176,7 +177,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    # a temporary name per writer: the parts of a split run (`--part`) write the same params.json
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{TEMP_SUFFIX}")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)
         fh.write("\n")

@@ -227,14 +227,15 @@ def render_clip(appearance: Appearance, motion: Motion) -> np.ndarray:
     return np.stack(frames)
 
 
-def write_avi(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
-    """[T, H, W, 3] BGR uint8 -> an MJPG .avi, written to a temporary name and renamed."""
+def write_avi(path: str | os.PathLike, frames: np.ndarray, fps: float, fourcc: str = "MJPG") -> None:
+    """[T, H, W, 3] BGR uint8 -> an MJPG .avi (or `fourcc` in the container the suffix names, e.g.
+    mp4v in .mp4), written to a temporary name and renamed."""
     path = Path(path)
     tmp = path.with_name(path.stem + TEMP_SUFFIX + path.suffix)  # keeps .avi: OpenCV picks the container by it
     height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
     if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot write {tmp} (MJPG .avi); is the folder writable?")
+        raise RuntimeError(f"OpenCV cannot write {tmp} ({fourcc}); is the folder writable?")
     for frame in frames:
         writer.write(frame)
     writer.release()

@@ -3,6 +3,8 @@
 Checks, per shard in the manifest: the file exists, its size and sha256 match, its header lists
 the manifest's videos, the offset tables are consistent, and every RGB frame and every flow plane
 decodes as a JPEG of the recorded size. Then the split lists must name packed videos only.
+`--part I/N` checks that part's shards only: against the manifest once merged, else against the
+part's marker (so each array task can verify its own shards before `merge`).
 A problem is a string naming the file (and video / frame); none means the dataset is sound.
 """
 
@@ -16,7 +18,9 @@ import cv2
 import h5py
 import numpy as np
 
-from preprocess.schema import LayoutError, VideoRecord, load_manifest
+from preprocess.pack import ConfigError
+from preprocess.parts import Part, read_marker, read_params
+from preprocess.schema import LayoutError, VideoRecord, load_manifest, manifest_path
 from preprocess.shards import file_sha256, read_frames, read_shard_header
 
 
@@ -89,9 +93,23 @@ def _check_task(args) -> list[str]:
     return check_shard(*args)
 
 
-def verify(root: str | Path, workers: int = 1) -> list[str]:
-    """All problems of the dataset at `root`; an empty list means it is sound."""
+def _part_tasks(root: Path, part: Part) -> list[tuple]:
+    """Check tasks of one part's shards before `merge`: from its marker (no manifest yet)."""
+    params = read_params(root)
+    with_flow = params.get("flow", {}).get("backend", "none") != "none"
+    shards = read_marker(root, part, params)
+    return [(str(root), entry, records, with_flow) for _, (entry, (records, _)) in sorted(shards.items())]
+
+
+def verify(root: str | Path, workers: int = 1, part: Part | None = None) -> list[str]:
+    """All problems of the dataset at `root` (of `part`'s shards only, with or without a manifest);
+    an empty list means it is sound."""
     root = Path(root)
+    if part is not None and not manifest_path(root).exists():
+        try:
+            return _run(_part_tasks(root, part), workers)
+        except ConfigError as err:
+            return [str(err)]
     try:
         manifest = load_manifest(root)
     except (FileNotFoundError, LayoutError) as err:
@@ -99,13 +117,11 @@ def verify(root: str | Path, workers: int = 1) -> list[str]:
     by_shard: dict[int, list[VideoRecord]] = {}
     for video in manifest.videos:
         by_shard.setdefault(video.shard, []).append(video)
-    tasks = [(str(root), entry, by_shard.get(i, []), manifest.has_flow) for i, entry in enumerate(manifest.shards)]
-    if workers > 1 and len(tasks) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            results = pool.map(_check_task, tasks, chunksize=1)
-    else:
-        results = [_check_task(t) for t in tasks]
-    problems = [p for r in results for p in r]
+    tasks = [(str(root), entry, by_shard.get(i, []), manifest.has_flow) for i, entry in enumerate(manifest.shards)
+             if part is None or part.owns(i)]
+    problems = _run(tasks, workers)
+    if part is not None:
+        return problems  # the checks below are of the whole dataset
     unknown_shards = sorted(set(by_shard) - set(range(len(manifest.shards))))
     if unknown_shards:
         problems.append(f"{root}: videos refer to shards {unknown_shards} that the manifest does not list")
@@ -116,3 +132,12 @@ def verify(root: str | Path, workers: int = 1) -> list[str]:
             if stray:
                 problems.append(f"{root}: split {split} {subset} names {len(stray)} unpacked video(s), e.g. {stray[0]}")
     return problems
+
+
+def _run(tasks: list[tuple], workers: int) -> list[str]:
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            results = pool.map(_check_task, tasks, chunksize=1)
+    else:
+        results = [_check_task(t) for t in tasks]
+    return [p for r in results for p in r]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_python_dash_m_preprocess_shows_help():
     result = subprocess.run([sys.executable, "-m", "preprocess", "--help"], capture_output=True, text=True,
                             env={"PYTHONPATH": str(ROOT)}, check=True)
-    for command in ("ucf101", "hmdb51", "synthetic", "verify"):
+    for command in ("ucf101", "hmdb51", "kinetics400", "synthetic", "verify", "merge"):
         assert command in result.stdout
 
 

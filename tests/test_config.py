@@ -24,6 +24,17 @@ def test_stage1_presets_carry_paper_hyperparameters():
     assert paper.loss.queue_size % (paper.data.batch_size * 8) == 0
 
 
+def test_k400_presets_take_coclr_k400_settings_and_paper_elsewhere():
+    rgb, flow, whole = (get_preset(n) for n in ("k400-stage1-rgb", "k400-stage1-flow", "k400-cvtcl"))
+    ucf = get_preset("ucf101-stage1-rgb")
+    assert rgb.data.root == whole.data.root == "data/kinetics400" and rgb.data.split == "1"
+    assert rgb.loss.queue_size == flow.loss.queue_size == whole.loss.queue_size == 16384
+    assert (rgb.stage.modality, flow.stage.modality) == ("rgb", "flow")
+    assert (rgb.optim, rgb.loss.tau, rgb.data.batch_size) == (ucf.optim, ucf.loss.tau, ucf.data.batch_size)
+    assert (whole.schedule.cycles, whole.schedule.cotrain_epochs, whole.schedule.cotrain_lr_milestones) == (2, 50, (40,))
+    assert len({rgb.run.out_dir, flow.run.out_dir, whole.run.out_dir}) == 3
+
+
 def test_overrides_are_typed():
     config = apply_overrides(get_preset("smoke"), [
         "optim.lr=5e-4", "data.batch_size=8", "model.channels_last_3d=true", "optim.lr_milestones=3,5",
