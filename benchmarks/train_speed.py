@@ -1,4 +1,4 @@
-"""Stage-1 training throughput, side by side in one process (DESIGN.md "Performance principles").
+"""Training-step throughput, side by side in one process (DESIGN.md "Performance principles").
 
 Times the production step (`cvtcl.engine.train_step`: momentum update, query and key forward of
 the clip and its M segments, the three loss terms, backward, Adam, enqueue) on synthetic inputs
@@ -7,10 +7,19 @@ gives the data-wait fraction. Prints a table and one JSON line naming the device
 
     python benchmarks/train_speed.py                          # S3D 16x32x128x128 on the GPU
     python benchmarks/train_speed.py --smoke                  # tiny backbone, seconds on CPU
+    python benchmarks/train_speed.py --variants legacy,bf16,bf16+step --profile --json out.json
     python benchmarks/train_speed.py --loader --data data/ucf101 --json out.json
 
-Variants: precision (fp32; bf16 and fp16 on CUDA), channels_last_3d on/off, and the local segments
-encoded in one batched call (production) vs one call per segment (the released code's way).
+Variants (--variants, comma list; NAME+step / NAME+encoder adds run.compile): `legacy` is the
+old eager step (run.legacy_step: a host sync per step, two key-encoder calls), the baseline row;
+fp32, bf16, fp16 (CUDA) the sync-free step; channels_last (bf16 + channels_last_3d), batch64
+(bf16 at --big-batch clips), cotrain (stage 2 with a frozen flow sampler, bf16). (The segments
+encoded one call each, measured against one batched call on 2026-11-26, is no longer a row: the
+key permutations are now drawn for the batched call before the step.) On the CPU bf16/fp16 rows are skipped and the others run in
+fp32. Each row is timed between two device synchronisations around the timed steps (the step
+itself no longer synchronises). `--profile` adds the top-20 CUDA kernels by time, the fraction of
+wall time the GPU is busy and the kernel count per step (torch.profiler, CUDA only), the cuDNN
+version, and the launches per step of the new and the legacy step counted on the meta device.
 """
 
 from __future__ import annotations
@@ -29,91 +38,186 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_toy_shards  # noqa: E402
-from cvtcl import engine  # noqa: E402
+from cvtcl import engine, graphed  # noqa: E402
 from cvtcl.config import apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "one_by_one")  # names for --variants
-batched_encode = engine.encode_segments  # the production path; one variant swaps in segments_one_by_one
+VARIANTS = ("legacy", "fp32", "bf16", "fp16", "channels_last", "batch64", "cotrain")  # for --variants
+COMPILE = ("none", "encoder", "step")
+
+
+DEFAULT_VARIANTS = "legacy,fp32,fp32+step,bf16,bf16+step,channels_last,channels_last+step,batch64,batch64+step,cotrain,cotrain+step"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="s3d", choices=("s3d", "tiny"))
     parser.add_argument("--batch", type=int, default=16, help="clips per step (one process)")
+    parser.add_argument("--big-batch", type=int, default=64, help="clips per step of the batch64 variant")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--modality", default="rgb", choices=("rgb", "flow"))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (cuDNN autotune)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (cuDNN autotune, compile)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--loader", action="store_true", help="also time the real loader feeding the step")
     parser.add_argument("--data", default=None, help="dataset root for --loader (default: write toy shards)")
     parser.add_argument("--gen-size", default="240x320", help="HxW of the toy shards' frames (UCF101's size)")
     parser.add_argument("--data-backend", default="dali", choices=("dali", "baseline"))
     parser.add_argument("--threads", type=int, default=4, help="DALI threads for --data")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma list of the variants to time (fp16 and bf16 only on CUDA; channels_last and "
-                             "one_by_one run at the best precision); each costs a cuDNN autotune on the GPU")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma list of NAME or NAME+COMPILE; names {','.join(VARIANTS)}, compile "
+                             f"{','.join(COMPILE[1:])}; each costs a cuDNN autotune (and a compile) on the GPU")
+    parser.add_argument("--profile", action="store_true", help="kernels, GPU busy fraction, launches per step")
     parser.add_argument("--smoke", action="store_true", help="tiny backbone, 8x32x32 clips, 2 steps: checks the script")
     parser.add_argument("--json", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbone, args.batch, args.frames, args.crop, args.steps, args.warmup = "tiny", 4, 8, 32, 2, 1
-        args.gen_size, args.threads = "24x32", 1
+        args.gen_size, args.threads, args.big_batch = "24x32", 1, 8
     args.loader = args.loader or args.data is not None
     return args
 
 
-def make_config(args, amp: str, channels_last: bool, data_root: str = "unused"):
-    queue = args.batch * math.ceil(2048 / args.batch)  # K near the paper's 2048, a multiple of the batch
+def make_config(args, amp: str, channels_last: bool, data_root: str = "unused", batch: int | None = None,
+                legacy: bool = False, compile_setting: str = "none", sampler: str = ""):
+    batch = batch or args.batch
+    queue = batch * math.ceil(2048 / batch)  # K near the paper's 2048, a multiple of the batch
+    stage = [f"stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}"] if sampler else []
     return apply_overrides(get_preset("ucf101-stage1-rgb"), [
-        f"model.backbone={args.backbone}", f"data.batch_size={args.batch}", f"data.frames_per_clip={args.frames}",
+        f"model.backbone={args.backbone}", f"data.batch_size={batch}", f"data.frames_per_clip={args.frames}",
         f"data.crop_size={args.crop}", f"stage.modality={args.modality}", f"loss.queue_size={queue}",
         f"optim.amp={amp}", f"model.channels_last_3d={channels_last}", f"data.root={data_root}",
-        f"data.num_threads={args.threads}", f"data.backend={args.data_backend}",
+        f"data.num_threads={args.threads}", f"data.backend={args.data_backend}", f"run.legacy_step={legacy}",
+        f"run.compile={compile_setting}", *stage,
     ])
 
 
-def segments_one_by_one(encoder, segments):
-    """The comparison point: one encoder call per segment ([B, M, ...] -> [B, M, D])."""
-    return torch.stack([encoder(segments[:, m]) for m in range(segments.shape[1])], dim=1)
+def synthetic_batch(args, device, batch=None, cotrain=False):
+    b = batch or args.batch
+    ids = torch.arange(b, device=device)
+    out = {"video_index": ids, "group": ids, "label": ids}
+    for modality in ({"rgb", "flow"} if cotrain else {args.modality}):
+        channels = 3 if modality == "rgb" else 2
+        out[modality] = torch.randn(b, 2, channels, args.frames, args.crop, args.crop, device=device)
+    return out
 
 
-def synthetic_batch(args, device):
-    channels = 3 if args.modality == "rgb" else 2
-    clips = torch.randn(args.batch, 2, channels, args.frames, args.crop, args.crop, device=device)
-    ids = torch.arange(args.batch, device=device)
-    return {args.modality: clips, "video_index": ids, "group": ids, "label": ids}
+def sampler_checkpoint(args, directory: Path) -> str:
+    """A random encoder of the other modality, saved as stage 2's frozen sampler."""
+    from cvtcl.checkpoint import save_checkpoint
+    from cvtcl.models import Encoder
+    from cvtcl.moco import MomentumContrast
+
+    encoder = Encoder("flow" if args.modality == "rgb" else "rgb", args.backbone)
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "model": MomentumContrast(encoder, 16).state_dict(),
+             "optimizer": {}, "scaler": {}, "encoder": encoder.config(), "config": {}, "complete": True}
+    return str(save_checkpoint(directory, state))
 
 
-def time_variant(args, dist, name, amp, channels_last, batched):
-    config = make_config(args, amp, channels_last)
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(args, dist, spec, sampler=""):
+    """One row: spec = (name, amp, channels_last, batch, legacy, compile, cotrain)."""
+    name, amp, channels_last, batch_size, legacy, compile_setting, cotrain = spec
+    config = make_config(args, amp, channels_last, batch=batch_size, legacy=legacy, compile_setting=compile_setting,
+                         sampler=sampler if cotrain else "")
     ctx = build_context(config, dist)
-    batch = synthetic_batch(args, dist.device)
-    engine.encode_segments = batched_encode if batched else segments_one_by_one
+    batch = synthetic_batch(args, dist.device, batch_size, cotrain)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
-    try:
-        for _ in range(args.warmup):
+    if cotrain:  # stage 2 trains once its queue is full: fill it first, untimed
+        for _ in range(config.loss.queue_size // batch_size):
             engine.train_step(ctx, batch, 0, 0)
+    try:
+        # the captured step (run.compile=step) needs its eager warm-up and the capture before timing
+        warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if compile_setting == "step" else args.warmup
+        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
+        synchronize(dist.device)
         start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.train_step(ctx, batch, 0, 0)  # ends with a CUDA synchronize
+        terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(args.steps)]
+        synchronize(dist.device)
         seconds = time.perf_counter() - start
-    except torch.cuda.OutOfMemoryError as err:
-        return {"variant": name, "error": f"out of memory: {str(err).splitlines()[0]}"}
+        last = engine.read_terms(terms)[-1]
+        row = {"variant": name, "amp": amp, "channels_last_3d": channels_last, "batch": batch_size, "legacy_step": legacy,
+               "compile": compile_setting, "stage": "cotrain" if cotrain else "instance",
+               "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
+               "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
+        if ctx.graph is not None:  # run.compile=step on CUDA: was the step replayed as a CUDA graph?
+            row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
+        if args.profile and dist.device.type == "cuda":
+            row["profile"] = profile_steps(ctx, batch, dist.device)
+        return row
+    except (torch.cuda.OutOfMemoryError, FloatingPointError) as err:
+        return {"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
     finally:
-        engine.encode_segments = batched_encode
         del ctx
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"variant": name, "amp": amp, "channels_last_3d": channels_last, "segments_batched": batched,
-            "samples_per_s": args.batch * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
-            "peak_memory_gib": engine.peak_memory_gib(dist.device)}
+
+
+def profile_steps(ctx, batch, device, steps=3) -> dict:
+    """Top-20 CUDA kernels by total time, GPU busy fraction of the wall time and kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.train_step(ctx, batch, 0, 0)
+        synchronize(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    busy_us = sum(sum(times) for times in by_name.values())  # kernels on one stream do not overlap
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    return {"kernels_per_step": len(kernels) / steps, "gpu_busy_fraction": busy_us / wall_us,
+            "top_kernels": [{"name": n[:120], "total_ms": sum(t) / 1000, "calls": len(t)} for n, t in top]}
+
+
+def launches_per_step(args) -> dict:
+    """Kernel-launching ops and host syncs of one ordinary step, new and legacy, on the meta device."""
+    from cvtcl import step_audit
+
+    meta = DistInfo(0, 0, 1, torch.device("meta"))
+    out = {}
+    for legacy in (False, True):
+        with step_audit.fused_on_meta():
+            ctx = build_context(make_config(args, "fp32", False, legacy=legacy), meta)
+        batch = synthetic_batch(args, torch.device("meta"))
+        for step in range(2):  # the second step is an ordinary one
+            _, record = step_audit.audit(lambda: engine.train_step(ctx, batch, 0, step))
+        out["legacy" if legacy else "new"] = {"launches": record.launch_count, "syncs": dict(record.syncs)}
+    return out
+
+
+def variant_specs(args, device) -> list[tuple]:
+    """--variants -> (name, amp, channels_last, batch, legacy, compile, cotrain) per row."""
+    cuda = device.type == "cuda"
+    best = "bf16" if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    specs = []
+    for item in filter(None, args.variants.split(",")):
+        name, _, compile_setting = item.partition("+")
+        compile_setting = compile_setting or "none"
+        if name not in VARIANTS or compile_setting not in COMPILE:
+            raise SystemExit(f"--variants: unknown {item!r}; names {','.join(VARIANTS)}, compile {','.join(COMPILE[1:])}")
+        if name in ("bf16", "fp16") and not cuda:
+            continue  # CPU: fp16 autocast is CUDA-only; CPU bf16 conv3d backward is broken (engine.amp_dtype)
+        suffix = f" compile={compile_setting}" if compile_setting != "none" else ""
+        amp = name if name in ("fp32", "bf16", "fp16") else "fp32" if name == "legacy" else best
+        label = {"legacy": "legacy fp32 (old eager step)", "channels_last": f"{best} channels_last_3d",
+                 "batch64": f"{best} batch {args.big_batch}", "cotrain": f"{best} stage 2 (cotrain)"}.get(name, name)
+        specs.append((label + suffix, amp, name == "channels_last", args.big_batch if name == "batch64" else args.batch,
+                      name == "legacy", compile_setting, name == "cotrain"))
+    return specs
 
 
 def time_loader(args, dist, amp, root):
@@ -124,19 +228,21 @@ def time_loader(args, dist, amp, root):
     ctx = build_context(config, dist)
     loader = build_pretrain_loader(**loader_arguments(config, dist))
     steps = min(args.warmup + args.steps, loader.steps_per_epoch)
-    waits, computes = [], []
+    waits, started = [], []
 
-    def on_step(epoch, epoch_step, values, data_s, compute_s):
+    def on_step(epoch, epoch_step, terms, data_s, compute_s):
         waits.append(data_s)
-        computes.append(compute_s)
+        if len(waits) == args.warmup:  # the step no longer synchronises: time the window wall to wall
+            synchronize(dist.device)
+            started.append(time.perf_counter())
         return len(waits) >= steps
 
     engine.train_one_epoch(ctx, loader.epoch(0), 0, 0, on_step)
-    waits, computes = waits[args.warmup :], computes[args.warmup :]
-    total = sum(waits) + sum(computes)
+    synchronize(dist.device)
+    total = time.perf_counter() - (started[0] if started else 0.0)
+    waits = waits[args.warmup :]
     return {"variant": f"loader {args.data_backend} + step ({amp})", "amp": amp, "steps": len(waits),
             "samples_per_s": args.batch * len(waits) / total, "data_wait_fraction": sum(waits) / total}
-
 
 
 def main(argv=None) -> int:
@@ -146,29 +252,24 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    # CPU: fp32 only (fp16 autocast is CUDA-only; CPU bf16 conv3d backward is broken, see engine.amp_dtype).
-    precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
-    best = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
-    wanted = set(filter(None, args.variants.split(",")))
-    unknown = wanted - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
-    variants = [(p, p, False, True) for p in precisions if p in wanted]
-    if "channels_last" in wanted:
-        variants.append((f"{best} channels_last_3d", best, True, True))
-    if "one_by_one" in wanted:
-        variants.append((f"{best} segments one by one", best, False, False))
+    specs = variant_specs(args, device)
     record = {
         "benchmark": "train_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "backbone": args.backbone,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "batch": args.batch, "frames": args.frames, "crop": args.crop, "modality": args.modality, "results": [],
     }
-    for variant in variants:
-        record["results"].append(time_variant(args, dist, *variant))
-        # Written after every variant, so a timeout leaves the variants measured so far (marked incomplete).
-        if args.json:
-            incomplete = f"incomplete: stopped after {len(record['results'])} variants"
-            write_json_atomic(args.json, record | {"error": incomplete})
+    if args.profile:
+        record["launches_per_step"] = launches_per_step(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        sampler = sampler_checkpoint(args, Path(tmp) / "sampler") if any(s[-1] for s in specs) else ""
+        for spec in specs:
+            record["results"].append(time_variant(args, dist, spec, sampler))
+            # Written after every variant, so a timeout leaves the variants measured so far (marked incomplete).
+            if args.json:
+                incomplete = f"incomplete: stopped after {len(record['results'])} variants"
+                write_json_atomic(args.json, record | {"error": incomplete})
+    best = next((s[1] for s in specs if not s[4]), "fp32")
     if args.loader:
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -180,10 +281,10 @@ def main(argv=None) -> int:
             except Exception as err:  # fail soft: keep the synthetic variants, say why the loader failed
                 record["results"].append({"variant": "loader", "error": f"{type(err).__name__}: {err}"[:2000]})
 
-    reference = next((r for r in record["results"] if r["variant"] == "fp32" and "samples_per_s" in r), None)
+    reference = next((r for r in record["results"] if r.get("legacy_step") and "samples_per_s" in r), None)
     for r in record["results"]:
         if reference and "samples_per_s" in r:
-            r["speedup_vs_fp32"] = r["samples_per_s"] / reference["samples_per_s"]
+            r["speedup_vs_legacy"] = r["samples_per_s"] / reference["samples_per_s"]
     print_table(record["results"])
     print(json.dumps(record))
     if args.json:
@@ -195,14 +296,14 @@ def print_table(results):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="stage-1 step throughput (one process)")
-    for column in ("variant", "samples/s", "x fp32", "step ms", "peak GiB", "data wait"):
+    table = Table(title="training step throughput (one process)")
+    for column in ("variant", "samples/s", "x legacy", "step ms", "peak GiB", "data wait"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in results:
         def cell(key, fmt):
             return format(r[key], fmt) if key in r else r.get("error", "-") if key == "samples_per_s" else "-"
 
-        table.add_row(r["variant"], cell("samples_per_s", ".2f"), cell("speedup_vs_fp32", ".2f"), cell("step_ms", ".1f"),
+        table.add_row(r["variant"], cell("samples_per_s", ".2f"), cell("speedup_vs_legacy", ".2f"), cell("step_ms", ".1f"),
                       cell("peak_memory_gib", ".2f"), cell("data_wait_fraction", ".1%"))
     Console(stderr=True).print(table)
 

@@ -158,6 +158,8 @@ class RunConfig:
     progress: str = "auto"  # auto = rich bar on a terminal, plain lines otherwise; "none" = silent
     expect_world_size: int = 0  # refuse other world sizes (a preset tied to a GPU layout); 0 = any
     knn_every: int = 0  # epochs between kNN retrieval checks on rank 0 (paper Fig. 3; cvtcl.retrieval); 0 = off
+    compile: str = "none"  # none | encoder (torch.compile the encoders) | step (also a CUDA graph of the step, CUDA only)
+    legacy_step: bool = False  # the old eager step: a host sync per step, two key-encoder calls (benchmark baseline)
 
     def __post_init__(self):
         _choice("run.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
@@ -168,6 +170,7 @@ class RunConfig:
         _positive("run.max_steps", self.max_steps, zero_ok=True)
         _positive("run.expect_world_size", self.expect_world_size, zero_ok=True)
         _positive("run.knn_every", self.knn_every, zero_ok=True)
+        _choice("run.compile", self.compile, ("none", "encoder", "step"))
 
 
 @dataclass

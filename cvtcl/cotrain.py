@@ -65,31 +65,31 @@ def load_sampler(config: TrainConfig, device: torch.device) -> FrozenSampler:
     return FrozenSampler(encoder)
 
 
-def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], generator: torch.Generator) -> engine.StepOutput:
+def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: engine.StepDraws) -> engine.StepOutput:
     """Stage 2: L2 = alpha * L_RF or L_FR (eqs. 2–5) + beta * L_LTCL (eqs. 6–8), modality m mining
     its positives with the frozen sampler of modality o."""
     config, model = ctx.config, ctx.model
     # Whether this step trains is decided before its own keys enter the queue. A warm-up step
     # builds no graph: its losses are only logged, and DDP is never left waiting for a backward.
-    optimize = model.queue.is_full
+    optimize = model.queue.is_full  # a host count (moco.Queue), not a device read
     with torch.set_grad_enabled(optimize):
         clips = batch[config.stage.modality]  # [B, V=2, C, T, H, W]: copy 0 = query, copy 1 = key
         z = ctx.query(clips[:, 0])  # [B, D]
-        keys = model.encode_keys(clips[:, 1], generator)  # [B, D]
+        keys = model.encode_keys(clips[:, 1], draws.permutation())  # [B, D]
         s = ctx.sampler(batch[config.stage.sampler_modality][:, 1])  # [B, D]: same frames and crop as the key copy
         video_index, group, label = batch["video_index"], batch["group"], batch["label"]
         instance, stats = mining.cross_view_nce(
             z, keys, s, model.queue, video_index, group, label, tau=config.loss.tau,
-            topk=config.loss.mining_topk, drop_p=config.loss.self_positive_drop, generator=generator,
+            topk=config.loss.mining_topk, drop=draws.flag(),
         )
         loss = config.loss.instance_weight * instance
         terms = {"loss_instance": instance.detach(), "top1_instance": stats.pop("top1"), **stats}
         if config.uses_segments:
-            ltcl, ltcl_terms = engine.ltcl_step(ctx, batch, generator)
+            ltcl, ltcl_terms = engine.ltcl_step(ctx, batch, draws)
             loss = loss + config.loss.ltcl_weight * ltcl
             terms |= ltcl_terms
     terms["loss"] = loss.detach()
-    terms["queue_full"] = torch.tensor(float(optimize), device=loss.device)  # stacked with the other terms
+    terms["queue_full"] = torch.full((), float(optimize), device=loss.device)  # a fill, not a host copy
 
     def enqueue() -> None:
         model.queue.enqueue(keys, video_index, group, sampler=s, label=label)
@@ -97,7 +97,16 @@ def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], generator:
     return engine.StepOutput(loss, terms, enqueue=enqueue, optimize=optimize)
 
 
+def cotrain_draws(config: TrainConfig, global_batch: int) -> list[tuple[str, float]]:
+    """The clips' key permutation, the self-positive drop, then the segments' key permutation."""
+    spec = [("perm", global_batch), ("flag", config.loss.self_positive_drop)]
+    if config.uses_segments:
+        spec.append(("perm", global_batch * config.data.num_segments))
+    return spec
+
+
 engine.STEPS["cotrain"] = cotrain_step
+engine.DRAWS["cotrain"] = cotrain_draws
 
 
 def stage_config(base: TrainConfig, run: StageRun) -> TrainConfig:

@@ -2,31 +2,40 @@
 
 One optimizer step is the same for every stage:
 
-    momentum update of the key encoder -> stage step (forward + loss terms, autocast)
-    -> non-finite check -> backward (GradScaler in fp16) -> optimizer step -> enqueue keys
+    draw the step's random numbers (host, before the step) -> momentum update of the key encoder
+    -> stage step (forward + loss terms, autocast) -> backward (GradScaler in fp16)
+    -> optimizer step, skipped on the device when the loss is not finite -> enqueue keys
 
 Only the stage step differs. It lives in `STEPS[config.stage.kind]`: a function
-`(ctx, batch, generator) -> StepOutput` returning the weighted loss, detached terms to log, a
-closure that enqueues this step's keys, and whether to update the weights at all. Stage 1 is
-`instance_step` below; stage 2 (co-training) registers "cotrain" with its own step function
-(sampler forward, mined positives, its own queue, no update until that queue is full) and the
-loop, checkpoints and metrics stay as they are. Stage-specific modules (the frozen sampler, a
-cross-view queue) belong on `ctx.model` (`add_module`), so checkpoints and resume include them.
+`(ctx, batch, draws) -> StepOutput` returning the weighted loss, detached terms to log, a
+closure that enqueues this step's keys, and whether to update the weights at all; `DRAWS[kind]`
+lists the random numbers it takes from `draws`, in order. Stage 1 is `instance_step` below;
+stage 2 (co-training) registers "cotrain" with its own step function (sampler forward, mined
+positives, its own queue, no update until that queue is full) and the loop, checkpoints and
+metrics stay as they are. Stage-specific modules (the frozen sampler, a cross-view queue) belong
+on `ctx.model` (`add_module`), so checkpoints and resume include them.
+
+An ordinary step never makes the host wait for the GPU (tests/test_step_audit.py counts it on the
+meta device): its logged terms stay on the device as one row (`StepTerms`) until a log step
+reads the window's rows at once (`read_terms`), which also names the first non-finite step.
+`run.legacy_step` restores the old step's per-step syncs (the benchmarks' baseline).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from cvtcl import augment, losses
+from cvtcl import augment, distributed, losses, mining
 from cvtcl.config import OptimConfig, TrainConfig
-from cvtcl.moco import MomentumContrast
+from cvtcl.moco import MomentumContrast, Permutation, to_device_async
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -44,6 +53,25 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         # returns non-finite weight gradients for most batches (measured: 17 of 20 with one thread).
         raise ValueError(f"optim.amp={setting} needs a CUDA device; use optim.amp=fp32 (or auto) on CPU")
     return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+def autocast(ctx: Context) -> contextlib.AbstractContextManager:
+    """Autocast to ctx.autocast_dtype; no context at all in fp32 (torch.autocast refuses the meta device
+    that cvtcl.step_audit counts syncs on, even disabled)."""
+    if ctx.autocast_dtype is None:
+        return contextlib.nullcontext()
+    # a CUDA graph must not capture autocast's cache of cast weights (they change every step)
+    return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype, cache_enabled=ctx.config.run.compile != "step")
+
+
+def compile_encoders(model: MomentumContrast, setting: str, device: torch.device, world_size: int = 1) -> None:
+    """run.compile: "encoder" and "step" compile the query and key encoders in place
+    (`nn.Module.compile`, state-dict keys unchanged) as whole graphs; "step" also captures the
+    whole step in a CUDA graph on CUDA (cvtcl/graphed.py). Under DDP graphs may break at buckets."""
+    if setting == "none":
+        return
+    for encoder in (model.query, model.key):
+        encoder.compile(fullgraph=world_size == 1)
 
 
 def learning_rate(optim: OptimConfig, epoch: int) -> float:
@@ -77,6 +105,7 @@ class Context:
     step: int = 0  # optimizer steps done
     sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
     rank: int = 0  # this process's rank (seeds its batch-level augmentation)
+    graph: Any = None  # run.compile=step on CUDA: warm-up count and captured step (cvtcl.graphed.GraphState)
 
 
 @dataclass
@@ -105,7 +134,46 @@ def encode_segments(encoder: Callable[[torch.Tensor], torch.Tensor], segments: t
     return encoder(segments.flatten(0, 1)).unflatten(0, segments.shape[:2])
 
 
-def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
+class StepDraws:
+    """The random numbers of one step, drawn on the host before it from the step's generator, in
+    the order the step uses them (so the values are those the old in-step draws gave).
+
+    `spec` lists them: ("perm", N) a shuffle-BN permutation of N global samples, ("flag", p) a
+    Bernoulli(p) decision (stage 2's self-positive drop) as a device bool. Permutations reach the
+    device by non-blocking copies from pinned memory (cvtcl.moco.to_device_async).
+    """
+
+    def __init__(self, ctx: Context, spec: list[tuple[str, float]], generator: torch.Generator):
+        legacy, groups = ctx.config.run.legacy_step, ctx.model.bn_groups
+        self.items: list = []
+        for kind, value in spec:
+            if kind == "perm":
+                self.items.append(Permutation.draw(int(value), generator, ctx.device, groups, legacy))
+            else:
+                drop = mining.self_positive_drop(value, generator)  # a CPU draw: no device sync
+                self.items.append(torch.tensor(drop, device=ctx.device) if legacy else
+                                  to_device_async(torch.tensor(drop), ctx.device))
+        self.items.reverse()  # popped from the end
+
+    @classmethod
+    def of(cls, items: list) -> StepDraws:
+        """Draws already made (in the order the step takes them): cvtcl.graphed's static buffers."""
+        draws = cls.__new__(cls)
+        draws.items = list(reversed(items))
+        return draws
+
+    def permutation(self) -> Permutation:
+        item = self.items.pop()
+        assert isinstance(item, Permutation), "the step took its draws in another order than DRAWS says"
+        return item
+
+    def flag(self) -> torch.Tensor:
+        item = self.items.pop()
+        assert isinstance(item, torch.Tensor), "the step took its draws in another order than DRAWS says"
+        return item
+
+
+def instance_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws) -> StepOutput:
     """Stage 1: L1 = alpha * L_InfoNCE (eq. 1) + beta * L_LTCL (eqs. 6-8), one modality."""
     config, model = ctx.config, ctx.model
     modality, tau = config.stage.modality, config.loss.tau
@@ -113,13 +181,13 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch
     queue = model.queue.keys  # [K, D]; enqueued only after backward (autograd saved this buffer)
 
     z = ctx.query(clips[:, 0])  # [B, D]
-    keys = model.encode_keys(clips[:, 1], generator)  # [B, D]
+    keys = model.encode_keys(clips[:, 1], draws.permutation())  # [B, D]
     logits = losses.contrastive_logits(z, keys, queue, tau)  # [B, 1 + K], once for the loss and its accuracy
     instance = losses.positive_first_nce(logits)
     terms = {"loss_instance": instance.detach(), "top1_instance": losses.top1(logits.detach())}
     loss = config.loss.instance_weight * instance
     if config.uses_segments:
-        ltcl, ltcl_terms = ltcl_step(ctx, batch, generator)
+        ltcl, ltcl_terms = ltcl_step(ctx, batch, draws)
         loss = loss + config.loss.ltcl_weight * ltcl
         terms |= ltcl_terms
     terms["loss"] = loss.detach()
@@ -127,7 +195,7 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch
     return StepOutput(loss, terms, enqueue=lambda: model.queue.enqueue(keys, video_index, group))
 
 
-def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_LTCL = L_local + L_LT (eqs. 6-8) of the trained modality, unweighted, with its logged terms.
 
     Shared by both stages. Local keys go through the key encoder's shuffle-BN like the global keys
@@ -137,7 +205,8 @@ def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch.Gen
     config, model = ctx.config, ctx.model
     segments = clip_segments(batch, config.stage.modality, config.data.num_segments)  # [B, V, M, C, L, H, W]
     z_local = encode_segments(ctx.query, losses.query_segments(segments[:, 0], config.loss.local_queries))
-    k_local = encode_segments(lambda x: model.encode_keys(x, generator), segments[:, 1])  # [B, M, D]
+    perm = draws.permutation()
+    k_local = encode_segments(lambda x: model.encode_keys(x, perm), segments[:, 1])  # [B, M, D]
     local = losses.local_loss(z_local, k_local, model.queue.keys, config.loss.tau)
     temporal = losses.local_temporal_loss(z_local, k_local, config.loss.tau)
     return local + temporal, {
@@ -147,43 +216,113 @@ def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], generator: torch.Gen
     }
 
 
-# Stage kind -> step function. Stage 2 registers "cotrain" here (see the module docstring).
-STEPS: dict[str, Callable[[Context, dict[str, torch.Tensor], torch.Generator], StepOutput]] = {
+def instance_draws(config: TrainConfig, global_batch: int) -> list[tuple[str, float]]:
+    """Stage 1 takes the permutation of the clips' keys, then that of the segments' keys."""
+    spec = [("perm", global_batch)]
+    if config.uses_segments:
+        spec.append(("perm", global_batch * config.data.num_segments))
+    return spec
+
+
+# Stage kind -> step function, and what it draws. Stage 2 registers "cotrain" (module docstring).
+STEPS: dict[str, Callable[[Context, dict[str, torch.Tensor], StepDraws], StepOutput]] = {
     "instance": instance_step,
+}
+DRAWS: dict[str, Callable[[TrainConfig, int], list[tuple[str, float]]]] = {
+    "instance": instance_draws,
 }
 
 
-def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_step: int) -> dict[str, float]:
-    """One optimizer step on `batch`; returns the logged terms as floats."""
+@dataclass
+class StepTerms:
+    """The logged terms of one step, still on the device: names and one fp32 row."""
+
+    names: list[str]
+    row: torch.Tensor  # [len(names)]
+    step: int  # 1-based number of the step
+    epoch: int
+    epoch_step: int
+
+
+def read_terms(steps: list[StepTerms]) -> list[dict[str, float]]:
+    """The terms of `steps` as floats, in one device read; FloatingPointError naming the first
+    step whose loss is not finite (its update was skipped, and no checkpoint has been written since)."""
+    if not steps:
+        return []
+    rows = torch.stack([s.row for s in steps]).tolist()  # the one sync of a log window
+    values = [dict(zip(s.names, row)) for s, row in zip(steps, rows)]
+    for s, v in zip(steps, values):
+        if not math.isfinite(v["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at step {s.step} (epoch {s.epoch}, batch {s.epoch_step}): {v}. "
+                "Its update was skipped and the run stops without saving; resume restarts from the last "
+                "checkpoint. Try a lower optim.lr, optim.amp=fp32, or check the input data."
+            )
+    return values
+
+
+def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_step: int) -> StepTerms:
+    """One optimizer step on `batch`; returns its logged terms on the device (no host sync).
+
+    A non-finite loss skips the optimizer update on the device (fused Adam's found_inf; on the
+    CPU, where a read is free, by a host check) and is reported by `read_terms`. With
+    run.compile=step on CUDA the step after the warm-up ones replays as one CUDA graph (cvtcl/graphed.py).
+    """
+    from cvtcl import graphed
+
     config = ctx.config
-    ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed
-    generator = step_generator(config.run.seed, ctx.step)
+    global_batch = batch[config.stage.modality].shape[0] * distributed.world_size()
+    draws = StepDraws(ctx, DRAWS[config.stage.kind](config, global_batch), step_generator(config.run.seed, ctx.step))
     if config.data.dihedral:
         batch = dict(batch)  # the caller's dict keeps its tensors
         augment.dihedral_(batch, augment_generator(config.run.seed, ctx.step, ctx.rank))
-    with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None):
-        out = STEPS[config.stage.kind](ctx, batch, generator)
+    names, row = graphed.run(ctx, batch, draws)
+    terms = StepTerms(names, row, ctx.step + 1, epoch, epoch_step)
+    if config.run.legacy_step:
+        read_terms([terms])  # the old step's per-step read (and its immediate stop)
+    ctx.step += 1
+    if config.run.legacy_step and ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    return terms
 
-    values = dict(zip(out.terms, torch.stack(list(out.terms.values())).float().tolist()))  # one sync
-    if not math.isfinite(values["loss"]):
-        raise FloatingPointError(
-            f"non-finite loss at step {ctx.step + 1} (epoch {epoch}, batch {epoch_step}): {values}. "
-            "The run stops without saving this step; resume restarts from the last checkpoint. "
-            "Try a lower optim.lr, optim.amp=fp32, or check the input data."
-        )
+
+def step_body(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws,
+              grads_to_none: bool = True) -> tuple[list[str], torch.Tensor, bool]:
+    """EMA, forward, backward, optimizer, enqueue: (term names, terms row, whether it optimized).
+    `grads_to_none=False` in a CUDA-graph capture: the gradients are None then, the captured
+    backward allocates them and every replay rewrites them in place."""
+    config = ctx.config
+    ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed
+    with autocast(ctx):
+        out = STEPS[config.stage.kind](ctx, batch, draws)
+    row = torch.stack(list(out.terms.values())).float()
     if out.optimize:
-        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.optimizer.zero_grad(set_to_none=grads_to_none)
         ctx.scaler.scale(out.loss).backward()
         if config.optim.grad_clip > 0:
             ctx.scaler.unscale_(ctx.optimizer)
             nn.utils.clip_grad_norm_(ctx.model.query.parameters(), config.optim.grad_clip)
+        optimizer_step(ctx, out.loss.detach())
+    out.enqueue()  # after backward: the graph saved the queue buffer, an earlier in-place write would break it
+    return list(out.terms), row, out.optimize
+
+
+def optimizer_step(ctx: Context, loss: torch.Tensor) -> None:
+    """The optimizer step, skipped when `loss` is not finite. Fused Adam (CUDA) takes that decision
+    on the device from `found_inf`, as it does for the GradScaler; elsewhere a host read decides
+    (free on the CPU). In fp16 the GradScaler's own found_inf (non-finite gradients, which a
+    non-finite loss gives) skips the step."""
+    if ctx.scaler.is_enabled():
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
-    out.enqueue()  # after backward: the graph saved the queue buffer, an earlier in-place write would break it
-    ctx.step += 1
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)  # honest compute time; the loss sync above covered forward only
-    return values
+    elif ctx.optimizer.defaults.get("fused"):
+        ctx.optimizer.found_inf = (~torch.isfinite(loss)).float()
+        try:
+            ctx.optimizer.step()
+        finally:
+            del ctx.optimizer.found_inf
+    elif bool(torch.isfinite(loss)):
+        ctx.optimizer.step()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -101,29 +101,32 @@ def multi_positive_nce(logits: Tensor, mask: Tensor) -> Tensor:
     -> scalar. Computed in fp32 with two log-sum-exps (stable for τ = 0.07). With only column 0
     positive it is exactly InfoNCE (eq. 1).
     """
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("multi_positive_nce: a row of the positive mask is empty; column 0 (own key) "
-                         "must stay in the mask unless the row has other positives")
+    # A row without positives gives +inf (log of an empty sum): the trainer's non-finite check
+    # reports it at the next log step; checking here would make every step wait for the GPU.
     logits = logits.float()
     positive = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
-def drop_self_positive(mask: Tensor, *, p: float, generator: torch.Generator) -> Tensor:
-    """With probability p (one draw per step), drop column 0 from rows with other positives.
+def self_positive_drop(p: float, generator: torch.Generator) -> bool:
+    """CoCLR's per-step draw: drop the own key from the numerator this step, with probability p.
+    `generator` is the step's CPU generator (`cvtcl.engine.step_generator`), so every rank and a
+    resumed run make the same choice; the trainer draws it before the step (engine.StepDraws)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"self-positive drop probability must be in [0, 1], got {p}")
+    return float(torch.rand((), generator=generator)) < p
+
+
+def drop_self_positive(mask: Tensor, drop: Tensor) -> Tensor:
+    """When `drop` (a bool scalar tensor), drop column 0 from rows with other positives.
 
     mask: Bool [B, 1 + K] -> Bool [B, 1 + K] (a new tensor). After stage 1 the own key is
     already the easiest positive, so keeping it lets co-training stall (CoCLR's published fix).
     Only the numerator changes: `multi_positive_nce` still sums every column in the denominator.
-    The draw comes from `generator` (the step's CPU generator, `cvtcl.engine.step_generator`), so
-    every rank and a resumed run make the same choice.
+    `drop` stays on the device: no host read.
     """
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"self-positive drop probability must be in [0, 1], got {p}")
-    if float(torch.rand((), generator=generator)) >= p:
-        return mask.clone()
     out = mask.clone()
-    out[:, 0] &= ~mask[:, 1:].any(dim=1)
+    out[:, 0] &= ~(drop & mask[:, 1:].any(dim=1))
     return out
 
 
@@ -161,8 +164,7 @@ def cross_view_nce(
     *,
     tau: float,
     topk: int,
-    drop_p: float,
-    generator: torch.Generator,
+    drop: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_RF / L_FR (eqs. 2–5) for one step, against the queue *before* this batch is enqueued.
 
@@ -175,7 +177,7 @@ def cross_view_nce(
     q, k = q.float(), k.float()
     logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.keys.T], dim=1) / tau  # [B, 1 + K]
     pos = positive_mask(s, queue.sampler, video, group, queue.video_index, queue.group, topk=topk, queue_full=queue.is_full)
-    loss = multi_positive_nce(logits, drop_self_positive(pos.mask, p=drop_p, generator=generator))
+    loss = multi_positive_nce(logits, drop_self_positive(pos.mask, drop))
     with torch.no_grad():
         exclude = pos.mask[:, 1:] & ~pos.mined  # own video and group, the columns mining may not pick
         stats = {

@@ -4,7 +4,7 @@ Everything here changes state only through explicit calls the trainer makes once
 this order (see cvtcl/engine.py):
 
     model.momentum_update(m)                  # key encoder <- EMA of the query encoder
-    keys = model.encode_keys(x_k, generator)  # shuffle-BN, no gradient
+    keys = model.encode_keys(x_k, perm)       # shuffle-BN (a Permutation drawn before the step), no gradient
     ... losses against model.queue.keys ...
     model.queue.enqueue(keys, video_index, group)   # all-gathered across ranks
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cvtcl import distributed
-from cvtcl.models import Encoder
+from cvtcl.models import Encoder, repeat_affine_, repeat_index, running_statistics, split_batch_norm, split_batch_norm_
 
 
 def check_queue_size(queue_size: int, global_batch: int) -> None:
@@ -46,6 +46,11 @@ class Queue(nn.Module):
     With `cross_view` (stage 2, cvtcl/mining.py) each entry also keeps sampler [K, D], the frozen
     other-modality embedding of the same clip, and label [K], read only by the mining-precision
     metric.
+
+    `enqueue` reads nothing on the host: ptr and count are used and advanced on the device
+    (index_copy_ at (ptr + arange(n)) % K), so a step never waits for the GPU here. `is_full`
+    answers from a host mirror of count, advanced by every enqueue and re-read from the buffer
+    once after a checkpoint is loaded.
     """
 
     def __init__(self, size: int, dim: int, cross_view: bool = False):
@@ -60,10 +65,17 @@ class Queue(nn.Module):
             self.register_buffer("label", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+        self._count_on_host: int | None = 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count_on_host = None  # read once from the loaded buffer when first needed
 
     @property
     def is_full(self) -> bool:
-        return int(self.count) >= self.size
+        if self._count_on_host is None:
+            self._count_on_host = int(self.count)  # one read after a checkpoint load, not per step
+        return self._count_on_host >= self.size
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, video_index: torch.Tensor, group: torch.Tensor,
@@ -72,20 +84,24 @@ class Queue(nn.Module):
         [B, D] and label [B]) from every rank and write them at ptr."""
         if self.cross_view != (sampler is not None and label is not None):
             raise ValueError("a cross-view queue needs sampler and label with every enqueue, a plain queue neither")
-        keys = distributed.all_gather_cat(keys.detach().float())
-        video_index = distributed.all_gather_cat(video_index.to(self.video_index.device))
-        group = distributed.all_gather_cat(group.to(self.group.device))
-        n = keys.shape[0]
-        check_queue_size(self.size, n)
-        ptr = int(self.ptr)
-        self.keys[ptr : ptr + n] = keys
-        self.video_index[ptr : ptr + n] = video_index
-        self.group[ptr : ptr + n] = group
+        rows = {"keys": keys.detach().float(), "video_index": video_index, "group": group}
         if self.cross_view:
-            self.sampler[ptr : ptr + n] = distributed.all_gather_cat(sampler.detach().float())
-            self.label[ptr : ptr + n] = distributed.all_gather_cat(label.to(self.label.device))
-        self.ptr[0] = (ptr + n) % self.size
-        self.count[0] = min(int(self.count) + n, self.size)
+            rows |= {"sampler": sampler.detach().float(), "label": label}
+        n = keys.shape[0] * distributed.world_size()
+        check_queue_size(self.size, n)
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # [n], contiguous: n divides K
+        for name, value in rows.items():
+            buffer = getattr(self, name)
+            buffer.index_copy_(0, slots, distributed.all_gather_cat(value.to(buffer.device, non_blocking=True)))
+        self.ptr.add_(n).remainder_(self.size)
+        self.count.add_(n).clamp_(max=self.size)
+        self.counted(n)
+
+    def counted(self, n: int) -> None:
+        """Advance the host mirror of count by n entries (enqueue does; so does a replayed CUDA graph
+        of the step, cvtcl.graphed, whose enqueue ran in Python only once, at capture)."""
+        if self._count_on_host is not None:
+            self._count_on_host = min(self._count_on_host + n, self.size)
 
 
 @dataclass(frozen=True)
@@ -102,8 +118,8 @@ class ShufflePlan:
     gathered_ids: torch.Tensor  # [N] global id of each row of the all-gathered encoder outputs
 
 
-def shuffle_plan(world: int, n: int, rank: int, generator: torch.Generator) -> ShufflePlan:
-    perm = torch.randperm(world * n, generator=generator)
+def shuffle_plan(world: int, n: int, rank: int, perm: torch.Tensor) -> ShufflePlan:
+    """The plan of the host permutation `perm` [world * n] (the same on every rank)."""
     encoder_of = torch.empty_like(perm)
     encoder_of[perm] = torch.arange(world * n) // n  # encoder_of[g]: the rank that encodes sample g
     mine = encoder_of[rank * n : (rank + 1) * n]
@@ -119,28 +135,74 @@ def shuffle_plan(world: int, n: int, rank: int, generator: torch.Generator) -> S
     )
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: a non-blocking copy, from pinned
+    memory on CUDA (pinning needs CUDA; a pageable source would make the copy wait)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """One shuffle-BN permutation of N global samples, drawn on the host before the step.
+
+    host: [N] CPU, what the cross-rank plan reads its counts from. On one process `order` [N]
+    (device) gathers the shuffled batch and `inverse` [N] (device) restores the input order of
+    the encoder outputs. `interleaved`: BN group g's i-th sample (perm[g*n + i]) sits at row
+    i*groups + g, so a split BatchNorm sees the groups as a [n, groups*C, ...] view and the key
+    encoder runs once (cvtcl.models.SplitBatchNorm3d); otherwise the shuffled rows are contiguous
+    and are encoded one group per call (a batch that does not split evenly, or run.legacy_step).
+    """
+
+    host: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    interleaved: bool
+
+    @classmethod
+    def draw(cls, n: int, generator: torch.Generator, device: torch.device, groups: int = 0,
+             legacy: bool = False) -> Permutation:
+        """randperm(n) from `generator`, interleaved for `groups` split-BN groups when n divides
+        (groups=0: contiguous). `legacy`: the old step's blocking copy and on-device inverse."""
+        perm = torch.randperm(n, generator=generator)
+        if legacy:
+            order = perm.to(device)
+            return cls(perm, order, torch.argsort(order), False)
+        interleave = groups > 0 and n % groups == 0
+        order = perm.view(groups, -1).T.flatten() if interleave else perm
+        return cls(perm, to_device_async(order, device), to_device_async(torch.argsort(order), device), interleave)
+
+
 @torch.no_grad()
-def shuffled_encode(encoder: nn.Module, x: torch.Tensor, generator: torch.Generator, bn_groups: int = 2) -> torch.Tensor:
+def shuffled_encode(encoder: nn.Module, x: torch.Tensor, perm: Permutation, bn_groups: int = 2) -> torch.Tensor:
     """Encode x: [N, ...] -> [N, D] with shuffle-BN; rows come back in the input order.
 
-    `generator` (CPU) must be seeded identically on every rank: each rank then draws the same
-    permutation, so no broadcast is needed, and a resumed run draws the same permutations.
-    Across ranks the inputs travel by all_to_all: each rank sends and receives about one batch
-    (MoCo all-gathers the inputs instead, world x the batch's bytes into every rank); only the
-    small [N, D] outputs are all-gathered to un-shuffle.
+    `perm` comes from the step's CPU generator, seeded identically on every rank: each rank then
+    holds the same permutation, so no broadcast is needed, and a resumed run draws the same
+    permutations. Across ranks the inputs travel by all_to_all: each rank sends and receives about
+    one batch (MoCo all-gathers the inputs instead, world x the batch's bytes into every rank);
+    only the small [N, D] outputs are all-gathered to un-shuffle. On one process the shuffled
+    batch is split into `bn_groups` BN groups: one encoder call with split BatchNorms when
+    `perm.interleaved`, else one call per group.
     """
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1:
         n = x.shape[0]
-        plan = shuffle_plan(world, n, rank, generator)
-        received = distributed.all_to_all(x[plan.send_order.to(x.device)], plan.send_counts, plan.recv_counts)
+        plan = shuffle_plan(world, n, rank, perm.host)
+        received = distributed.all_to_all(x[to_device_async(plan.send_order, x.device)], plan.send_counts,
+                                          plan.recv_counts)
         z_all = distributed.all_gather_cat(encoder(received))  # [W * n, D], rows = plan.gathered_ids
         z = torch.empty_like(z_all)
-        z[plan.gathered_ids.to(z.device)] = z_all
+        z[to_device_async(plan.gathered_ids, z.device)] = z_all
         return z[rank * n : (rank + 1) * n]
-    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
-    z = torch.cat([encoder(chunk) for chunk in x[perm].chunk(bn_groups)])
-    return z[torch.argsort(perm)]
+    shuffled = x[perm.order]
+    if perm.interleaved:
+        with split_batch_norm(encoder, bn_groups):
+            z = encoder(shuffled)
+    else:
+        z = torch.cat([encoder(chunk) for chunk in shuffled.chunk(bn_groups)])
+    return z[perm.inverse]
 
 
 class MomentumContrast(nn.Module):
@@ -155,10 +217,11 @@ class MomentumContrast(nn.Module):
         if bn_groups < 2:
             raise ValueError("loss.bn_groups must be >= 2: one BN group would leak the positive through BN statistics")
         self.query = query
-        self.key = copy.deepcopy(query)
+        self.key = split_batch_norm_(copy.deepcopy(query))  # one call encodes every BN group
         self.key.requires_grad_(False)
         self.queue = Queue(queue_size, query.embed_dim, cross_view)
         self.bn_groups = bn_groups
+        self.register_buffer("repeat_index", repeat_index(self.key, bn_groups), persistent=False)
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
@@ -167,6 +230,11 @@ class MomentumContrast(nn.Module):
         keys, queries = list(self.key.parameters()), [p.detach() for p in self.query.parameters()]
         torch._foreach_mul_(keys, momentum)  # a few fused launches on the GPU instead of two per tensor
         torch._foreach_add_(keys, queries, alpha=1.0 - momentum)
+        # The key encoder only ever normalises with batch statistics (its split BatchNorms keep no
+        # running statistics); it carries the query's, so eval-mode use of it (load_encoder
+        # which="key") normalises with statistics of the same data.
+        torch._foreach_copy_(running_statistics(self.key), running_statistics(self.query))
+        repeat_affine_(self.key, self.repeat_index, self.bn_groups)  # the split BatchNorms' affine, two launches
 
     @torch.no_grad()
     def copy_query_to_key(self) -> None:
@@ -174,6 +242,6 @@ class MomentumContrast(nn.Module):
         self.key.load_state_dict(self.query.state_dict())
 
     @torch.no_grad()
-    def encode_keys(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_keys(self, x: torch.Tensor, perm: Permutation) -> torch.Tensor:
         """x: [N, C, T, H, W] key copies (clips or folded segments) -> keys [N, D], no gradient."""
-        return shuffled_encode(self.key, x, generator, self.bn_groups)
+        return shuffled_encode(self.key, x, perm, self.bn_groups)

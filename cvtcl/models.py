@@ -10,6 +10,9 @@ call. The encoder holds no training state; the momentum copy and the queue live 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -85,6 +88,7 @@ class Encoder(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(self.feature_dim, embed_dim),
         )
+        drop_batch_counters_(self)
         self.channels_last_3d = channels_last_3d
         if channels_last_3d:
             self.to(memory_format=torch.channels_last_3d)
@@ -112,3 +116,108 @@ class Encoder(nn.Module):
             "channels_last_3d": self.channels_last_3d,
         }
 
+
+
+def drop_batch_counters_(module: nn.Module) -> None:
+    """Remove every BatchNorm's num_batches_tracked: with a fixed momentum nothing reads it, and
+    its `+= 1` was one kernel launch per BN per call (462 of S3D's ~2,950 per step). Checkpoints
+    written before still load: the key is dropped from their state dicts on load."""
+    for bn in module.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.num_batches_tracked is not None:
+            assert bn.momentum is not None, "a cumulative-average BatchNorm needs num_batches_tracked"
+            bn.num_batches_tracked = None
+            bn._register_load_state_dict_pre_hook(_drop_batch_counter)
+
+
+def _drop_batch_counter(state_dict, prefix, *args) -> None:
+    state_dict.pop(prefix + "num_batches_tracked", None)
+
+
+def running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm's running mean and variance, in module order."""
+    return [t for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            for t in (bn.running_mean, bn.running_var)]
+
+
+class SplitBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d that, while `groups` > 1, normalises `groups` interleaved sub-batches (row
+    i*groups + g belongs to group g) each with its own batch statistics, in one call.
+
+    Shuffle-BN on one process (cvtcl.moco) encodes its keys in BN groups; with this the key
+    encoder's convolutions, activations and pools run once over the whole batch instead of once
+    per group. The groups are a [n, groups*C, ...] view of a contiguous input, so one batch_norm
+    kernel computes the per-group statistics exactly as separate calls would. No running
+    statistics are kept while split (keys are always computed in train mode; see
+    MomentumContrast.momentum_update).
+    """
+
+    groups = 1
+    repeated: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (weight, bias) x groups, versions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 or not self.training:  # eval: running statistics, nothing per group
+            return super().forward(x)
+        g, (n, c) = self.groups, x.shape[:2]
+        if x.is_contiguous():
+            grouped = x.view(n // g, g * c, *x.shape[2:])
+            weight, bias = self._repeated_affine()
+            return F.batch_norm(grouped, None, None, weight, bias, True, 0.0, self.eps).view_as(x)
+        out = torch.empty_like(x)  # channels_last_3d: the groups are not a view; one call per group
+        for i in range(g):
+            out[i::g] = F.batch_norm(x[i::g], None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return out
+
+
+    def _repeated_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight and bias repeated `groups` times: from `repeat_affine_` (two launches for the whole
+        encoder per step) while the parameters have not changed since, else two launches here."""
+        if torch.compiler.is_compiling():  # first: a traced read of the cache would guard on it every step
+            return self.weight.repeat(self.groups), self.bias.repeat(self.groups)
+        cached = self.repeated
+        if cached is not None and len(cached[0]) == self.groups * len(self.weight) \
+                and (cached[2], cached[3]) == (self.weight._version, self.bias._version):
+            return cached[0], cached[1]
+        return self.weight.repeat(self.groups), self.bias.repeat(self.groups)
+
+
+def repeat_index(module: nn.Module, groups: int) -> torch.Tensor:
+    """The gather index `repeat_affine_` uses: for the SplitBatchNorm3d layers' [weight, bias, ...]
+    concatenated, each tensor's entries `groups` times in a row."""
+    sizes = [len(m.weight) for m in module.modules() if isinstance(m, SplitBatchNorm3d) for _ in range(2)]
+    starts = torch.tensor([0, *sizes]).cumsum(0)[:-1].tolist()
+    return torch.cat([start + torch.arange(groups * size) % size for start, size in zip(starts, sizes)])
+
+
+@torch.no_grad()
+def repeat_affine_(module: nn.Module, index: torch.Tensor, groups: int) -> None:
+    """Give every SplitBatchNorm3d of `module` its weight and bias repeated `groups` times, all in
+    one gather with `index` (`repeat_index`) instead of two repeat launches per layer and call.
+    Call after the parameters change."""
+    layers = [m for m in module.modules() if isinstance(m, SplitBatchNorm3d)]
+    flat = torch.cat([t for m in layers for t in (m.weight, m.bias)])
+    pieces = flat.index_select(0, index).split([groups * len(m.weight) for m in layers for _ in range(2)])
+    for m, weight, bias in zip(layers, pieces[0::2], pieces[1::2]):
+        m.repeated = (weight, bias, m.weight._version, m.bias._version)
+
+
+def split_batch_norm_(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm3d of `module` a SplitBatchNorm3d (same parameters and state dict keys)."""
+    for bn in module.modules():
+        if type(bn) is nn.BatchNorm3d:
+            bn.__class__ = SplitBatchNorm3d
+    return module
+
+
+@contextmanager
+def split_batch_norm(module: nn.Module, groups: int) -> Iterator[None]:
+    """Within the block, `module`'s SplitBatchNorm3d layers normalise `groups` interleaved groups."""
+    layers = [m for m in module.modules() if isinstance(m, SplitBatchNorm3d)]
+    if not layers:
+        raise RuntimeError("split_batch_norm: the module has no SplitBatchNorm3d (call split_batch_norm_ first)")
+    for layer in layers:
+        layer.groups = groups
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.groups = 1

@@ -20,6 +20,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from cvtcl import distributed
 from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
-from cvtcl.engine import STEPS, Context, amp_dtype, peak_memory_gib, train_one_epoch
+from cvtcl.engine import (STEPS, Context, StepTerms, amp_dtype, compile_encoders, peak_memory_gib, read_terms,
+                          train_one_epoch)
 from cvtcl.errors import EXIT_INTERRUPTED, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
@@ -45,7 +47,7 @@ from preprocess.schema import load_manifest, write_json_atomic
 # logged, not what is computed. Anything else needs a new run.out_dir.
 RESUMABLE_CHANGES = {
     "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
-    "optim.epochs", "data.num_threads", "run.device", "run.knn_every",
+    "optim.epochs", "data.num_threads", "run.device", "run.knn_every", "run.compile", "run.legacy_step",
 }
 
 
@@ -195,13 +197,17 @@ def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
         weights, _ = load_encoder(config.stage.init_checkpoint, map_location=dist.device)
         model.query.load_state_dict(weights.state_dict())
         model.copy_query_to_key()
+    compile_encoders(model, config.run.compile, dist.device, dist.world_size)
     query = model.query
     if dist.world_size > 1:
         # BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
         query = DistributedDataParallel(query, device_ids=[dist.device] if dist.device.type == "cuda" else None,
                                         broadcast_buffers=False)
+    # fused off the CPU: one kernel for every tensor, and it skips a non-finite step on the device;
+    # capturable: its step counts stay on the GPU, so a CUDA graph can hold it (run.compile=step)
     optimizer = torch.optim.Adam(model.query.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-                                 fused=dist.device.type == "cuda")
+                                 fused=dist.device.type != "cpu",
+                                 capturable=config.run.compile == "step" and dist.device.type == "cuda")
     dtype = amp_dtype(config.optim.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     sampler = load_sampler(config, dist.device) if cotrain else None
@@ -316,12 +322,24 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
 
     monitor = knn_monitor(config, dist) if config.run.knn_every else None
 
-    def on_step(epoch: int, epoch_step: int, values: dict[str, float], data_s: float, compute_s: float) -> bool:
+    pending: list[tuple[StepTerms, float, float]] = []  # steps whose terms are still on the device
+
+    def absorb() -> None:
+        """Read the pending steps' terms (one device read; raises on a non-finite loss) into the window."""
+        started = time.perf_counter()
+        for values, (_, data_s, compute_s) in zip(read_terms([p[0] for p in pending]), pending):
+            window.add(values, data_s, compute_s)
+        window.compute_seconds += time.perf_counter() - started  # the host waited for the GPU to catch up
+        pending.clear()
+
+    def on_step(epoch: int, epoch_step: int, terms: StepTerms, data_s: float, compute_s: float) -> bool:
         nonlocal window
-        window.add(values, data_s, compute_s)
+        pending.append((terms, data_s, compute_s))
         logger.tick(ctx.step)
         position = (epoch, epoch_step) if epoch_step < steps_per_epoch else (epoch + 1, 0)
-        if ctx.step % config.run.log_every == 0 or ctx.step == total:
+        log_step = ctx.step % config.run.log_every == 0 or ctx.step == total
+        if log_step:
+            absorb()
             means = distributed.all_reduce_mean(window.means(), dist.device)
             seconds = window.data_seconds + window.compute_seconds
             logger.log({
@@ -331,9 +349,13 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
                 "data_wait_fraction": window.data_seconds / seconds, "peak_memory_gib": peak_memory_gib(dist.device),
             })
             window = Window()
-        stop = distributed.broadcast_flag(stop_signals.received is not None, dist.device)
+        # One process reads its own flag; under torchrun the ranks agree on it at log steps only
+        # (a collective every step would make each step wait for the others and the GPU).
+        asked = stop_signals.received is not None
+        stop = asked if dist.world_size == 1 else log_step and distributed.broadcast_flag(asked, dist.device)
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
+            absorb()  # a checkpoint never holds a non-finite step
             if dist.is_main:
                 complete = ctx.step >= epochs_total and trained
                 save_checkpoint(run_dir, checkpoint_state(ctx, *position, complete=complete), config.run.keep_checkpoints)

@@ -15,7 +15,7 @@ from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, sa
 from cvtcl.config import apply_overrides
 from cvtcl.cotrain import FrozenSampler, load_sampler, stage_config
 from cvtcl.distributed import DistInfo
-from cvtcl.engine import train_step
+from cvtcl.engine import read_terms, train_step
 from cvtcl.metrics import read_metrics
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
@@ -72,11 +72,11 @@ def test_no_update_until_the_queue_is_full_then_mining(dataset, tmp_path):
     batches = loader.epoch(0)
     before = [p.clone() for p in ctx.model.query.parameters()]
     for step in range(2):  # queue 8 = 2 batches of 4: both steps only fill it
-        values = train_step(ctx, next(batches), 0, step)
+        values = read_terms([train_step(ctx, next(batches), 0, step)])[0]
         assert values["queue_full"] == 0.0 and math.isnan(values["mining_precision"])
     assert all(torch.equal(a, b) for a, b in zip(before, ctx.model.query.parameters()))
     assert ctx.model.queue.is_full and (ctx.model.queue.label >= 0).all()
-    values = train_step(ctx, next(batches), 0, 2)
+    values = read_terms([train_step(ctx, next(batches), 0, 2)])[0]
     assert values["queue_full"] == 1.0 and 0.0 <= values["mining_precision"] <= 1.0
     assert values["positives"] >= 1.0 + 2  # own key, two mined, plus any queued clip of the same group
     assert {"loss_local", "loss_temporal", "mining_chance", "top1_instance"} <= set(values)
@@ -101,7 +101,7 @@ def test_local_keys_belong_to_their_own_video(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(engine.losses, "local_temporal_loss", spy)
     batch = next(FakePretrainLoader(dataset, modalities=("rgb", "flow"), batch_size=4, frames_per_clip=8,
                                     crop_size=32).epoch(0))
-    engine.ltcl_step(ctx, batch, torch.Generator().manual_seed(3))
+    engine.ltcl_step(ctx, batch, engine.StepDraws(ctx, [("perm", 16)], torch.Generator().manual_seed(3)))
     segments = engine.clip_segments(batch, "rgb", 4)[:, 1]  # [B, M, C, L, H, W], key copy
     with torch.no_grad():
         direct = torch.stack([ctx.model.key(segments[b]) for b in range(4)])  # [B, M, D], one video at a time

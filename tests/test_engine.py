@@ -5,7 +5,7 @@ import torch
 
 from cvtcl import augment, engine
 from cvtcl.config import apply_overrides
-from cvtcl.engine import Context, clip_segments, encode_segments, instance_step, train_step
+from cvtcl.engine import Context, StepDraws, clip_segments, encode_segments, instance_draws, instance_step, read_terms, train_step
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import get_preset
@@ -21,6 +21,14 @@ def _context(*overrides):
     return Context(config, model, model.query, optimizer, scaler, torch.device("cpu"), None)
 
 
+def _draws(ctx, seed=0):
+    return StepDraws(ctx, instance_draws(ctx.config, 4), torch.Generator().manual_seed(seed))
+
+
+def _values(terms):
+    return read_terms([terms])[0]
+
+
 def _batch(b=4, modality="rgb", channels=3):
     g = torch.Generator().manual_seed(1)
     return {modality: torch.randn(b, 2, channels, 8, 16, 16, generator=g), "video_index": torch.arange(b),
@@ -30,7 +38,7 @@ def _batch(b=4, modality="rgb", channels=3):
 @pytest.mark.parametrize("local_queries", ["first", "all"])
 def test_gradients_reach_only_the_query_encoder(local_queries):
     ctx = _context(f"loss.local_queries={local_queries}")
-    out = instance_step(ctx, _batch(), torch.Generator().manual_seed(0))
+    out = instance_step(ctx, _batch(), _draws(ctx))
     out.loss.backward()
     assert set(out.terms) == {"loss", "loss_instance", "loss_local", "loss_temporal", "top1_instance", "top1_temporal"}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.model.query.parameters())
@@ -71,7 +79,7 @@ def test_train_step_updates_query_key_and_queue():
             p.add_(0.5)  # query != key, so the momentum update is visible
     query_before = [p.clone() for p in ctx.model.query.parameters()]
     key_before = [p.clone() for p in ctx.model.key.parameters()]
-    values = train_step(ctx, _batch(), epoch=0, epoch_step=0)
+    values = _values(train_step(ctx, _batch(), epoch=0, epoch_step=0))
     assert ctx.step == 1 and values["loss"] > 0
     assert all(not torch.equal(a, b) for a, b in zip(query_before, ctx.model.query.parameters()))
     # One EMA update toward the query as it was BEFORE this step's optimizer update.
@@ -83,17 +91,32 @@ def test_train_step_updates_query_key_and_queue():
 
 def test_ltcl_off_skips_segments():
     ctx = _context("loss.ltcl_weight=0")
-    out = instance_step(ctx, _batch(), torch.Generator().manual_seed(0))
+    out = instance_step(ctx, _batch(), _draws(ctx))
     assert set(out.terms) == {"loss", "loss_instance", "top1_instance"}
 
 
-def test_non_finite_loss_stops_with_the_step_number():
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_step_skips_its_update_and_is_named_when_read(fused):
     ctx = _context()
+    ctx.optimizer = torch.optim.Adam(ctx.model.query.parameters(), lr=1e-3, fused=fused)  # fused: found_inf
     ctx.step = 41
+    first = train_step(ctx, _batch(), epoch=3, epoch_step=6)
+    before = [p.clone() for p in ctx.model.query.parameters()]
     batch = _batch()
     batch["rgb"][0, 0, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 42 .epoch 3, batch 7"):
-        train_step(ctx, batch, epoch=3, epoch_step=7)
+    bad = train_step(ctx, batch, epoch=3, epoch_step=7)  # no exception here: nothing is read
+    assert all(torch.equal(a, b) for a, b in zip(before, ctx.model.query.parameters()))  # update skipped
+    assert ctx.optimizer.state[ctx.optimizer.param_groups[0]["params"][0]]["step"] == 1
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 43 .epoch 3, batch 7"):
+        read_terms([first, bad])
+
+
+def test_legacy_step_stops_at_once():
+    ctx = _context("run.legacy_step=true")
+    batch = _batch()
+    batch["rgb"][0, 0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1 "):
+        train_step(ctx, batch, epoch=0, epoch_step=0)
 
 
 def test_learning_rate_schedule_and_amp_choice(monkeypatch):
@@ -115,21 +138,22 @@ def test_learning_rate_schedule_and_amp_choice(monkeypatch):
 def test_dihedral_step_sees_the_transformed_batch_and_repeats():
     seen = []
 
-    def recording(ctx, batch, generator):
+    def recording(ctx, batch, draws):
         seen.append(batch["rgb"].clone())
-        return instance_step(ctx, batch, generator)
+        return instance_step(ctx, batch, draws)
 
     engine.STEPS["recording"] = recording
+    engine.DRAWS["recording"] = instance_draws
     try:
         runs = []
         for dihedral in ("false", "true", "true"):
             ctx = _context(f"data.dihedral={dihedral}")
             ctx.config.stage.kind = "recording"
             batch = _batch()
-            runs.append(train_step(ctx, batch, 0, 0)["loss"])
+            runs.append(_values(train_step(ctx, batch, 0, 0))["loss"])
             assert torch.equal(batch["rgb"], _batch()["rgb"])  # the caller's batch is left as it was
     finally:
-        del engine.STEPS["recording"]
+        del engine.STEPS["recording"], engine.DRAWS["recording"]
     plain, once, again = seen
     elements = augment.draw_elements(4, 2, engine.augment_generator(0, 0, 0))
     assert torch.equal(once, augment.apply_dihedral(plain, elements, flow=False))

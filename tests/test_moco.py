@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cvtcl.models import Encoder
-from cvtcl.moco import MomentumContrast, Queue, check_queue_size, shuffle_plan, shuffled_encode
+from cvtcl.moco import MomentumContrast, Permutation, Queue, check_queue_size, shuffle_plan, shuffled_encode
 from trainer_fakes import RowStats
 
 
@@ -49,14 +49,19 @@ def test_momentum_update_is_an_ema_of_parameters_only():
         torch.testing.assert_close(p_k, 0.9 * before + 0.1 * p_q)
 
 
+def _perm(n, seed, groups=0):
+    """A contiguous permutation (groups=0: one encoder call per BN group), or interleaved for split BN."""
+    return Permutation.draw(n, torch.Generator().manual_seed(seed), torch.device("cpu"), groups)
+
+
 def test_shuffle_bn_emulation_splits_into_random_groups_and_restores_order():
     x = (2.0 ** torch.arange(8.0)).view(8, 1)  # every subset has its own mean
-    out = shuffled_encode(RowStats(), x, torch.Generator().manual_seed(0), bn_groups=2)
+    out = shuffled_encode(RowStats(), x, _perm(8, 0), bn_groups=2)
     assert out[:, 0].tolist() == x[:, 0].tolist()  # rows come back in input order
     group_means = sorted(set(out[:, 1].tolist()))
     assert len(group_means) == 2  # two BN groups ...
     assert group_means != [3.75, 60.0]  # ... drawn at random, not the contiguous halves (seed 0)
-    again = shuffled_encode(RowStats(), x, torch.Generator().manual_seed(0), bn_groups=2)
+    again = shuffled_encode(RowStats(), x, _perm(8, 0), bn_groups=2)
     torch.testing.assert_close(out, again)  # a pure function of the generator's seed
 
 
@@ -65,7 +70,7 @@ def test_shuffle_is_invisible_without_batch_statistics():
     encoder = Encoder("rgb", "tiny").eval()
     x = torch.randn(6, 3, 4, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(shuffled_encode(encoder, x, torch.Generator().manual_seed(1), 3), encoder(x),
+        torch.testing.assert_close(shuffled_encode(encoder, x, _perm(6, 1), 3), encoder(x),
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -76,7 +81,8 @@ def test_one_bn_group_is_refused():
 
 def _simulate_exchange(world, n, seed):
     """Run shuffle_plan for every rank and move rows as all_to_all would: what each rank encodes."""
-    plans = [shuffle_plan(world, n, r, torch.Generator().manual_seed(seed)) for r in range(world)]
+    perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(seed))
+    plans = [shuffle_plan(world, n, r, perm) for r in range(world)]
     sent = [[] for _ in range(world)]  # sent[dest] = rows, grouped by source rank
     for source, plan in enumerate(plans):
         ids = (source * n + plan.send_order).tolist()
@@ -117,3 +123,45 @@ def test_shuffle_bn_across_two_ranks(tmp_path):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["own"] == [rank * 4 + i for i in range(4)]
         assert result["group_mean"] == pytest.approx([means[group_of[rank * 4 + i]] for i in range(4)])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_call_split_batch_norm_equals_one_call_per_group(channels_last):
+    """The key encoder's one call over interleaved BN groups gives the keys that one call per
+    group gives (contiguous: bitwise; channels_last_3d takes a per-group path inside each BN)."""
+    torch.manual_seed(0)
+    model = MomentumContrast(Encoder("rgb", "tiny", embed_dim=16, channels_last_3d=channels_last), queue_size=8)
+    x = torch.randn(8, 3, 4, 16, 16)
+    calls = []
+    model.key.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    one_call = model.encode_keys(x, _perm(8, 3, groups=2))
+    per_group = model.encode_keys(x, _perm(8, 3))
+    assert calls == [8, 4, 4]
+    if channels_last:
+        torch.testing.assert_close(one_call, per_group, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(one_call, per_group)
+    different_groups = model.encode_keys(x, _perm(8, 4, groups=2))
+    assert not torch.allclose(one_call, different_groups)  # the statistics really are per group
+
+
+def test_batch_norms_keep_no_batch_counter_and_old_checkpoints_load():
+    torch.manual_seed(0)
+    encoder = Encoder("rgb", "tiny", embed_dim=16)
+    assert not any(k.endswith("num_batches_tracked") for k in encoder.state_dict())
+    old = {k: v.clone() for k, v in encoder.state_dict().items()}
+    old |= {f"backbone.{i}.num_batches_tracked": torch.tensor(7) for i in (1, 4, 7, 10)}  # as saved before
+    Encoder("rgb", "tiny", embed_dim=16).load_state_dict(old)  # strict: would raise on an unexpected key
+    before = [b.clone() for b in encoder.buffers()]
+    encoder.train()(torch.randn(2, 3, 4, 16, 16))
+    assert len(before) == len(list(encoder.buffers()))  # running mean/var only, updated; no counter
+
+
+def test_queue_enqueue_reads_nothing_on_the_host_and_restores_is_full():
+    queue = Queue(size=4, dim=2)
+    queue.enqueue(torch.ones(2, 2), torch.tensor([1, 2]), torch.tensor([1, 2]))
+    assert not queue.is_full
+    copy = Queue(size=4, dim=2)
+    copy.load_state_dict(queue.state_dict())
+    copy.enqueue(torch.ones(2, 2), torch.tensor([3, 4]), torch.tensor([3, 4]))
+    assert copy.is_full and copy.video_index.tolist() == [1, 2, 3, 4] and int(copy.ptr) == 0

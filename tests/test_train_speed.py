@@ -1,8 +1,10 @@
-"""benchmarks/train_speed.py runs at smoke size and reports every variant in its JSON line."""
+"""benchmarks/train_speed.py runs at smoke size on the CPU and reports every variant in its JSON line."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -10,25 +12,38 @@ import train_speed  # noqa: E402
 from trainer_fakes import one_thread  # noqa: E402, F401 (autouse fixture)
 
 
-def test_smoke_run_reports_all_variants(tmp_path, capsys):
-    assert train_speed.main(["--smoke", "--device", "cpu", "--json", str(tmp_path / "speed.json")]) == 0
+def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, capsys):
+    variants = "legacy,fp32,bf16,channels_last,batch64,cotrain"
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", variants, "--profile",
+                             "--json", str(tmp_path / "speed.json")]) == 0
     record = json.loads((tmp_path / "speed.json").read_text())
-    assert record["device"] and record["torch"]
-    variants = {r["variant"]: r for r in record["results"]}
-    assert set(variants) == {"fp32", "fp32 channels_last_3d", "fp32 segments one by one"}  # no bf16 on CPU
-    assert all(r["samples_per_s"] > 0 for r in variants.values())
-    assert variants["fp32"]["speedup_vs_fp32"] == 1.0
+    assert record["device"] and record["torch"] and "error" not in record
+    rows = {r["variant"]: r for r in record["results"]}
+    assert set(rows) == {"legacy fp32 (old eager step)", "fp32", "fp32 channels_last_3d", "fp32 batch 8",
+                         "fp32 stage 2 (cotrain)"}  # no bf16 on CPU
+    assert all(r["samples_per_s"] > 0 for r in rows.values()), rows
+    assert rows["legacy fp32 (old eager step)"]["speedup_vs_legacy"] == 1.0
+    assert rows["fp32 batch 8"]["batch"] == 8 and rows["fp32 stage 2 (cotrain)"]["stage"] == "cotrain"
+    launches = record["launches_per_step"]  # counted on the meta device
+    assert launches["new"]["syncs"] == {} and launches["legacy"]["syncs"]
+    assert launches["new"]["launches"] < launches["legacy"]["launches"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
 
 
 def test_variants_option_picks_and_rejects(tmp_path):
-    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32,one_by_one",
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32,legacy",
                              "--json", str(tmp_path / "speed.json")]) == 0
     record = json.loads((tmp_path / "speed.json").read_text())
-    assert [r["variant"] for r in record["results"]] == ["fp32", "fp32 segments one by one"]
-    try:
-        train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32,int8"])
-    except SystemExit as err:
-        assert "int8" in str(err)
-    else:
-        raise AssertionError("an unknown variant must be refused")
+    assert [r["variant"] for r in record["results"]] == ["fp32", "legacy fp32 (old eager step)"]
+    for bad in ("fp32,int8", "fp32+jit"):
+        with pytest.raises(SystemExit, match="unknown"):
+            train_speed.main(["--smoke", "--device", "cpu", "--variants", bad])
+
+
+@pytest.mark.slow
+def test_compiled_row_runs_on_the_cpu(tmp_path):
+    """Inductor compiles C++ for the tiny encoders: minutes on 2 shared cores."""
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "legacy,fp32+step",
+                             "--json", str(tmp_path / "speed.json")]) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert rows[1]["variant"] == "fp32 compile=step" and rows[1]["samples_per_s"] > 0

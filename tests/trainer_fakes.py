@@ -106,12 +106,13 @@ def shuffle_check(out_dir: str) -> int:
     import json
 
     from cvtcl import distributed
-    from cvtcl.moco import shuffled_encode
+    from cvtcl.moco import Permutation, shuffled_encode
 
     info = distributed.init("cpu")
     n = 4
     x = (info.rank * n + torch.arange(n, dtype=torch.float32)).view(n, 1)  # row value = global id
-    z = shuffled_encode(RowStats(), x, torch.Generator().manual_seed(0))
+    perm = Permutation.draw(info.world_size * n, torch.Generator().manual_seed(0), torch.device("cpu"))
+    z = shuffled_encode(RowStats(), x, perm)
     result = {"own": z[:, 0].tolist(), "group_mean": z[:, 1].tolist()}
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     distributed.shutdown()

@@ -1,0 +1,135 @@
+"""Host synchronisations and kernel-launching ops of a training step, counted on the meta device.
+
+On the meta device every aten op dispatches as it would on a GPU (same shapes, same dtypes, the
+same sequence of kernels) but nothing is computed, so S3D at paper shapes costs milliseconds and
+no GPU is needed. `audit()` runs a callable under a dispatch mode and counts
+
+- syncs: what makes the host wait for the device: `_local_scalar_dense` (`.item()`, `int(t)`,
+  `bool(t)`), `nonzero` (a data-dependent shape), `Tensor.tolist`, a blocking copy between a CPU
+  tensor and a device tensor (either direction), and `torch.cuda.synchronize`;
+- launches: ops that run a kernel, i.e. every dispatched op except views, metadata and
+  allocation (`empty`, `detach`, `view`, `transpose`, ...).
+
+A host read on the meta device has no value: `_local_scalar_dense` answers 0, `tolist` zeros,
+`nonzero` an empty index. The counts are what matters. Used by tests/test_step_audit.py (0 syncs
+on ordinary steps) and benchmarks/train_speed.py (launches per step).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# Dispatched but launch nothing on a GPU: allocation, metadata, aliasing.
+NO_LAUNCH = {
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
+    "_local_scalar_dense", "set_", "resize_", "_unsafe_view", "view", "_reshape_alias", "is_pinned", "sym_size",
+    "sym_stride", "sym_numel", "sym_storage_offset", "record_stream", "_has_compatible_shallow_copy_type",
+}
+
+
+@dataclass
+class Audit:
+    """What one audited call did: host syncs and launches by op name."""
+
+    syncs: Counter = field(default_factory=Counter)
+    launches: Counter = field(default_factory=Counter)
+
+    @property
+    def sync_count(self) -> int:
+        return sum(self.syncs.values())
+
+    @property
+    def launch_count(self) -> int:
+        return sum(self.launches.values())
+
+
+def _is_host(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+
+class _Counting(TorchDispatchMode):
+    def __init__(self, audit: Audit):
+        super().__init__()
+        self.audit = audit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func is aten._local_scalar_dense.default:
+            if args[0].device.type == "cpu":  # a host tensor: no device to wait for
+                return func(*args, **kwargs)
+            self.audit.syncs["item"] += 1
+            if args[0].device.type == "meta":
+                return False if args[0].dtype == torch.bool else 0
+        elif name == "nonzero":
+            self.audit.syncs["nonzero"] += 1
+            if args[0].device.type == "meta":
+                return torch.empty((0, args[0].dim()), dtype=torch.long, device="meta")
+        elif name in ("_to_copy", "copy_") and self._blocking_cross_device(name, args, kwargs):
+            self.audit.syncs[f"blocking {name}"] += 1
+        if not func.is_view and name not in NO_LAUNCH:
+            self.audit.launches[name] += 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _blocking_cross_device(name: str, args: tuple, kwargs: dict) -> bool:
+        if kwargs.get("non_blocking", False) or (name == "copy_" and len(args) > 2 and args[2]):
+            return False
+        if name == "_to_copy":
+            source, target = args[0], kwargs.get("device") or args[0].device
+            return isinstance(source, torch.Tensor) and (source.device.type == "cpu") != (torch.device(target).type == "cpu")
+        destination, source = args[0], args[1]
+        return isinstance(source, torch.Tensor) and _is_host(destination) != _is_host(source)
+
+
+@contextmanager
+def _patched_host_reads(audit: Audit) -> Iterator[None]:
+    """tolist and torch.cuda.synchronize do not go through aten dispatch: count them here."""
+    tolist, synchronize = torch.Tensor.tolist, torch.cuda.synchronize
+
+    def counting_tolist(self):
+        if self.device.type != "cpu":
+            audit.syncs["tolist"] += 1
+        if self.device.type == "meta":
+            return torch.zeros(self.shape, dtype=self.dtype).tolist()
+        return tolist(self)
+
+    def counting_synchronize(device=None):
+        audit.syncs["cuda.synchronize"] += 1
+
+    torch.Tensor.tolist, torch.cuda.synchronize = counting_tolist, counting_synchronize
+    try:
+        yield
+    finally:
+        torch.Tensor.tolist, torch.cuda.synchronize = tolist, synchronize
+
+
+def audit(fn: Callable[[], Any]) -> tuple[Any, Audit]:
+    """Run fn() and return (its result, what it synced and launched)."""
+    record = Audit()
+    with fused_on_meta(), _patched_host_reads(record), _Counting(record):
+        result = fn()
+    return result, record
+
+
+@contextmanager
+def fused_on_meta() -> Iterator[None]:
+    """Let torch.optim build fused optimizers for meta parameters (the CUDA path: fused Adam with
+    its device-side skip); torch lists meta as unsupported only because it computes nothing."""
+    from torch.optim import optimizer
+
+    supported = optimizer._get_fused_kernels_supported_devices
+    optimizer._get_fused_kernels_supported_devices = lambda: [*supported(), "meta"]
+    try:
+        yield
+    finally:
+        optimizer._get_fused_kernels_supported_devices = supported

@@ -1,0 +1,63 @@
+"""run.compile=step's captured step (cvtcl/graphed.py) with its CUDA capture swapped for a re-run on
+the same static buffers: the plumbing (batch and draws copied in, terms copied out, recapture when
+the learning rate or the queue's fill changes, the host count of the queue) matches the eager step."""
+
+import torch
+
+from cvtcl import graphed
+from cvtcl.config import apply_overrides
+from cvtcl.distributed import DistInfo
+from cvtcl.engine import read_terms, train_step
+from cvtcl.presets import get_preset
+from cvtcl.train import build_context
+from step_reference import _sampler_checkpoint
+from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
+
+
+def _run(overrides, steps, graph, lr_change_at=None):
+    config = apply_overrides(get_preset("smoke"), ["data.frames_per_clip=4", "data.crop_size=16",
+                                                   "data.num_segments=2", *overrides])
+    ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    if graph:
+        ctx.graph = graphed.GraphState(graphed.rerun_capture)
+    losses = []
+    for i in range(steps):
+        if i == lr_change_at:
+            ctx.optimizer.param_groups[0]["lr"] = 1e-4
+        g = torch.Generator().manual_seed(i)
+        batch = {m: torch.randn(4, 2, c, 4, 16, 16, generator=g) for m, c in (("rgb", 3), ("flow", 2))}
+        batch |= {"video_index": torch.arange(4) + 4 * i, "group": torch.arange(4), "label": torch.arange(4) % 2}
+        losses.append(read_terms([train_step(ctx, batch, 0, i)])[0])
+    return losses, [p.detach().clone() for p in ctx.model.parameters()], ctx
+
+
+def test_replayed_stage1_step_equals_the_eager_step():
+    eager, eager_weights, _ = _run(["loss.queue_size=8"], 7, graph=False, lr_change_at=5)
+    replayed, weights, ctx = _run(["loss.queue_size=8"], 7, graph=True, lr_change_at=5)
+    assert replayed == eager
+    assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+    assert ctx.graph.error is None and [key[0] for key in ctx.graph.captures] == [(1e-3,), (1e-4,)]  # recaptured
+
+
+def test_replayed_stage2_step_recaptures_when_the_queue_fills(tmp_path):
+    sampler = _sampler_checkpoint(tmp_path / "sampler")
+    overrides = ["stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}", "loss.queue_size=24",
+                 "model.embed_dim=128"]
+    eager, eager_weights, _ = _run(overrides, 8, graph=False)
+    replayed, weights, ctx = _run(overrides, 8, graph=True)
+    assert repr(replayed) == repr(eager) and [v["queue_full"] for v in replayed] == [0.0] * 6 + [1.0] * 2
+    assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+    assert [key[1] for key in ctx.graph.captures] == [False, True]  # warm-up graph, then the training one
+    assert ctx.model.queue.is_full and ctx.model.queue._count_on_host == 24
+
+
+def test_not_used_off_cuda_or_where_it_cannot_hold():
+    config = apply_overrides(get_preset("smoke"), ["run.compile=none"])
+    ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    assert not graphed.usable(ctx)
+    ctx.device = torch.device("cuda", 0)  # as if on a GPU: run.compile=none, legacy or fp16 still keep it off
+    assert not graphed.usable(ctx)
+    ctx.config.run.compile = "step"
+    assert graphed.usable(ctx)
+    ctx.config.run.legacy_step = True
+    assert not graphed.usable(ctx)

@@ -1,0 +1,91 @@
+"""No host synchronisation on an ordinary training step, counted on the meta device (cvtcl.step_audit).
+
+The real `train_step` of stage 1 and stage 2 runs with every tensor on the meta device, where
+each op dispatches as on a GPU and nothing is computed: S3D at the paper's shapes (16 x 32 x 128^2)
+costs about a second. A log step adds exactly one read (`read_terms`: the window's rows at once).
+run.legacy_step, the old step kept as the benchmarks' baseline, is counted too, so the test can
+fail: it syncs on every step.
+"""
+
+import pytest
+import torch
+
+from cvtcl import step_audit, train
+from cvtcl.config import apply_overrides
+from cvtcl.cotrain import FrozenSampler
+from cvtcl.distributed import DistInfo
+from cvtcl.engine import read_terms, train_step
+from cvtcl.models import Encoder
+from cvtcl.presets import get_preset
+
+META = torch.device("meta")
+S3D = ["model.backbone=s3d", "data.batch_size=16", "data.frames_per_clip=32", "data.crop_size=128"]
+TINY = ["model.backbone=tiny", "data.batch_size=4", "data.frames_per_clip=8", "data.crop_size=32"]
+
+
+def _meta_context(monkeypatch, overrides):
+    config = apply_overrides(get_preset("ucf101-stage1-rgb"), ["optim.amp=fp32", *overrides])
+    monkeypatch.setattr(train, "load_sampler", lambda config, device: FrozenSampler(
+        Encoder(config.stage.sampler_modality, config.model.backbone).to(device)))
+    with step_audit.fused_on_meta():
+        return train.build_context(config, DistInfo(0, 0, 1, META))
+
+
+def _batch(config):
+    data, b = config.data, config.data.batch_size
+    batch = {"rgb": torch.empty(b, 2, 3, data.frames_per_clip, data.crop_size, data.crop_size, device=META),
+             "flow": torch.empty(b, 2, 2, data.frames_per_clip, data.crop_size, data.crop_size, device=META)}
+    return batch | {k: torch.arange(b, device=META) for k in ("video_index", "group", "label")}
+
+
+def _audit_steps(ctx, steps=3):
+    batch = _batch(ctx.config)
+    audits, terms = [], []
+    for i in range(steps):
+        result, record = step_audit.audit(lambda: train_step(ctx, batch, 0, i))
+        terms.append(result)
+        audits.append(record)
+    return audits, terms
+
+
+STAGE2 = ["stage.kind=cotrain", "stage.sampler_checkpoint=unused.pt", "loss.queue_size=32"]
+
+
+@pytest.mark.parametrize("backbone", [S3D, TINY], ids=["s3d", "tiny"])
+@pytest.mark.parametrize("stage", [[], STAGE2], ids=["stage1", "stage2"])
+def test_ordinary_steps_do_not_sync_and_a_log_step_reads_once(monkeypatch, backbone, stage):
+    ctx = _meta_context(monkeypatch, [*backbone, "loss.queue_size=2048", *stage])
+    audits, terms = _audit_steps(ctx)
+    assert [a.sync_count for a in audits] == [0, 0, 0], [dict(a.syncs) for a in audits]
+    assert all(a.launch_count > 100 for a in audits)
+    _, log = step_audit.audit(lambda: read_terms(terms))
+    assert dict(log.syncs) == {"tolist": 1}
+
+
+def test_stage2_warm_up_and_training_steps_do_not_sync(monkeypatch):
+    ctx = _meta_context(monkeypatch, [*TINY, *STAGE2, "loss.queue_size=8"])  # full after 2 steps of 4
+    audits, _ = _audit_steps(ctx, steps=4)
+    assert [a.sync_count for a in audits] == [0, 0, 0, 0]
+    assert audits[1].launch_count < audits[3].launch_count  # warm-up: no backward; then it trains
+
+
+def test_legacy_step_syncs_every_step(monkeypatch):
+    ctx = _meta_context(monkeypatch, [*TINY, "loss.queue_size=2048", "run.legacy_step=true"])
+    audits, _ = _audit_steps(ctx)
+    # blocking copies of both permutations and the terms read (synchronize is CUDA-only); the first
+    # step makes one more (one-time setup)
+    assert all(dict(a.syncs) == {"blocking _to_copy": 2, "tolist": 1} for a in audits[1:]), [dict(a.syncs) for a in audits]
+
+
+def test_the_counter_sees_host_reads(monkeypatch):
+    x = torch.ones(3, device=META)
+    _, record = step_audit.audit(lambda: (int(x.sum()), x.nonzero(), x.tolist(), torch.ones(2).to(META),
+                                          torch.cuda.synchronize(), torch.ones(2).to(META, non_blocking=True)))
+    assert dict(record.syncs) == {"item": 1, "nonzero": 1, "tolist": 1, "blocking _to_copy": 1, "cuda.synchronize": 1}
+
+
+def test_split_key_encoder_launches_fewer_ops_than_the_legacy_step(monkeypatch):
+    fast, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048"]), steps=2)
+    legacy, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048", "run.legacy_step=true"]), steps=2)
+    assert fast[1].launch_count < 0.8 * legacy[1].launch_count
+    assert "add_" not in fast[1].launches or fast[1].launches["add_"] < 50  # no num_batches_tracked += 1
