@@ -1,13 +1,21 @@
 """Flow extraction throughput and accuracy: OpenCV TV-L1 vs tvl1-torch, side by side.
 
 Runs the production backends (preprocess.flow) on generated videos with known flow
-(preprocess.flow_check) at each size: OpenCV's CPU DualTVL1 with one worker and with one
-worker per core (a process pool, as preprocessing parallelises over videos), then tvl1-torch
-on the CPU (one thread, and all cores) and, when CUDA is present, on the GPU. Prints a table and one
-JSON line naming the devices and versions.
+(preprocess.flow_check): shots of 9 frames back to back. Each backend runs two mixes of pairs:
+"no cuts" (the pairs inside shots) and "cuts" (every consecutive pair, so one pair in 9 spans a
+cut, never converges and runs all 7,500 inner iterations, as scene cuts do in real videos).
+tvl1-torch gets its pairs in batches that span shots, as the flow workers of packing give them
+(preprocess/flow_workers.py). Rows: OpenCV's CPU DualTVL1 in one process and in a pool of one
+process per core; tvl1-torch eager (the reference) and the fused fast path (path=compiled) on the
+CPU and, when CUDA is present, on the GPU. For each row: pairs/s per mix, the ratio to one OpenCV
+process, end-point errors, and how long UCF101's ~2.5 M pairs would take at that rate (GPU rows:
+every GPU of the machine). With --gpu-processes, rows of k flow-worker processes sharing one GPU:
+the measurement behind packing's --flow-workers-per-gpu default (preprocess/flow_workers.py).
+Prints a table and one JSON line naming the devices and versions.
 
     python benchmarks/flow_speed.py                       # 128x171 and 240x320
-    python benchmarks/flow_speed.py --sizes 240x320 --gpu-pairs 512 --batch 128 --compile cuda
+    python benchmarks/flow_speed.py --sizes 240x320 --gpu-pairs 512 --compile cuda --skip torch-cpu
+    python benchmarks/flow_speed.py --sizes 240x320 --gpu-processes 2,3 --skip pool,torch-cpu  # workers per GPU
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -27,12 +36,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import cpu_name
-from preprocess.flow import make_backend
-from preprocess.flow_check import end_point_error, synthetic_video
-from preprocess.schema import write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.common import cpu_name  # noqa: E402
+from preprocess.flow import make_backend  # noqa: E402
+from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
+from preprocess.flow_workers import PairBatcher  # noqa: E402
+from preprocess.schema import write_json_atomic  # noqa: E402
 
 SEGMENT = 9  # frames per generated shot; pairs across two shots are cuts without ground truth
+UCF101_PAIRS = 2_500_000  # 13,320 videos, ~2.49 M frames
+MIXES = ("no cuts", "cuts")
 
 
 def make_video(pairs: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,9 +62,9 @@ def make_video(pairs: int, height: int, width: int) -> tuple[np.ndarray, np.ndar
     return np.stack(frames[:pairs + 1]), np.stack(truth[:pairs])
 
 
-def truth_epe(flow: np.ndarray, truth: np.ndarray) -> float:
-    keep = ~np.isnan(truth[:len(flow), 0, 0, 0])
-    return end_point_error(flow[keep], truth[:len(flow)][keep])
+def mix_pairs(truth: np.ndarray, mix: str) -> np.ndarray:
+    """First frames of the mix's pairs: all of them, or those inside a shot."""
+    return np.arange(len(truth)) if mix == "cuts" else np.flatnonzero(~np.isnan(truth[:, 0, 0, 0]))
 
 
 _worker_backend = None
@@ -65,59 +79,136 @@ def _pool_pair(pair: np.ndarray) -> np.ndarray:
     return _worker_backend.compute(pair)[0]
 
 
-def time_opencv_pool(gray: np.ndarray, workers: int) -> tuple[float, np.ndarray]:
+def time_opencv_pool(gray: np.ndarray, first: np.ndarray, workers: int) -> tuple[float, np.ndarray]:
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init) as pool:
         list(pool.map(_pool_pair, [gray[:2]] * workers))  # start and warm every worker
         start = time.perf_counter()
-        flow = np.stack(list(pool.map(_pool_pair, [gray[i:i + 2] for i in range(len(gray) - 1)])))
+        flow = np.stack(list(pool.map(_pool_pair, [gray[i:i + 2] for i in first])))
         return time.perf_counter() - start, flow
 
 
-def time_backend(backend, gray: np.ndarray) -> tuple[float, np.ndarray]:
-    # Warm-up (device start, allocator, compilation) with one pair and with two: converged pairs
-    # leave working batches of any size, and torch.compile specialises size 1 separately.
+def time_opencv(gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray]:
+    backend = make_backend("opencv-tvl1", threads=1)
     backend.compute(gray[:2])
-    backend.compute(gray[:3])
     start = time.perf_counter()
-    flow = backend.compute(gray)  # returns host numpy: the device work is finished
+    flow = np.stack([backend.compute(gray[i:i + 2])[0] for i in first])
     return time.perf_counter() - start, flow
 
 
-def time_torch_cpu(gray: np.ndarray, threads: int, batch: int, compiled: bool) -> tuple[float, np.ndarray]:
-    backend = make_backend("tvl1-torch", device="cpu", batch=batch, compile=compiled, threads=threads)
-    return time_backend(backend, gray)
+def solve_batched(backend, gray: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The mix's pairs in batches that span videos, as a flow worker runs them; each run of
+    consecutive pairs is one video of the batcher (a shot without cuts, all of it with cuts)."""
+    batcher, flows = PairBatcher(backend.batch), {}
+    bounds = np.flatnonzero(np.diff(first) != 1) + 1  # runs of consecutive pairs
+    for run in np.split(first, bounds):
+        batcher.add(int(run[0]), gray[run[0]:run[-1] + 2])
+    while batcher.pending:
+        frames, index, pieces = batcher.next_batch()
+        flows.update(batcher.put(pieces, backend.compute_pairs(frames, index)))
+    return np.concatenate([flows[int(run[0])] for run in np.split(first, bounds)])
+
+
+def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray]:
+    # Warm-up (device start, allocator, compilation) on a batch of two pairs: the fast path pads
+    # a single pair to two, so one compilation serves every bucket.
+    solve_batched(backend, gray, first[:2])
+    start = time.perf_counter()
+    flow = solve_batched(backend, gray, first)  # returns host numpy: the device work is finished
+    return time.perf_counter() - start, flow
+
+
+_barrier = None
+
+
+def _gpu_init(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
+    gray, first, batch = task
+    backend = make_backend("tvl1-torch", device="cuda", path="compiled", batch=batch)
+    solve_batched(backend, gray, first[:2])  # warm-up, as time_torch
+    _barrier.wait()  # every process starts timing together
+    start = time.perf_counter()
+    flow = solve_batched(backend, gray, first)
+    return time.perf_counter() - start, flow
+
+
+def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batch) -> tuple[float, np.ndarray]:
+    """`processes` flow workers sharing one GPU, each solving the whole mix, as packing runs
+    --flow-workers-per-gpu of them: -> (seconds per mix's worth of pairs, one worker's flow)."""
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_gpu_init,
+                             initargs=(ctx.Barrier(processes),)) as pool:
+        results = list(pool.map(_gpu_process, [(gray, first, batch)] * processes))
+    return max(seconds for seconds, _ in results) / processes, results[0][1]
 
 
 def plan_runs(args, cuda: bool) -> list[tuple]:
-    """(backend, where, pairs, run(gray) -> (seconds, flow)); OpenCV with one process first: the
-    reference of every ratio and agreement column."""
-    runs = [("opencv-tvl1", "cpu 1 proc", args.cpu_pairs,
-             lambda g: time_backend(make_backend("opencv-tvl1", threads=1), g))]
+    """(backend, where, pairs, run(gray, first) -> (seconds, flow)), the fast path first: a time
+    limit that stops the run early leaves its row."""
+    torch_backend = lambda device, path, threads=1: make_backend(  # noqa: E731
+        "tvl1-torch", device=device, path=path, batch=args.batch, threads=threads)
+    runs = []
+    for path in (("compiled", "eager") if args.compile != "none" else ("eager",)) if cuda else ():
+        if path == "eager" and "eager-cuda" in args.skip:
+            continue
+        runs.append((f"tvl1-torch {path}", "cuda", args.gpu_pairs,
+                     lambda g, f, p=path: time_torch(torch_backend("cuda", p), g, f)))
+    for processes in args.gpu_processes if cuda and args.compile != "none" else ():
+        runs.append(("tvl1-torch compiled", f"cuda, {processes} processes", args.gpu_pairs,
+                     lambda g, f, k=processes: time_gpu_processes(g, f, k, args.batch)))
+    runs.append(("opencv-tvl1", "cpu 1 proc", args.cpu_pairs, time_opencv))
     if "pool" not in args.skip:
         runs.append(("opencv-tvl1", f"cpu pool of {args.workers}", args.pool_pairs or 4 * args.workers,
-                     lambda g: time_opencv_pool(g, args.workers)))
+                     lambda g, f: time_opencv_pool(g, f, args.workers)))
     if "torch-cpu" not in args.skip:
         for threads in sorted({1, args.workers}):
-            runs.append(("tvl1-torch", f"cpu {threads} thread(s)", args.cpu_pairs,
-                         lambda g, t=threads: time_torch_cpu(g, t, args.batch, False)))
+            runs.append(("tvl1-torch eager", f"cpu {threads} thread(s)", args.cpu_pairs,
+                         lambda g, f, t=threads: time_torch(torch_backend("cpu", "eager", t), g, f)))
         if args.compile == "all":
             runs.append(("tvl1-torch compiled", "cpu 1 thread(s)", args.cpu_pairs,
-                         lambda g: time_torch_cpu(g, 1, args.batch, True)))
-    for compiled in (False, True)[:1 + (args.compile != "none")] if cuda else ():
-        runs.append(("tvl1-torch" + " compiled" * compiled, "cuda", args.gpu_pairs,
-                     lambda g, c=compiled: time_backend(
-                         make_backend("tvl1-torch", device="cuda", batch=args.batch, compile=c), g)))
+                         lambda g, f: time_torch(torch_backend("cpu", "compiled"), g, f)))
     return runs
 
 
+def compare(rows: list[dict], gpus: int) -> None:
+    """Fill the columns against one OpenCV process (same size, same pairs) and the estimates."""
+    for row in rows:
+        base = next((r for r in rows if r["size"] == row["size"] and r["device"] == "cpu 1 proc"), None)
+        for mix in MIXES:
+            cell = row[mix]
+            if base is not None:
+                cell["speedup_vs_opencv_x1"] = cell["pairs_per_s"] / base[mix]["pairs_per_s"]
+                # pairs with a true flow only: at a cut neither solver converges, and 7,500
+                # iterations of float rounding later their flows differ by more than the limit
+                common = min(len(base[mix]["flow"]), len(cell["flow"]))
+                keep = cell["true"][:common]
+                cell["epe_vs_opencv"] = end_point_error(cell["flow"][:common][keep], base[mix]["flow"][:common][keep])
+        # Real videos cut less often than one pair in 9: the two mixes bound the estimate.
+        scale = gpus if row["device"].startswith("cuda") else 1
+        row["ucf101_hours"] = [UCF101_PAIRS / (row[mix]["pairs_per_s"] * scale) / 3600 for mix in MIXES]
+
+
+def public(row: dict) -> dict:
+    return {**row, **{mix: {k: v for k, v in row[mix].items() if k not in ("flow", "true")} for mix in MIXES}}
+
+
 def print_table(rows: list[dict]) -> None:
-    table = Table(title="TV-L1 flow: pairs/s and end-point error (px) on generated videos")
-    for column in ("size", "backend", "device", "pairs", "pairs/s", "x OpenCV x1", "EPE truth", "EPE vs OpenCV"):
-        table.add_column(column, justify="right" if column not in ("backend", "device") else "left")
+    table = Table(title="TV-L1 flow: pairs/s without and with scene cuts (1 in 9), end-point error (px)")
+    columns = ("size", "backend", "device", "pairs", "no cuts /s", "cuts /s", "x OpenCV x1", "EPE truth",
+               "EPE vs OpenCV", "UCF101 h")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("backend", "device") else "right")
     for r in rows:
-        table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{r['pairs_per_s']:.2f}",
-                      f"{r['speedup_vs_opencv_x1']:.2f}", f"{r['epe_truth']:.3f}", f"{r['epe_vs_opencv']:.4f}")
-    Console(width=120).print(table)
+        fast, cut = r["no cuts"], r["cuts"]
+        ratio = "/".join(f"{c['speedup_vs_opencv_x1']:.1f}" for c in (fast, cut) if "speedup_vs_opencv_x1" in c)
+        table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{fast['pairs_per_s']:.2f}",
+                      f"{cut['pairs_per_s']:.2f}", ratio or "-", f"{fast['epe_truth']:.3f}",
+                      f"{fast.get('epe_vs_opencv', float('nan')):.4f}",
+                      "{:.1f}-{:.1f}".format(*r["ucf101_hours"]))
+    Console(width=140).print(table)
 
 
 def main() -> None:
@@ -126,48 +217,51 @@ def main() -> None:
     ap.add_argument("--cpu-pairs", type=int, default=8, help="pairs for OpenCV (one worker) and torch CPU")
     ap.add_argument("--pool-pairs", type=int, default=0, help="pairs for the OpenCV pool (default 4 per worker)")
     ap.add_argument("--gpu-pairs", type=int, default=256, help="pairs for tvl1-torch on CUDA")
-    ap.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per call (default: 4 CPU, 64 GPU)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--compile", choices=("none", "cuda", "all"), default="none",
-                    help="also time tvl1-torch with compile=True on these devices (inductor; ~1 min warm-up on CPU)")
-    ap.add_argument("--skip", default="", help="comma list of runs to leave out: pool, torch-cpu")
-    ap.add_argument("--repeat", type=int, default=1, help="time each run this many times, keep the fastest")
+    ap.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per batch (default: 4 CPU, 64 GPU)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="OpenCV pool size (default: all cores)")
+    ap.add_argument("--compile", choices=("none", "cuda", "all"), default="cuda",
+                    help="time the fast path (path=compiled) on these devices (inductor; minutes of warm-up on CPU)")
+    ap.add_argument("--gpu-processes", default="",
+                    help="comma list of flow workers per GPU to time side by side (e.g. 2,3): how many to run")
+    ap.add_argument("--skip", default="", help="comma list of runs to leave out: pool, torch-cpu, eager-cuda")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    args.gpu_processes = [int(k) for k in args.gpu_processes.split(",") if k]
 
     cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
     record = {
         "benchmark": "flow_speed",
         "cpu": cpu_name() or "unknown CPU", "cpu_count": os.cpu_count(), "workers": args.workers,
-        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpu": torch.cuda.get_device_name() if cuda else None, "gpus": gpus,
+        "load_average_1min": os.getloadavg()[0],  # a shared machine slows the wall-clock rates
         "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "batch": args.batch, "results": []}
+        "batch": args.batch, "ucf101_pairs": UCF101_PAIRS, "results": []}
     runs = plan_runs(args, cuda)
+    rows = []
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.lower().split("x"))
         gray, truth = make_video(max(pairs for *_, pairs, _ in runs), h, w)
-        reference = None
         for backend, where, pairs, run in runs:
-            seconds, flow = run(gray[:pairs + 1])
-            for _ in range(args.repeat - 1):  # best of: the machine may be shared
-                seconds = min(seconds, run(gray[:pairs + 1])[0])
-            if reference is None:
-                reference, base_rate = flow, pairs / seconds
-            common = min(len(reference), len(flow))
-            row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs,
-                   "pairs_per_s": pairs / seconds, "speedup_vs_opencv_x1": pairs / seconds / base_rate,
-                   "epe_truth": truth_epe(flow, truth),
-                   "epe_vs_opencv": end_point_error(flow[:common], reference[:common])}
-            record["results"].append(row)
-            print(json.dumps(row), flush=True)
+            row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs}
+            for mix in MIXES:
+                first = mix_pairs(truth[:pairs], mix)
+                seconds, flow = run(gray, first)
+                keep = ~np.isnan(truth[first, 0, 0, 0])
+                row[mix] = {"pairs_per_s": len(first) / seconds, "flow": flow, "true": keep,
+                            "epe_truth": end_point_error(flow[keep], truth[first][keep])}
+            rows.append(row)
+            compare(rows, gpus)
+            record["results"] = [public(r) for r in rows]
+            print(json.dumps(record["results"][-1]), flush=True)
             # A time limit may stop the run: what is done so far stays, marked as incomplete.
             if args.json:
                 write_json_atomic(args.json, {**record, "error": "incomplete: the run stopped before its end"})
 
-    print_table(record["results"])
+    print_table(rows)
     print(json.dumps(record))
     if args.json:
         write_json_atomic(args.json, record)

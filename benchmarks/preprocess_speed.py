@@ -23,11 +23,20 @@ import cv2
 import h5py
 import numpy as np
 
-from benchmarks.common import cpu_name
-from preprocess.datasets import SourceVideo
-from preprocess.flow import encode_flow, make_backend
-from preprocess.pack import PackOptions, encode_video
-from preprocess.synthetic import PROFILES, SyntheticConfig, render_clip, sample_appearance, sample_motion, write_avi
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.common import cpu_name  # noqa: E402
+from preprocess.datasets import SourceVideo  # noqa: E402
+from preprocess.flow import encode_flow, make_backend  # noqa: E402
+from preprocess.pack import PackOptions, encode_video  # noqa: E402
+from preprocess.synthetic import (  # noqa: E402
+    PROFILES,
+    SyntheticConfig,
+    render_clip,
+    sample_appearance,
+    sample_motion,
+    write_avi,
+)
 
 
 def make_video(path: Path, frames: int, height: int, width: int, seed: int) -> SourceVideo:

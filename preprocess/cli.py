@@ -22,6 +22,7 @@ from pathlib import Path
 
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
 from preprocess.flow import backend_names
+from preprocess.flow_workers import resolve_flow_devices
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, pack
 from preprocess.parts import Part, merge, pack_part
@@ -42,7 +43,11 @@ def _pack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-jpeg-quality", type=int, default=95,
                         help="quality of the flow planes' JPEG (default 95, OpenCV's imwrite default)")
     parser.add_argument("--flow", choices=backend_names(), default="tvl1", help="flow backend, or none (RGB only)")
-    parser.add_argument("--flow-device", default=None, help="device for backends that take one (e.g. cuda:0)")
+    parser.add_argument("--flow-device", default=None,
+                        help="device for backends that take one: cpu, cuda (every visible GPU) or cuda:N")
+    parser.add_argument("--flow-devices", default=None, help="GPU indices for the flow workers, e.g. 0,1")
+    parser.add_argument("--flow-workers-per-gpu", type=int, default=None,
+                        help="flow worker processes per GPU (default: 2, fewer if GPU memory or cores are short)")
     parser.add_argument("--flow-batch", type=int, default=None, help="frame pairs per call for batched backends")
     _part_flag(parser)
     _debug_flag(parser)
@@ -116,10 +121,12 @@ def pack_options(args: argparse.Namespace) -> PackOptions:
         flow_options["device"] = args.flow_device
     if args.flow_batch is not None:
         flow_options["batch"] = args.flow_batch
+    flow_devices = resolve_flow_devices(args.flow, args.flow_device, args.flow_devices, args.flow_workers_per_gpu,
+                                        args.flow_batch)
     return PackOptions(
         out=str(args.out), workers=args.workers, videos_per_shard=args.videos_per_shard,
         jpeg_quality=args.jpeg_quality, flow_jpeg_quality=args.flow_jpeg_quality, short_side=args.short_side,
-        flow=args.flow, flow_options=flow_options,
+        flow=args.flow, flow_options=flow_options, flow_devices=flow_devices,
     )
 
 

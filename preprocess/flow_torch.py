@@ -2,19 +2,15 @@
 
 The `tvl1-torch` preprocessing backend. It runs the duality-based TV-L1 scheme of Zach, Pock and
 Bischof (2007) in the form of Sanchez, Meinhardt-Llopis and Facciolo (IPOL 2013) exactly as
-`cv::optflow::DualTVL1OpticalFlow` runs it on the CPU, on many frame pairs at once (fp32):
+`cv::optflow::DualTVL1OpticalFlow` runs it on the CPU, on many frame pairs at once (fp32). This
+module owns the solver's control flow (pyramid, warps, outer and inner iterations, stopping);
+the steps themselves are preprocess/flow_torch_ops.py, and the kernels that run them (the eager
+reference or the fused fast path) preprocess/flow_kernels.py.
 
-* frames are u8 converted to float without rescaling (0..255);
-* pyramid: each level is `cv::resize(previous, fx=fy=scale_step, INTER_LINEAR)` (half-pixel
-  centres, output size rounded), stopping before a level narrower or shorter than 16 px;
-* per level, the gradient of the second frame by centred differences, halved one-sided
-  differences on the border; dual variables p reset to zero once per level, not per warp;
-* per warp, the second frame and its gradient are sampled at x + u by bicubic interpolation
-  (A = -0.75) with zero outside the image (`cv::remap(INTER_CUBIC)` with its default constant
-  border; OpenCV 5.0 samples at the float coordinates as given, no 1/32 px rounding: measured);
-* per outer iteration, a 5x5 median (replicated border) of u; per inner iteration the
-  thresholding step (v), u = v + theta div p, and the dual step p = (p + tau/theta grad u) /
-  (1 + tau/theta |grad u|) with forward differences and the matching backward divergence;
+* frames are u8 converted to float without rescaling (0..255), one pyramid per frame;
+* per level, dual variables p reset to zero once per level, not per warp;
+* per warp, the second frame and its gradient are sampled at x + u (bicubic, zero outside);
+* per outer iteration, the 5x5 median of u, then the inner iterations;
 * a warp stops when sum |u_new - u_old|^2 over the level <= epsilon^2 * area;
 * between levels the flow is resized (INTER_LINEAR) to the finer size and multiplied by
   1 / scale_step.
@@ -22,10 +18,10 @@ Bischof (2007) in the form of Sanchez, Meinhardt-Llopis and Facciolo (IPOL 2013)
 Convergence without host synchronisation: every pair carries an `active` flag on the device.
 Each inner iteration computes all working pairs, then keeps the new u and p only where the pair
 was still active (`torch.where`) and clears the flag of pairs whose update norm fell below the
-threshold, so each pair stops at the iteration where OpenCV's loop would stop it. The host reads
-the flags (`active.sum()`, one synchronisation) only every `sync_every` inner iterations and at
-each outer iteration; there it drops the converged pairs from the working tensors (their state
-is written back to the batch) and ends the warp once none is left.
+threshold, so each pair stops at the iteration where OpenCV's loop would stop it. The inner
+iterations run in chunks of `sync_every`; the host reads the flags (one synchronisation) only
+between chunks and at each outer iteration, and there drops the converged pairs from the working
+tensors (their state is written back to the batch) and ends the warp once none is left.
 
 How close to OpenCV: with the stopping rule off (epsilon 0) the two agree to ~1e-4 px. With it
 on, float rounding can move a pair's stop by an iteration (and so past or before a median pass);
@@ -36,11 +32,20 @@ moves (0.02-0.03 px) when one pixel of each frame changes by one grey level
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from preprocess.flow_kernels import PATHS, Kernels, default_path, kernels
+from preprocess.flow_torch_ops import (  # noqa: F401 - re-exported: the steps, tested one by one
+    centred_gradient,
+    divergence,
+    forward_gradient,
+    median_blur,
+    pyramid_sizes,
+    resize_linear,
+    tvl1_iteration,
+    warp_bicubic,
+)
 
 # cv::optflow::DualTVL1OpticalFlow defaults (OpenCV contrib tvl1flow.cpp).
 DEFAULTS = {
@@ -56,146 +61,6 @@ DEFAULTS = {
     "gamma": 0.0,
     "median_filtering": 5,
 }
-_MIN_LEVEL_SIDE = 16  # OpenCV stops the pyramid before a level smaller than this
-_FLT_EPSILON = float(np.finfo(np.float32).eps)
-
-
-def _linear_taps(src: int, dst: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """cv::resize INTER_LINEAR along one axis: source indices (i0, i1) and float weight of i1."""
-    pos = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
-    i0 = np.floor(pos).astype(np.int64)
-    frac = (pos - i0).astype(np.float32)
-    clamp = (i0 < 0) | (i0 >= src - 1)  # OpenCV drops the weight at both ends
-    frac[clamp] = 0.0
-    i0 = np.clip(i0, 0, src - 1)
-    return i0, np.minimum(i0 + 1, src - 1), frac
-
-
-def resize_linear(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float]) -> torch.Tensor:
-    """x: [..., H, W] -> [..., h, w] as cv::resize INTER_LINEAR; `scale` is the source step per
-    destination pixel (y, x): 1/fy when OpenCV got fx/fy, src/dst when it got a size."""
-    (h, w), (sy, sx) = size, scale
-    taps = []
-    for src, dst, step in ((x.shape[-1], w, sx), (x.shape[-2], h, sy)):
-        i0, i1, frac = _linear_taps(src, dst, step)
-        taps.append((torch.from_numpy(i0).to(x.device), torch.from_numpy(i1).to(x.device),
-                     torch.from_numpy(frac).to(x.device)))
-    (x0, x1, fx), (y0, y1, fy) = taps
-    # Horizontal pass, then vertical, in OpenCV's order (the float rounding then agrees).
-    rows = x.index_select(-1, x0) * (1 - fx) + x.index_select(-1, x1) * fx
-    fy = fy[:, None]
-    return rows.index_select(-2, y0) * (1 - fy) + rows.index_select(-2, y1) * fy
-
-
-def pyramid_sizes(height: int, width: int, nscales: int, scale_step: float) -> list[tuple[int, int]]:
-    """Level sizes, finest first, as OpenCV rounds them (`saturate_cast<int>(side * fx)`)."""
-    sizes = [(height, width)]
-    for _ in range(1, nscales):
-        h, w = sizes[-1]
-        nxt = (int(np.rint(h * scale_step)), int(np.rint(w * scale_step)))
-        if nxt[0] < _MIN_LEVEL_SIDE or nxt[1] < _MIN_LEVEL_SIDE:
-            break
-        sizes.append(nxt)
-    return sizes
-
-
-def centred_gradient(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [B, H, W] -> (d/dx, d/dy); the replicated border turns the border rows and columns
-    into OpenCV's halved one-sided differences."""
-    p = F.pad(x[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
-    return 0.5 * (p[:, 1:-1, 2:] - p[:, 1:-1, :-2]), 0.5 * (p[:, 2:, 1:-1] - p[:, :-2, 1:-1])
-
-
-def forward_gradient(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """u: [B, H, W] -> forward differences, zero in the last column (x) and last row (y)."""
-    return F.pad(u[..., 1:] - u[..., :-1], (0, 1)), F.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
-
-
-def divergence(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
-    """Backward-difference divergence, the negative adjoint of `forward_gradient`: [B, H, W]."""
-    return (px - F.pad(px[..., :-1], (1, 0))) + (py - F.pad(py[..., :-1, :], (0, 0, 1, 0)))
-
-
-def _merge_exchange(n: int) -> list[tuple[int, int]]:
-    """Batcher's merge-exchange sorting network for n wires (Knuth, TAOCP 5.2.2, Algorithm M)."""
-    pairs = []
-    t = (n - 1).bit_length()
-    p = 1 << (t - 1)
-    while p > 0:
-        q, r, d = 1 << (t - 1), 0, p
-        while d > 0:
-            pairs += [(i, i + d) for i in range(n - d) if (i & p) == r]
-            d, q, r = q - p, q >> 1, p
-        p >>= 1
-    return pairs
-
-
-def _median_network(n: int) -> tuple[tuple[int, int, bool, bool], ...]:
-    """The comparators of the sorting network that the middle output depends on, each with
-    whether its min and its max are used later: (a, b, keep_min, keep_max)."""
-    needed, kept = {n // 2}, []
-    for a, b in reversed(_merge_exchange(n)):
-        if a in needed or b in needed:
-            kept.append((a, b, a in needed, b in needed))
-            needed |= {a, b}
-    return tuple(reversed(kept))
-
-
-_MEDIAN_NETWORKS = {k * k: _median_network(k * k) for k in (3, 5)}  # the sizes cv::medianBlur takes on float
-
-
-def median_blur(u: torch.Tensor, ksize: int) -> torch.Tensor:
-    """u: [B, H, W] -> ksize x ksize median with replicated border, as cv::medianBlur on float.
-
-    A pruned sorting network over the ksize^2 shifted views (~200 min/max for 5x5): elementwise
-    ops that run at memory speed on any device, unlike sorting an unfolded [B, 25, H*W] copy
-    (8x slower on CPU)."""
-    r = ksize // 2
-    _, h, w = u.shape
-    padded = F.pad(u[:, None], (r, r, r, r), mode="replicate")[:, 0]
-    wires = [padded[:, dy:dy + h, dx:dx + w] for dy in range(ksize) for dx in range(ksize)]
-    for a, b, keep_min, keep_max in _MEDIAN_NETWORKS[ksize * ksize]:
-        lo = torch.minimum(wires[a], wires[b]) if keep_min else None
-        hi = torch.maximum(wires[a], wires[b]) if keep_max else None
-        wires[a], wires[b] = lo, hi
-    return wires[len(wires) // 2]
-
-
-def _cubic_weights(t: torch.Tensor) -> list[torch.Tensor]:
-    """Keys' cubic convolution weights (A = -0.75, OpenCV's interpolateCubic) for the four taps
-    at offsets -1, 0, 1, 2 from floor(x), t = x - floor(x)."""
-    a = -0.75
-    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
-    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
-    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
-    return [w0, w1, w2, 1 - w0 - w1 - w2]
-
-
-def warp_bicubic(images: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
-    """images: [B, C, H, W] sampled at (x + u1, y + u2) ([B, H, W] each) -> [B, C, H, W].
-
-    cv::remap(INTER_CUBIC) with its default constant-zero border: taps outside the image count
-    as 0. The coordinates are used as is (OpenCV 5 no longer rounds them to 1/32 px);
-    F.grid_sample would normalise and unnormalise them, which costs ~1e-5 px of position."""
-    b, c, h, w = images.shape
-    xs = torch.arange(w, device=u1.device, dtype=u1.dtype)
-    ys = torch.arange(h, device=u1.device, dtype=u1.dtype)[:, None]
-    mx, my = xs + u1, ys + u2
-    fx, fy = torch.floor(mx), torch.floor(my)
-    wx, wy = _cubic_weights(mx - fx), _cubic_weights(my - fy)
-    # One zero ring around the image; every tap outside is clamped onto it and reads 0.
-    flat = F.pad(images, (1, 1, 1, 1)).flatten(2)  # [B, C, (H + 2) * (W + 2)]
-    x0, y0 = fx.long(), fy.long()  # tap j sits at floor + j - 1, i.e. padded index floor + j
-    cols = [(x0 + j).clamp(0, w + 1) for j in range(4)]
-    rows = [(y0 + i).clamp(0, h + 1) * (w + 2) for i in range(4)]
-    out = torch.zeros_like(images)
-    for i in range(4):
-        row = torch.zeros_like(images)
-        for j in range(4):
-            index = (rows[i] + cols[j]).view(b, 1, h * w).expand(b, c, h * w)
-            row += flat.gather(2, index).view(b, c, h, w) * wx[j][:, None]
-        out += row * wy[i][:, None]
-    return out
 
 
 class _Level:
@@ -206,56 +71,22 @@ class _Level:
         self.i1_stack = torch.stack((i1, *centred_gradient(i1)), dim=1)  # [B, 3, H, W]
 
 
-def tvl1_iteration(u1, u2, p11, p12, p21, p22, i1wx, i1wy, grad, rho_c, active,
-                   l_t: float, theta: float, taut: float, threshold: float):
-    """One inner iteration of OpenCV's procOneScale for the pairs still `active`.
-
-    All tensors [B, H, W] except active [B, 1, 1] bool. Returns the new (u1, u2, p11, p12, p21,
-    p22, active): inactive pairs keep their state; a pair turns inactive once its update
-    sum |du|^2 falls to `threshold`, after this iteration's dual step, as in OpenCV's loop."""
-    # Thresholding step: v = u + step * grad(I1w), the step chosen by where rho falls.
-    rho = rho_c + (i1wx * u1 + i1wy * u2)
-    lt_grad = l_t * grad
-    step = torch.where(rho < -lt_grad, l_t, torch.where(
-        rho > lt_grad, -l_t, torch.where(grad > _FLT_EPSILON, -rho / grad.clamp_min(_FLT_EPSILON), 0.0)))
-    new_u1 = u1 + step * i1wx + theta * divergence(p11, p12)
-    new_u2 = u2 + step * i1wy + theta * divergence(p21, p22)
-    error = ((new_u1 - u1) ** 2 + (new_u2 - u2) ** 2).sum(dim=(1, 2), keepdim=True)
-    u1 = torch.where(active, new_u1, u1)
-    u2 = torch.where(active, new_u2, u2)
-    u1x, u1y = forward_gradient(u1)
-    u2x, u2y = forward_gradient(u2)
-    ng1 = 1.0 + taut * torch.hypot(u1x, u1y)
-    ng2 = 1.0 + taut * torch.hypot(u2x, u2y)
-    p11 = torch.where(active, (p11 + taut * u1x) / ng1, p11)
-    p12 = torch.where(active, (p12 + taut * u1y) / ng1, p12)
-    p21 = torch.where(active, (p21 + taut * u2x) / ng2, p21)
-    p22 = torch.where(active, (p22 + taut * u2y) / ng2, p22)
-    return u1, u2, p11, p12, p21, p22, active & (error > threshold)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels(compiled: bool) -> tuple:
-    """(iteration, median) functions; with `compiled`, fused by torch.compile (inductor), which
-    turns ~70 elementwise launches per iteration and ~200 per median into a few kernels."""
-    if not compiled:
-        return tvl1_iteration, median_blur
-    return (torch.compile(tvl1_iteration, dynamic=True),
-            torch.compile(median_blur, dynamic=True))
-
-
 class _Warp:
     """The pairs still iterating in one warp, and every pair's state.
 
-    Between host reads, converged pairs are frozen by the `active` mask; at each read they are
-    dropped from the working tensors, so the rest of the warp costs only the pairs still running
-    (a batch otherwise runs as long as its slowest pair)."""
+    Between host reads, converged pairs are frozen by the `active` mask; at a read they are
+    dropped from the working tensors once the live count fits a smaller bucket (Kernels.bucket;
+    eager: at every drop), so the rest of the warp costs only about the pairs still running
+    (a batch otherwise runs as long as its slowest pair). A bucket larger than the live count
+    is filled with frozen copies of a live pair, never written back."""
 
-    def __init__(self, state: list[torch.Tensor], data: list[torch.Tensor]):
+    def __init__(self, state: list[torch.Tensor], data: list[torch.Tensor], kernels: Kernels):
         self.full = state  # every pair: u1, u2, p11, p12, p21, p22, [B, H, W] each
-        self.state, self.data = list(state), data  # working pairs; data: I1wx, I1wy, grad, rho_c
-        self.rows = None  # full-batch row of each working pair; None while all are working
-        self.active = torch.ones(len(state[0]), 1, 1, dtype=torch.bool, device=state[0].device)
+        self.state, self.data = list(state), data  # working rows; data: I1wx, I1wy, grad, rho_c
+        self.rows = None  # full-batch row of each live working row; None while all rows are the batch
+        self.live = len(state[0])  # active rows at the last read
+        self.active = torch.ones(self.live, 1, 1, dtype=torch.bool, device=state[0].device)
+        self.kernels = kernels
 
     def store(self) -> list[torch.Tensor]:
         """Write the working pairs' state back into the full batch and return it."""
@@ -263,76 +94,96 @@ class _Warp:
             self.full = list(self.state)
         else:
             for full, work in zip(self.full, self.state):
-                full.index_copy_(0, self.rows, work)
+                full.index_copy_(0, self.rows, work[:len(self.rows)])
         return self.full
 
     def running(self) -> bool:
-        """One host synchronisation: drop the converged pairs; False once none is left."""
+        """One host synchronisation: drop converged pairs by bucket; False once none is left."""
         count = int(self.active.sum())
-        if count == len(self.active):
+        if count == self.live:
             return True
+        self.live = count
+        size = self.kernels.bucket(count, len(self.active)) if count else 0
+        if size >= len(self.active):
+            return True  # the frozen pairs ride along until the next bucket
         self.store()
         if count == 0:
             return False
-        keep = self.active.view(-1).nonzero().view(-1)
+        keep = self.active.view(-1).nonzero().view(-1)  # count rows, all real: padding is never active
         self.rows = keep if self.rows is None else self.rows.index_select(0, keep)
+        if size > count:
+            keep = torch.cat((keep, keep[:1].expand(size - count)))
         self.state = [t.index_select(0, keep) for t in self.state]
         self.data = [t.index_select(0, keep) for t in self.data]
         self.active = self.active.index_select(0, keep)
+        self.active[count:] = False
         return True
 
 
 def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync_every: int,
-                compiled: bool = False):
+                path: str = "eager"):
     """All warps at one level (OpenCV's procOneScale); u1, u2: [B, H, W] updated and returned."""
-    iteration, median = _kernels(compiled)
+    run = kernels(path)
     h, w = u1.shape[-2:]
-    consts = (p["lambda"] * p["theta"], p["theta"], p["tau"] / p["theta"], p["epsilon"] ** 2 * h * w)
+    consts = (p["lambda"] * p["theta"], p["theta"], p["tau"] / p["theta"])
+    threshold = run.threshold(p["epsilon"] ** 2 * h * w, u1.device)
     state = [u1, u2, *(torch.zeros_like(u1) for _ in range(4))]  # p reset per level, not per warp
     for _ in range(p["warps"]):
         u1, u2 = state[:2]
-        i1w, i1wx, i1wy = warp_bicubic(level.i1_stack, u1, u2).unbind(dim=1)
+        i1w, i1wx, i1wy = run.warp(level.i1_stack, u1, u2).unbind(dim=1)
         rho_c = i1w - i1wx * u1 - i1wy * u2 - level.i0
-        warp = _Warp(state, [i1wx, i1wy, i1wx * i1wx + i1wy * i1wy, rho_c])
+        warp = _Warp(state, [i1wx, i1wy, i1wx * i1wx + i1wy * i1wy, rho_c], run)
         for outer in range(p["outer_iterations"]):
-            # Host reads of `active`: here and every sync_every inner iterations, never per step.
+            # Host reads of `active`: here and between chunks of sync_every inner iterations.
             if outer > 0 and not warp.running():
                 break
             if p["median_filtering"] > 1:
-                for c in (0, 1):
-                    warp.state[c] = torch.where(warp.active, median(warp.state[c], p["median_filtering"]),
-                                                warp.state[c])
-            for inner in range(p["inner_iterations"]):
-                *warp.state, warp.active = iteration(*warp.state, *warp.data, warp.active, *consts)
-                if (inner + 1) % sync_every == 0 and not warp.running():
+                warp.state[0], warp.state[1] = run.median(warp.state[0], warp.state[1], warp.active,
+                                                          p["median_filtering"])
+            done = 0
+            while done < p["inner_iterations"]:
+                n = min(sync_every, p["inner_iterations"] - done)
+                *warp.state, warp.active = run.iterate(n)(*warp.state, *warp.data, warp.active, threshold, *consts)
+                done += n
+                if done < p["inner_iterations"] and not warp.running():
                     break
         state = warp.store()
     return state[0], state[1]
 
 
-def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, compiled: bool = False) -> torch.Tensor:
-    """frames: [N, H, W] float (0..255) -> flow [N - 1, 2, H, W] (x, y) from frame i to i + 1.
+def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = "eager",
+               first: torch.Tensor | None = None) -> torch.Tensor:
+    """frames: [N, H, W] float (0..255) -> flow [P, 2, H, W] (x, y) from frame i to i + 1 for
+    each i of `first` ([P] long; default every i < N - 1).
 
-    The pyramid is built once per frame; pair i takes levels of frames i and i + 1."""
+    The pyramid is built once per frame; pair i takes levels of frames i and i + 1. With `first`
+    the frames may hold several videos back to back: only pairs inside one video are named."""
     n, h, w = frames.shape
+    if path != "eager" and (n == 2 if first is None else len(first) == 1):  # see flow_kernels: no batch of one
+        pair = torch.zeros(2, dtype=torch.long, device=frames.device) + (0 if first is None else first[0])
+        return tvl1_pairs(frames, p, sync_every, path, first=pair)[:1]
     sizes = pyramid_sizes(h, w, p["nscales"], p["scale_step"])
     levels = [frames]
     inv = 1.0 / p["scale_step"]
     for size in sizes[1:]:
         levels.append(resize_linear(levels[-1], size, (inv, inv)))
+    pairs = n - 1 if first is None else len(first)
     u1 = u2 = None
     for k in range(len(sizes) - 1, -1, -1):
         lh, lw = sizes[k]
         if u1 is None:
-            u1 = frames.new_zeros(n - 1, lh, lw)
-            u2 = frames.new_zeros(n - 1, lh, lw)
+            u1 = frames.new_zeros(pairs, lh, lw)
+            u2 = frames.new_zeros(pairs, lh, lw)
         else:
             # OpenCV passes the destination size here, so the step is src / dst.
             step = (u1.shape[-2] / lh, u1.shape[-1] / lw)
             u1 = resize_linear(u1, (lh, lw), step) * inv
             u2 = resize_linear(u2, (lh, lw), step) * inv
-        level = _Level(levels[k][:-1], levels[k][1:])
-        u1, u2 = solve_level(level, u1, u2, p, sync_every, compiled)
+        if first is None:
+            level = _Level(levels[k][:-1], levels[k][1:])
+        else:
+            level = _Level(levels[k].index_select(0, first), levels[k].index_select(0, first + 1))
+        u1, u2 = solve_level(level, u1, u2, p, sync_every, path)
     return torch.stack((u1, u2), dim=1)
 
 
@@ -341,9 +192,10 @@ class TorchTVL1:
 
     device: "cpu" or "cuda[:i]"; batch: frame pairs solved together, default 4 on the CPU (the
     working set stays in cache: 1.25x faster than 8 at 240x320) and 64 on a GPU (about 10 MB per
-    pair at 240x320); sync_every: inner iterations between host reads of the convergence flags;
-    compile: fuse the iteration and the median with torch.compile (about 2x on CPU; a warm-up of
-    about a minute per process); threads: torch CPU threads of this process, set on the first CPU
+    pair at 240x320); sync_every: inner iterations per chunk, between host reads of the
+    convergence flags; path: "eager" (the reference) or "compiled" (the fused fast path,
+    preprocess/flow_kernels.py; about 2x on CPU after a warm-up of about a minute per process),
+    default compiled on CUDA, eager on the CPU; threads: torch CPU threads of this process, set on the first CPU
     `compute` (1, like opencv-tvl1: preprocessing runs one worker per core; None leaves torch's
     setting); other keywords override OpenCV's DualTVL1 defaults (DEFAULTS).
 
@@ -354,7 +206,7 @@ class TorchTVL1:
     name = "tvl1-torch"
 
     def __init__(self, device: str = "cpu", batch: int | None = None, sync_every: int = 10,
-                 compile: bool = False, threads: int | None = 1, **tvl1):
+                 path: str | None = None, threads: int | None = 1, **tvl1):
         unknown = sorted(set(tvl1) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"unknown TV-L1 parameter(s) {unknown}; choose from {sorted(DEFAULTS)}")
@@ -371,7 +223,9 @@ class TorchTVL1:
         if self.batch < 1 or sync_every < 1:
             raise ValueError(f"--flow-batch ({batch}) and sync_every ({sync_every}) must be >= 1")
         self.sync_every = int(sync_every)
-        self.compile = bool(compile)
+        self.path = path or default_path(self._device)
+        if self.path not in PATHS:
+            raise ValueError(f"tvl1-torch path must be one of {PATHS}, got {path!r}")
         self.threads = threads
 
     def params(self) -> dict:
@@ -379,23 +233,44 @@ class TorchTVL1:
         rounding (each pair is solved independently), so they are not recorded."""
         return {**self._params, "implementation": "torch", "torch": torch.__version__.split("+")[0]}
 
+    def _setup(self) -> None:
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
+        if self._device.type == "cuda" and self._device.index is not None:
+            torch.cuda.set_device(self._device)  # compiled kernels and the allocator follow the data's GPU
+        if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
+
     @torch.no_grad()
     def compute(self, gray: np.ndarray) -> np.ndarray:
         """gray: [N, H, W] uint8 frames of one video -> [N - 1, H, W, 2] float32 flow in pixels."""
-        if gray.ndim != 3 or gray.dtype != np.uint8:
-            raise ValueError(f"tvl1-torch takes [N, H, W] uint8 grey frames, got {gray.dtype} {gray.shape}")
+        _check_gray(gray)
         n, h, w = gray.shape
         out = np.zeros((max(n - 1, 0), h, w, 2), dtype=np.float32)
         if n < 2:
             return out
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
-        if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
+        self._setup()
         # Upload the whole video once; chunks of pairs overlap by one frame on the device.
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         for start in range(0, n - 1, self.batch):
             stop = min(start + self.batch, n - 1)
-            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.compile)
+            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.path)
             out[start:stop] = flow.permute(0, 2, 3, 1).cpu().numpy()
         return out
+
+    @torch.no_grad()
+    def compute_pairs(self, gray: np.ndarray, first: np.ndarray) -> np.ndarray:
+        """One batch of pairs from any videos: gray [N, H, W] uint8 (videos back to back), first
+        [P] indices i of the pairs (i, i + 1) -> [P, H, W, 2] float32 flow. Each pair's flow is
+        bitwise what `compute` gives it on the CPU's eager path (pairs are solved independently)."""
+        _check_gray(gray)
+        self._setup()
+        frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
+        index = torch.from_numpy(np.asarray(first, dtype=np.int64)).to(self._device)
+        flow = tvl1_pairs(frames, self._params, self.sync_every, self.path, first=index)
+        return flow.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _check_gray(gray: np.ndarray) -> None:
+    if gray.ndim != 3 or gray.dtype != np.uint8:
+        raise ValueError(f"tvl1-torch takes [N, H, W] uint8 grey frames, got {gray.dtype} {gray.shape}")

@@ -8,7 +8,9 @@ a rerun with other parameters is refused. The manifest is written last, atomical
 directory with a manifest is a finished dataset (DESIGN.md, Storage).
 
 Workers are spawned processes (never forked: a flow backend may hold CUDA state, and forking
-OpenCV's thread pool can deadlock); each builds its own flow backend.
+OpenCV's thread pool can deadlock); each builds its own flow backend, or, with
+`PackOptions.flow_devices`, decodes only and hands its grey frames to the flow workers
+(preprocess/flow_workers.py), which batch pairs across videos on the GPUs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
+from preprocess.flow_workers import run_with_flow_workers
 from preprocess.progress import Progress
 from preprocess.schema import (
     LAYOUT_VERSION,
@@ -65,6 +68,9 @@ class PackOptions:
     short_side: int | None = None
     flow: str = "tvl1"
     flow_options: dict[str, Any] = field(default_factory=dict)  # passed to make_backend (device, batch)
+    # One flow worker process per entry (e.g. "cuda:0", "cuda:0", "cuda:1"), batching pairs across
+    # videos (preprocess/flow_workers.py); empty: every CPU worker computes its own videos' flow.
+    flow_devices: tuple[str, ...] = ()
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. the synthetic generator's
 
     def __post_init__(self):
@@ -139,8 +145,10 @@ def _init_worker(flow: str, flow_options: dict[str, Any], pooled: bool = False) 
         sys.modules["torch"].set_num_threads(1)
 
 
-def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | None) -> EncodedVideo:
-    """Decode, JPEG-encode every frame, compute and encode flow. Raises VideoDecodeError."""
+def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | None,
+                 gray_sink: list[np.ndarray] | None = None) -> EncodedVideo:
+    """Decode, JPEG-encode every frame, compute and encode flow. Raises VideoDecodeError.
+    With `gray_sink` (and no backend) the grey frames go there for a flow worker instead."""
     params = [cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality]
     chunk = max(FLOW_CHUNK, int(options.flow_options.get("batch") or 0) + 1)
     rgb: list[bytes] = []
@@ -164,6 +172,8 @@ def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | 
             pending.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
             if len(pending) > chunk:
                 flush(keep_last=True)
+        elif gray_sink is not None:
+            gray_sink.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
     if backend is not None:
         flush(keep_last=False)
     record = VideoRecord(src.name, src.class_name, src.label, src.group, len(rgb), fps, height, width)
@@ -176,6 +186,17 @@ def _work(task: tuple[SourceVideo, PackOptions]) -> EncodedVideo | FailedVideo:
         return encode_video(src, options, _worker_backend)
     except (VideoDecodeError, cv2.error) as err:
         return FailedVideo(src.name, src.path, str(err))
+
+
+def _decode_work(task: tuple[SourceVideo, PackOptions]) -> tuple[EncodedVideo, np.ndarray] | FailedVideo:
+    """A CPU worker's part when flow workers compute the flow: the video and its grey frames."""
+    src, options = task
+    gray: list[np.ndarray] = []
+    try:
+        encoded = encode_video(src, options, None, gray_sink=gray)
+    except (VideoDecodeError, cv2.error) as err:
+        return FailedVideo(src.name, src.path, str(err))
+    return encoded, (np.stack(gray) if gray else np.zeros((0, 1, 1), np.uint8))
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -222,7 +243,11 @@ def pack_shards(index: DatasetIndex, options: PackOptions, owns: Callable[[int],
 
     tasks = [(src, options) for i in todo for src in plan[i]]
     with_flow = options.flow != "none"
-    if options.workers == 1 or len(tasks) <= 1:
+    if with_flow and options.flow_devices and tasks:
+        # CPU workers decode and encode RGB; flow workers batch pairs across videos on the devices
+        pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, ("none", {}, True))
+        results = run_with_flow_workers(tasks, options, _decode_work, pool)
+    elif options.workers == 1 or len(tasks) <= 1:
         _init_worker(options.flow, options.flow_options)
         results = map(_work, tasks)
         pool = None
@@ -246,6 +271,7 @@ def pack_shards(index: DatasetIndex, options: PackOptions, owns: Callable[[int],
             done[i] = (records, failed)
             progress.shard_done(i)
     finally:
+        getattr(results, "close", lambda: None)()  # the flow workers' generator stops its processes
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -1,0 +1,69 @@
+"""The fast path's control flow (chunks, buckets, float64 stopping norm) against the eager
+reference. Inductor itself is replaced by the identity here (compiling takes minutes on a small
+CPU; tests/test_flow_torch.py's slow test and benchmarks/gpu_check.sh run it compiled)."""
+
+import numpy as np
+import pytest
+import torch
+
+from preprocess import flow_kernels
+from preprocess.flow_check import end_point_error, quantised_agreement, synthetic_video
+from preprocess.flow_torch import TorchTVL1, resize_linear
+from preprocess.flow_torch_ops import _device_taps
+
+
+@pytest.fixture()
+def uncompiled(monkeypatch):
+    monkeypatch.setattr(flow_kernels, "_compile", lambda fn: fn)
+    flow_kernels.kernels.cache_clear()
+    yield
+    flow_kernels.kernels.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def video_with_cut():
+    """Two generated shots back to back: the pair across the cut never converges."""
+    a, _ = synthetic_video(4, 40, 48, seed=0)
+    b, _ = synthetic_video(4, 40, 48, seed=1)
+    return np.concatenate((a, b))
+
+
+def test_buckets_are_powers_of_two_up_to_the_batch():
+    run = flow_kernels.Kernels("compiled", None, None, None, bucketed=True)
+    assert [run.bucket(n, 12) for n in (12, 9, 8, 5, 4, 3, 2, 1)] == [12, 12, 8, 8, 4, 4, 2, 2]
+    assert flow_kernels.Kernels("eager", None, None, None, bucketed=False).bucket(5, 12) == 5
+
+
+def test_fast_path_control_flow_matches_eager_bitwise(uncompiled, video_with_cut, monkeypatch):
+    """Chunks of sync_every iterations, buckets padded with frozen copies, the float64 norm:
+    the same stops as eager here, so the same bits."""
+    sizes = []
+    original = flow_kernels.Kernels.bucket
+    monkeypatch.setattr(flow_kernels.Kernels, "bucket",
+                        lambda self, count, size: sizes.append(original(self, count, size)) or sizes[-1])
+    eager = TorchTVL1(device="cpu", batch=7).compute(video_with_cut)
+    fast = TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6).compute(video_with_cut)
+    assert {4, 2} & set(sizes), "no bucket smaller than the batch: the cut did not hold a warp"
+    np.testing.assert_array_equal(fast, eager)
+    # a lone pair is solved next to a copy of itself (no batch of one to compile)
+    np.testing.assert_array_equal(TorchTVL1(device="cpu", path="compiled").compute(video_with_cut[2:4]), eager[2:3])
+
+
+def test_fast_path_within_opencv_limits(uncompiled, video_with_cut):
+    from preprocess.flow import OpenCVTVL1
+
+    gray = video_with_cut[:4]  # one shot: the agreement limits are for pairs with a true flow
+    reference = OpenCVTVL1(threads=1).compute(gray)
+    fast = TorchTVL1(device="cpu", batch=4, path="compiled").compute(gray)
+    assert end_point_error(fast, reference) <= 0.05
+    levels = quantised_agreement(fast, reference)
+    assert levels["mean_level_delta"] <= 0.3 and levels["frac_over_one_level"] <= 0.03
+
+
+def test_resize_uploads_its_taps_once():
+    x = torch.rand(2, 20, 30)
+    resize_linear(x, (16, 24), (1.25, 1.25))
+    before = _device_taps.cache_info()
+    resize_linear(x, (16, 24), (1.25, 1.25))
+    after = _device_taps.cache_info()
+    assert after.hits == before.hits + 2 and after.misses == before.misses

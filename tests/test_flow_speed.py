@@ -1,0 +1,31 @@
+"""benchmarks/flow_speed.py in its smoke form: every CPU row, both mixes, the UCF101 estimate."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.multiprocess
+def test_flow_speed_smoke_reports_both_mixes_side_by_side(tmp_path):
+    out = tmp_path / "flow_speed.json"
+    # 9 pairs: the ninth spans the cut between the first two generated shots
+    proc = subprocess.run([sys.executable, "benchmarks/flow_speed.py", "--sizes", "24x32", "--cpu-pairs", "9",
+                           "--pool-pairs", "9", "--workers", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert "error" not in record and record["gpu"] is None
+    rows = {(r["backend"], r["device"]): r for r in record["results"]}
+    assert set(rows) == {("opencv-tvl1", "cpu 1 proc"), ("opencv-tvl1", "cpu pool of 1"),
+                         ("tvl1-torch eager", "cpu 1 thread(s)")}
+    for row in rows.values():
+        assert row["no cuts"]["pairs_per_s"] > 0 and row["cuts"]["pairs_per_s"] > 0
+        assert all(row[mix]["epe_vs_opencv"] <= 0.05 for mix in ("no cuts", "cuts"))
+        assert row["no cuts"]["epe_truth"] < 0.5
+        assert len(row["ucf101_hours"]) == 2 and all(h > 0 for h in row["ucf101_hours"])
+    assert "UCF101 h" in proc.stdout  # the table

@@ -1,0 +1,112 @@
+"""Flow workers batch pairs across videos (preprocess/flow_workers.py); the shards they help
+write are byte-identical to the per-video path's."""
+
+import numpy as np
+import pytest
+
+from preprocess.flow_workers import PairBatcher
+
+
+def _video(frames: int, value: int, shape=(4, 5)) -> np.ndarray:
+    return np.full((frames, *shape), value, np.uint8) + np.arange(frames, dtype=np.uint8)[:, None, None]
+
+
+def test_batches_span_videos_and_results_come_back_per_video():
+    batcher = PairBatcher(batch=4)
+    batcher.add("a", _video(3, 10))  # 2 pairs
+    batcher.add("b", _video(5, 50))  # 4 pairs
+    batcher.add("c", _video(2, 90, shape=(6, 5)))  # another size: a batch of its own
+    assert batcher.pending == 7
+    frames, first, pieces = batcher.next_batch()
+    # a's 2 pairs, then b's first 2: a's 3 frames and b's frames 0..2 back to back
+    assert frames.shape == (6, 4, 5) and first.tolist() == [0, 1, 3, 4]
+    assert frames[first + 1, 0, 0].tolist() == [11, 12, 51, 52]
+    fake = frames[first].astype(np.float32)[..., None].repeat(2, axis=-1)  # "flow" = first frame
+    assert [key for key, _ in batcher.put(pieces, fake)] == ["a"]
+    frames, first, pieces = batcher.next_batch()
+    assert frames.shape == (3, 4, 5) and first.tolist() == [0, 1]  # b's pairs 2 and 3, not c's
+    done = dict(batcher.put(pieces, frames[first].astype(np.float32)[..., None].repeat(2, axis=-1)))
+    assert list(done) == ["b"] and done["b"][:, 0, 0, 0].tolist() == [50, 51, 52, 53]
+    frames, first, pieces = batcher.next_batch()
+    assert frames.shape == (2, 6, 5) and first.tolist() == [0]
+    assert [key for key, _ in batcher.put(pieces, np.zeros((1, 6, 5, 2), np.float32))] == ["c"]
+    assert batcher.pending == 0 and not batcher.videos
+
+
+@pytest.mark.multiprocess
+def test_cross_video_batches_write_the_same_shards(tmp_path):
+    """Two CPU flow workers, batches of 4 pairs over 5-frame videos (so every batch spans two
+    videos) against the per-video path: the same shard bytes."""
+    import dataclasses
+
+    from preprocess.datasets import index_ucf101
+    from preprocess.pack import PackOptions, pack
+    from preprocess.synthetic import SyntheticConfig, generate_raw
+
+    raw = generate_raw(SyntheticConfig(classes=2, videos_per_class=3, clips_per_group=1, frames=5,
+                                       height=24, width=32), tmp_path / "raw")
+    index = index_ucf101(raw, dataset="synthetic")
+    base = PackOptions(out=str(tmp_path / "per_video"), workers=1, videos_per_shard=4, flow="tvl1-torch",
+                       flow_options={"device": "cpu", "batch": 4})
+    per_video = pack(index, base)
+    crossed = pack(index, dataclasses.replace(base, out=str(tmp_path / "crossed"), workers=2,
+                                              flow_devices=("cpu", "cpu")))
+    assert per_video.params == crossed.params
+    assert [s["sha256"] for s in per_video.shards] == [s["sha256"] for s in crossed.shards]
+    assert len(per_video.videos) == 6 and not per_video.failed
+
+
+class _Props:
+    total_memory = 141 << 30  # an H200
+
+
+@pytest.fixture()
+def gpus(monkeypatch):
+    """torch.cuda reports `gpus.count` devices of 141 GiB, on a 16-core machine."""
+    import os
+    import types
+
+    import torch
+
+    state = types.SimpleNamespace(count=3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state.count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Props())
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    return state
+
+
+def test_flow_device_cuda_spreads_workers_over_every_gpu(gpus):
+    from preprocess.flow_workers import resolve_flow_devices
+
+    assert resolve_flow_devices("tvl1-torch", "cuda", None, None, None) == (
+        "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:2", "cuda:2")
+    assert resolve_flow_devices("tvl1-torch", None, "0,2", 1, None) == ("cuda:0", "cuda:2")
+    assert resolve_flow_devices("tvl1-torch", "cuda:1", None, None, 64) == ("cuda:1", "cuda:1")
+    assert resolve_flow_devices("tvl1-torch", "cpu", None, None, None) == ()
+    assert resolve_flow_devices("tvl1", None, None, None, None) == ()
+    for args, match in [(("tvl1", "cuda", None, None, None), "needs --flow tvl1-torch"),
+                        (("tvl1-torch", None, "0,3", None, None), "sees 3 GPU"),
+                        (("tvl1-torch", None, "0,x", None, None), "GPU indices"),
+                        (("tvl1-torch", "cpu", None, 2, None), "needs --flow-device cuda")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_flow_devices(*args)
+
+
+def test_workers_per_gpu_rule():
+    from preprocess.flow_workers import workers_per_gpu
+
+    assert workers_per_gpu(141 << 30, 64, 16, 8) == 1  # 8 GPUs on 16 cores: half the cores decode
+    assert workers_per_gpu(141 << 30, 64, 16, 2) == 2
+    assert workers_per_gpu(3 << 30, 64, 16, 1) == 1  # one working set fits at most: still one worker
+    assert workers_per_gpu(141 << 30, 64, 1, 1) == 1
+
+
+def test_gpu_requested_without_one_is_one_line_and_exit_2(gpus, tmp_path, capsys):
+    from preprocess.cli import main
+
+    gpus.count = 0
+    status = main(["synthetic", "--out", str(tmp_path / "d"), "--flow", "tvl1-torch", "--flow-device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "no CUDA device" in err and "--flow-device cpu" in err
+    assert not (tmp_path / "d").exists()  # nothing generated or packed
