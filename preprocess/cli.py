@@ -167,21 +167,6 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwind: the worker pool is terminated, finished shards stay
 
 
-def check_flow_device(device: str | None) -> None:
-    """--flow-device names a device this machine has, before any worker starts (workers are
-    spawned, so asking torch here leaves no CUDA state for them to inherit)."""
-    if not device or not device.startswith("cuda"):
-        return
-    import torch
-
-    index = int(device.partition(":")[2] or 0) if device.partition(":")[2].isdigit() else 0
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--flow-device {device}: torch sees no CUDA device; use --flow-device cpu, "
-                          "or --flow tvl1 (OpenCV, CPU)")
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"--flow-device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The console script. Expected failures print one line naming the flag or file (the traceback
     with --debug); Ctrl-C exits 130, SIGTERM 143, keeping finished shards."""
@@ -215,7 +200,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "merge":
         manifest = merge(args.dir)
         return _summary(str(args.dir), manifest.shards, manifest.videos, manifest.failed)
-    check_flow_device(args.flow_device)
     if args.command == "synthetic":
         if args.part is not None:  # parts would generate the same raw videos at once
             raise ConfigError("synthetic does not take --part: it is small, run it as one process")
@@ -226,6 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "kinetics400":
         return _pack(index_kinetics400(args.root, args.annotations), options, args.part)
     return _pack(index_hmdb51(args.root, args.splits), options, args.part)
+
 
 if __name__ == "__main__":
     sys.exit(main())
