@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (DESIGN.md "Testing without a GPU"): validates and times everything
+# One prepared GPU check (docs/design.md "Testing without a GPU"): validates and times everything
 # GPU-specific in one call of under 8 minutes on one H100/H200 (the step limits add up to 450 s;
 # tests/test_gpu_check.py keeps them there), writing one JSON file per step to OUTDIR.
 #

@@ -1,6 +1,6 @@
 """Typed training configuration: dataclasses that validate themselves, and `key.sub=value` overrides.
 
-One `TrainConfig` describes a run of either stage; a stage is configuration (ALGORITHM.md,
+One `TrainConfig` describes a run of either stage; a stage is configuration (docs/algorithm.md,
 "one loop, stages differ by configuration"): `stage.kind` picks the step ("instance" = stage 1,
 "cotrain" = stage 2), `stage.modality` the trained view, `loss.*` the terms and their weights.
 Presets (cvtcl/presets.py) are plain functions returning a `TrainConfig`; the command line
@@ -47,7 +47,7 @@ class DataConfig:
     batch_size: int = 16  # clips per process (GPU); global batch = batch_size x world size
     num_threads: int = 4  # DALI CPU threads per process (file reads, CPU-mode decode)
     backend: str = "dali"  # "dali" (GPU or DALI CPU mode) or the plain PyTorch baseline loader
-    augment: str = "standard"  # per-copy strength: paper's full list | weak (crop+flip) | coclr mix (ALGORITHM)
+    augment: str = "standard"  # per-copy strength: paper's full list | weak (crop+flip) | coclr mix (docs/algorithm.md)
     dihedral: bool = False  # random D4 element (transpose, flips) per clip copy, flow-aware (cvtcl/augment.py)
 
     def __post_init__(self):

@@ -74,7 +74,7 @@ def smoke() -> TrainConfig:
 
 
 def ucf101_cvtcl() -> TrainConfig:
-    """The whole paper schedule from one command (ALGORITHM.md "Stage 2 — Schedule"): stage 1 rgb and
+    """The whole paper schedule from one command (docs/algorithm.md "Stage 2 — Schedule"): stage 1 rgb and
     flow (300 epochs each, as ucf101-stage1-*), then 2 cycles of rgb mining from flow and flow
     mining from the new rgb, 100 epochs each, lr 1e-3 x0.1 at epoch 80, L_LTCL for rgb only.
     Sub-stages live in runs/ucf101-cvtcl/<sub-stage>/; `--stage NAME` runs one of them."""

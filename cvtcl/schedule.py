@@ -1,6 +1,6 @@
 """The whole two-stage CVTCL schedule as a list of sub-stages, run and resumed from one command.
 
-ALGORITHM.md "Stage 2 — Schedule" (paper §2.4): stage 1 trains rgb and flow alone; then
+docs/algorithm.md "Stage 2 — Schedule" (paper §2.4): stage 1 trains rgb and flow alone; then
 `cycles` times: rgb mines from the latest flow, then flow mines from the new rgb. Each stage-2
 sub-stage starts from the trained modality's latest weights (the trainer copies the query
 weights into query and key encoders) and uses the other modality's latest query encoder as its

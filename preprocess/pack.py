@@ -5,7 +5,7 @@ keep their slot), so a shard's content never depends on the worker count or on w
 Resumable: parameters are written to `params.json` before any shard; a rerun with the same
 parameters keeps every shard whose header reads back with the planned videos and redoes the rest;
 a rerun with other parameters is refused. The manifest is written last, atomically, so a
-directory with a manifest is a finished dataset (DESIGN.md, Storage).
+directory with a manifest is a finished dataset (docs/design.md, Storage).
 
 Workers are spawned processes (never forked: a flow backend may hold CUDA state, and forking
 OpenCV's thread pool can deadlock); each builds its own flow backend, or, with
