@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check (DESIGN.md "Testing without a GPU"): validates and times everything
+# One prepared GPU check (docs/design.md "Testing without a GPU"): validates and times everything
 # GPU-specific in one call of under 8 minutes on one H100/H200 (the step limits add up to 450 s;
 # tests/test_gpu_check.py keeps them there), writing one JSON file per step to OUTDIR.
 #
-#   export PYTHONPATH=$(cat ~/.cache/cvtcl-gpu/site.path):$PWD   # DALI, see ../shared/gpu/README.md
+#   export PYTHONPATH=DIR:$PWD   # DIR: where DALI is installed, if not in the environment (on a
+#                                 # machine without a registry, `pip install --target DIR` of a copied wheel)
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # Every step fails soft: a failure or timeout is recorded as {"error": ...} in its JSON file and

@@ -7,7 +7,7 @@ Both loaders run the production code path (`cvtcl.data.build_pretrain_loader`, s
 two augmented copies, colour on) after warm-up steps. Reported per loader: decoded + augmented
 output frames/s (B x V x T per step), samples/s, clips/s (B x V), CPU-seconds per frame (this
 process and every descendant: DALI/DataLoader workers included), and the DALI/baseline ratio.
-Consumption (DESIGN.md "Performance principles"): a stage-1 sample is 2 copies x 32 frames; the
+Consumption (docs/design.md "Performance principles"): a stage-1 sample is 2 copies x 32 frames; the
 paper's 8 x TITAN Xp train ~25 samples/s each, an H100's roofline is ~1300 samples/s (stated, not
 measured here unless --step-rate gives a measured trainer rate); headroom = loader frames/s over
 the frames/s training consumes. Integrity check (shard layout 2): the time of the reader's
@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from benchmarks.common import cpu_name, write_toy_shards  # noqa: E402
 
 FRAMES_PER_SAMPLE = 2 * 32  # stage 1: two copies of a 32-frame clip
-PAPER_SAMPLES_PER_S = 8 * 25  # 8 TITAN Xp at ~25 stage-1 samples/s each (DESIGN.md)
-H100_ROOFLINE_SAMPLES_PER_S = 1300  # DESIGN.md, S3D stage 1 on one H100
+PAPER_SAMPLES_PER_S = 8 * 25  # 8 TITAN Xp at ~25 stage-1 samples/s each (docs/design.md)
+H100_ROOFLINE_SAMPLES_PER_S = 1300  # docs/design.md, S3D stage 1 on one H100
 
 
 def cpu_seconds() -> float:
@@ -146,7 +146,7 @@ def consumption(step_rate: float | None) -> dict:
     if step_rate:
         present, how = step_rate, "measured trainer rate (--step-rate)"
     else:
-        present, how = H100_ROOFLINE_SAMPLES_PER_S, "H100 roofline, stated in DESIGN.md (not measured)"
+        present, how = H100_ROOFLINE_SAMPLES_PER_S, "H100 roofline, stated in docs/design.md (not measured)"
     return {"paper_8x_titan_xp_frames_per_s": PAPER_SAMPLES_PER_S * FRAMES_PER_SAMPLE,
             "present_gpu_frames_per_s": present * FRAMES_PER_SAMPLE, "present_gpu_basis": how}
 

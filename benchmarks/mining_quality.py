@@ -1,6 +1,6 @@
 """How well a frozen sampler would mine positives: class precision of its top-K neighbours vs chance.
 
-Stage 2 (ALGORITHM.md; paper §2.2) trusts the sampler's top-K queue entries to share the query's
+Stage 2 (docs/algorithm.md; paper §2.2) trusts the sampler's top-K queue entries to share the query's
 class. This measures that trust offline, on every video of a split instead of one queue: each
 video is the mean of its sliding-window sampler embeddings (centre crop, no augmentation, the
 same head output the trainer mines with); each video mines its top-K among the other videos,

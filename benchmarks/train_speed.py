@@ -1,4 +1,4 @@
-"""Training-step throughput, side by side in one process (DESIGN.md "Performance principles").
+"""Training-step throughput, side by side in one process (docs/design.md "Performance principles").
 
 Times the production step (`cvtcl.engine.train_step`: momentum update, query and key forward of
 the clip and its M segments, the three loss terms, backward, Adam, enqueue) on synthetic inputs

@@ -1,4 +1,4 @@
-"""Checkpoint contract: plain dicts, atomic writes, auto-resume, keep the last N (DESIGN.md "Trainer").
+"""Checkpoint contract: plain dicts, atomic writes, auto-resume, keep the last N (docs/design.md "Trainer").
 
 A checkpoint is `run_dir/checkpoint-<step:08d>.pt`, a dict of tensors and plain Python values
 only, loadable with `torch.load(path, weights_only=True)` by any later cvtcl (no pickled classes):

@@ -1,6 +1,6 @@
 """Typed training configuration: dataclasses that validate themselves, and `key.sub=value` overrides.
 
-One `TrainConfig` describes a run of either stage; a stage is configuration (ALGORITHM.md,
+One `TrainConfig` describes a run of either stage; a stage is configuration (docs/algorithm.md,
 "one loop, stages differ by configuration"): `stage.kind` picks the step ("instance" = stage 1,
 "cotrain" = stage 2), `stage.modality` the trained view, `loss.*` the terms and their weights.
 Presets (cvtcl/presets.py) are plain functions returning a `TrainConfig`; the command line
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -34,7 +37,7 @@ class DataConfig:
     root: str = "data/ucf101"  # dataset directory written by `cvtcl-preprocess` (manifest.json + shards)
     split: str = "1"  # official split id; pretraining uses its train subset only
     subset: str = "train"  # never pretrain on the test videos the evaluation queries with
-    frames_per_clip: int = 32  # T (paper §3.1: 32 frames)
+    frames_per_clip: int = 32  # T (paper §3.2: 32 frames)
     frame_stride: int = 1  # temporal subsampling of the window (paper: consecutive frames)
     crop_size: int = 128  # H = W after random resized crop (paper: 128x128)
     crop_scale_min: float = 0.2  # smallest area fraction of that crop (CoCLR's 0.2); the demo raises it
@@ -44,7 +47,7 @@ class DataConfig:
     batch_size: int = 16  # clips per process (GPU); global batch = batch_size x world size
     num_threads: int = 4  # DALI CPU threads per process (file reads, CPU-mode decode)
     backend: str = "dali"  # "dali" (GPU or DALI CPU mode) or the plain PyTorch baseline loader
-    augment: str = "standard"  # per-copy strength: paper's full list | weak (crop+flip) | coclr mix (ALGORITHM)
+    augment: str = "standard"  # per-copy strength: paper's full list | weak (crop+flip) | coclr mix (docs/algorithm.md)
     dihedral: bool = False  # random D4 element (transpose, flips) per clip copy, flow-aware (cvtcl/augment.py)
 
     def __post_init__(self):
@@ -97,9 +100,9 @@ class StageConfig:
 
 @dataclass
 class LossConfig:
-    tau: float = 0.07  # softmax temperature of every contrastive term (paper: 0.07)
-    queue_size: int = 2048  # K negatives; must be a multiple of the global batch
-    momentum: float = 0.999  # m of the key encoder's EMA (paper: 0.999)
+    tau: float = 0.07  # softmax temperature of every contrastive term (CoCLR: 0.07; the paper is silent)
+    queue_size: int = 2048  # K negatives (CoCLR: 2048); must be a multiple of the global batch
+    momentum: float = 0.999  # m of the key encoder's EMA (CoCLR: 0.999; the paper is silent)
     instance_weight: float = 1.0  # alpha: weight of the instance term (eq. 1 or eqs. 2/4)
     ltcl_weight: float = 1.0  # beta: weight of L_LTCL (eq. 8); 0 turns the local terms off
     local_queries: str = "first"  # "first" = paper's z_1; "all" = every segment a query (beyond paper)
@@ -124,12 +127,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
-    weight_decay: float = 1e-4  # Adam L2 weight decay (paper: 1e-4)
-    epochs: int = 300  # paper stage 1: 300 epochs
-    lr_milestones: tuple[int, ...] = (250, 280)  # epochs where lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1  # paper: x0.1 at each milestone
-    amp: str = "auto"  # auto = bf16 on compute capability >= 8.0, fp16 on 7.x, fp32 below and on CPU
+    lr: float = 1e-3  # Adam learning rate (paper §3.2: 1e-3)
+    weight_decay: float = 1e-4  # Adam L2 weight decay (paper §3.2: 1e-4)
+    epochs: int = 300  # stage 1: 300 epochs (paper §3.2)
+    lr_milestones: tuple[int, ...] = (250, 280)  # epochs where lr is multiplied by lr_gamma (CoCLR: 250, 280)
+    lr_gamma: float = 0.1  # x0.1 at each milestone (CoCLR; the paper is silent)
+    amp: str = "auto"  # bf16 on compute capability >= 8.0, fp16 on 7.x, else fp32 (our choice; paper: fp32 = strict)
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the paper does not clip)
 
     def __post_init__(self):
@@ -294,14 +297,79 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
-def describe() -> str:
-    """Every key with its default and reason, for `--help-config`."""
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """A value read from a config file, checked against the field's type (YAML's `split: 1` is a str)."""
+    if isinstance(value, str) and hint is not str:
+        return _parse(key, value, hint)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    name = getattr(hint, "__name__", None) or "a list of integers"
+    raise ValueError(f"config key {key!r}: expected {name}, got {value!r}")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """{section: {field: value}} from a YAML or JSON file (`.json` is read as JSON, anything else as
+    YAML, which also reads JSON). A run's own config.json has this shape and is accepted as is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; give a YAML or JSON file, or a run's config.json")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as err:  # json.JSONDecodeError
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    except Exception as err:  # yaml.YAMLError, without importing yaml for JSON files
+        if type(err).__module__.split(".")[0] != "yaml":
+            raise
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"--config {path}: expected sections of key: value, e.g. 'optim:' then '  lr: 0.0005' "
+                         f"(sections: {', '.join(SECTIONS)})")
+    return data
+
+
+def apply_file(config: TrainConfig, data: dict[str, Any], where: str) -> TrainConfig:
+    """Return a new, re-validated config with a config file's values (read_config_file) applied."""
+    types = _field_types()
+    merged = config.to_dict()
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise KeyError(f"{where}: unknown config section {section!r}; sections are {', '.join(SECTIONS)}")
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key not in types:
+                raise KeyError(f"{where}: {_unknown_key_message(key)}")
+            try:
+                merged[section][name] = _coerce(key, value, types[key])
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+    return TrainConfig.from_dict(merged)
+
+
+def describe(config: TrainConfig | None = None) -> str:
+    """Every key with its value in `config` (default: the dataclass defaults) and its reason, for
+    `--help-config`."""
     import inspect
 
     lines = []
     for name, section in SECTIONS.items():
+        values = getattr(config, name) if config is not None else section()
         source = inspect.getsource(section).splitlines()
         for f in dataclasses.fields(section):
             reason = next((line.split("#", 1)[1].strip() for line in source if line.strip().startswith(f"{f.name}:") and "#" in line), "")
-            lines.append(f"{name}.{f.name} = {getattr(section(), f.name)!r}  # {reason}")
+            lines.append(f"{name}.{f.name} = {getattr(values, f.name)!r}  # {reason}")
     return "\n".join(lines)

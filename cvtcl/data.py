@@ -1,6 +1,6 @@
-"""The data factory: the one place that imports `dali_pipelines` (STYLE.md rule 1).
+"""The data factory: the one place that imports `dali_pipelines` (docs/contributing.md rule 1).
 
-DESIGN.md "Loader", ALGORITHM.md "Data per training sample". Two loaders:
+docs/design.md "Loader", docs/algorithm.md "Data per training sample". Two loaders:
 
     loader = build_pretrain_loader(root, batch_size=8, modalities=("rgb",), device="cuda")
     loader.steps_per_epoch            # drop_last, equal on every rank

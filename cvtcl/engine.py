@@ -200,7 +200,7 @@ def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws) ->
 
     Shared by both stages. Local keys go through the key encoder's shuffle-BN like the global keys
     (shuffle, encode, un-shuffle), so key segment j of row b belongs to video b; the authors'
-    stage-2 code un-shuffled keys it had never shuffled (ALGORITHM.md "Known defects").
+    stage-2 code un-shuffled keys it had never shuffled (docs/algorithm.md "Known defects").
     """
     config, model = ctx.config, ctx.model
     segments = clip_segments(batch, config.stage.modality, config.data.num_segments)  # [B, V, M, C, L, H, W]

@@ -15,6 +15,7 @@ loaders (`cvtcl.data.build_eval_loader`).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ import torch
 from torch import nn
 
 from cvtcl import report
+from cvtcl.errors import EXIT_OK, UsageError, run_command
 from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval
 from cvtcl.selection import heldout_split
+
+PROBE_LR = {"adam": 1e-3, "sgd": 0.1}  # linear probe: our default, and CoCLR's SGD setting
 
 # (subset "train" | "test", modality, crops "center" | "ten"[, videos=names]) -> EvalLoader;
 # `videos=` (used by the fine-tune only) restricts the loader to those videos, in that order.
@@ -113,53 +117,153 @@ def _parser() -> argparse.ArgumentParser:
                         help="kinetics400: split 1 = train.csv / validate.csv (preprocess/kinetics.py)")
     parser.add_argument("--shards", required=True, help="preprocessed dataset directory (manifest.json)")
     parser.add_argument("--split", default="1")
-    parser.add_argument("--out", help="where the JSON results go (default: the checkpoint's directory)")
+    parser.add_argument("--out", help="where the JSON results go (default: the checkpoint's directory; with "
+                                      "--random-init the current directory); existing results are never overwritten")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="dali", choices=("dali", "baseline"),
                         help="dali pipelines, or the PyTorch/OpenCV baseline loader")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-threads", type=int, default=2)
-    parser.add_argument("--frames-per-clip", type=int, default=32)
-    parser.add_argument("--window-stride", type=int, default=16)
-    parser.add_argument("--crop-size", type=int, default=128)
+    parser.add_argument("--frames-per-clip", type=int, help="default: the checkpoint's data.frames_per_clip (32)")
+    parser.add_argument("--window-stride", type=int, help="default: half of --frames-per-clip (16 for 32)")
+    parser.add_argument("--crop-size", type=int, help="default: the checkpoint's data.crop_size (128)")
     parser.add_argument("--epochs", type=int, help="linear probe / fine-tune epochs (defaults: 100 / 500)")
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
+    parser.add_argument("--probe-optimizer", choices=tuple(PROBE_LR), default="adam",
+                        help="linear probe: adam, lr 1e-3 (default, our choice) or sgd, lr 0.1 (CoCLR's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     return parser
 
 
-def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """{modality: encoder} and {modality: where it came from} from the CLI's checkpoint options."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """Flags that are wrong whatever the files say, before anything is read."""
+    for flag in ("batch_size", "num_threads", "frames_per_clip", "window_stride", "crop_size", "epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')}={value}: must be at least 1")
+    if not 0.0 < args.heldout_fraction < 1.0:
+        raise UsageError(f"--heldout-fraction={args.heldout_fraction}: must be between 0 and 1 (default 0.1)")
+    if args.checkpoint_flow and not args.checkpoint:
+        raise UsageError("--checkpoint-flow needs an RGB --checkpoint (two-stream); evaluate a flow checkpoint "
+                         "alone with --checkpoint FLOW.pt")
+    device = args.device.split(":")[0]
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: choose cpu, cuda or cuda:N")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: torch sees no CUDA device; use --device cpu")
+    for path in filter(None, (args.checkpoint, args.checkpoint_flow)):
+        check_checkpoint_path(Path(path))
+
+
+def check_checkpoint_path(path: Path) -> None:
+    if path.is_dir():
+        found = sorted(path.glob("checkpoint-*.pt"))
+        hint = f"e.g. its latest, {found[-1]}" if found else "it holds none: pass a run's checkpoint-*.pt file"
+        raise UsageError(f"checkpoint {path} is a directory; give one checkpoint file ({hint})")
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
+
+
+def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, str], list[dict[str, Any]]]:
+    """{modality: encoder}, {modality: where it came from} and each checkpoint's training config
+    (none for --random-init) from the CLI's checkpoint options."""
     if args.random_init:
         from cvtcl.models import Encoder
 
         torch.manual_seed(args.seed)
-        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: "random-init"}
+        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: "random-init"}, []
     try:
         from cvtcl.checkpoint import load_encoder
     except ImportError as err:
-        raise SystemExit(f"cannot load checkpoints: {err}; install cvtcl with its trainer (pip install -e .)") from None
-    encoders, sources = {}, {}
-    for path in filter(None, (args.checkpoint, args.checkpoint_flow)):
-        encoder, _ = load_encoder(path, map_location="cpu")
+        raise UsageError(f"cannot load checkpoints: {err}; install cvtcl with its trainer (pip install -e .)") from None
+    encoders, sources, configs = {}, {}, []
+    for flag, path in (("--checkpoint", args.checkpoint), ("--checkpoint-flow", args.checkpoint_flow)):
+        if not path:
+            continue
+        try:
+            encoder, config = load_encoder(path, map_location="cpu")
+        except Exception as err:  # torch.load of a file that is not a checkpoint raises anything
+            detail = " ".join(str(err).split())[:200]
+            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({type(err).__name__}: {detail}); "
+                             "give a checkpoint-*.pt file of cvtcl.train") from None
         modality = getattr(encoder, "modality", None)
         if modality in encoders:
-            raise SystemExit(f"{path}: a second {modality} encoder; --checkpoint-flow must be a flow checkpoint")
+            raise UsageError(f"{path}: a second {modality} encoder; --checkpoint-flow must be a flow checkpoint")
         encoders[modality], sources[modality] = encoder, str(path)
+        configs.append(config or {})
     if args.checkpoint_flow and set(encoders) != {"rgb", "flow"}:
-        raise SystemExit(f"two-stream needs an RGB --checkpoint and a flow --checkpoint-flow, got {sources}")
-    return encoders, sources
+        raise UsageError(f"two-stream needs an RGB --checkpoint and a flow --checkpoint-flow, got {sources}")
+    return encoders, sources, configs
+
+
+def clip_shape(args: argparse.Namespace, trained: list[dict[str, Any]], encoders: dict[str, nn.Module]) -> None:
+    """Frames and crop size from the checkpoints' training configs unless given (32 and 128 without
+    one); checked against the backbone's smallest input."""
+    from cvtcl.config import MIN_INPUT
+
+    for key, default in (("frames_per_clip", 32), ("crop_size", 128)):  # flag and config key share the name
+        if getattr(args, key) is not None:
+            continue
+        values = {int(config.get("data", {}).get(key, default)) for config in trained} or {default}
+        if len(values) > 1:
+            raise UsageError(f"the two checkpoints were trained with different data.{key} ({sorted(values)}); "
+                             f"choose one with --{key.replace('_', '-')}")
+        setattr(args, key, values.pop())
+    if args.window_stride is None:
+        args.window_stride = max(1, args.frames_per_clip // 2)
+    for modality, encoder in encoders.items():
+        backbone = getattr(encoder, "backbone_name", args.backbone)
+        min_frames, min_size = MIN_INPUT.get(backbone, (1, 1))
+        if args.frames_per_clip < min_frames or args.crop_size < min_size:
+            raise UsageError(f"the {modality} encoder ({backbone}) needs >= {min_frames} frames and >= {min_size} "
+                             f"pixels: raise --frames-per-clip ({args.frames_per_clip}) "
+                             f"or --crop-size ({args.crop_size})")
+
+
+def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[str]) -> None:
+    if manifest.dataset != args.dataset:
+        raise UsageError(f"{args.shards}/manifest.json holds dataset {manifest.dataset!r}, not {args.dataset!r}; "
+                         f"pass --dataset {manifest.dataset} or the --shards of {args.dataset}")
+    subsets = manifest.splits.get(args.split)
+    if not subsets or not subsets.get("train") or not subsets.get("test"):
+        raise UsageError(f"--split {args.split}: {args.shards} has no train and test videos for it; splits there: "
+                         f"{', '.join(sorted(manifest.splits)) or 'none'}")
+    if "flow" in modalities and not manifest.has_flow:
+        raise UsageError(f"{args.shards} was preprocessed without flow, and a flow encoder was given; evaluate "
+                         "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")
+
+
+def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path]:
+    """(results, neighbours) paths in out_dir that do not exist yet: a rerun adds -2, -3, ... rather
+    than overwrite an earlier evaluation."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a directory")
+    first = (report.results_path(out_dir, protocol, dataset, split), report.neighbours_path(out_dir, dataset, split))
+    n = 1
+    while True:
+        suffix = f"-{n}" if n > 1 else ""
+        pair = tuple(path.with_name(f"{path.stem}{suffix}.json") for path in first)
+        if any(p.resolve().parent != out_dir.resolve() for p in pair):  # a split named like a path
+            raise UsageError(f"--split {split!r} would write outside {out_dir}; use a split id such as 1")
+        if not any(p.exists() for p in pair):
+            return pair
+        n += 1
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
+    check_arguments(args)
     from cvtcl.data import build_eval_loader, build_pretrain_loader
     from preprocess.schema import load_manifest
 
     manifest = load_manifest(args.shards)
-    if manifest.dataset != args.dataset:
-        raise SystemExit(f"{args.shards}/manifest.json holds dataset {manifest.dataset!r}, not {args.dataset!r}")
-    encoders, sources = load_encoders(args)
+    encoders, sources, trained = load_encoders(args)
+    check_dataset(args, manifest, list(encoders))
+    clip_shape(args, trained, encoders)
+    # Next to the checkpoint by default: the evaluation belongs to the run that trained it.
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
+    results_file, neighbours_file = output_paths(out_dir, args.protocol, args.dataset, args.split)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     common = dict(split=args.split, frames_per_clip=args.frames_per_clip, crop_size=args.crop_size,
@@ -172,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def make_train(modality: str) -> Any:  # fine-tune: augmented clips of the train subset
         return build_pretrain_loader(args.shards, subset="train", modalities=(modality,), batch_size=args.batch_size,
-                                     pair_mode="same", seed=args.seed, **common)
+                                     pair_mode="same", seed=args.seed, augment=FinetuneConfig.augment, **common)
 
-    out_dir = Path(args.out or Path(args.checkpoint or ".").resolve().parent)
     payload: dict[str, Any] = {"protocol": args.protocol, "dataset": args.dataset, "split": args.split,
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
-                               "bn_mode": args.bn_mode, "seed": args.seed}
+                               "bn_mode": args.bn_mode, "seed": args.seed,
+                               "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
+                               "window_stride": args.window_stride}
     if args.protocol == "finetune":
         config = FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
         results = run_finetune(encoders, make_loader, make_train, len(manifest.classes),
@@ -187,18 +292,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.protocol == "retrieval":
             results, tops = run_retrieval(train, test)
             any_modality = next(iter(train))
-            report.write_results(report.neighbours_path(out_dir, args.dataset, args.split),
-                                 report.neighbours_payload(args.shards, manifest.classes,
-                                                           test[any_modality], train[any_modality], tops))
+            report.write_results(neighbours_file, report.neighbours_payload(
+                args.shards, manifest.classes, test[any_modality], train[any_modality], tops))
         else:
-            config = LinearProbeConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+            config = LinearProbeConfig(seed=args.seed, optimizer=args.probe_optimizer,
+                                       lr=PROBE_LR[args.probe_optimizer],
+                                       **({"epochs": args.epochs} if args.epochs else {}))
             results = run_linear(train, test, len(manifest.classes), config, args.heldout_fraction)
     payload["results"] = results
-    path = report.write_results(report.results_path(out_dir, args.protocol, args.dataset, args.split), payload)
+    path = report.write_results(results_file, payload)
     report.print_table(report.results_table(f"{args.protocol} on {args.dataset} split {args.split}", results))
     print(f"results: {path}")
     return payload
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m cvtcl.eval`: expected errors as one line (cvtcl/errors.py), exit 2; 130 after Ctrl-C."""
+    def body(args: list[str]) -> int:
+        main(args)
+        return EXIT_OK
+
+    return run_command("cvtcl.eval", body, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Video-level features from a frozen encoder, the input of retrieval and the linear probe.
 
-Paper §3.2 with the CoCLR protocol (ALGORITHM.md "Evaluation"): backbone features only (the
+Paper §3.2 with the CoCLR protocol (docs/algorithm.md "Evaluation"): backbone features only (the
 projection head is discarded), one feature per video = the mean of the features of all its
 sliding windows (T = 32, stride 16), centre crop, no test-time jitter. The windows come from an
 `EvalLoader` (`cvtcl.data.build_eval_loader`), which yields every window of every video exactly

@@ -7,8 +7,12 @@ starts from nothing), weight decay 1e-3. The epoch is selected on held-out train
 weights and ten crops (4 corners + centre, x 2 flips), the softmax averaged over every sliding
 window and crop of a video. Two-stream: the mean of the two streams' video probabilities.
 
-Training clips come from the pretraining loader (`build_pretrain_loader`, its spatial
-augmentation; copy 0 of each pair), its held-out videos masked out of each batch.
+Training clips come from the pretraining loader (`build_pretrain_loader`; copy 0 of each pair),
+its held-out videos masked out of each batch, with `FinetuneConfig.augment` = "weak": random
+resized crop and flip, no colour jitter, grayscale or blur. CoCLR fine-tunes with a weaker
+augmentation than it pretrains with (crop, flip, colour jitter with p 0.3, no grayscale or blur);
+the loader has no jitter-at-p-0.3 strength, so "weak" is the closest it offers, and "standard"
+(the pretraining list) is the other choice.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-3
     dropout: float = 0.9  # CoCLR's heavy dropout; UCF101 is small for a full S3D
     lr_drops: tuple[float, ...] = (0.8, 0.9)  # lr x 0.1 at these fractions of the epochs (our choice)
+    augment: str = "weak"  # training clips: crop + flip (CoCLR: + jitter p 0.3; see the module docstring)
     eval_every: int = 5  # held-out scoring decodes ~10% of train videos x all windows: not every epoch
     seed: int = 0
 

@@ -4,7 +4,7 @@ Pure functions of unit-norm embeddings and the queue: no state, no modules. Inpu
 fp32 first, so the losses are computed in fp32 whatever precision the encoders ran in (logits of
 0.07-temperature softmaxes over 2048 negatives are outside what fp16/bf16 resolve well).
 
-Shapes (ALGORITHM.md notation): B batch, M local segments, Mq query segments (1 for
+Shapes (docs/algorithm.md notation): B batch, M local segments, Mq query segments (1 for
 local_queries="first", M for "all"), D embedding dim, K queue length.
 """
 

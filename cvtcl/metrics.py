@@ -1,4 +1,4 @@
-"""Training metrics: metrics.jsonl, TensorBoard (when installed) and progress output (DESIGN.md "Metrics").
+"""Training metrics: metrics.jsonl, TensorBoard (when installed) and progress output (docs/design.md "Metrics").
 
 Rank 0 writes one JSON line per log step with every loss term and accuracy (window means,
 averaged over ranks), lr, clips/s (global), data-wait and compute seconds per step, the data-wait

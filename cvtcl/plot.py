@@ -18,12 +18,14 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cvtcl.errors import UsageError, run_command
 from cvtcl.metrics import read_metrics  # noqa: F401 (part of this module's interface)
 from cvtcl.report import NEIGHBOURS_PREFIX
 
@@ -50,7 +52,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("cvtcl-plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise UsageError("cvtcl-plot needs matplotlib, the plot extra: pip install -e '.[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -137,7 +139,13 @@ def plot_retrieval(neighbours_file: str | os.PathLike, out_path: str | os.PathLi
                    shards: str | os.PathLike | None = None, num_queries: int = 6) -> Path:
     """Rows = queries; columns = the query, then its top-3 neighbours for each stream."""
     plt = _pyplot()
-    data = json.loads(Path(neighbours_file).read_text())
+    try:
+        data = json.loads(Path(neighbours_file).read_text())
+        queries, gallery, classes = data["queries"], data["gallery"], data["classes"]
+        streams = [s for s in ("rgb", "flow", "two-stream") if s in data["neighbours"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{neighbours_file}: not a retrieval-neighbours file of cvtcl.eval ({type(err).__name__}: "
+                         f"{err}); rerun the retrieval evaluation or move the file away") from None
     queries, gallery, classes = data["queries"], data["gallery"], data["classes"]
     streams = [s for s in ("rgb", "flow", "two-stream") if s in data["neighbours"]]
     rows = pick_queries([q["label"] for q in queries], num_queries)
@@ -173,7 +181,12 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
              shards: str | os.PathLike | None = None, num_queries: int = 6) -> list[Path]:
     """Every figure RUN_DIR has data for; returns the PNG paths."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a directory; give a training run directory (metrics.jsonl below it) "
+                         "or an evaluation's --out")
     out_dir = Path(out_dir) if out_dir else run_dir / "figures"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a directory for the PNGs")
     written = []
     for metrics in sorted(run_dir.rglob("metrics.jsonl")):
         stem = "-".join(metrics.parent.relative_to(run_dir).parts) or "run"
@@ -182,17 +195,26 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         stem = neighbours.stem.replace(NEIGHBOURS_PREFIX, "retrieval-")
         written.append(plot_retrieval(neighbours, out_dir / f"{stem}.png", shards, num_queries))
     if not written:
-        raise SystemExit(f"{run_dir}: no metrics.jsonl and no {NEIGHBOURS_PREFIX}*.json below it; nothing to plot")
+        raise UsageError(f"{run_dir}: no metrics.jsonl and no {NEIGHBOURS_PREFIX}*.json below it; nothing to plot "
+                         "(give the run.out_dir of a training run, or the --out of an evaluation)")
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: expected errors as one line (cvtcl/errors.py), exit 2; 130 after Ctrl-C."""
+    return run_command("cvtcl-plot", _main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="cvtcl-plot", description="Training curves and retrieval figures as PNG.")
     parser.add_argument("run_dir", help="a training run directory (metrics.jsonl below it) or evaluation output")
     parser.add_argument("--out", help="where the PNGs go (default RUN_DIR/figures)")
     parser.add_argument("--shards", help="dataset directory for retrieval frames (default: the one evaluated)")
     parser.add_argument("--queries", type=int, default=6, help="query rows in the retrieval figure")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     args = parser.parse_args(argv)
+    if args.queries < 1:
+        raise UsageError(f"--queries={args.queries}: must be at least 1")
     written = plot_run(args.run_dir, args.out, args.shards, args.queries)
     for path in written:
         print(path)
@@ -200,4 +222,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

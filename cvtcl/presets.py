@@ -1,8 +1,11 @@
-"""Named training presets: plain functions returning a `TrainConfig` (paper §3.1 hyper-parameters).
+"""Named training presets: plain functions returning a `TrainConfig`.
 
 `--preset NAME` picks one; `key.sub=value` arguments override its fields. A preset states only
-what differs from the dataclass defaults, which already are the paper's stage-1 values
-(Adam lr 1e-3, wd 1e-4, 300 epochs, lr x0.1 at 250 and 280, 32x128x128, K 2048, tau 0.07).
+what differs from the dataclass defaults, which already are the stage-1 values: from the paper
+(§3.2: Adam lr 1e-3, wd 1e-4, 300 epochs, 32x128x128, 8 GPUs) and, where the paper is silent,
+from CoCLR (lr x0.1 at 250 and 280, K 2048, tau 0.07, m 0.999, 16 clips per GPU). `optim.amp`
+is our choice ("auto": bf16/fp16 where the GPU has tensor cores); the paper trained in fp32, and
+`optim.amp=fp32` is the strict reproduction setting.
 
 Batch size: the paper trains on 8 GPUs and does not state the per-GPU batch in the text we follow;
 its released code silently used 8 per GPU. We use 16 clips per GPU (global 128 on 8 GPUs, which
@@ -71,7 +74,7 @@ def smoke() -> TrainConfig:
 
 
 def ucf101_cvtcl() -> TrainConfig:
-    """The whole paper schedule from one command (ALGORITHM.md "Stage 2 — Schedule"): stage 1 rgb and
+    """The whole paper schedule from one command (docs/algorithm.md "Stage 2 — Schedule"): stage 1 rgb and
     flow (300 epochs each, as ucf101-stage1-*), then 2 cycles of rgb mining from flow and flow
     mining from the new rgb, 100 epochs each, lr 1e-3 x0.1 at epoch 80, L_LTCL for rgb only.
     Sub-stages live in runs/ucf101-cvtcl/<sub-stage>/; `--stage NAME` runs one of them."""

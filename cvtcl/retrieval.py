@@ -1,6 +1,6 @@
 """Nearest-neighbour video retrieval (paper §3.2, Table 5) and the kNN training monitor (Fig. 3).
 
-Protocol (ALGORITHM.md "Evaluation"): queries are the test videos, the gallery is the train
+Protocol (docs/algorithm.md "Evaluation"): queries are the test videos, the gallery is the train
 videos of the same split; each set is mean-centred by its own mean, L2-normalised, and compared by
 cosine similarity. A query is a hit at k when any of its k most similar gallery videos has its
 class; Recall@k is the fraction of hit queries. Two-stream retrieval sums the RGB and flow

@@ -1,6 +1,6 @@
 """The whole two-stage CVTCL schedule as a list of sub-stages, run and resumed from one command.
 
-ALGORITHM.md "Stage 2 — Schedule" (paper §2.4): stage 1 trains rgb and flow alone; then
+docs/algorithm.md "Stage 2 — Schedule" (paper §2.4): stage 1 trains rgb and flow alone; then
 `cycles` times: rgb mines from the latest flow, then flow mines from the new rgb. Each stage-2
 sub-stage starts from the trained modality's latest weights (the trainer copies the query
 weights into query and key encoders) and uses the other modality's latest query encoder as its
@@ -74,6 +74,25 @@ def select(stages: Sequence[SubStage], name: str | None) -> list[SubStage]:
         if stage.name == name:
             return [stage]
     raise ValueError(f"--stage {name!r} is not in this schedule; choose one of {[s.name for s in stages]}")
+
+
+def warmup_steps(queue_size: int, global_batch: int) -> int:
+    """Steps a co-training run takes before its queue is full: they train nothing (cvtcl/cotrain.py)."""
+    return -(-queue_size // global_batch)
+
+
+def check_queue_fills(queue_size: int, global_batch: int, steps_per_epoch: int, epochs: int, epochs_key: str) -> None:
+    """Refuse, before any work, a co-training run whose queue is still filling at its last step: it
+    would end "complete" without a single optimizer step."""
+    warmup = warmup_steps(queue_size, global_batch)
+    steps = steps_per_epoch * epochs
+    if steps <= warmup:
+        raise ValueError(
+            f"co-training takes no optimizer step until its queue is full: loss.queue_size={queue_size} needs "
+            f"{warmup} steps of global batch {global_batch}, but {epochs_key}={epochs} epochs of {steps_per_epoch} "
+            f"steps are {steps}. Raise {epochs_key} above {warmup // max(steps_per_epoch, 1)} or lower "
+            "loss.queue_size (a multiple of the global batch)"
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Model selection on a held-out part of the training split, never on the test split.
 
 The authors' release picked the linear-probe and fine-tune checkpoints by test accuracy
-(ALGORITHM.md "Known defects"); here the epoch is chosen on held-out train videos and the test
+(docs/algorithm.md "Known defects"); here the epoch is chosen on held-out train videos and the test
 split is scored once, with the selected weights. The held-out part is drawn by source group
 (UCF101 `v_Class_gXX_cYY`: the clips of one group are cut from one recording), so that held-out
 videos are not near-copies of training videos and the selection signal is not inflated.

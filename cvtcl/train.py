@@ -10,13 +10,15 @@ sub-stage is one ordinary run below in `run.out_dir/<sub-stage>/`; rerunning res
 Reads top to bottom in execution order: parse the config, validate everything that can be
 checked without work (config, world size vs queue, dataset files, checkpoints), join the process
 group, build loader / model / optimizer, resume from the run directory's latest checkpoint, then
-run epochs (cvtcl/engine.py) until done, `run.max_steps`, or SIGTERM (checkpoint, exit 0).
+run epochs (cvtcl/engine.py) until done, `run.max_steps`, SIGTERM (checkpoint, exit 0) or Ctrl-C
+(checkpoint, exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -29,18 +31,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cvtcl import distributed
 from cvtcl.checkpoint import is_complete, latest_loadable, load_encoder, save_checkpoint
-from cvtcl.config import TrainConfig, apply_overrides, describe
+from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
 from cvtcl.engine import (STEPS, Context, StepTerms, amp_dtype, compile_encoders, peak_memory_gib, read_terms,
                           train_one_epoch)
+from cvtcl.errors import EXIT_INTERRUPTED, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
 from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast, check_queue_size
 from cvtcl.presets import PRESETS, get_preset
-from cvtcl.schedule import cvtcl_schedule, run_schedule
+from cvtcl.schedule import check_queue_fills, cvtcl_schedule, run_schedule, warmup_steps
 from preprocess.hygiene import OutputDirError, exclusive_dir
-from preprocess.schema import LayoutError, load_manifest, write_json_atomic
+from preprocess.schema import load_manifest, write_json_atomic
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
 # logged, not what is computed. Anything else needs a new run.out_dir.
@@ -51,24 +54,33 @@ RESUMABLE_CHANGES = {
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
-    """(config, --stage NAME or None)."""
+    """(config, --stage NAME or None): the preset, then --config FILE, then key=value overrides."""
     parser = argparse.ArgumentParser(
         prog="python -m cvtcl.train",
         description="CVTCL training (one process, or one per GPU under torchrun).",
         epilog="overrides: section.field=value, e.g. optim.lr=5e-4 data.root=/data/ucf101 (--help-config lists them)",
     )
-    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and reason")
+    parser.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file of sections and keys (a run's config.json works as is), "
+                             "applied over the preset (or the defaults without --preset)")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its value (after --preset, --config, overrides) and reason")
     parser.add_argument("--stage", help="with a schedule preset (e.g. ucf101-cvtcl): run this sub-stage only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help-config" in argv:
-        print(describe())
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not (args.preset or args.config or args.help_config):
+        parser.error("give --preset NAME or --config FILE (or both: the file's keys override the preset's)")
+    config = get_preset(args.preset) if args.preset else TrainConfig()
+    if args.config:
+        config = apply_file(config, read_config_file(args.config), f"--config {args.config}")
+    config = apply_overrides(config, args.overrides)
+    if args.help_config:
+        print(describe(config))
         raise SystemExit(0)
-    args = parser.parse_args(argv)
-    config = apply_overrides(get_preset(args.preset), args.overrides)
     if args.stage and not config.schedule.cycles:
-        raise ValueError(f"--stage {args.stage}: preset {args.preset!r} runs one stage (schedule.cycles=0); "
+        raise ValueError(f"--stage {args.stage}: this config runs one stage (schedule.cycles=0); "
                          "use a schedule preset such as ucf101-cvtcl or smoke-cvtcl")
     return config, args.stage
 
@@ -105,6 +117,8 @@ def validate(config: TrainConfig, world_size: int) -> None:
         )
     global_batch = config.data.batch_size * world_size
     check_queue_size(config.loss.queue_size, global_batch)
+    check_device(config)
+    check_out_dir(config.run.out_dir)
     if config.stage.kind not in STEPS:
         raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
     for name in ("sampler_checkpoint", "init_checkpoint"):
@@ -112,6 +126,9 @@ def validate(config: TrainConfig, world_size: int) -> None:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"stage.{name}={path} does not exist")
     check_dataset(config, modalities(config), global_batch)
+    if config.stage.kind == "cotrain":
+        check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
+                          config.optim.epochs, "optim.epochs")
     skipped = []
     latest, state = latest_loadable(config.run.out_dir, log=skipped.append)
     if latest is not None:
@@ -119,6 +136,35 @@ def validate(config: TrainConfig, world_size: int) -> None:
     elif skipped:  # starting over would overwrite their history: the user decides
         raise ValueError(f"no checkpoint in {config.run.out_dir} loads ({skipped[0]}); move them away to start "
                          "the run over, or use a new run.out_dir")
+
+
+def check_device(config: TrainConfig) -> None:
+    """run.device names a device this machine has, and optim.amp suits it (before any process group
+    or loader exists)."""
+    _, local_rank, _ = distributed.env_world()
+    try:
+        device = distributed.resolve_device(config.run.device.split(":")[0], local_rank)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    if device.type == "cpu":  # on a GPU, asking for its capability would initialise CUDA here
+        amp_dtype(config.optim.amp, device)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """run.out_dir is a directory, or can become one (it is created only once the checks pass)."""
+    path = Path(out_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # ends at "." or "/"
+    if not existing.is_dir():
+        raise NotADirectoryError(f"run.out_dir={out_dir}: {existing} is a file, not a directory; "
+                                 "choose another run.out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"run.out_dir={out_dir}: {existing} is not writable; choose another run.out_dir")
+
+
+def epoch_steps(config: TrainConfig, world_size: int) -> int:
+    """Steps per epoch as the loader will have them: the split's videos over the global batch."""
+    videos = load_manifest(config.data.root).splits[config.data.split][config.data.subset]
+    return len(videos) // world_size // config.data.batch_size
 
 
 def modalities(config: TrainConfig) -> tuple[str, ...]:
@@ -211,43 +257,61 @@ def run_dir_lock(out_dir: str | Path):
     """One writer per run directory: rank 0 holds `out_dir/.lock` for the run (preprocess/hygiene.py);
     a second training on it stops with OutputDirError (exit 2). Other ranks share rank 0's."""
     rank, _, _ = distributed.env_world()
-    return exclusive_dir(out_dir, "cvtcl.train run") if rank == 0 else contextlib.nullcontext()
+    if rank != 0:
+        return contextlib.nullcontext()
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"run.out_dir={out_dir}: cannot create it ({err.strerror}); "
+                              "choose a writable run.out_dir") from None
+    return exclusive_dir(out_dir, "cvtcl.train run")
 
 
 def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
+    """Train one run or the whole schedule; 0 when done or stopped by SIGTERM, 130 after Ctrl-C."""
     config, only = parse_config(argv)
+    stopped_by: list[int | None] = []
     if not config.schedule.cycles:
-        train(config, build_loader)
+        stopped_by.append(train(config, build_loader))
     else:
-        rank, _, _ = distributed.env_world()
+        rank, _, world_size = distributed.env_world()
+        global_batch = config.data.batch_size * world_size
+        check_dataset(config, ("rgb", "flow"), global_batch)
+        check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
+                          config.schedule.cotrain_epochs, "schedule.cotrain_epochs")
         with run_dir_lock(config.run.out_dir):
             run_schedule(
                 cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
-                run_one=lambda run: train(stage_config(config, run), build_loader),
+                run_one=lambda run: stopped_by.append(train(stage_config(config, run), build_loader)),
                 is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
                 log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
             )
     distributed.shutdown()
-    return 0
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
 
 
-def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
+def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> int | None:
     """One run of the training loop: validate (creating nothing), then under run.out_dir's lock
-    build, resume from run.out_dir, train, checkpoint."""
+    build, resume from run.out_dir, train, checkpoint. Returns the signal that stopped it early
+    (SIGTERM, SIGINT), or None."""
     _, _, world_size = distributed.env_world()
     validate(config, world_size)
-    with run_dir_lock(config.run.out_dir):
-        _train(config, build_loader)
+    with run_dir_lock(config.run.out_dir), StopSignals() as stop_signals:
+        _train(config, build_loader, stop_signals)
+    return stop_signals.received
 
 
-def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -> None:
-    """Build, resume from run.out_dir, train, checkpoint (the caller validated and holds the lock)."""
+def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_signals: StopSignals) -> None:
     dist = distributed.init(config.run.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
     run_dir = Path(config.run.out_dir)
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"run.out_dir={run_dir}: cannot create it ({err.strerror}); "
+                                  "choose a writable run.out_dir") from None
+        try:
             write_json_atomic(run_dir / "config.json", config.to_dict())
         except OSError as err:  # a full disk: one line (exit 2), not a traceback
             raise OutputDirError(f"cannot write {run_dir / 'config.json'} ({err.strerror}); free space") from None
@@ -268,6 +332,9 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) 
 
     steps_per_epoch = loader.steps_per_epoch
     epochs_total = config.optim.epochs * steps_per_epoch  # "complete" = every epoch trained
+    # ... and at least one optimizer step taken (stage 2 trains nothing while its queue fills)
+    trained = config.stage.kind != "cotrain" or (
+        epochs_total > warmup_steps(config.loss.queue_size, config.data.batch_size * dist.world_size))
     total = epochs_total
     if config.run.max_steps:
         total = min(total, config.run.max_steps)
@@ -277,8 +344,6 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) 
     if latest is not None:
         logger.message(f"resumed from {latest} (step {ctx.step}, epoch {epoch}, batch {epoch_step})")
 
-    sigterm = {"seen": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True))
     # the steps since the last log line before the checkpoint: the first line after a resume
     # averages the same steps as an uninterrupted run's
     window = Window.from_state(state.get("metrics_window") if state else None)
@@ -315,13 +380,15 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) 
             window = Window()
         # One process reads its own flag; under torchrun the ranks agree on it at log steps only
         # (a collective every step would make each step wait for the others and the GPU).
-        stop = sigterm["seen"] if dist.world_size == 1 else log_step and distributed.broadcast_flag(sigterm["seen"], dist.device)
+        asked = stop_signals.received is not None
+        stop = asked if dist.world_size == 1 else log_step and distributed.broadcast_flag(asked, dist.device)
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
             absorb()  # a checkpoint never holds a non-finite step
             window_state = window.state_dict(lambda sums: distributed.all_reduce_mean(sums, dist.device))
             if dist.is_main:
-                save_checkpoint(run_dir, {**checkpoint_state(ctx, *position, complete=ctx.step >= epochs_total),
+                complete = ctx.step >= epochs_total and trained
+                save_checkpoint(run_dir, {**checkpoint_state(ctx, *position, complete=complete),
                                           "metrics_window": window_state}, config.run.keep_checkpoints)
             distributed.barrier()
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
@@ -330,7 +397,8 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) 
                 logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
             distributed.barrier()
         if stop:
-            logger.message(f"SIGTERM: checkpoint saved at step {ctx.step}; rerun the same command to resume")
+            logger.message(f"{stop_signals.describe()}: checkpoint saved at step {ctx.step}; "
+                           "rerun the same command to resume")
         return stop or finished
 
     try:
@@ -339,22 +407,16 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) 
             if train_one_epoch(ctx, batches, epoch, epoch_step, on_step):
                 break
             epoch, epoch_step = epoch + 1, 0
-        logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
+        if stop_signals.received is None:  # a signal's own line already said where the run stopped
+            logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     finally:
         logger.close()
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m cvtcl.train`: expected errors (config, data, non-finite loss) as one line, exit 2 / 1."""
-    try:
-        return main(argv)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError, OutputDirError,
-            LayoutError) as err:
-        # an OSError's args[0] is its errno: a lone "error: 2" said nothing
-        message = str(err) if isinstance(err, OSError) else err.args[0] if err.args else repr(err)
-        print(f"cvtcl.train: error: {message}", file=sys.stderr)
-        return 1 if isinstance(err, FloatingPointError) else 2
+def cli(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:
+    """`python -m cvtcl.train`: expected errors as one line (cvtcl/errors.py); exit 2 for bad input,
+    1 when training failed (non-finite loss), 130 after Ctrl-C."""
+    return run_command("cvtcl.train", lambda args: main(args, build_loader), argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DALI pipelines over cvtcl shards: clip sampling, local segments and clip-consistent augmentation.
 
-Only `cvtcl/data.py` imports this package (STYLE.md rule 1). Modules, in data-flow order:
+Only `cvtcl/data.py` imports this package (docs/contributing.md rule 1). Modules, in data-flow order:
 
 - `sampling.py`  (numpy) every sample's video, frames and augmentation parameters as a pure
                  function of (seed, epoch, rank, index); evaluation windows and crops.
@@ -12,7 +12,7 @@ Only `cvtcl/data.py` imports this package (STYLE.md rule 1). Modules, in data-fl
 - `baseline.py`  the PyTorch DataLoader + OpenCV loader on the same plans (benchmark baseline,
                  fallback without DALI); `toy_shards.py` tiny synthetic datasets for tests/benchmarks.
 
-Documented choices (ALGORITHM.md leaves them open or asks to say so):
+Documented choices (docs/algorithm.md leaves them open or asks to say so):
 - videos shorter than a clip are padded by repeating their FIRST frame at the front (CoCLR);
 - the flow of frames i..i+T-1 is flow frames i..i+T-1; the last frame's index (n-1) is clamped
   to the last flow frame n-2;

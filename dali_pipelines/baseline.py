@@ -1,5 +1,5 @@
 """The baseline loader: a plain PyTorch DataLoader over the same shards, OpenCV decode and per-clip
-augmentation in numpy/OpenCV (CoCLR-style). DESIGN.md "Loader": it is the comparison point of
+augmentation in numpy/OpenCV (CoCLR-style). docs/design.md "Loader": it is the comparison point of
 `benchmarks/loader_speed.py` and the fallback where DALI is not installed.
 
 It consumes the same plans as the DALI pipelines (`sampling.py`, read through `source.ClipReader`)

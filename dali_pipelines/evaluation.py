@@ -1,6 +1,6 @@
 """The evaluation pipeline: every sliding window of every video, centre crop or ten crops.
 
-ALGORITHM.md "Evaluation" (paper §3.2, CoCLR protocol): windows of T frames at `window_stride`,
+docs/algorithm.md "Evaluation" (paper §3.2, CoCLR protocol): windows of T frames at `window_stride`,
 no test-time jitter. The crop is a centre square of side round(224/240 * short side) resized to
 `crop_size` (for 320x240 video exactly the paper's "centre 224, then resize to 128"); ten crops are
 torchvision's TenCrop order: top-left, top-right, bottom-left, bottom-right, centre, then the same

@@ -1,5 +1,5 @@
 """DALI graph pieces applied to a batch of frames (one frame per sample), shared by the pretraining
-and evaluation pipelines. ALGORITHM.md "Data per training sample": crop, flip, colour, blur,
+and evaluation pipelines. docs/algorithm.md "Data per training sample": crop, flip, colour, blur,
 normalisation; flow gets crop and flip only, and flow-x changes sign with the flip.
 
 Order per frame: decode -> crop+resize (one op: resize with a source ROI, linear, antialiased) ->

@@ -1,6 +1,6 @@
 """Running a DALI pipeline from torch: device choice, worker start, zero-copy outputs, error reports.
 
-DESIGN.md "Loader": outputs reach torch through `DALIGenericIterator` without a copy (the pipeline
+docs/design.md "Loader": outputs reach torch through `DALIGenericIterator` without a copy (the pipeline
 runs with `exec_dynamic=True`, so the iterator hands out DLPack views of DALI's buffers instead of
 copying them into fresh tensors). Those views are valid until the next batch; the loaders copy
 them once, into the [B, V, C, T, H, W] layout the model needs (the T <-> C transpose is that copy).

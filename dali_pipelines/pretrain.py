@@ -1,6 +1,6 @@
 """The pretraining pipeline (two augmented copies of a clip, optional spread segments) and its loader.
 
-ALGORITHM.md "Data per training sample", paper §2.1 (two augmentations of one clip) and §2.3
+docs/algorithm.md "Data per training sample", paper §2.1 (two augmentations of one clip) and §2.3
 (local segments). One pipeline serves one modality or the two-stream case (rgb and flow of the same
 frames, sharing crop and flip). Sampling and augmentation parameters come from `sampling.py` through
 `source.PretrainSource`; this module only builds the DALI graph and assembles torch batches:

@@ -1,6 +1,6 @@
 """Which frames each training sample reads and how each clip copy is augmented (numpy only).
 
-ALGORITHM.md "Data per training sample" (paper §2.1, §2.3). Every plan is a pure function of
+docs/algorithm.md "Data per training sample" (paper §2.1, §2.3). Every plan is a pure function of
 (seed, epoch, rank, index): the DALI source and the baseline loader call the same functions, so the
 two backends see the same videos, frames, crops, flips and colours, and a run resumed at
 (epoch, step) reproduces the rest of the epoch exactly.
@@ -10,7 +10,7 @@ Choices where the spec is silent (documented in the README as well):
   equal parts; the remainder (fewer than `world_size` videos) and the last partial batch of each
   rank are dropped, so every rank runs the same number of steps.
 - Temporal window: T frames at `frame_stride`; the start is uniform over every legal start
-  (0 .. n - 1 - (T - 1) * stride, which equals ALGORITHM's n - T for stride 1). A video shorter than
+  (0 .. n - 1 - (T - 1) * stride, that is n - T for stride 1). A video shorter than
   the window is padded by repeating its first frame at the front (CoCLR's rule).
 - Flow: the flow of frames i .. i + T - 1 is flow frames i .. i + T - 1 (flow frame i is the motion
   from frame i to i + 1); a video of n frames has n - 1 flow frames, so index n - 1 is clamped to
@@ -20,9 +20,9 @@ Choices where the spec is silent (documented in the README as well):
   mid-grey (128) rather than torchvision's per-image mean (that would need the decoded frame),
   saturation blends with the luma (0.299, 0.587, 0.114), hue rotates the chroma plane of YIQ
   (torchvision rotates in HSV, which is not linear). Values are clamped once, after the map.
-- Augmentation strength (`augment`, ALGORITHM's "CoCLR's strong/weak controller is an option"):
-  CoCLR has two transforms, "strong" (its base transform: ALGORITHM's list, crop + flip + jitter
-  + grayscale + blur) and "weak" (crop + flip only), and a controller that mixes them per copy.
+- Augmentation strength (`augment`; docs/algorithm.md, "Data per training sample"):
+  CoCLR has two transforms, "strong" (its base transform, the list in docs/algorithm.md: crop + flip
+  + jitter + grayscale + blur) and "weak" (crop + flip only), and a controller that mixes them per copy.
   "standard" gives every copy the strong list (the paper's setting), "weak" every copy crop + flip,
   "coclr" CoCLR's controller: copies of one window get one strong and one weak copy (which one at
   random), copies of two windows are each strong with p = 0.3. Crops, flips and frames do not
@@ -280,7 +280,7 @@ def flow_indices(frames: np.ndarray, num_frames: int) -> np.ndarray:
     return np.minimum(frames, num_frames - 2)
 
 
-# Evaluation: deterministic windows and crops (ALGORITHM.md "Evaluation").
+# Evaluation: deterministic windows and crops (docs/algorithm.md "Evaluation").
 EVAL_CROP_FRACTION = 224 / 240  # the paper's centre 224 of a 240-pixel-high frame
 
 

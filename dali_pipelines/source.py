@@ -1,6 +1,6 @@
 """Batch sources for DALI's parallel `fn.external_source`: encoded frames plus per-frame arguments.
 
-DESIGN.md "Loader". A source is a picklable callable `source(batch_info) -> tuple of outputs`;
+docs/design.md "Loader". A source is a picklable callable `source(batch_info) -> tuple of outputs`;
 DALI runs it in worker processes (`parallel=True, batch=True`), where the ShardReader opens its
 HDF5 files lazily (never before the fork). Batch mode, not per-sample mode: one worker produces a
 whole batch with ONE contiguous read per clip window (a per-frame sample source would read frame by

@@ -5,8 +5,10 @@ manifest once every part is complete (preprocess/parts.py).
 
 Exit status: 0 every video packed (verify: no problem); 3 some videos failed and were recorded in
 the manifest, the dataset (or the part) was written; 2 usage or configuration error (bad flag,
-missing root or split file, an --out made with other parameters, unwritable output; merge: a part
-not complete), nothing packed; 1 verify found problems (each listed on stderr).
+missing root or split file, an --out made with other parameters, unwritable output, no GPU for
+--flow-device cuda; merge: a part not complete), nothing packed; 1 verify found problems (each
+listed on stderr); 130 Ctrl-C and 143 SIGTERM (finished shards are kept: rerun to resume).
+Errors are one line; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from preprocess.flow_workers import resolve_flow_devices
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, locked_out, pack
 from preprocess.parts import Part, merge, pack_part
+from preprocess.schema import LayoutError
 from preprocess.synthetic import SyntheticConfig, generate_raw
 from preprocess.verify import verify
 
 EXIT_PROBLEMS = 1
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports 128 + SIGINT
 
 
 def _pack_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,11 @@ def _pack_flags(parser: argparse.ArgumentParser) -> None:
                         help="flow worker processes per GPU (default: 2, fewer if GPU memory or cores are short)")
     parser.add_argument("--flow-batch", type=int, default=None, help="frame pairs per call for batched backends")
     _part_flag(parser)
+    _debug_flag(parser)
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
 
 
 def _parse_part(text: str) -> Part:
@@ -98,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("dir", type=Path)
     ver.add_argument("--workers", type=int, default=1)
     _part_flag(ver)
+    _debug_flag(ver)
 
     mer = commands.add_parser("merge", help="after a run split with --part: check every part, write the manifest")
     mer.add_argument("dir", type=Path)
+    _debug_flag(mer)
     return parser
 
 
@@ -158,34 +169,48 @@ def _exit_on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. Expected failures print one line naming the flag or file (the traceback
+    with --debug); Ctrl-C exits 130, SIGTERM 143, keeping finished shards."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        if args.command == "verify":
-            if not args.dir.is_dir():
-                raise ConfigError(f"{args.dir} is not a directory")
-            problems = verify(args.dir, workers=args.workers, part=args.part)
-            for problem in problems:
-                print(f"PROBLEM {problem}", file=sys.stderr)
-            print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
-            return EXIT_PROBLEMS if problems else EXIT_OK
-        if args.command == "merge":
-            manifest = merge(args.dir)
-            return _summary(str(args.dir), manifest.shards, manifest.videos, manifest.failed)
-        if args.command == "synthetic":
-            if args.part is not None:  # parts would generate the same raw videos at once
-                raise ConfigError("synthetic does not take --part: it is small, run it as one process")
-            return run_synthetic(synthetic_config(args), pack_options(args))
-        options = pack_options(args)
-        if args.command == "ucf101":
-            return _pack(index_ucf101(args.root), options, args.part)
-        if args.command == "kinetics400":
-            return _pack(index_kinetics400(args.root, args.annotations), options, args.part)
-        return _pack(index_hmdb51(args.root, args.splits), options, args.part)
-    except (ConfigError, DatasetError, ValueError, PermissionError) as err:
-        print(f"cvtcl-preprocess {args.command}: error: {err}", file=sys.stderr)
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"cvtcl-preprocess {args.command}: interrupted (Ctrl-C); finished shards are kept, rerun the same "
+              "command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, DatasetError, LayoutError, ValueError, OSError) as err:
+        if getattr(args, "debug", False):
+            raise
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
+        print(f"cvtcl-preprocess {args.command}: error: {' '.join(text.split())}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "verify":
+        if not args.dir.is_dir():
+            raise ConfigError(f"{args.dir} is not a directory")
+        problems = verify(args.dir, workers=args.workers, part=args.part)
+        for problem in problems:
+            print(f"PROBLEM {problem}", file=sys.stderr)
+        print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
+        return EXIT_PROBLEMS if problems else EXIT_OK
+    if args.command == "merge":
+        manifest = merge(args.dir)
+        return _summary(str(args.dir), manifest.shards, manifest.videos, manifest.failed)
+    if args.command == "synthetic":
+        if args.part is not None:  # parts would generate the same raw videos at once
+            raise ConfigError("synthetic does not take --part: it is small, run it as one process")
+        return run_synthetic(synthetic_config(args), pack_options(args))
+    options = pack_options(args)
+    if args.command == "ucf101":
+        return _pack(index_ucf101(args.root), options, args.part)
+    if args.command == "kinetics400":
+        return _pack(index_kinetics400(args.root, args.annotations), options, args.part)
+    return _pack(index_hmdb51(args.root, args.splits), options, args.part)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Indexing source datasets in their official layouts: which videos, which class, which source
-group, which split (DESIGN.md, Storage; the evaluation protocol of ALGORITHM.md uses split 1).
+group, which split (docs/design.md, Storage; the evaluation protocol of docs/algorithm.md uses split 1).
 
 UCF101 (`--root DIR`):
     DIR/UCF-101/<Class>/v_<Class>_gXX_cYY.avi

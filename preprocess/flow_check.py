@@ -2,7 +2,7 @@
 
 Used by tests/test_flow_torch.py and benchmarks/flow_speed.py to check a flow backend against
 ground truth and against the OpenCV reference, before and after the u8 quantisation that the
-shards store (DESIGN.md, "Flow"). Stdlib + numpy + OpenCV only.
+shards store (docs/design.md, "Flow"). Stdlib + numpy + OpenCV only.
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@ is recorded in `packed.json` just before it takes its final name. A rerun with t
 keeps a shard only if its sha256 still matches the recorded one and its header lists the planned
 videos, and says why it rebuilds any other (a damaged shard is rebuilt, never laundered into the
 manifest); a rerun with other parameters is refused. The manifest is written last, atomically, so
-a directory with a manifest is a finished dataset (DESIGN.md, Storage).
+a directory with a manifest is a finished dataset (docs/design.md, Storage).
 
 One writer: the run holds `OUT/.lock` (preprocess/hygiene.py); a second run on the same --out is a
 ConfigError (exit 2). The parts of a split run (preprocess/parts.py) share `.lock` with each other,
-and each holds its own lock and records its shards' sha256 in its own file under `OUT/parts/`. A full disk or an unwritable --out is an OutputError (exit 2): one line,
-the finished shards kept, and the same command resumes once there is room.
+and each holds its own lock and records its shards' sha256 in its own file under `OUT/parts/`.
+A full disk or an unwritable --out is an OutputError (exit 2): one line, the finished shards
+kept, and the same command resumes once there is room.
 
 Workers are spawned processes (never forked: a flow backend may hold CUDA state, and forking
 OpenCV's thread pool can deadlock); each builds its own flow backend, or, with

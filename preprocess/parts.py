@@ -1,5 +1,5 @@
 """Split preprocessing for cluster schedulers: `--part I/N` packs 1/N of the shards, `merge`
-writes the manifest once every part is complete (DESIGN.md, Storage).
+writes the manifest once every part is complete (docs/design.md, Storage).
 
 Part I of N (0-based: I = 0 .. N-1, as SLURM_ARRAY_TASK_ID of `--array=0-(N-1)` and Kubernetes'
 JOB_COMPLETION_INDEX count) owns the shards whose index i has i % N == I. Strided rather than in

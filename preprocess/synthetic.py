@@ -12,7 +12,7 @@ rest; decelerate to rest; stop and go; ...). Everything else is random:
   - the mean speed is drawn from one class-independent range and every profile has the same mean
     speed, so time-averaged flow does not separate the classes: plain translate/rotate/zoom
     classes are solved by raw flow (94-100% R@1 in a quick experiment, issue 2), these need the
-    temporal order of the motion, which is what CVTCL's temporal losses learn (ALGORITHM.md).
+    temporal order of the motion, which is what CVTCL's temporal losses learn (docs/algorithm.md).
     `benchmarks/synthetic_separability.py` (5 classes x 40 clips, split 1, nearest neighbour):
     time-averaged flow field R@1 0.17, its global statistics 0.20 (chance 0.20), while the
     per-frame speed profile reaches 0.78; with 8 classes 0.12 / 0.22 / 0.57 (chance 0.125).

@@ -1,4 +1,4 @@
-"""Decoding one source video with OpenCV into frames, the first step of packing (DESIGN.md, Storage).
+"""Decoding one source video with OpenCV into frames, the first step of packing (docs/design.md, Storage).
 
 Frames stay BGR uint8 as OpenCV returns them: `cv2.imencode` writes a correct colour JPEG from
 BGR, so nothing is converted twice. Every way a file can be unusable (missing, empty, not a

@@ -124,6 +124,23 @@ def test_stage_config_of_each_sub_stage(tmp_path):
     assert rgb.loss.ltcl_weight == 1.0 and rgb.loss.mining_topk == 5 and rgb.loss.self_positive_drop == 0.9
 
 
+def test_a_run_without_an_optimizer_step_is_never_complete(dataset, tmp_path, monkeypatch):
+    """Were the refusal (tests/test_errors.py) bypassed, a co-training run that only fills its queue
+    stops after its epochs but is not marked complete."""
+    import cvtcl.train
+
+    monkeypatch.setattr(cvtcl.train, "check_queue_fills", lambda *args: None)
+    sampler = _sampler_checkpoint(tmp_path / "flow", "flow")
+    args = ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={tmp_path / 'run'}", "stage.kind=cotrain",
+            f"stage.sampler_checkpoint={sampler}", "loss.queue_size=16", "optim.epochs=1", "run.progress=none"]
+    assert main(args, build_loader=FakePretrainLoader) == 0
+    assert [r["queue_full"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0.0]
+    assert not is_complete(tmp_path / "run")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="Raise optim.epochs above 1 or lower loss.queue_size"):
+        main(args, build_loader=FakePretrainLoader)
+
+
 def _schedule_args(dataset, out, *extra):
     return ["--preset", "smoke-cvtcl", f"data.root={dataset}", f"run.out_dir={out}", "loss.queue_size=8",
             "run.progress=plain", "run.keep_checkpoints=0", *extra]

@@ -7,6 +7,7 @@ import types
 import pytest
 
 from cvtcl import eval as cvtcl_eval
+from cvtcl.errors import UsageError
 from cvtcl.finetune import FinetuneConfig
 from cvtcl.linear_probe import LinearProbeConfig
 from cvtcl.report import neighbours_path, results_path
@@ -53,9 +54,11 @@ def test_finetune_with_model_objects():
 def fake_project(tmp_path, monkeypatch):
     """A manifest plus stand-ins for cvtcl.data and cvtcl.checkpoint (modality = checkpoint name)."""
     videos = TRAIN + TEST
-    manifest = Manifest("synthetic", {}, ["C0", "C1", "C2"], [], videos,
+    manifest = Manifest("synthetic", {"flow": {"backend": "fake"}}, ["C0", "C1", "C2"], [], videos,
                         {"1": {"train": [v.name for v in TRAIN], "test": [v.name for v in TEST]}})
     write_json_atomic(tmp_path / "manifest.json", manifest.to_dict())
+    for name in ("rgb.pt", "rgb2.pt", "flow.pt"):  # read by the stand-in load_encoder below, never opened
+        (tmp_path / name).touch()
     calls = []
 
     def build_eval_loader(root, *, subset, modality, crops, videos=None, **kwargs):
@@ -96,12 +99,62 @@ def test_cli_linear_random_init(fake_project, monkeypatch):
     assert payload["bn_mode"] == "batch"
 
 
+def test_cli_writes_next_to_the_checkpoint_and_never_overwrites(fake_project, monkeypatch):
+    root, _ = fake_project
+    run = root / "runs" / "stage1"
+    run.mkdir(parents=True)
+    (run / "rgb.pt").touch()
+    argv = ["retrieval", "--checkpoint", str(run / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root),
+            "--device", "cpu"]
+    cvtcl_eval.main(argv)
+    first = json.loads(results_path(run, "retrieval", "synthetic", "1").read_text())
+    cvtcl_eval.main(argv)  # a second evaluation keeps the first one's files and adds -2 files
+    assert json.loads(results_path(run, "retrieval", "synthetic", "1").read_text()) == first
+    assert (run / "eval-retrieval-synthetic-split1-2.json").is_file()
+    assert (run / "retrieval-neighbours-synthetic-split1-2.json").is_file()
+    # --random-init without --out: the current directory, not its parent
+    monkeypatch.chdir(run)
+    monkeypatch.setitem(sys.modules, "cvtcl.models", types.SimpleNamespace(Encoder=lambda m, b: TinyEncoder(m)))
+    cvtcl_eval.main(["retrieval", "--random-init", "rgb", "--dataset", "synthetic", "--shards", str(root)])
+    assert (run / "eval-retrieval-synthetic-split1-3.json").is_file()
+    assert not list(run.parent.glob("eval-*.json"))
+
+
+def test_results_never_leave_the_output_directory(tmp_path):
+    with pytest.raises(UsageError, match="would write outside"):
+        cvtcl_eval.output_paths(tmp_path, "linear", "synthetic", "1/../../elsewhere")
+
+
+def test_cli_takes_frames_and_crop_from_the_checkpoint(fake_project, monkeypatch):
+    root, calls = fake_project
+    trained = {"data": {"frames_per_clip": 8, "crop_size": 32}}
+    monkeypatch.setitem(sys.modules, "cvtcl.checkpoint",
+                        types.SimpleNamespace(load_encoder=lambda path, map_location: (TinyEncoder("rgb"), trained)))
+    payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic",
+                               "--shards", str(root), "--out", str(root / "a")])
+    assert {(c[3]["frames_per_clip"], c[3]["crop_size"], c[3]["window_stride"]) for c in calls} == {(8, 32, 4)}
+    assert (payload["frames_per_clip"], payload["crop_size"]) == (8, 32)
+    calls.clear()
+    cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards",
+                     str(root), "--out", str(root / "b"), "--frames-per-clip", "16", "--window-stride", "16"])
+    assert {(c[3]["frames_per_clip"], c[3]["crop_size"], c[3]["window_stride"]) for c in calls} == {(16, 32, 16)}
+    # two-stream from checkpoints trained on different clips: the user says which
+    other = {"data": {"frames_per_clip": 16, "crop_size": 32}}
+    monkeypatch.setitem(sys.modules, "cvtcl.checkpoint", types.SimpleNamespace(load_encoder=lambda path, map_location: (
+        (TinyEncoder("flow"), other) if "flow" in str(path) else (TinyEncoder("rgb"), trained))))
+    two_stream = ["retrieval", "--checkpoint", str(root / "rgb.pt"), "--checkpoint-flow", str(root / "flow.pt"),
+                  "--dataset", "synthetic", "--shards", str(root), "--out", str(root / "c")]
+    with pytest.raises(UsageError, match=r"different data.frames_per_clip \(\[8, 16\]\); choose one with --frames-per-clip"):
+        cvtcl_eval.main(two_stream)
+    assert cvtcl_eval.main([*two_stream, "--frames-per-clip", "8"])["frames_per_clip"] == 8
+
+
 def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
     root, _ = fake_project
-    with pytest.raises(SystemExit, match="synthetic"):
-        cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--dataset", "ucf101", "--shards", str(root)])
-    with pytest.raises(SystemExit, match="second rgb"):
-        cvtcl_eval.main(["retrieval", "--checkpoint", "rgb.pt", "--checkpoint-flow", "rgb2.pt",
+    with pytest.raises(UsageError, match="synthetic"):
+        cvtcl_eval.main(["retrieval", "--checkpoint", f"{root}/rgb.pt", "--dataset", "ucf101", "--shards", str(root)])
+    with pytest.raises(UsageError, match="second rgb"):
+        cvtcl_eval.main(["retrieval", "--checkpoint", f"{root}/rgb.pt", "--checkpoint-flow", f"{root}/rgb2.pt",
                          "--dataset", "synthetic", "--shards", str(root)])
 
 

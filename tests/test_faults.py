@@ -465,7 +465,7 @@ def test_unwritable_run_directory_is_one_error_exit_2(fake_data, tmp_path, capsy
     status = cli(_train_args(fake_data, tmp_path / "file" / "run", "run.max_steps=1"))
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
-    assert f"cvtcl.train: error: cannot write to the output directory {tmp_path / 'file' / 'run'}" in err
+    assert f"cvtcl.train: error: run.out_dir={tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file" in err
 
 
 def test_full_disk_while_training_is_one_error_exit_2(fake_data, small_disk, capsys):

@@ -1,5 +1,6 @@
 """The linear probe separates separable features and never looks at the test labels to select."""
 
+import pytest
 import torch
 
 from cvtcl.features import VideoFeatures
@@ -17,12 +18,14 @@ def separable(videos, dim=32, seed=0, scale=1.0):
     return VideoFeatures(feats, labels, list(videos))
 
 
-def test_probe_reaches_full_accuracy_on_separable_features():
+@pytest.mark.parametrize("config", [LinearProbeConfig(epochs=30, batch_size=16, lr=1e-2),
+                                    LinearProbeConfig(epochs=30, batch_size=16, lr=0.1, optimizer="sgd")],
+                         ids=["adam", "sgd-as-coclr"])
+def test_probe_reaches_full_accuracy_on_separable_features(config):
     train_videos = make_videos(num_classes=5, per_class=20, groups_per_class=5, prefix="tr")
     test_videos = make_videos(num_classes=5, per_class=10, groups_per_class=5, prefix="te")
     train, test = separable(train_videos, seed=0), separable(test_videos, seed=1)
     fit, held = heldout_split(train_videos, 0.2)
-    config = LinearProbeConfig(epochs=30, batch_size=16, lr=1e-2)
     results = linear_probe({"rgb": train}, {"rgb": test}, fit, held, 5, config)
     assert results["rgb"]["top1"] >= 99.0
     assert results["rgb"]["heldout_top1"] >= 99.0
@@ -73,3 +76,8 @@ def test_probe_keeps_weights_of_selected_epoch():
     assert len(outcome.history) == 6
     assert outcome.heldout_top1 == max(outcome.history) == outcome.history[outcome.selected_epoch]
     assert not outcome.probe.training
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="optimizer='lbfgs': choose one of adam, sgd"):
+        LinearProbeConfig(optimizer="lbfgs")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cvtcl import plot
+from cvtcl.errors import UsageError
 from cvtcl.report import neighbours_path, write_results
 from preprocess.schema import Manifest, VideoRecord, shard_name, write_json_atomic
 from preprocess.shards import EncodedVideo, shard_entry, write_shard
@@ -84,5 +85,5 @@ def test_retrieval_figure(tmp_path):
 
 
 def test_nothing_to_plot_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="nothing to plot"):
+    with pytest.raises(UsageError, match="nothing to plot"):
         plot.plot_run(tmp_path)

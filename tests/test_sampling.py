@@ -1,4 +1,4 @@
-"""Sample plans are pure functions of (seed, epoch, rank, index) and obey ALGORITHM.md's rules."""
+"""Sample plans are pure functions of (seed, epoch, rank, index) and obey docs/algorithm.md's rules."""
 
 import numpy as np
 import pytest

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -143,15 +144,71 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(dataset, tmp_path
 
 
 @pytest.mark.multiprocess
-def test_sigterm_checkpoints_at_the_next_step_and_exits_zero(dataset, tmp_path):
+@pytest.mark.parametrize("signum,status,name", [(signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_stop_signal_checkpoints_at_the_next_step(dataset, tmp_path, signum, status, name):
+    """SIGTERM (a scheduler's preemption) exits 0; Ctrl-C (SIGINT) does the same and exits 130. Each
+    checkpoints after the current step and prints one line, no traceback."""
     out = tmp_path / "run"
     process = _start(dataset, out, "run.max_steps=100000", "optim.epochs=100000", "run.log_every=1")
     _wait_for(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
-    assert "SIGTERM: checkpoint saved at step" in process.stdout.read()
-    last = read_metrics(out / "metrics.jsonl")[-1]["step"]
-    assert load_checkpoint(latest_checkpoint(out))["step"] == last
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == status
+    printed = process.stdout.read()
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
+    step = load_checkpoint(latest_checkpoint(out))["step"]
+    assert step == read_metrics(out / "metrics.jsonl")[-1]["step"]
+    assert [line for line in printed.splitlines() if line.startswith(name)] == [
+        f"{name}: checkpoint saved at step {step}; rerun the same command to resume"]
+
+
+def test_config_file_yaml_and_a_runs_own_config_json(dataset, tmp_path, capsys):
+    """--config FILE is validated like overrides; a run's config.json reruns (and resumes) the run as is."""
+    (tmp_path / "run.yaml").write_text(
+        f"data:\n  root: {dataset}\n  split: 1\nloss:\n  queue_size: 16\noptim:\n  lr: 5e-4\n  epochs: 10\n"
+        f"run:\n  out_dir: {tmp_path / 'run'}\n  max_steps: 2\n  progress: none\n")
+    assert main(["--preset", "smoke", "--config", str(tmp_path / "run.yaml")], build_loader=FakePretrainLoader) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optim"]["lr"] == 5e-4 and saved["data"]["split"] == "1" and saved["model"]["backbone"] == "tiny"
+    # the run's own config.json, with no preset: the same config, so it resumes the same run
+    assert main(["--config", str(tmp_path / "run" / "config.json"), "run.max_steps=3"],
+                build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 3
+    with pytest.raises(ValueError, match="different config .optim.lr"):
+        main(["--config", str(tmp_path / "run" / "config.json"), "optim.lr=0.1", "run.max_steps=4"],
+             build_loader=_never_called)
+
+
+def test_tensorboard_events_when_it_is_installed(dataset, tmp_path, monkeypatch):
+    """The `tensorboard` extra: every sub-stage run (so `make demo` too) writes scalars beside metrics.jsonl."""
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step):
+            Path(log_dir).mkdir(parents=True)
+            self.log_dir = log_dir
+
+        def add_scalar(self, name, value, step):
+            written.append((Path(self.log_dir).parent.name, name, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert main(_args(dataset, tmp_path / "run", "run.max_steps=2", "run.log_every=1"),
+                build_loader=FakePretrainLoader) == 0
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+    assert {("run", "train/loss", 1), ("run", "train/loss", 2), ("run", "train/lr", 2)} <= set(written)
+
+
+def test_help_config_shows_the_presets_values(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "smoke", "--help-config", "optim.lr=0.002"])
+    assert exit_.value.code == 0
+    listed = capsys.readouterr().out
+    assert "model.backbone = 'tiny'" in listed and "data.crop_size = 32" in listed and "optim.lr = 0.002" in listed
+    with pytest.raises(SystemExit):
+        main(["--help-config"])
+    assert "model.backbone = 's3d'" in capsys.readouterr().out
 
 
 @pytest.mark.multiprocess

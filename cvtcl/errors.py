@@ -1,0 +1,126 @@
+"""The error boundary of the console commands `python -m cvtcl.train`, `python -m cvtcl.eval` and
+`cvtcl-plot` (`cvtcl-preprocess` has the same boundary in preprocess/cli.py).
+
+An expected failure (a bad flag, a missing file, a config key out of range, no GPU where one was
+asked for) is one line on stderr naming the flag, key or file and what to do, with an exit status
+the README documents ("Exit status"):
+
+    0    done
+    1    the work started and failed (a non-finite loss, an I/O error while running)
+    2    usage or input error, found before any work; nothing was written
+    130  interrupted with Ctrl-C (training checkpoints first)
+
+Anything else is a bug and keeps its traceback; `--debug` shows the traceback of expected
+failures too. `StopSignals` turns SIGTERM and Ctrl-C during training into a request that the
+loop honours after the current step (checkpoint, then exit 0 or 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from preprocess.hygiene import OutputDirError
+from preprocess.schema import LayoutError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Input the user can fix; the message names the flag, key or file and what to do."""
+
+
+# Raised by our own checks with a message that says what to do, or by the OS naming a path.
+USAGE_ERRORS = (UsageError, LayoutError, OutputDirError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError, PermissionError, NotImplementedError)
+RUN_ERRORS = (FloatingPointError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line: ours as written, the OS's as 'path: reason'."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err.args[0]) if err.args else type(err).__name__
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def interrupt_main_process_only() -> Iterator[None]:
+    """Ctrl-C reaches every process of the terminal's process group: the command's, and the loader
+    workers (DALI, DataLoader) it forks. Only the command raises KeyboardInterrupt; a forked worker
+    inherits this handler and ignores the signal (its parent shuts it down), instead of printing
+    a traceback of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Run `body(argv)` and turn expected failures into one line and an exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with interrupt_main_process_only():
+            return body(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`... --help-config | head`): nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_FAILED
+    except USAGE_ERRORS + RUN_ERRORS as err:
+        if "--debug" in argv:
+            raise
+        status = EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return status
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C (SIGINT) during a run: remember the first, so that the loop checkpoints
+    after the current step and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
+
+    Installed before the loader exists: DALI and DataLoader workers forked later inherit this
+    handler instead of Python's default one and ignore the signal, so Ctrl-C prints no traceback
+    from every worker."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.pid = os.getpid()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a forked loader worker: its parent decides and shuts it down
+            return
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def describe(self) -> str:
+        """How the stop was asked for, for the run's last line."""
+        if self.received is None:
+            return "stop requested on another rank"
+        return "Ctrl-C" if self.received == signal.SIGINT else "SIGTERM"

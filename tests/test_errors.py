@@ -1,0 +1,283 @@
+"""Every console command fails clearly: a table of bad inputs across `cvtcl-preprocess`,
+`python -m cvtcl.train`, `python -m cvtcl.eval` and `cvtcl-plot`, each with the exit status the
+README documents ("Exit status") and one line naming the flag, key or file. None may end in a
+traceback. The commands run in this process (their `main`/`cli` with an argv list), except a few
+real subprocesses at the end that check the console entry points themselves."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvtcl import errors, plot, train
+from cvtcl import eval as cvtcl_eval
+from cvtcl.checkpoint import save_checkpoint
+from cvtcl.models import Encoder
+from cvtcl.moco import MomentumContrast
+from preprocess import cli as preprocess_cli
+from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _never_called(**kwargs):
+    raise AssertionError("the loader was built before validation finished")
+
+
+class NanLoader(FakePretrainLoader):
+    """Batches of NaN: the first step's loss is not finite."""
+
+    def epoch(self, epoch, start_step=0):
+        for batch in super().epoch(epoch, start_step):
+            yield {k: v * float("nan") if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def _checkpoint(path: Path, modality: str) -> Path:
+    torch.manual_seed(0)
+    encoder = Encoder(modality, "tiny", 128)
+    config = {"data": {"frames_per_clip": 8, "crop_size": 32}}
+    state = {"step": 1, "epoch": 0, "epoch_step": 1, "model": MomentumContrast(encoder, 16).state_dict(),
+             "optimizer": {}, "scaler": {}, "encoder": encoder.config(), "config": config, "complete": True}
+    return save_checkpoint(path, state)
+
+
+def _as_dataset(root: Path, name: str) -> Path:
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps(manifest | {"dataset": name}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, synthetic_dataset):
+    """Every file and directory the table's argv templates name."""
+    tmp = tmp_path_factory.mktemp("errors")
+    data = _as_dataset(make_dataset(tmp / "data"), "synthetic")
+    rgb_only = _as_dataset(make_dataset(tmp / "rgb-only", num_videos=8, with_flow=False), "synthetic")
+    missing_shard = make_dataset(tmp / "missing-shard", num_videos=4)
+    (missing_shard / "shard-00000.h5").unlink()
+    bad_manifest = tmp / "bad-manifest"
+    bad_manifest.mkdir()
+    (bad_manifest / "manifest.json").write_text("{not json")
+    damaged = shutil.copytree(synthetic_dataset, tmp / "damaged", ignore=shutil.ignore_patterns("raw"))
+    shard = damaged / "shard-00000.h5"
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    run = tmp / "run"
+    rgb = _checkpoint(run / "rgb", "rgb")
+    flow = _checkpoint(run / "flow", "flow")
+    (tmp / "text.pt").write_text("this is not a checkpoint\n")
+    (tmp / "file").write_text("a file where a directory belongs\n")
+    (tmp / "empty").mkdir()
+    (tmp / "bad-metrics").mkdir()
+    (tmp / "bad-metrics" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{broken\n{"step": 3, "loss": 0.5}\n')
+    (tmp / "bad-neighbours").mkdir()
+    (tmp / "bad-neighbours" / "retrieval-neighbours-synthetic-split1.json").write_text('{"queries": []}')
+    (tmp / "bad.yaml").write_text("optim: [lr: 1\n")
+    (tmp / "typo.yaml").write_text("optim:\n  lrr: 0.1\n")
+    (tmp / "wrong-type.yaml").write_text("optim:\n  lr: [1, 2]\n")
+    (tmp / "flat.yaml").write_text("lr: 0.1\n")
+    return {"tmp": tmp, "data": data, "rgb_only": rgb_only, "missing_shard": missing_shard,
+            "bad_manifest": bad_manifest, "damaged": damaged, "run": run, "rgb": rgb, "flow": flow,
+            "nowhere": tmp / "nowhere", "text": tmp / "text.pt", "file": tmp / "file", "empty": tmp / "empty"}
+
+
+TRAIN = ["--preset", "smoke", "data.root={data}", "run.out_dir={tmp}/train-out", "loss.queue_size=16",
+         "run.progress=none"]
+EVAL = ["--dataset", "synthetic", "--shards", "{data}", "--device", "cpu", "--out", "{tmp}/eval-out"]
+PACK = ["--out", "{tmp}/pack-out", "--workers", "1"]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+
+CASES = [
+    # cvtcl-preprocess: 2 usage or configuration error, 1 verify found problems
+    ("preprocess", ["ucf101", "--root", "{nowhere}", *PACK], 2, "nowhere"),
+    ("preprocess", ["hmdb51", "--root", "{empty}", "--splits", "{tmp}/nosplits", *PACK], 2, "nosplits"),
+    ("preprocess", ["synthetic", "--classes", "99", *PACK], 2, "--classes"),
+    ("preprocess", ["ucf101", "--root", "{empty}", "--jpeg-quality", "101", *PACK], 2, "jpeg-quality"),
+    ("preprocess", ["synthetic", "--classes", "2", "--out", "{tmp}/pack-w0", "--workers", "0"], 2, "--workers"),
+    ("preprocess", ["synthetic", "--classes", "2", "--short-side", "4", *PACK], 2, "--short-side"),
+    pytest.param("preprocess", ["synthetic", "--flow", "tvl1-torch", "--flow-device", "cuda", "--out",
+                                "{tmp}/pack-cuda"], 2, "--flow-device cuda: torch sees no CUDA device",
+                 marks=NO_GPU, id="preprocess-flow-device-cuda-without-gpu"),
+    ("preprocess", ["synthetic", "--out", "{file}"], 2, "file"),
+    ("preprocess", ["ucf101", "--root", "{empty}", *PACK, "--flow", "magic"], 2, "invalid choice: 'magic'"),
+    ("preprocess", ["ucf101", *PACK], 2, "--root"),
+    ("preprocess", ["verify", "{nowhere}"], 2, "is not a directory"),
+    ("preprocess", ["verify", "{empty}"], 1, "no manifest.json"),
+    ("preprocess", ["verify", "{bad_manifest}"], 1, "not valid JSON"),
+    ("preprocess", ["verify", "{damaged}"], 1, "problem"),
+    # python -m cvtcl.train: 2 bad input found before any work, 1 the run failed
+    ("train", ["--preset", "smokey"], 2, "unknown preset 'smokey': did you mean 'smoke'"),
+    ("train", ["data.root=x"], 2, "give --preset NAME or --config FILE"),
+    ("train", [*TRAIN, "optim.lrr=1"], 2, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("train", [*TRAIN, "optim.lr=abc"], 2, "config key 'optim.lr': cannot read 'abc' as float"),
+    ("train", [*TRAIN, "optim.lr"], 2, "override 'optim.lr' is not key=value"),
+    ("train", [*TRAIN, "optim.lr=-1"], 2, "optim.lr=-1.0 must be > 0"),
+    ("train", [*TRAIN, "loss.queue_size=18"], 2, "queue_size=18 is not divisible by the global batch 4"),
+    ("train", [*TRAIN, "data.root={nowhere}"], 2, "no manifest.json in"),
+    ("train", [*TRAIN, "data.root={bad_manifest}"], 2, "is not valid JSON"),
+    ("train", [*TRAIN, "data.root={missing_shard}"], 2, "shard(s) listed in manifest.json are missing"),
+    ("train", [*TRAIN, "stage.modality=flow", "data.root={rgb_only}"], 2, "without flow"),
+    ("train", [*TRAIN, "data.split=3"], 2, "no split '3'"),
+    pytest.param("train", [*TRAIN, "run.device=cuda"], 2, "run.device=cuda but torch sees no CUDA device",
+                 marks=NO_GPU, id="train-device-cuda-without-gpu"),
+    ("train", [*TRAIN, "optim.amp=bf16", "run.device=cpu"], 2, "optim.amp=bf16 needs a CUDA device"),
+    ("train", [*TRAIN, "run.out_dir={file}"], 2, "is a file, not a directory"),
+    ("train", [*TRAIN, "run.out_dir={file}/sub"], 2, "is a file, not a directory"),
+    ("train", [*TRAIN, "run.out_dir=/proc/cvtcl-nope"], 2, "run.out_dir=/proc/cvtcl-nope: cannot create it"),
+    ("train", [*TRAIN, "run.expect_world_size=8"], 2, "laid out for 8 processes"),
+    ("train", [*TRAIN, "model.backbone=s3d"], 2, "model.backbone=s3d needs >= 5 frames and >= 32 pixels"),
+    ("train", [*TRAIN, "stage.kind=cotrain"], 2, "set stage.sampler_checkpoint"),
+    ("train", [*TRAIN, "stage.init_checkpoint={nowhere}.pt"], 2, "stage.init_checkpoint="),
+    ("train", [*TRAIN, "--stage", "stage1-rgb"], 2, "use a schedule preset"),
+    ("train", ["--preset", "smoke-cvtcl", "data.root={data}", "run.out_dir={tmp}/sched", "loss.queue_size=16",
+               "schedule.cotrain_epochs=1"], 2, "Raise schedule.cotrain_epochs above 1 or lower loss.queue_size"),
+    ("train", [*TRAIN, "stage.kind=cotrain", "stage.sampler_checkpoint={flow}", "optim.epochs=1"], 2,
+     "Raise optim.epochs above 1"),
+    ("train", ["--config", "{tmp}/none.yaml"], 2, "no such file"),
+    ("train", ["--config", "{tmp}/bad.yaml"], 2, "not valid YAML"),
+    ("train", ["--config", "{tmp}/typo.yaml"], 2, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("train", ["--config", "{tmp}/wrong-type.yaml"], 2, "config key 'optim.lr': expected float, got [1, 2]"),
+    ("train", ["--config", "{tmp}/flat.yaml"], 2, "expected sections of key: value"),
+    ("train", ["--preset", "smoke", "--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
+    ("train-nan", [*TRAIN, "run.out_dir={tmp}/nan"], 1, "non-finite loss at step 1"),
+    # python -m cvtcl.eval: 2 bad input found before any work
+    ("eval", ["retrieval", "--checkpoint", "{nowhere}.pt", *EVAL], 2, "does not exist"),
+    ("eval", ["retrieval", "--checkpoint", "{run}/rgb", *EVAL], 2, "is a directory; give one checkpoint file"),
+    ("eval", ["retrieval", "--checkpoint", "{text}", *EVAL], 2, "not a cvtcl checkpoint"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", "--dataset", "synthetic"], 2, "--shards"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--shards", "{nowhere}"], 2, "no manifest.json in"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--split", "3"], 2, "--split 3:"),
+    pytest.param("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--device", "cuda"], 2,
+                 "--device cuda: torch sees no CUDA device", marks=NO_GPU, id="eval-device-cuda-without-gpu"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--device", "tpu"], 2, "--device tpu"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--batch-size", "0"], 2, "--batch-size=0"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--window-stride", "0"], 2, "--window-stride=0"),
+    ("eval", ["linear", "--checkpoint", "{rgb}", *EVAL, "--heldout-fraction", "1.5"], 2, "--heldout-fraction"),
+    ("eval", ["retrieval", "--random-init", "rgb", "--backbone", "s3d", "--crop-size", "16", *EVAL], 2,
+     "needs >= 5 frames and >= 32 pixels"),
+    ("eval", ["retrieval", "--checkpoint", "{flow}", *EVAL, "--shards", "{rgb_only}"], 2, "without flow"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--dataset", "ucf101"], 2, "holds dataset 'synthetic'"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", "--checkpoint-flow", "{rgb}", *EVAL], 2, "second rgb encoder"),
+    ("eval", ["retrieval", "--random-init", "rgb", "--checkpoint-flow", "{flow}", *EVAL], 2,
+     "--checkpoint-flow needs an RGB --checkpoint"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--out", "{file}"], 2, "is a file; give a directory"),
+    ("eval", ["ranking", "--checkpoint", "{rgb}", *EVAL], 2, "invalid choice: 'ranking'"),
+    # cvtcl-plot: 2 bad input
+    ("plot", ["{nowhere}"], 2, "is not a directory"),
+    ("plot", ["{empty}"], 2, "nothing to plot"),
+    ("plot", ["{tmp}/bad-metrics"], 2, "metrics.jsonl"),
+    ("plot", ["{tmp}/bad-neighbours"], 2, "not a retrieval-neighbours file"),
+    ("plot", ["{empty}", "--queries", "0"], 2, "--queries=0"),
+    ("plot", ["{tmp}/bad-metrics", "--out", "{file}"], 2, "is a file"),
+]
+
+
+def _run(command, argv):
+    if command == "preprocess":
+        return preprocess_cli.main(argv)
+    if command == "train":
+        return train.cli(argv, build_loader=_never_called)
+    if command == "train-nan":
+        return train.cli(argv, build_loader=NanLoader)
+    if command == "eval":
+        return cvtcl_eval.cli(argv)
+    return plot.main(argv)
+
+
+def _case_id(case):
+    command, argv, status, message = case
+    return f"{command}-{status}-{' '.join(a for a in argv if not a.startswith('{'))[:40]}"
+
+
+@pytest.mark.parametrize("command,argv,status,message",
+                         [c if hasattr(c, "values") else pytest.param(*c, id=_case_id(c)) for c in CASES])
+def test_bad_input_is_one_line_with_the_documented_status(paths, capsys, command, argv, status, message):
+    argv = [a.format(**paths) for a in argv]
+    try:
+        got = _run(command, argv)
+    except SystemExit as exit_:  # argparse: usage line + one error line, status 2
+        got = exit_.code
+    err = capsys.readouterr().err
+    print(err)  # shown with -rP: the messages as a user sees them
+    assert got == status, err
+    assert "Traceback" not in err
+    assert message.format(**paths) in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    if command in ("train", "train-nan", "eval", "plot") and "usage:" not in err:
+        assert len(lines) == 1, err  # exactly one line, naming what to fix
+    assert any(message.format(**paths) in line and "error" in line.lower() or status == 1 for line in lines)
+    if command == "preprocess" and status == 2 and "--out" in argv and argv[argv.index("--out") + 1] != str(paths["file"]):
+        assert not Path(argv[argv.index("--out") + 1]).exists()  # nothing packed, nothing left behind
+    if command in ("train", "eval"):  # refused before any work: no run or results directory
+        assert not any((paths["tmp"] / name).exists() for name in ("train-out", "sched", "eval-out"))
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40 and {c.values[0] if hasattr(c, "values") else c[0] for c in CASES} >= {
+        "preprocess", "train", "eval", "plot"}
+
+
+def test_debug_shows_the_traceback(paths):
+    with pytest.raises(KeyError, match="smokey"):
+        train.cli(["--preset", "smokey", "--debug"])
+    with pytest.raises(Exception, match="does not exist"):
+        cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["nowhere"]), "--dataset", "synthetic", "--shards",
+                        str(paths["data"]), "--debug"])
+    with pytest.raises(Exception, match="is not a directory"):
+        plot.main([str(paths["nowhere"]), "--debug"])
+    with pytest.raises(Exception, match="is not a directory"):
+        preprocess_cli.main(["verify", str(paths["nowhere"]), "--debug"])
+
+
+def test_ctrl_c_interrupts_the_command_not_its_forked_workers():
+    """A terminal's Ctrl-C reaches the loader workers too: they must not raise (and print) on their own."""
+    with errors.interrupt_main_process_only():
+        pid = os.fork()
+        if pid == 0:  # a forked worker
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                os._exit(0)
+            except KeyboardInterrupt:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
+def test_some_videos_failed_exits_3_and_lists_them(synthetic_dataset, tmp_path, capsys):
+    """README "Exit status" 3: the dataset is written and the manifest names the failed video."""
+    raw = shutil.copytree(synthetic_dataset / "raw", tmp_path / "raw")
+    broken = sorted(raw.rglob("*.avi"))[0]
+    broken.write_bytes(b"")
+    status = preprocess_cli.main(["ucf101", "--root", str(raw), "--out", str(tmp_path / "out"), "--flow", "none",
+                                  "--workers", "1"])
+    assert status == 3, capsys.readouterr().err
+    failed = json.loads((tmp_path / "out" / "manifest.json").read_text())["failed"]
+    assert len(failed) == 1 and broken.stem in json.dumps(failed)
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-m", "cvtcl.eval", "linear", "--checkpoint", "{text}", "--dataset", "synthetic", "--shards", "{data}"],
+     "cvtcl.eval: error: --checkpoint"),
+    (["-m", "cvtcl.plot", "{nowhere}"], "cvtcl-plot: error:"),
+    (["-m", "preprocess", "verify", "{nowhere}"], "cvtcl-preprocess verify: error:"),
+])
+def test_console_entry_points_in_a_subprocess(paths, argv, message):
+    done = subprocess.run([sys.executable, *[a.format(**paths) for a in argv]], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
