@@ -101,7 +101,7 @@ class _Warp:
         """One host synchronisation: drop converged pairs by bucket; False once none is left."""
         count = int(self.active.sum())
         if count == self.live:
-            return True
+            return count > 0  # all converged at an earlier read: the warp is over, not unchanged
         self.live = count
         size = self.kernels.bucket(count, len(self.active)) if count else 0
         if size >= len(self.active):

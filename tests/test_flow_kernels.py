@@ -2,11 +2,13 @@
 reference. Inductor itself is replaced by the identity here (compiling takes minutes on a small
 CPU; tests/test_flow_torch.py's slow test and benchmarks/gpu_check.sh run it compiled)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from preprocess import flow_kernels
+from preprocess import flow_kernels, flow_torch
 from preprocess.flow_check import end_point_error, quantised_agreement, synthetic_video
 from preprocess.flow_torch import TorchTVL1, resize_linear
 from preprocess.flow_torch_ops import _device_taps
@@ -47,6 +49,23 @@ def test_fast_path_control_flow_matches_eager_bitwise(uncompiled, video_with_cut
     np.testing.assert_array_equal(fast, eager)
     # a lone pair is solved next to a copy of itself (no batch of one to compile)
     np.testing.assert_array_equal(TorchTVL1(device="cpu", path="compiled").compute(video_with_cut[2:4]), eager[2:3])
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_no_chunk_runs_once_every_pair_has_converged(uncompiled, path, monkeypatch):
+    """A warp ends at the first read that finds no pair running; iterating frozen pairs gives
+    the same bits but costs the rest of the warp's outer iterations (was 8x the work)."""
+    entered = []
+    run = flow_kernels.kernels(path)
+
+    def iterate(n):
+        chunk = run.iterate(n)
+        return lambda *args: entered.append(bool(args[10].any())) or chunk(*args)
+
+    monkeypatch.setattr(flow_torch, "kernels", lambda _: dataclasses.replace(run, iterate=iterate))
+    gray, _ = synthetic_video(3, 40, 48, seed=0)
+    TorchTVL1(device="cpu", batch=2, path=path).compute(gray)
+    assert entered and all(entered), f"{entered.count(False)} of {len(entered)} chunks had no live pair"
 
 
 def test_fast_path_within_opencv_limits(uncompiled, video_with_cut):
