@@ -20,7 +20,8 @@ RSS_LIMIT_MB = 2048
 
 # One child process per stage, as on a cluster: part writers and then the merge + a reader.
 # Each prints its own peak RSS (ru_maxrss, kB on Linux). Records are made up (no video is
-# decoded) and every shard is a placeholder file: merge checks sizes, not contents.
+# decoded) and every shard is a copy of one tiny real shard (the part marker reads its layout
+# regions and index checksum): merge checks sizes, not contents.
 PART_WRITER = """
 import resource, sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from preprocess.parts import Part, record_part
 from preprocess.schema import FailedVideo, VideoRecord, shard_name
 
 base, parts = Path(sys.argv[1]), int(sys.argv[2])
+template = Path(sys.argv[4]).read_bytes()
 index = index_kinetics400(base / "videos", base / "annotations")
 options = PackOptions(out=str(base / "out"), videos_per_shard=int(sys.argv[3]), flow="none")
 params = run_params(index, options)
@@ -38,7 +40,7 @@ plan = plan_shards(index, options.videos_per_shard)
 for p in range(parts):  # every part in turn, in one process: the peak is that of the largest
     part, done = Part(p, parts), {}
     for i in filter(part.owns, range(len(plan))):
-        (Path(options.out) / shard_name(i)).write_bytes(b"shard %d" % i)
+        (Path(options.out) / shard_name(i)).write_bytes(template)
         records = [VideoRecord(v.name, v.class_name, v.label, v.group, 300, 29.97, 256, 340, i, 300 * k, -1)
                    for k, v in enumerate(plan[i][1:])]
         done[i] = (records, [FailedVideo(plan[i][0].name, plan[i][0].path, "no such file")])
@@ -82,7 +84,8 @@ def _child(script: str, *args) -> list[int]:
 @pytest.mark.slow
 def test_kinetics_size_index_and_merge_stay_under_2_gb(tmp_path):
     _write_annotations(tmp_path)
-    shards, writer_mb = _child(PART_WRITER, tmp_path, PARTS, PER_SHARD)
+    template = write_toy_dataset(tmp_path / "toy", num_videos=1, num_frames=2, videos_per_shard=1) / "shard-00000.h5"
+    shards, writer_mb = _child(PART_WRITER, tmp_path, PARTS, PER_SHARD, template)
     assert shards == -(-VIDEOS // PER_SHARD) >= 4000
     train, open_shards, merge_mb = _child(MERGE_AND_READ, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
