@@ -30,7 +30,7 @@ from preprocess.schema import LayoutError, load_manifest, manifest_path
 from preprocess.shards import ShardReader
 from preprocess.verify import verify
 from processes import alive, descendants, reap_zombies
-from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
+from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,9 +339,7 @@ def fake_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("fake") / "data")
 
 
-def _train_args(dataset, out_dir, *extra):
-    return ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={out_dir}", "loss.queue_size=16",
-            "run.progress=plain", "optim.epochs=10", *extra]
+_train_args = smoke_args
 
 
 def test_resume_skips_a_torn_checkpoint_and_names_it(fake_data, tmp_path, capsys):

@@ -15,7 +15,7 @@ import torch
 from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder
 from cvtcl.metrics import read_metrics
 from cvtcl.train import cli, main
-from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
+from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TRAIN = str(ROOT / "tests" / "trainer_fakes.py")
@@ -26,9 +26,7 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "fake")
 
 
-def _args(dataset, out_dir, *extra):
-    return ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={out_dir}", "loss.queue_size=16",
-            "run.progress=plain", "optim.epochs=10", *extra]
+_args = smoke_args
 
 
 def _env():

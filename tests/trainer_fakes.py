@@ -131,3 +131,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def smoke_args(dataset, out_dir, *extra) -> list[str]:
+    """cvtcl.train arguments of a small smoke run on a fake dataset (the trainer tests' common base)."""
+    return ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={out_dir}", "loss.queue_size=16",
+            "run.progress=plain", "optim.epochs=10", *extra]
