@@ -1,28 +1,45 @@
 #!/usr/bin/env bash
 # One prepared GPU check (docs/design.md "Testing without a GPU"): validates and times everything
-# GPU-specific in one call of under 8 minutes on one H100/H200 (the step limits add up to 450 s;
-# tests/test_gpu_check.py keeps them there), writing one JSON file per step to OUTDIR.
+# GPU-specific in one call of under 8 minutes on one H100/H200 (the step limits of each profile add
+# up to 450 s at most; tests/test_gpu_check.py keeps them there), writing one JSON file per step to OUTDIR.
 #
 #   export PYTHONPATH=DIR:$PWD   # DIR: where DALI is installed, if not in the environment (on a
 #                                 # machine without a registry, `pip install --target DIR` of a copied wheel)
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR [all|perf]
+#
+# Profiles: `all` (the default) runs every step. `perf` runs only the training step and flow
+# extraction (issues 11 and 12) with the seconds the loader steps would take given to them: more
+# rows (the CUDA-graph step in every variant, both compiled rows, the flow workers per GPU). It
+# needs no DALI; the OpenCV flow rows need opencv-contrib there.
 #
 # Every step fails soft: a failure or timeout is recorded as {"error": ...} in its JSON file and
 # the script goes on. Without a CUDA device the steps run in DALI's CPU-only mode at smoke size
 # (that is how CI and developer machines check that this script and its python still work).
 # Later issues append their steps at the end, each with its own budget; a new step takes its
 # seconds from the others, so the limits keep adding up to 450 s at most.
+# GPU_CHECK_DRY_RUN=1 lists the steps and their limits without running them (GPU_CHECK_DEVICE=cuda
+# lists the GPU form on any machine).
 set -u
-OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR [all|perf]}
+PROFILE=${2:-all}
+case $PROFILE in all|perf) ;; *) echo "gpu_check.sh: profile must be all or perf, got '$PROFILE'" >&2; exit 2;; esac
+DRY=${GPU_CHECK_DRY_RUN:-0}
 mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 
-if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  DEVICE=cuda; SIZE=240x320; FRAMES=16; CROP=112; BATCH=16; STEPS=10; SPEED=(--batch 16 --frames 32 --crop 128 --steps 15 --workers 8 --threads 4)
+if [ -n "${GPU_CHECK_DEVICE:-}" ]; then
+  DEVICE=$GPU_CHECK_DEVICE
+elif $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  DEVICE=cuda
 else
-  DEVICE=cpu; SIZE=24x32; FRAMES=8; CROP=16; BATCH=2; STEPS=2
+  DEVICE=cpu
+fi
+if [ $DEVICE = cuda ]; then
+  SIZE=240x320; FRAMES=16; CROP=112; BATCH=16; STEPS=10; SPEED=(--batch 16 --frames 32 --crop 128 --steps 15 --workers 8 --threads 4)
+else
+  SIZE=24x32; FRAMES=8; CROP=16; BATCH=2; STEPS=2
   SPEED=(--batch 2 --frames 8 --crop 16 --segments 2 --steps 2 --warmup 1 --gen-size 24x32 --workers 0 --threads 1)
 fi
 
@@ -34,6 +51,7 @@ step() {
   [ $DEVICE = cpu ] && limit=$((limit * 3))
   local start=$SECONDS
   echo "== $name (limit ${limit}s)"
+  if [ "$DRY" = 1 ]; then echo "   $*"; return; fi
   timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ]; then
@@ -57,11 +75,13 @@ info = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda':
         'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
 try:
     import nvidia.dali as dali; info['dali'] = dali.__version__
-except ImportError as err:
-    info['dali'] = None; info['error'] = f'DALI not importable: {err}'
+except ImportError as err:  # the perf profile runs without DALI
+    info['dali'] = None
+    if '$PROFILE' == 'all': info['error'] = f'DALI not importable: {err}'
 json.dump(info, open('$OUTDIR/environment.json', 'w'), indent=1); print(info)
 "
 
+if [ $PROFILE = all ]; then
 # --- issue 3: loader ---------------------------------------------------------------------------
 step loader_parity 35 $PY benchmarks/gpu_loader_check.py parity "$OUTDIR/loader_parity.json" \
   --device $DEVICE --size $SIZE --frames $FRAMES --crop $CROP
@@ -73,23 +93,31 @@ step loader_speed 45 $PY benchmarks/loader_speed.py --device $DEVICE "${SPEED[@]
 # --- issue 5: the whole schedule at smoke size (stage 2 on the device, autocast, dihedral copies) ---
 # first of the training steps: a correctness check (stage-2 paths that CPU tests cannot reach)
 step schedule 70 $PY benchmarks/schedule_check.py --device $DEVICE --json "$OUTDIR/schedule.json"
+fi
 
 # --- issues 4 and 11: the training step -----------------------------------------------------------
 # The old eager step (legacy, fp32) is the baseline row; each variant spends ~30 s in cuDNN's
-# autotune on an H100 (2026-11-26), so the eager step times four (the stage-2 row shares bf16's
-# shapes in part) and --profile adds kernels, GPU busy fraction, launches per step, cuDNN version.
-if [ $DEVICE = cuda ]; then
-  TRAIN=(--batch 16 --steps 8 --warmup 2 --variants legacy,bf16,channels_last,cotrain --profile)
+# autotune on an H100 (2026-11-26) unless an earlier row had its shapes (bf16+graph after bf16),
+# and --profile adds kernels, GPU busy fraction, launches per step, cuDNN version. `+graph` is the
+# eager step captured as one CUDA graph (seconds, no compiler); the rows most needed come first,
+# as the JSON is written after every row and a timeout keeps those done.
+if [ $DEVICE = cuda ] && [ $PROFILE = all ]; then
+  TRAIN=(--batch 16 --steps 8 --warmup 2 --variants legacy,bf16+graph,cotrain+graph,bf16 --profile); TRAIN_S=120
+  COMPILED=(--variants bf16+step); COMPILED_S=60
+elif [ $DEVICE = cuda ]; then
+  TRAIN=(--batch 16 --steps 8 --warmup 2 --profile
+         --variants legacy,bf16+graph,cotrain+graph,bf16,channels_last+graph,batch64+graph); TRAIN_S=175
+  COMPILED=(--variants bf16+step,cotrain+step); COMPILED_S=110
 else
-  TRAIN=(--smoke --variants legacy,fp32,channels_last,batch64,cotrain --profile)
+  TRAIN=(--smoke --variants legacy,fp32,fp32+graph,channels_last,batch64,cotrain --profile); TRAIN_S=120
 fi
-step train_speed 120 $PY benchmarks/train_speed.py --device $DEVICE "${TRAIN[@]}" --json "$OUTDIR/train_speed.json"
+step train_speed $TRAIN_S $PY benchmarks/train_speed.py --device $DEVICE "${TRAIN[@]}" --json "$OUTDIR/train_speed.json"
 # The compiled step (torch.compile + CUDA graphs): compile time comes first, then 20 steps; its
 # JSON is written when the row is done, so a timeout leaves "incomplete" rather than nothing.
 # Inductor on a 2-core CPU takes minutes: on the CPU this step only records that it was skipped.
 if [ $DEVICE = cuda ]; then
-  step train_speed_compiled 60 $PY benchmarks/train_speed.py --device cuda --batch 16 --steps 20 --warmup 5 \
-    --variants bf16+step --json "$OUTDIR/train_speed_compiled.json"
+  step train_speed_compiled $COMPILED_S $PY benchmarks/train_speed.py --device cuda --batch 16 --steps 20 --warmup 5 \
+    "${COMPILED[@]}" --json "$OUTDIR/train_speed_compiled.json"
 else
   step train_speed_compiled 10 $PY -c "import json; json.dump({'skipped': 'compiled rows run on CUDA only'}, open('$OUTDIR/train_speed_compiled.json', 'w'))"
 fi
@@ -97,14 +125,18 @@ fi
 # --- later issues: append steps here; the step limits together must stay at or under 450 s ---------
 
 # --- issues 7, 12: flow extraction (OpenCV TV-L1 vs tvl1-torch's fast path on the GPU, with and without cuts) ---
-if [ $DEVICE = cuda ]; then
+if [ $DEVICE = cuda ] && [ $PROFILE = all ]; then
   # the fast path first (its inductor warm-up is most of the step, and its row is written when done);
   # 2 OpenCV pairs for the ratio; CPU-only rows (pool, torch on CPU) and eager CUDA (6.7 pairs/s,
   # issue 7) are measured off the GPU budget
-  FLOW=(--sizes 240x320 --cpu-pairs 2 --gpu-pairs 144 --compile cuda --skip pool,torch-cpu,eager-cuda)
+  FLOW=(--sizes 240x320 --cpu-pairs 2 --gpu-pairs 144 --compile cuda --skip pool,torch-cpu,eager-cuda); FLOW_S=60
+elif [ $DEVICE = cuda ]; then
+  # perf: 9 OpenCV pairs (one spans a cut), 256 GPU pairs, and 2 flow workers sharing the GPU
+  FLOW=(--sizes 240x320 --cpu-pairs 9 --gpu-pairs 256 --compile cuda --skip pool,torch-cpu,eager-cuda
+        --gpu-processes 2); FLOW_S=150
 else
-  FLOW=(--sizes 32x40 --cpu-pairs 2 --pool-pairs 2 --workers 1)
+  FLOW=(--sizes 32x40 --cpu-pairs 2 --pool-pairs 2 --workers 1); FLOW_S=60
 fi
-step flow_speed 60 $PY benchmarks/flow_speed.py "${FLOW[@]}" --json "$OUTDIR/flow_speed.json"
+step flow_speed $FLOW_S $PY benchmarks/flow_speed.py "${FLOW[@]}" --json "$OUTDIR/flow_speed.json"
 
-echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"
+[ "$DRY" = 1 ] || echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"

@@ -7,10 +7,10 @@ gives the data-wait fraction. Prints a table and one JSON line naming the device
 
     python benchmarks/train_speed.py                          # S3D 16x32x128x128 on the GPU
     python benchmarks/train_speed.py --smoke                  # tiny backbone, seconds on CPU
-    python benchmarks/train_speed.py --variants legacy,bf16,bf16+step --profile --json out.json
+    python benchmarks/train_speed.py --variants legacy,bf16,bf16+graph --profile --json out.json
     python benchmarks/train_speed.py --loader --data data/ucf101 --json out.json
 
-Variants (--variants, comma list; NAME+step / NAME+encoder adds run.compile): `legacy` is the
+Variants (--variants, comma list; NAME+graph / +encoder / +step sets run.compile): `legacy` is the
 old eager step (run.legacy_step: a host sync per step, two key-encoder calls), the baseline row;
 fp32, bf16, fp16 (CUDA) the sync-free step; channels_last (bf16 + channels_last_3d), batch64
 (bf16 at --big-batch clips), cotrain (stage 2 with a frozen flow sampler, bf16). (The segments
@@ -31,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -39,17 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_toy_shards  # noqa: E402
 from cvtcl import engine, graphed  # noqa: E402
-from cvtcl.config import apply_overrides  # noqa: E402
+from cvtcl.config import COMPILE_MODES, apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
 
 VARIANTS = ("legacy", "fp32", "bf16", "fp16", "channels_last", "batch64", "cotrain")  # for --variants
-COMPILE = ("none", "encoder", "step")
+COMPILE = COMPILE_MODES  # NAME+graph / +encoder / +step
 
 
-DEFAULT_VARIANTS = "legacy,fp32,fp32+step,bf16,bf16+step,channels_last,channels_last+step,batch64,batch64+step,cotrain,cotrain+step"
+DEFAULT_VARIANTS = ("legacy,fp32,fp32+graph,bf16,bf16+graph,bf16+step,channels_last,channels_last+graph,batch64,"
+                    "batch64+graph,cotrain,cotrain+graph")
 
 
 def parse_args(argv=None):
@@ -136,8 +138,8 @@ def time_variant(args, dist, spec, sampler=""):
         for _ in range(config.loss.queue_size // batch_size):
             engine.train_step(ctx, batch, 0, 0)
     try:
-        # the captured step (run.compile=step) needs its eager warm-up and the capture before timing
-        warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if compile_setting == "step" else args.warmup
+        # the captured step (run.compile=graph|step) needs its eager warm-up and the capture before timing
+        warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if config.run.captures_step else args.warmup
         terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
         synchronize(dist.device)
         start = time.perf_counter()
@@ -149,13 +151,15 @@ def time_variant(args, dist, spec, sampler=""):
                "compile": compile_setting, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
-        if ctx.graph is not None:  # run.compile=step on CUDA: was the step replayed as a CUDA graph?
+        if ctx.graph is not None:  # run.compile=graph|step on CUDA: was the step replayed as a CUDA graph?
             row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
         if args.profile and dist.device.type == "cuda":
             row["profile"] = profile_steps(ctx, batch, dist.device)
         return row
-    except (torch.cuda.OutOfMemoryError, FloatingPointError) as err:
-        return {"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+    except Exception as err:  # fail soft (out of memory, non-finite loss, a compiler error): keep the other rows
+        lines = str(err).strip().splitlines() or [""]
+        return {"variant": name, "error": f"{type(err).__name__}: {lines[0]}"[:500],
+                "traceback_tail": traceback.format_exc()[-1500:]}
     finally:
         del ctx
         if dist.device.type == "cuda":

@@ -146,6 +146,9 @@ class OptimConfig:
         _positive("optim.grad_clip", self.grad_clip, zero_ok=True)
 
 
+COMPILE_MODES = ("none", "encoder", "graph", "step")  # run.compile
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"  # checkpoints, config.json, metrics.jsonl; rerunning resumes here
@@ -158,7 +161,7 @@ class RunConfig:
     progress: str = "auto"  # auto = rich bar on a terminal, plain lines otherwise; "none" = silent
     expect_world_size: int = 0  # refuse other world sizes (a preset tied to a GPU layout); 0 = any
     knn_every: int = 0  # epochs between kNN retrieval checks on rank 0 (paper Fig. 3; cvtcl.retrieval); 0 = off
-    compile: str = "none"  # none | encoder (torch.compile the encoders) | step (also a CUDA graph of the step, CUDA only)
+    compile: str = "none"  # none | encoder (torch.compile them) | graph (step as one CUDA graph) | step (both); graphs: CUDA only
     legacy_step: bool = False  # the old eager step: a host sync per step, two key-encoder calls (benchmark baseline)
 
     def __post_init__(self):
@@ -170,7 +173,12 @@ class RunConfig:
         _positive("run.max_steps", self.max_steps, zero_ok=True)
         _positive("run.expect_world_size", self.expect_world_size, zero_ok=True)
         _positive("run.knn_every", self.knn_every, zero_ok=True)
-        _choice("run.compile", self.compile, ("none", "encoder", "step"))
+        _choice("run.compile", self.compile, COMPILE_MODES)
+
+    @property
+    def captures_step(self) -> bool:
+        """Whether run.compile asks for the step as one CUDA graph (cvtcl/graphed.py)."""
+        return self.compile in ("graph", "step")
 
 
 @dataclass

@@ -61,14 +61,15 @@ def autocast(ctx: Context) -> contextlib.AbstractContextManager:
     if ctx.autocast_dtype is None:
         return contextlib.nullcontext()
     # a CUDA graph must not capture autocast's cache of cast weights (they change every step)
-    return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype, cache_enabled=ctx.config.run.compile != "step")
+    return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype, cache_enabled=not ctx.config.run.captures_step)
 
 
 def compile_encoders(model: MomentumContrast, setting: str, device: torch.device, world_size: int = 1) -> None:
     """run.compile: "encoder" and "step" compile the query and key encoders in place
-    (`nn.Module.compile`, state-dict keys unchanged) as whole graphs; "step" also captures the
-    whole step in a CUDA graph on CUDA (cvtcl/graphed.py). Under DDP graphs may break at buckets."""
-    if setting == "none":
+    (`nn.Module.compile`, state-dict keys unchanged) as whole graphs; "graph" and "step" capture
+    the whole step in a CUDA graph on CUDA (cvtcl/graphed.py), "graph" with the eager encoders (no
+    compile wait). Under DDP graphs may break at buckets."""
+    if setting in ("none", "graph"):
         return
     for encoder in (model.query, model.key):
         encoder.compile(fullgraph=world_size == 1)
@@ -105,7 +106,7 @@ class Context:
     step: int = 0  # optimizer steps done
     sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
     rank: int = 0  # this process's rank (seeds its batch-level augmentation)
-    graph: Any = None  # run.compile=step on CUDA: warm-up count and captured step (cvtcl.graphed.GraphState)
+    graph: Any = None  # run.compile=graph|step on CUDA: warm-up count and captured step (cvtcl.graphed.GraphState)
 
 
 @dataclass
@@ -266,7 +267,7 @@ def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_s
 
     A non-finite loss skips the optimizer update on the device (fused Adam's found_inf; on the
     CPU, where a read is free, by a host check) and is reported by `read_terms`. With
-    run.compile=step on CUDA the step after the warm-up ones replays as one CUDA graph (cvtcl/graphed.py).
+    run.compile=graph|step on CUDA the step after the warm-up ones replays as one CUDA graph (cvtcl/graphed.py).
     """
     from cvtcl import graphed
 

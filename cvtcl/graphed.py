@@ -1,4 +1,8 @@
-"""run.compile=step: the whole training step as one CUDA graph with static buffers.
+"""run.compile=graph|step: the whole training step as one CUDA graph with static buffers.
+
+`graph` captures the eager step (no torch.compile: the capture takes seconds, and a compiler
+failure cannot stop it); `step` captures the step with torch.compile'd encoders (fused kernels
+on top, after a compile of a minute or more).
 
 After `WARMUP_STEPS` eager steps of this process (cuDNN autotune, torch.compile of the encoders,
 the optimizer's state, lazy CUDA setup; on a side stream, as CUDA graph capture requires), the
@@ -62,7 +66,7 @@ class GraphState:
 
 def usable(ctx: engine.Context) -> bool:
     config = ctx.config
-    return (config.run.compile == "step" and ctx.device.type == "cuda" and distributed.world_size() == 1
+    return (config.run.captures_step and ctx.device.type == "cuda" and distributed.world_size() == 1
             and not config.run.legacy_step and not ctx.scaler.is_enabled())
 
 
@@ -111,7 +115,7 @@ def _static_copy(item):
 
 
 def run(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: engine.StepDraws) -> tuple[list[str], torch.Tensor]:
-    """One step: eager, or through the captured graph once run.compile=step has warmed up."""
+    """One step: eager, or through the captured graph once run.compile=graph|step has warmed up."""
     if ctx.graph is None and usable(ctx):
         ctx.graph = GraphState(cuda_capture)
     state: GraphState | None = ctx.graph

@@ -210,10 +210,10 @@ def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
         query = DistributedDataParallel(query, device_ids=[dist.device] if dist.device.type == "cuda" else None,
                                         broadcast_buffers=False)
     # fused off the CPU: one kernel for every tensor, and it skips a non-finite step on the device;
-    # capturable: its step counts stay on the GPU, so a CUDA graph can hold it (run.compile=step)
+    # capturable: its step counts stay on the GPU, so a CUDA graph can hold it (run.compile=graph|step)
     optimizer = torch.optim.Adam(model.query.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                  fused=dist.device.type != "cpu",
-                                 capturable=config.run.compile == "step" and dist.device.type == "cuda")
+                                 capturable=config.run.captures_step and dist.device.type == "cuda")
     dtype = amp_dtype(config.optim.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     sampler = load_sampler(config, dist.device) if cotrain else None

@@ -31,11 +31,57 @@ def test_gpu_check_runs_cpu_parts(tmp_path):
     assert train["results"][0]["variant"].startswith("legacy") and train["launches_per_step"]["new"]["syncs"] == {}
 
 
-def test_step_limits_fit_one_device_call():
-    """The GPU limits of all steps (the larger where a step has a CPU and a GPU form) add up to at
-    most 450 s, so the check and its start fit one device call of 8 minutes."""
-    limits: dict[str, int] = {}
-    for name, limit in re.findall(r"^\s*step (\w+) (\d+) ", SCRIPT.read_text(), flags=re.MULTILINE):
-        limits[name] = max(limits.get(name, 0), int(limit))
-    assert {"environment", "schedule", "train_speed", "train_speed_compiled", "flow_speed"} <= set(limits)
-    assert sum(limits.values()) <= 450, limits
+def _dry_run(tmp_path, profile, device="cuda") -> dict[str, int]:
+    """GPU_CHECK_DRY_RUN: the steps of a profile and their limits, in order, nothing run."""
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_DEVICE": device}
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path), profile], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    return {name: int(limit) for name, limit in re.findall(r"^== (\w+) \(limit (\d+)s\)$", proc.stdout, re.MULTILINE)}
+
+
+def test_step_limits_fit_one_device_call(tmp_path):
+    """The GPU limits of each profile's steps add up to at most 450 s, so the check and its start
+    fit one device call of 8 minutes; `perf` is the training step and flow only."""
+    full, perf = _dry_run(tmp_path, "all"), _dry_run(tmp_path, "perf")
+    assert {"environment", "loader_parity", "schedule", "train_speed", "train_speed_compiled", "flow_speed"} <= set(full)
+    assert list(perf) == ["environment", "train_speed", "train_speed_compiled", "flow_speed"]
+    assert sum(full.values()) <= 450 and sum(perf.values()) <= 450, (full, perf)
+    assert perf["train_speed"] > full["train_speed"] and perf["flow_speed"] > full["flow_speed"]
+    assert _dry_run(tmp_path, "perf", "cpu")["train_speed"] == 3 * full["train_speed"]  # the CPU smoke gets 3x
+
+
+def test_unknown_profile_is_refused(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "fast"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "profile must be all or perf, got 'fast'" in proc.stderr
+
+
+BLOCK_DALI = """import sys
+
+
+class BlockDali:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] == ["nvidia", "dali"]:
+            raise ImportError("DALI blocked by the test")
+
+
+sys.meta_path.insert(0, BlockDali())
+"""
+
+
+@pytest.mark.multiprocess
+def test_perf_profile_needs_no_dali(tmp_path):
+    """The perf profile's steps run where `import nvidia.dali` fails (a GPU machine without the
+    DALI wheel staged): environment records dali None without an error, the others their rows."""
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK_DALI)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(tmp_path / "block")}
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), "perf"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.stem for p in out.glob("*.json")) == ["environment", "flow_speed", "train_speed", "train_speed_compiled"]
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["dali"] is None and "error" not in environment
+    for name in ("train_speed", "flow_speed"):
+        assert "error" not in json.loads((out / f"{name}.json").read_text()), name
+    rows = json.loads((out / "train_speed.json").read_text())["results"]
+    assert all(r.get("samples_per_s", 0) > 0 for r in rows), rows

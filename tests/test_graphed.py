@@ -57,7 +57,20 @@ def test_not_used_off_cuda_or_where_it_cannot_hold():
     assert not graphed.usable(ctx)
     ctx.device = torch.device("cuda", 0)  # as if on a GPU: run.compile=none, legacy or fp16 still keep it off
     assert not graphed.usable(ctx)
-    ctx.config.run.compile = "step"
-    assert graphed.usable(ctx)
+    for captured in ("graph", "step"):  # the eager step captured, or with compiled encoders
+        ctx.config.run.compile = captured
+        assert graphed.usable(ctx)
     ctx.config.run.legacy_step = True
     assert not graphed.usable(ctx)
+
+
+def test_graph_mode_captures_the_eager_encoders():
+    """run.compile=graph: no torch.compile (no compile wait), a capturable optimizer and no autocast
+    cache on CUDA, as for run.compile=step; only `step` and `encoder` compile the encoders."""
+    compiled = {}
+    for setting in ("graph", "step", "encoder", "none"):
+        config = apply_overrides(get_preset("smoke"), [f"run.compile={setting}"])
+        ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
+        compiled[setting] = [getattr(m, "_compiled_call_impl", None) is not None for m in (ctx.model.query, ctx.model.key)]
+        assert config.run.captures_step == (setting in ("graph", "step"))
+    assert compiled == {"graph": [False, False], "step": [True, True], "encoder": [True, True], "none": [False, False]}

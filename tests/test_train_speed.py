@@ -40,6 +40,24 @@ def test_variants_option_picks_and_rejects(tmp_path):
             train_speed.main(["--smoke", "--device", "cpu", "--variants", bad])
 
 
+def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """A GPU run must not lose its other rows to one variant's failure (a compiler error, say)."""
+    real_step = train_speed.engine.train_step
+
+    def failing_for_graph(ctx, *args):
+        if ctx.config.run.compile == "graph":
+            raise RuntimeError("capture failed\nsecond line")
+        return real_step(ctx, *args)
+
+    monkeypatch.setattr(train_speed.engine, "train_step", failing_for_graph)
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32,fp32+graph,legacy",
+                             "--json", str(tmp_path / "speed.json")]) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert [r["variant"] for r in rows] == ["fp32", "fp32 compile=graph", "legacy fp32 (old eager step)"]
+    assert rows[1]["error"] == "RuntimeError: capture failed" and "failing_for_graph" in rows[1]["traceback_tail"]
+    assert rows[0]["samples_per_s"] > 0 and rows[2]["samples_per_s"] > 0
+
+
 @pytest.mark.slow
 def test_compiled_row_runs_on_the_cpu(tmp_path):
     """Inductor compiles C++ for the tiny encoders: minutes on 2 shared cores."""
