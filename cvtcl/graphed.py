@@ -12,11 +12,20 @@ copies its batch and draws into those buffers and replays the graph: a few launc
 ~2,000. The step has no host sync (tests/test_step_audit.py), which is what makes it capturable.
 
 What a capture fixes must not change, so the step is captured again when it would: another
-learning rate (the milestones) or the stage-2 queue turning full. It is not used where it cannot
+learning rate (the milestones) or the stage-2 queue turning full, each time after another
+`WARMUP_STEPS` eager steps (anything the new setting creates lazily, such as the optimizer's
+state at stage 2's first update, must exist before a capture, or the graph would re-create it at
+every replay). It is not used where it cannot
 hold: world size > 1 (collectives), fp16 (the GradScaler's host logic), run.legacy_step, devices
 other than CUDA. A capture that fails leaves the eager step for the rest of the run, the reason
-in `ctx.graph.error` (benchmarks/train_speed.py reports it). CPU tests swap the CUDA capture for
-`rerun_capture`, which runs the body again on the same static buffers at every "replay".
+in `ctx.graph.error` (benchmarks/train_speed.py reports it).
+
+CPU tests swap the CUDA capture for `recorded_capture`, which keeps a CUDA graph's semantics
+without a GPU: capture records the body's aten ops and undoes their writes (a capture computes
+nothing), a host read inside it raises as it does in a capture, and a replay runs the recorded
+ops alone, without the Python around them, so every host-side value (a Python float, a count kept
+on the host, a branch taken) stays what it was at capture. A step that read anything from the
+host that changes between steps would replay with the stale value and differ from the eager step.
 """
 
 from __future__ import annotations
@@ -25,10 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from cvtcl import distributed, engine
 from cvtcl.moco import Permutation
 
+aten = torch.ops.aten
 WARMUP_STEPS = 3
 Body = Callable[[], tuple[list[str], torch.Tensor]]
 Capture = Callable[[Body], tuple[Callable[[], None], Callable[[], tuple[list[str], torch.Tensor]]]]
@@ -43,14 +55,64 @@ def cuda_capture(body: Body):
     return graph.replay, lambda: outputs
 
 
-def rerun_capture(body: Body):
-    """CPU stand-in for tests: nothing runs at capture; each replay runs body() on the static buffers."""
-    last: list = []
+def recorded_capture(body: Body):
+    """CPU stand-in for tests, with a CUDA graph's semantics (module docstring): (replay, outputs)."""
+    recorder = _Recorder()
+    try:
+        with recorder:
+            names, row = body()
+    finally:
+        recorder.undo_writes()  # a capture, finished or failed, has computed nothing
+    live: dict[int, torch.Tensor] = {}
 
     def replay() -> None:
-        last[:] = [body()]
+        live.clear()
 
-    return replay, lambda: last[0]
+        def current(x):
+            return live.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+        with torch.no_grad():
+            for func, args, kwargs, out in recorder.ops:
+                new = func(*tree_map(current, args), **tree_map(current, kwargs))
+                for old, fresh in zip(tree_leaves(out), tree_leaves(new)):
+                    if isinstance(old, torch.Tensor):
+                        live[id(old)] = fresh
+
+    return replay, lambda: (names, live.get(id(row), row))
+
+
+class _Recorder(TorchDispatchMode):
+    """Records each aten op with its arguments and results (kept alive, so ids stay unique); saves
+    every storage an op writes before its first write, for `undo_writes`; refuses host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple] = []
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default or func.overloadpacket.__name__ == "nonzero":
+            raise RuntimeError(f"{func.overloadpacket.__name__} reads a device value on the host: "
+                               "not permitted while a CUDA graph is captured")
+        for argument, value in zip(func._schema.arguments, [*args, *(kwargs.get(a.name) for a in func._schema.arguments[len(args):])]):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                for tensor in tree_leaves(value):
+                    if isinstance(tensor, torch.Tensor):
+                        self._save(tensor)
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def _save(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.saved:
+            whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            self.saved[storage.data_ptr()] = (whole, whole.clone())
+
+    def undo_writes(self) -> None:
+        for whole, before in self.saved.values():
+            whole.copy_(before)
 
 
 @dataclass
@@ -88,9 +150,11 @@ class GraphedStep:
     def _body(self) -> tuple[list[str], torch.Tensor]:
         queue = self.ctx.model.queue
         count = queue._count_on_host
-        names, row, _ = engine.step_body(self.ctx, self.batch, engine.StepDraws.of(self.draws),
-                                          grads_to_none=False)
-        queue._count_on_host = count  # the host mirror advances per replay (__call__), not per capture
+        try:
+            names, row, _ = engine.step_body(self.ctx, self.batch, engine.StepDraws.of(self.draws),
+                                              grads_to_none=False)
+        finally:
+            queue._count_on_host = count  # the host mirror advances per replay (__call__), not per capture
         return names, row
 
     def __call__(self, batch: dict[str, torch.Tensor], draws: engine.StepDraws) -> tuple[list[str], torch.Tensor]:
@@ -121,10 +185,15 @@ def run(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: engine.StepD
     state: GraphState | None = ctx.graph
     if state is None or state.error is not None:
         return engine.step_body(ctx, batch, draws)[:2]
+    if state.step is not None and state.step.key != capture_key(ctx):
+        # A new learning rate or a full stage-2 queue: warm up eagerly again before the next capture.
+        # Stage 2's first optimizing step creates Adam's moments and step counts; created inside a
+        # capture, their zero-fill would be part of the graph and reset them at every replay.
+        state.step, state.warmed = None, 0
     if state.warmed < WARMUP_STEPS:
         state.warmed += 1
         return _eager_on_side_stream(ctx, batch, draws)
-    if state.step is None or state.step.key != capture_key(ctx):
+    if state.step is None:
         try:
             state.step = GraphedStep(ctx, batch, draws, state.capture)
             state.captures.append(state.step.key)

@@ -1,10 +1,12 @@
-"""run.compile=step's captured step (cvtcl/graphed.py) with its CUDA capture swapped for a re-run on
-the same static buffers: the plumbing (batch and draws copied in, terms copied out, recapture when
-the learning rate or the queue's fill changes, the host count of the queue) matches the eager step."""
+"""run.compile=graph|step's captured step (cvtcl/graphed.py), with the CUDA capture swapped for
+`recorded_capture`: the recorded aten ops replayed without the Python around them, as a CUDA graph
+replays its kernels. The replayed steps (batch and draws copied in, terms copied out, recapture
+when the learning rate or the queue's fill changes, the host count of the queue) equal the eager
+steps bitwise, so the step reads nothing on the host that changes from step to step."""
 
 import torch
 
-from cvtcl import graphed
+from cvtcl import engine, graphed
 from cvtcl.config import apply_overrides
 from cvtcl.distributed import DistInfo
 from cvtcl.engine import read_terms, train_step
@@ -18,8 +20,11 @@ def _run(overrides, steps, graph, lr_change_at=None):
     config = apply_overrides(get_preset("smoke"), ["data.frames_per_clip=4", "data.crop_size=16",
                                                    "data.num_segments=2", *overrides])
     ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    # the GPU's optimizer: fused Adam, which skips a non-finite step on the device (found_inf);
+    # the CPU default decides that on the host, which a capture cannot hold
+    ctx.optimizer = torch.optim.Adam(ctx.model.query.parameters(), lr=1e-3, fused=True)
     if graph:
-        ctx.graph = graphed.GraphState(graphed.rerun_capture)
+        ctx.graph = graphed.GraphState(graphed.recorded_capture)
     losses = []
     for i in range(steps):
         if i == lr_change_at:
@@ -32,8 +37,8 @@ def _run(overrides, steps, graph, lr_change_at=None):
 
 
 def test_replayed_stage1_step_equals_the_eager_step():
-    eager, eager_weights, _ = _run(["loss.queue_size=8"], 7, graph=False, lr_change_at=5)
-    replayed, weights, ctx = _run(["loss.queue_size=8"], 7, graph=True, lr_change_at=5)
+    eager, eager_weights, _ = _run(["loss.queue_size=8"], 10, graph=False, lr_change_at=5)
+    replayed, weights, ctx = _run(["loss.queue_size=8"], 10, graph=True, lr_change_at=5)
     assert replayed == eager
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
     assert ctx.graph.error is None and [key[0] for key in ctx.graph.captures] == [(1e-3,), (1e-4,)]  # recaptured
@@ -43,9 +48,9 @@ def test_replayed_stage2_step_recaptures_when_the_queue_fills(tmp_path):
     sampler = _sampler_checkpoint(tmp_path / "sampler")
     overrides = ["stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}", "loss.queue_size=24",
                  "model.embed_dim=128"]
-    eager, eager_weights, _ = _run(overrides, 8, graph=False)
-    replayed, weights, ctx = _run(overrides, 8, graph=True)
-    assert repr(replayed) == repr(eager) and [v["queue_full"] for v in replayed] == [0.0] * 6 + [1.0] * 2
+    eager, eager_weights, _ = _run(overrides, 11, graph=False)
+    replayed, weights, ctx = _run(overrides, 11, graph=True)
+    assert repr(replayed) == repr(eager) and [v["queue_full"] for v in replayed] == [0.0] * 6 + [1.0] * 5
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
     assert [key[1] for key in ctx.graph.captures] == [False, True]  # warm-up graph, then the training one
     assert ctx.model.queue.is_full and ctx.model.queue._count_on_host == 24
@@ -74,3 +79,35 @@ def test_graph_mode_captures_the_eager_encoders():
         compiled[setting] = [getattr(m, "_compiled_call_impl", None) is not None for m in (ctx.model.query, ctx.model.key)]
         assert config.run.captures_step == (setting in ("graph", "step"))
     assert compiled == {"graph": [False, False], "step": [True, True], "encoder": [True, True], "none": [False, False]}
+
+
+def test_a_host_value_that_changes_per_step_breaks_the_replay(monkeypatch):
+    """The stand-in can fail: a loss scaled by a host count is baked into the capture, so the
+    replayed steps leave the eager ones (a CUDA graph would do the same)."""
+    real = engine.STEPS["instance"]
+
+    def step_with_a_host_value(ctx, batch, draws):
+        out = real(ctx, batch, draws)
+        out.loss = out.loss * (1 + ctx.step % 2)
+        return out
+
+    monkeypatch.setitem(engine.STEPS, "instance", step_with_a_host_value)
+    _, eager_weights, _ = _run(["loss.queue_size=8"], 6, graph=False)
+    _, weights, ctx = _run(["loss.queue_size=8"], 6, graph=True)
+    assert ctx.graph.error is None and not all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+
+
+def test_a_host_read_in_the_step_fails_the_capture_and_training_goes_on_eagerly(monkeypatch):
+    real = engine.STEPS["instance"]
+
+    def step_with_a_host_read(ctx, batch, draws):
+        out = real(ctx, batch, draws)
+        if float(out.loss.detach()) > 1e9:  # a sync: refused while a CUDA graph is captured
+            raise AssertionError("unreachable")
+        return out
+
+    monkeypatch.setitem(engine.STEPS, "instance", step_with_a_host_read)
+    eager, eager_weights, _ = _run(["loss.queue_size=8"], 6, graph=False)
+    replayed, weights, ctx = _run(["loss.queue_size=8"], 6, graph=True)
+    assert "not permitted while a CUDA graph is captured" in ctx.graph.error and ctx.graph.step is None
+    assert replayed == eager and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
