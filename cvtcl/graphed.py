@@ -83,25 +83,29 @@ def recorded_capture(body: Body):
 
 class _Recorder(TorchDispatchMode):
     """Records each aten op with its arguments and results (kept alive, so ids stay unique); saves
-    every storage an op writes before its first write, for `undo_writes`; refuses host reads."""
+    every storage the capture did not create before an op first touches it, for `undo_writes`
+    (not only the arguments a schema marks as written: native_batch_norm updates its running
+    statistics in place unmarked); refuses host reads."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[tuple] = []
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.created: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default or func.overloadpacket.__name__ == "nonzero":
             raise RuntimeError(f"{func.overloadpacket.__name__} reads a device value on the host: "
                                "not permitted while a CUDA graph is captured")
-        for argument, value in zip(func._schema.arguments, [*args, *(kwargs.get(a.name) for a in func._schema.arguments[len(args):])]):
-            if argument.alias_info is not None and argument.alias_info.is_write:
-                for tensor in tree_leaves(value):
-                    if isinstance(tensor, torch.Tensor):
-                        self._save(tensor)
+        for tensor in tree_leaves((args, kwargs)):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.created:
+                self._save(tensor)
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.saved:
+                self.created.add(tensor.untyped_storage().data_ptr())
         return out
 
     def _save(self, tensor: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ from step_reference import _sampler_checkpoint
 from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
 
 
-def _run(overrides, steps, graph, lr_change_at=None):
-    config = apply_overrides(get_preset("smoke"), ["data.frames_per_clip=4", "data.crop_size=16",
+def _run(overrides, steps, graph, lr_change_at=None, frames=4, crop=16):
+    config = apply_overrides(get_preset("smoke"), [f"data.frames_per_clip={frames}", f"data.crop_size={crop}",
                                                    "data.num_segments=2", *overrides])
     ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
     # the GPU's optimizer: fused Adam, which skips a non-finite step on the device (found_inf);
@@ -30,10 +30,16 @@ def _run(overrides, steps, graph, lr_change_at=None):
         if i == lr_change_at:
             ctx.optimizer.param_groups[0]["lr"] = 1e-4
         g = torch.Generator().manual_seed(i)
-        batch = {m: torch.randn(4, 2, c, 4, 16, 16, generator=g) for m, c in (("rgb", 3), ("flow", 2))}
+        batch = {m: torch.randn(4, 2, c, frames, crop, crop, generator=g) for m, c in (("rgb", 3), ("flow", 2))}
         batch |= {"video_index": torch.arange(4) + 4 * i, "group": torch.arange(4), "label": torch.arange(4) % 2}
         losses.append(read_terms([train_step(ctx, batch, 0, i)])[0])
-    return losses, [p.detach().clone() for p in ctx.model.parameters()], ctx
+    return losses, _state(ctx), ctx
+
+
+def _state(ctx) -> list[torch.Tensor]:
+    """Everything a step writes: weights, BN statistics, queues, Adam's moments and step counts."""
+    optimizer = [t for state in ctx.optimizer.state.values() for t in state.values()]
+    return [t.detach().clone() for t in [*ctx.model.state_dict().values(), *optimizer]]
 
 
 def test_replayed_stage1_step_equals_the_eager_step():
@@ -111,3 +117,12 @@ def test_a_host_read_in_the_step_fails_the_capture_and_training_goes_on_eagerly(
     replayed, weights, ctx = _run(["loss.queue_size=8"], 6, graph=True)
     assert "not permitted while a CUDA graph is captured" in ctx.graph.error and ctx.graph.step is None
     assert replayed == eager and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+
+
+def test_replayed_s3d_step_equals_the_eager_step():
+    """The real backbone (S3D at 16x32x32: its BatchNorms update running statistics in place)."""
+    overrides = ["model.backbone=s3d", "loss.queue_size=8"]
+    eager, eager_state, _ = _run(overrides, 6, graph=False, frames=16, crop=32)
+    replayed, state, ctx = _run(overrides, 6, graph=True, frames=16, crop=32)
+    assert replayed == eager and all(torch.equal(a, b) for a, b in zip(state, eager_state))
+    assert ctx.graph.error is None and len(ctx.graph.captures) == 1
