@@ -79,20 +79,20 @@ def _pool_pair(pair: np.ndarray) -> np.ndarray:
     return _worker_backend.compute(pair)[0]
 
 
-def time_opencv_pool(gray: np.ndarray, first: np.ndarray, workers: int) -> tuple[float, np.ndarray]:
+def time_opencv_pool(gray: np.ndarray, first: np.ndarray, workers: int) -> tuple[float, np.ndarray, dict]:
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init) as pool:
         list(pool.map(_pool_pair, [gray[:2]] * workers))  # start and warm every worker
         start = time.perf_counter()
         flow = np.stack(list(pool.map(_pool_pair, [gray[i:i + 2] for i in first])))
-        return time.perf_counter() - start, flow
+        return time.perf_counter() - start, flow, {}
 
 
-def time_opencv(gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray]:
+def time_opencv(gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray, dict]:
     backend = make_backend("opencv-tvl1", threads=1)
     backend.compute(gray[:2])
     start = time.perf_counter()
     flow = np.stack([backend.compute(gray[i:i + 2])[0] for i in first])
-    return time.perf_counter() - start, flow
+    return time.perf_counter() - start, flow, {}
 
 
 def solve_batched(backend, gray: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -108,13 +108,21 @@ def solve_batched(backend, gray: np.ndarray, first: np.ndarray) -> np.ndarray:
     return np.concatenate([flows[int(run[0])] for run in np.split(first, bounds)])
 
 
-def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray]:
-    # Warm-up (device start, allocator, compilation) on a batch of two pairs: the fast path pads
-    # a single pair to two, so one compilation serves every bucket.
-    solve_batched(backend, gray, first[:2])
+def warm_up(backend, gray: np.ndarray, first: np.ndarray) -> None:
+    """Device start, allocator, compilation (one serves every bucket: shapes are dynamic) and the
+    CUDA graphs of the chunks (one per level and bucket): one batch of the mix's first pairs,
+    a cut among them in the cuts mix, so its buckets down to the smallest are met."""
+    solve_batched(backend, gray, first[:backend.batch])
+
+
+def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray, dict]:
+    warm_up(backend, gray, first)
     start = time.perf_counter()
     flow = solve_batched(backend, gray, first)  # returns host numpy: the device work is finished
-    return time.perf_counter() - start, flow
+    seconds = time.perf_counter() - start
+    graphs = backend.graphs
+    info = {} if graphs is None else {"cuda_graphs": {"captured": len(graphs.graphs), "error": graphs.error}}
+    return seconds, flow, info
 
 
 _barrier = None
@@ -128,34 +136,35 @@ def _gpu_init(barrier) -> None:
 def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
     gray, first, batch = task
     backend = make_backend("tvl1-torch", device="cuda", path="compiled", batch=batch)
-    solve_batched(backend, gray, first[:2])  # warm-up, as time_torch
+    warm_up(backend, gray, first)
     _barrier.wait()  # every process starts timing together
     start = time.perf_counter()
     flow = solve_batched(backend, gray, first)
     return time.perf_counter() - start, flow
 
 
-def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batch) -> tuple[float, np.ndarray]:
+def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batch) -> tuple[float, np.ndarray, dict]:
     """`processes` flow workers sharing one GPU, each solving the whole mix, as packing runs
     --flow-workers-per-gpu of them: -> (seconds per mix's worth of pairs, one worker's flow)."""
     ctx = get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_gpu_init,
                              initargs=(ctx.Barrier(processes),)) as pool:
         results = list(pool.map(_gpu_process, [(gray, first, batch)] * processes))
-    return max(seconds for seconds, _ in results) / processes, results[0][1]
+    return max(seconds for seconds, _ in results) / processes, results[0][1], {}
 
 
 def plan_runs(args, cuda: bool) -> list[tuple]:
-    """(backend, where, pairs, run(gray, first) -> (seconds, flow)), the fast path first: a time
-    limit that stops the run early leaves its row."""
-    torch_backend = lambda device, path, threads=1: make_backend(  # noqa: E731
-        "tvl1-torch", device=device, path=path, batch=args.batch, threads=threads)
+    """(backend, where, pairs, run(gray, first) -> (seconds, flow, info)), the fast path first: a
+    time limit that stops the run early leaves its row. On CUDA the fast path runs with its
+    chunks as CUDA graphs (the default) and without, side by side."""
+    torch_backend = lambda device, path, threads=1, graphs=None: make_backend(  # noqa: E731
+        "tvl1-torch", device=device, path=path, batch=args.batch, threads=threads, graphs=graphs)
     runs = []
-    for path in (("compiled", "eager") if args.compile != "none" else ("eager",)) if cuda else ():
-        if path == "eager" and "eager-cuda" in args.skip:
-            continue
-        runs.append((f"tvl1-torch {path}", "cuda", args.gpu_pairs,
-                     lambda g, f, p=path: time_torch(torch_backend("cuda", p), g, f)))
+    for path, graphs in (((("compiled", None), ("compiled", False)) if args.compile != "none" else ())
+                         + ((("eager", None),) if "eager-cuda" not in args.skip else ())) if cuda else ():
+        name = f"tvl1-torch {path}" + (", no graphs" if graphs is False else "")
+        runs.append((name, "cuda", args.gpu_pairs,
+                     lambda g, f, p=path, c=graphs: time_torch(torch_backend("cuda", p, graphs=c), g, f)))
     for processes in args.gpu_processes if cuda and args.compile != "none" else ():
         runs.append(("tvl1-torch compiled", f"cuda, {processes} processes", args.gpu_pairs,
                      lambda g, f, k=processes: time_gpu_processes(g, f, k, args.batch)))
@@ -249,10 +258,10 @@ def main() -> None:
             row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs}
             for mix in MIXES:
                 first = mix_pairs(truth[:pairs], mix)
-                seconds, flow = run(gray, first)
+                seconds, flow, info = run(gray, first)
                 keep = ~np.isnan(truth[first, 0, 0, 0])
                 row[mix] = {"pairs_per_s": len(first) / seconds, "flow": flow, "true": keep,
-                            "epe_truth": end_point_error(flow[keep], truth[first][keep])}
+                            "epe_truth": end_point_error(flow[keep], truth[first][keep]), **info}
             rows.append(row)
             compare(rows, gpus)
             record["results"] = [public(r) for r in rows]

@@ -20,12 +20,9 @@ hold: world size > 1 (collectives), fp16 (the GradScaler's host logic), run.lega
 other than CUDA. A capture that fails leaves the eager step for the rest of the run, the reason
 in `ctx.graph.error` (benchmarks/train_speed.py reports it).
 
-CPU tests swap the CUDA capture for `recorded_capture`, which keeps a CUDA graph's semantics
-without a GPU: capture records the body's aten ops and undoes their writes (a capture computes
-nothing), a host read inside it raises as it does in a capture, and a replay runs the recorded
-ops alone, without the Python around them, so every host-side value (a Python float, a count kept
-on the host, a branch taken) stays what it was at capture. A step that read anything from the
-host that changes between steps would replay with the stale value and differ from the eager step.
+CPU tests swap the CUDA capture for `cvtcl.capture.recorded_capture`, which keeps a CUDA graph's
+semantics without a GPU: a step that read anything from the host that changes between steps would
+replay with the stale value and differ from the eager step (tests/test_graphed.py).
 """
 
 from __future__ import annotations
@@ -34,89 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
 
 from cvtcl import distributed, engine
+from cvtcl.capture import Capture, cuda_capture
 from cvtcl.moco import Permutation
 
-aten = torch.ops.aten
 WARMUP_STEPS = 3
-Body = Callable[[], tuple[list[str], torch.Tensor]]
-Capture = Callable[[Body], tuple[Callable[[], None], Callable[[], tuple[list[str], torch.Tensor]]]]
-
-
-def cuda_capture(body: Body):
-    """Capture body() in a CUDA graph: (replay, the static outputs the replays refresh)."""
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the loader's threads (DALI) may keep using CUDA while this thread captures
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        outputs = body()
-    return graph.replay, lambda: outputs
-
-
-def recorded_capture(body: Body):
-    """CPU stand-in for tests, with a CUDA graph's semantics (module docstring): (replay, outputs)."""
-    recorder = _Recorder()
-    try:
-        with recorder:
-            names, row = body()
-    finally:
-        recorder.undo_writes()  # a capture, finished or failed, has computed nothing
-    live: dict[int, torch.Tensor] = {}
-
-    def replay() -> None:
-        live.clear()
-
-        def current(x):
-            return live.get(id(x), x) if isinstance(x, torch.Tensor) else x
-
-        with torch.no_grad():
-            for func, args, kwargs, out in recorder.ops:
-                new = func(*tree_map(current, args), **tree_map(current, kwargs))
-                for old, fresh in zip(tree_leaves(out), tree_leaves(new)):
-                    if isinstance(old, torch.Tensor):
-                        live[id(old)] = fresh
-
-    return replay, lambda: (names, live.get(id(row), row))
-
-
-class _Recorder(TorchDispatchMode):
-    """Records each aten op with its arguments and results (kept alive, so ids stay unique); saves
-    every storage the capture did not create before an op first touches it, for `undo_writes`
-    (not only the arguments a schema marks as written: native_batch_norm updates its running
-    statistics in place unmarked); refuses host reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple] = []
-        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.created: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default or func.overloadpacket.__name__ == "nonzero":
-            raise RuntimeError(f"{func.overloadpacket.__name__} reads a device value on the host: "
-                               "not permitted while a CUDA graph is captured")
-        for tensor in tree_leaves((args, kwargs)):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.created:
-                self._save(tensor)
-        out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.saved:
-                self.created.add(tensor.untyped_storage().data_ptr())
-        return out
-
-    def _save(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.saved:
-            whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-            self.saved[storage.data_ptr()] = (whole, whole.clone())
-
-    def undo_writes(self) -> None:
-        for whole, before in self.saved.values():
-            whole.copy_(before)
 
 
 @dataclass

@@ -14,6 +14,12 @@ Both paths run the same steps (preprocess/flow_torch.py); they differ in how:
   shape, so a pair's stopping iteration could depend on which other pairs share its batch; in
   float64 it does not (to ~1e-16 relative), and cross-video batching stays byte-identical.
 
+On CUDA the chunks also run as CUDA graphs (`ChunkGraphs`, either path): one graph per chunk
+length and working shape, replayed in place on static copies of the state, so a chunk costs one
+launch however many kernels it holds. That matters most in the tail of a batch, where a few
+pairs that converge late (a scene cut never does) run thousands of iterations on a small batch
+and the host, not the GPU, would set the pace.
+
 Converged pairs leave the working batch in buckets: the batch shrinks only to a size from the
 fixed set {2, 4, 8, ..., batch} (padded with frozen copies), so a warp compacts at most
 log2(batch) times and the compiled code sees few distinct shapes. No batch has one pair: inductor
@@ -24,10 +30,13 @@ pair is solved next to a copy of itself.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from cvtcl.capture import Capture, cuda_capture
 
 from preprocess.flow_torch_ops import median_blur, tvl1_iteration, warp_bicubic
 
@@ -97,3 +106,82 @@ def default_path(device: torch.device) -> str:
     """The fast path on a GPU (launch-bound in eager); eager on the CPU, where inductor's
     compile costs a minute per worker process for about 2x."""
     return "compiled" if device.type == "cuda" else "eager"
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    state: list[torch.Tensor]  # static u1, u2, p11, p12, p21, p22, active: each replay iterates them in place
+    data: list  # static I1wx, I1wy, grad, rho_c, threshold (a float is part of the graph's key)
+    sources: list = field(default_factory=list)  # weak references to the data last copied in
+
+
+class ChunkGraphs:
+    """Chunks of inner iterations as graphs, one per (chunk function, working shape, constants).
+
+    The first chunk of a key runs as it is (it compiles and warms up what the graph will hold);
+    the next one is captured on static copies of its inputs, its new state written back into them,
+    and replayed. A replay returns the static state, so the chunks of a warp pass it on without a
+    copy; only inputs that are not the static tensors (a compacted batch, a new warp's data, the
+    median's new u) are copied in. Graphs share one memory pool: they run one at a time, and keep
+    nothing there between replays. A capture that fails turns the graphs off for this object, the
+    reason in `error`; the chunks then run as they are. `capture` is `cuda_capture` on a GPU
+    (cvtcl.capture.recorded_capture in CPU tests)."""
+
+    def __init__(self, capture: Capture | None = None):
+        self.capture = capture
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: set[tuple] = set()
+        self.error: str | None = None
+
+    def __call__(self, iterate: Callable, state: list[torch.Tensor], data: list, consts: tuple) -> list[torch.Tensor]:
+        """iterate(u1, u2, p11, p12, p21, p22, I1wx, I1wy, grad, rho_c, active, threshold, *consts)
+        for state = [u1, ..., p22, active] and data = [I1wx, I1wy, grad, rho_c, threshold]."""
+        key = (iterate, tuple(state[0].shape), state[0].device,
+               tuple(None if isinstance(d, torch.Tensor) else d for d in data), consts)
+        graph = self.graphs.get(key)
+        if graph is None and (self.error is not None or key not in self.seen):
+            self.seen.add(key)
+            return run_chunk(iterate, state, data, consts)
+        if graph is None:
+            try:
+                graph = self.graphs[key] = self._capture(iterate, state, data, consts)
+            except Exception as err:  # any failure: solve without graphs, and say why
+                self.error = f"{type(err).__name__}: {err}"[:500]
+                return run_chunk(iterate, state, data, consts)
+        for static, given in zip(graph.state, state):
+            if static is not given:
+                static.copy_(given)
+        for i, (static, given) in enumerate(zip(graph.data, data)):
+            if isinstance(given, torch.Tensor) and graph.sources[i]() is not given:
+                static.copy_(given)
+                graph.sources[i] = weakref.ref(given)
+        graph.replay()
+        return list(graph.state)
+
+    def _capture(self, iterate, state, data, consts) -> _Graph:
+        static_state = [t.clone() for t in state]
+        static_data = [d.clone() if isinstance(d, torch.Tensor) else d for d in data]
+
+        def body() -> None:
+            for static, new in zip(static_state, _call(iterate, static_state, static_data, consts)):
+                static.copy_(new)
+
+        if self.capture is not None:
+            replay, _ = self.capture(body)
+        else:
+            if not hasattr(self, "_pool"):
+                self._pool = torch.cuda.graph_pool_handle()
+            replay, _ = cuda_capture(body, pool=self._pool)
+        dead = weakref.ref(torch.empty(0))  # a reference to nothing
+        return _Graph(replay, static_state, static_data,
+                      [weakref.ref(d) if isinstance(d, torch.Tensor) else dead for d in data])
+
+
+def run_chunk(iterate: Callable, state: list[torch.Tensor], data: list, consts: tuple) -> list[torch.Tensor]:
+    """A chunk without graphs, called as `ChunkGraphs` is."""
+    return list(_call(iterate, state, data, consts))
+
+
+def _call(iterate, state, data, consts):
+    return iterate(*state[:6], *data[:4], state[6], data[4], *consts)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from preprocess.flow_kernels import PATHS, Kernels, default_path, kernels
+from preprocess.flow_kernels import PATHS, ChunkGraphs, Kernels, default_path, kernels, run_chunk
 from preprocess.flow_torch_ops import (  # noqa: F401 - re-exported: the steps, tested one by one
     centred_gradient,
     divergence,
@@ -121,9 +121,11 @@ class _Warp:
 
 
 def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync_every: int,
-                path: str = "eager"):
-    """All warps at one level (OpenCV's procOneScale); u1, u2: [B, H, W] updated and returned."""
+                path: str = "eager", graphs: ChunkGraphs | None = None):
+    """All warps at one level (OpenCV's procOneScale); u1, u2: [B, H, W] updated and returned.
+    graphs: run the chunks as CUDA graphs (the bucketed fast path only: its few working shapes)."""
     run = kernels(path)
+    chunk = graphs if graphs is not None and run.bucketed else run_chunk
     h, w = u1.shape[-2:]
     consts = (p["lambda"] * p["theta"], p["theta"], p["tau"] / p["theta"])
     threshold = run.threshold(p["epsilon"] ** 2 * h * w, u1.device)
@@ -143,7 +145,8 @@ def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync
             done = 0
             while done < p["inner_iterations"]:
                 n = min(sync_every, p["inner_iterations"] - done)
-                *warp.state, warp.active = run.iterate(n)(*warp.state, *warp.data, warp.active, threshold, *consts)
+                *warp.state, warp.active = chunk(run.iterate(n), [*warp.state, warp.active], [*warp.data, threshold],
+                                                 consts)
                 done += n
                 if done < p["inner_iterations"] and not warp.running():
                     break
@@ -152,7 +155,7 @@ def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync
 
 
 def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = "eager",
-               first: torch.Tensor | None = None) -> torch.Tensor:
+               first: torch.Tensor | None = None, graphs: ChunkGraphs | None = None) -> torch.Tensor:
     """frames: [N, H, W] float (0..255) -> flow [P, 2, H, W] (x, y) from frame i to i + 1 for
     each i of `first` ([P] long; default every i < N - 1).
 
@@ -161,7 +164,7 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = 
     n, h, w = frames.shape
     if path != "eager" and (n == 2 if first is None else len(first) == 1):  # see flow_kernels: no batch of one
         pair = torch.zeros(2, dtype=torch.long, device=frames.device) + (0 if first is None else first[0])
-        return tvl1_pairs(frames, p, sync_every, path, first=pair)[:1]
+        return tvl1_pairs(frames, p, sync_every, path, first=pair, graphs=graphs)[:1]
     sizes = pyramid_sizes(h, w, p["nscales"], p["scale_step"])
     levels = [frames]
     inv = 1.0 / p["scale_step"]
@@ -183,7 +186,7 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = 
             level = _Level(levels[k][:-1], levels[k][1:])
         else:
             level = _Level(levels[k].index_select(0, first), levels[k].index_select(0, first + 1))
-        u1, u2 = solve_level(level, u1, u2, p, sync_every, path)
+        u1, u2 = solve_level(level, u1, u2, p, sync_every, path, graphs)
     return torch.stack((u1, u2), dim=1)
 
 
@@ -195,7 +198,9 @@ class TorchTVL1:
     pair at 240x320); sync_every: inner iterations per chunk, between host reads of the
     convergence flags; path: "eager" (the reference) or "compiled" (the fused fast path,
     preprocess/flow_kernels.py; about 2x on CPU after a warm-up of about a minute per process),
-    default compiled on CUDA, eager on the CPU; threads: torch CPU threads of this process, set on the first CPU
+    default compiled on CUDA, eager on the CPU; graphs: run the fast path's chunks of inner
+    iterations as CUDA graphs (default: on CUDA with path compiled; preprocess/flow_kernels.py
+    ChunkGraphs); threads: torch CPU threads of this process, set on the first CPU
     `compute` (1, like opencv-tvl1: preprocessing runs one worker per core; None leaves torch's
     setting); other keywords override OpenCV's DualTVL1 defaults (DEFAULTS).
 
@@ -206,7 +211,7 @@ class TorchTVL1:
     name = "tvl1-torch"
 
     def __init__(self, device: str = "cpu", batch: int | None = None, sync_every: int = 10,
-                 path: str | None = None, threads: int | None = 1, **tvl1):
+                 path: str | None = None, threads: int | None = 1, graphs: bool | None = None, **tvl1):
         unknown = sorted(set(tvl1) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"unknown TV-L1 parameter(s) {unknown}; choose from {sorted(DEFAULTS)}")
@@ -227,6 +232,12 @@ class TorchTVL1:
         if self.path not in PATHS:
             raise ValueError(f"tvl1-torch path must be one of {PATHS}, got {path!r}")
         self.threads = threads
+        if graphs is None:
+            graphs = self._device.type == "cuda" and self.path == "compiled"
+        if graphs and (self._device.type != "cuda" or self.path != "compiled"):
+            raise ValueError("tvl1-torch runs CUDA graphs on a CUDA device with path=compiled only, "
+                             f"not on {device} with path={self.path}")
+        self.graphs: ChunkGraphs | None = ChunkGraphs() if graphs else None  # no CUDA call until a capture
 
     def params(self) -> dict:
         """The algorithm's settings. Device and batch size change the result only by float
@@ -254,7 +265,7 @@ class TorchTVL1:
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         for start in range(0, n - 1, self.batch):
             stop = min(start + self.batch, n - 1)
-            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.path)
+            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.path, graphs=self.graphs)
             out[start:stop] = flow.permute(0, 2, 3, 1).cpu().numpy()
         return out
 
@@ -267,7 +278,7 @@ class TorchTVL1:
         self._setup()
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         index = torch.from_numpy(np.asarray(first, dtype=np.int64)).to(self._device)
-        flow = tvl1_pairs(frames, self._params, self.sync_every, self.path, first=index)
+        flow = tvl1_pairs(frames, self._params, self.sync_every, self.path, first=index, graphs=self.graphs)
         return flow.permute(0, 2, 3, 1).cpu().numpy()
 
 

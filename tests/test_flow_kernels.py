@@ -86,3 +86,50 @@ def test_resize_uploads_its_taps_once():
     resize_linear(x, (16, 24), (1.25, 1.25))
     after = _device_taps.cache_info()
     assert after.hits == before.hits + 2 and after.misses == before.misses
+
+
+SHORT = {"nscales": 3, "warps": 2, "outer_iterations": 4}  # a replayed op costs Python here: fewer iterations
+
+
+def _graphed(batch: int, capture) -> TorchTVL1:
+    """The fast path with its chunks as graphs, captured by `capture` (CUDA's stand-in on the CPU)."""
+    backend = TorchTVL1(device="cpu", batch=batch, path="compiled", sync_every=6, **SHORT)
+    backend.graphs = flow_kernels.ChunkGraphs(capture)
+    return backend
+
+
+def test_chunks_replayed_as_graphs_give_the_same_bits(uncompiled, video_with_cut):
+    """Chunks captured once per working shape and replayed in place (host values frozen, as in a
+    CUDA graph; cvtcl.capture.recorded_capture) solve every pair as the chunks run directly: the
+    static state handed from replay to replay, compacted batches and new warps copied in."""
+    from cvtcl.capture import recorded_capture
+
+    direct = TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6, **SHORT).compute(video_with_cut)
+    backend = _graphed(7, recorded_capture)
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
+    graphs = backend.graphs
+    assert graphs.error is None and len(graphs.graphs) >= 4  # several levels and buckets
+    assert {key[1][0] for key in graphs.graphs} >= {7, 2}  # the full batch and the cut pair's bucket
+    # a second video reuses the graphs of the first: no new capture, the same bits
+    count = len(graphs.graphs)
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
+    assert len(graphs.graphs) == count
+
+
+def test_a_failed_capture_leaves_the_chunks_running_directly(uncompiled, video_with_cut):
+    def failing(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    direct = TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6, **SHORT).compute(video_with_cut)
+    backend = _graphed(7, failing)
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
+    assert backend.graphs.error == "RuntimeError: operation not permitted when stream is capturing"
+    assert not backend.graphs.graphs
+
+
+def test_graphs_need_cuda_and_the_fast_path():
+    assert TorchTVL1(device="cuda").graphs is not None  # the default on a GPU (nothing touches it yet)
+    assert TorchTVL1(device="cuda", path="eager").graphs is None and TorchTVL1(device="cpu").graphs is None
+    for device, path in (("cpu", "compiled"), ("cuda", "eager")):
+        with pytest.raises(ValueError, match="CUDA graphs on a CUDA device with path=compiled only"):
+            TorchTVL1(device=device, path=path, graphs=True)

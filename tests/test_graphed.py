@@ -1,5 +1,5 @@
 """run.compile=graph|step's captured step (cvtcl/graphed.py), with the CUDA capture swapped for
-`recorded_capture`: the recorded aten ops replayed without the Python around them, as a CUDA graph
+`cvtcl.capture.recorded_capture`: the recorded aten ops replayed without the Python around them, as a CUDA graph
 replays its kernels. The replayed steps (batch and draws copied in, terms copied out, recapture
 when the learning rate or the queue's fill changes, the host count of the queue) equal the eager
 steps bitwise, so the step reads nothing on the host that changes from step to step."""
@@ -7,6 +7,7 @@ steps bitwise, so the step reads nothing on the host that changes from step to s
 import torch
 
 from cvtcl import engine, graphed
+from cvtcl.capture import recorded_capture
 from cvtcl.config import apply_overrides
 from cvtcl.distributed import DistInfo
 from cvtcl.engine import read_terms, train_step
@@ -24,7 +25,7 @@ def _run(overrides, steps, graph, lr_change_at=None, frames=4, crop=16):
     # the CPU default decides that on the host, which a capture cannot hold
     ctx.optimizer = torch.optim.Adam(ctx.model.query.parameters(), lr=1e-3, fused=True)
     if graph:
-        ctx.graph = graphed.GraphState(graphed.recorded_capture)
+        ctx.graph = graphed.GraphState(recorded_capture)
     losses = []
     for i in range(steps):
         if i == lr_change_at:

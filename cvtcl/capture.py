@@ -1,0 +1,102 @@
+"""CUDA graph capture, and a stand-in for it that runs on the CPU.
+
+`cuda_capture(body)` records body() in a CUDA graph and returns (replay, outputs): each replay
+reruns the recorded kernels on the same memory, and `outputs()` are the tensors body() returned,
+refreshed by every replay. Python does not run at replay: every host-side value body() used (a
+Python float, a count kept on the host, a branch taken) is what it was at capture.
+
+`recorded_capture(body)` keeps those semantics without a GPU, for tests: capture records body()'s
+aten ops (a dispatch mode) and then undoes everything they wrote (a capture computes nothing), a
+host read inside it raises as it does in a capture, and a replay runs the recorded ops alone,
+without the Python around them. Code that is correct under it reads nothing on the host that
+changes between replays. Used by cvtcl/graphed.py (the training step) and
+preprocess/flow_kernels.py (TV-L1 chunks); limits: ops that bypass aten dispatch (inductor's CPU
+kernels) are not recorded, so the compiled paths are checked with their compiler off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+aten = torch.ops.aten
+Body = Callable[[], Any]
+Capture = Callable[[Body], tuple[Callable[[], None], Callable[[], Any]]]
+
+
+def cuda_capture(body: Body, pool=None):
+    """Capture body() in a CUDA graph: (replay, the static outputs the replays refresh). `pool`:
+    a memory pool shared with other graphs that are never replayed at the same time."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads (DALI's, a JPEG encoder's) may keep using CUDA while this one captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        outputs = body()
+    return graph.replay, lambda: outputs
+
+
+def recorded_capture(body: Body):
+    """CPU stand-in for tests, with a CUDA graph's semantics (module docstring): (replay, outputs)."""
+    recorder = _Recorder()
+    try:
+        with recorder:
+            outputs = body()
+    finally:
+        recorder.undo_writes()  # a capture, finished or failed, has computed nothing
+    live: dict[int, torch.Tensor] = {}
+
+    def replay() -> None:
+        live.clear()
+
+        def current(x):
+            return live.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+        with torch.no_grad():
+            for func, args, kwargs, out in recorder.ops:
+                new = func(*tree_map(current, args), **tree_map(current, kwargs))
+                for old, fresh in zip(tree_leaves(out), tree_leaves(new)):
+                    if isinstance(old, torch.Tensor):
+                        live[id(old)] = fresh
+
+    return replay, lambda: tree_map(lambda x: live.get(id(x), x) if isinstance(x, torch.Tensor) else x, outputs)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records each aten op with its arguments and results (kept alive, so ids stay unique); saves
+    every storage the capture did not create before an op first touches it, for `undo_writes`
+    (not only the arguments a schema marks as written: native_batch_norm updates its running
+    statistics in place unmarked); refuses host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple] = []
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.created: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default or func.overloadpacket.__name__ == "nonzero":
+            raise RuntimeError(f"{func.overloadpacket.__name__} reads a device value on the host: "
+                               "not permitted while a CUDA graph is captured")
+        for tensor in tree_leaves((args, kwargs)):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.created:
+                self._save(tensor)
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.saved:
+                self.created.add(tensor.untyped_storage().data_ptr())
+        return out
+
+    def _save(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.saved:
+            whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            self.saved[storage.data_ptr()] = (whole, whole.clone())
+
+    def undo_writes(self) -> None:
+        for whole, before in self.saved.values():
+            whole.copy_(before)
