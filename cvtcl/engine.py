@@ -71,6 +71,10 @@ def compile_encoders(model: MomentumContrast, setting: str, device: torch.device
     compile wait). Under DDP graphs may break at buckets."""
     if setting in ("none", "graph"):
         return
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"run.compile={setting} needs a GPU of compute capability 7.0 or newer (inductor's "
+                         f"kernels are Triton's); this one is {major}.{minor}: use run.compile=graph or none")
     for encoder in (model.query, model.key):
         encoder.compile(fullgraph=world_size == 1)
 

@@ -47,6 +47,8 @@ from preprocess.flow_torch_ops import (  # noqa: F401 - re-exported: the steps, 
     warp_bicubic,
 )
 
+MIN_COMPILED_CAPABILITY = (7, 0)  # Triton, which inductor's GPU kernels are, runs on Volta and newer
+
 # cv::optflow::DualTVL1OpticalFlow defaults (OpenCV contrib tvl1flow.cpp).
 DEFAULTS = {
     "tau": 0.25,
@@ -198,7 +200,8 @@ class TorchTVL1:
     pair at 240x320); sync_every: inner iterations per chunk, between host reads of the
     convergence flags; path: "eager" (the reference) or "compiled" (the fused fast path,
     preprocess/flow_kernels.py; about 2x on CPU after a warm-up of about a minute per process),
-    default compiled on CUDA, eager on the CPU; graphs: run the fast path's chunks of inner
+    default compiled on CUDA (eager on GPUs older than Volta, which Triton does not support), eager
+    on the CPU; graphs: run the fast path's chunks of inner
     iterations as CUDA graphs (default: on CUDA with path compiled; preprocess/flow_kernels.py
     ChunkGraphs); threads: torch CPU threads of this process, set on the first CPU
     `compute` (1, like opencv-tvl1: preprocessing runs one worker per core; None leaves torch's
@@ -228,6 +231,7 @@ class TorchTVL1:
         if self.batch < 1 or sync_every < 1:
             raise ValueError(f"--flow-batch ({batch}) and sync_every ({sync_every}) must be >= 1")
         self.sync_every = int(sync_every)
+        self._chosen_path = path  # None: the default, which a GPU too old for inductor turns to eager
         self.path = path or default_path(self._device)
         if self.path not in PATHS:
             raise ValueError(f"tvl1-torch path must be one of {PATHS}, got {path!r}")
@@ -249,6 +253,15 @@ class TorchTVL1:
             raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
         if self._device.type == "cuda" and self._device.index is not None:
             torch.cuda.set_device(self._device)  # compiled kernels and the allocator follow the data's GPU
+        if self._device.type == "cuda" and self.path == "compiled":
+            capability = torch.cuda.get_device_capability(self._device)
+            if capability < MIN_COMPILED_CAPABILITY:  # inductor's GPU kernels are Triton's: 7.0 and newer
+                if self._chosen_path is not None:
+                    raise ValueError(
+                        f"tvl1-torch path=compiled needs a GPU of compute capability "
+                        f"{'.'.join(map(str, MIN_COMPILED_CAPABILITY))} or newer (Triton); this one is "
+                        f"{'.'.join(map(str, capability))}: leave the path to its default (eager there)")
+                self.path, self.graphs = "eager", None
         if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
 

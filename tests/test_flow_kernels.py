@@ -133,3 +133,19 @@ def test_graphs_need_cuda_and_the_fast_path():
     for device, path in (("cpu", "compiled"), ("cuda", "eager")):
         with pytest.raises(ValueError, match="CUDA graphs on a CUDA device with path=compiled only"):
             TorchTVL1(device=device, path=path, graphs=True)
+
+
+def test_a_gpu_too_old_for_triton_solves_eagerly(monkeypatch):
+    """Pascal (the paper's TITAN Xp): the default turns to eager without graphs; asking for the
+    fast path there is refused with the reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    backend = TorchTVL1(device="cuda")
+    backend._setup()
+    assert backend.path == "eager" and backend.graphs is None
+    with pytest.raises(ValueError, match="compute capability 7.0 or newer .*this one is 6.1"):
+        TorchTVL1(device="cuda", path="compiled")._setup()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    backend = TorchTVL1(device="cuda")
+    backend._setup()
+    assert backend.path == "compiled" and backend.graphs is not None

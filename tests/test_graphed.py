@@ -4,6 +4,7 @@ replays its kernels. The replayed steps (batch and draws copied in, terms copied
 when the learning rate or the queue's fill changes, the host count of the queue) equal the eager
 steps bitwise, so the step reads nothing on the host that changes from step to step."""
 
+import pytest
 import torch
 
 from cvtcl import engine, graphed
@@ -127,3 +128,14 @@ def test_replayed_s3d_step_equals_the_eager_step():
     replayed, state, ctx = _run(overrides, 6, graph=True, frames=16, crop=32)
     assert replayed == eager and all(torch.equal(a, b) for a, b in zip(state, eager_state))
     assert ctx.graph.error is None and len(ctx.graph.captures) == 1
+
+
+def test_compiling_on_a_gpu_too_old_for_triton_is_refused(monkeypatch):
+    from cvtcl.engine import compile_encoders
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    ctx = build_context(apply_overrides(get_preset("smoke"), []), DistInfo(0, 0, 1, torch.device("cpu")))
+    for setting in ("encoder", "step"):
+        with pytest.raises(ValueError, match=f"run.compile={setting} needs .* 7.0 or newer.*this one is 6.1"):
+            compile_encoders(ctx.model, setting, torch.device("cuda", 0))
+    compile_encoders(ctx.model, "graph", torch.device("cuda", 0))  # no compiler: fine on any GPU
