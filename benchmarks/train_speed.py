@@ -25,6 +25,7 @@ version, and the launches per step of the new and the legacy step counted on the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -134,25 +135,28 @@ def time_variant(args, dist, spec, sampler=""):
     batch = synthetic_batch(args, dist.device, batch_size, cotrain)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
-    if cotrain:  # stage 2 trains once its queue is full: fill it first, untimed
-        for _ in range(config.loss.queue_size // batch_size):
-            engine.train_step(ctx, batch, 0, 0)
+    # stage 2 trains once its queue is full: fill it first, untimed
+    fill = config.loss.queue_size // batch_size if cotrain else 0
     try:
-        # the captured step (run.compile=graph|step) needs its eager warm-up and the capture before timing
+        # the captured step (run.compile=graph|step) needs its eager warm-up and the capture before
+        # timing; a stage-2 capture made while filling is redone, after its own warm-up, when the queue is full
         warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if config.run.captures_step else args.warmup
-        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
+        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(fill + warmup)]
         synchronize(dist.device)
         start = time.perf_counter()
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(args.steps)]
         synchronize(dist.device)
         seconds = time.perf_counter() - start
-        last = engine.read_terms(terms)[-1]
+        values = engine.read_terms(terms)
+        last = values[-1]
         row = {"variant": name, "amp": amp, "channels_last_3d": channels_last, "batch": batch_size, "legacy_step": legacy,
                "compile": compile_setting, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
         if ctx.graph is not None:  # run.compile=graph|step on CUDA: was the step replayed as a CUDA graph?
             row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
+            if ctx.graph.captures:
+                row["cuda_graph"]["vs_eager"] = compare_with_eager(config, dist, batch, values, ctx)
         if args.profile and dist.device.type == "cuda":
             row["profile"] = profile_steps(ctx, batch, dist.device)
         return row
@@ -164,6 +168,22 @@ def time_variant(args, dist, spec, sampler=""):
         del ctx
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def compare_with_eager(config, dist, batch, values: list[dict], graphed_ctx) -> dict:
+    """The same steps from the same initial weights (build_context seeds them), eagerly: how far
+    the replayed graph's losses and weights are from the eager step's. Not bitwise on a GPU
+    (cuDNN's algorithms, reduction orders), so this reports the differences; a wrong replay
+    (a stale value baked into the graph) shows as a difference far above rounding."""
+    eager_config = copy.deepcopy(config)
+    eager_config.run.compile = "none"
+    ctx = build_context(eager_config, dist)
+    eager = engine.read_terms([engine.train_step(ctx, batch, 0, 0) for _ in values])
+    loss_diff = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in zip(values, eager))
+    weights = max((a.float() - b.float()).abs().max().item()
+                  for a, b in zip(graphed_ctx.model.query.parameters(), ctx.model.query.parameters()))
+    return {"steps": len(values), "max_loss_rel_diff": loss_diff, "max_weight_abs_diff": weights,
+            "last_loss": [values[-1]["loss"], eager[-1]["loss"]]}
 
 
 def profile_steps(ctx, batch, device, steps=3) -> dict:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -65,3 +66,45 @@ def test_compiled_row_runs_on_the_cpu(tmp_path):
                              "--json", str(tmp_path / "speed.json")]) == 0
     rows = json.loads((tmp_path / "speed.json").read_text())["results"]
     assert rows[1]["variant"] == "fp32 compile=step" and rows[1]["samples_per_s"] > 0
+
+
+def _graphs_on_cpu(monkeypatch):
+    """The +graph rows as on a GPU: graphs used on the CPU with the capture's stand-in, and the
+    GPU's fused Adam (its skip of a non-finite step is a device op a capture can hold)."""
+    from cvtcl import graphed, train
+    from cvtcl.capture import recorded_capture
+
+    monkeypatch.setattr(graphed, "usable", lambda ctx: ctx.config.run.captures_step)
+    monkeypatch.setattr(graphed, "cuda_capture", recorded_capture)
+    adam = torch.optim.Adam
+    monkeypatch.setattr(train.torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, "fused": True, "capturable": False}))
+
+
+def test_graph_rows_compare_the_replay_with_the_eager_step(tmp_path, monkeypatch):
+    _graphs_on_cpu(monkeypatch)
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32+graph,cotrain+graph",
+                             "--json", str(tmp_path / "speed.json")]) == 0
+    for row in json.loads((tmp_path / "speed.json").read_text())["results"]:
+        graph = row["cuda_graph"]
+        assert graph["error"] is None and graph["captures"] >= 1, row
+        check = graph["vs_eager"]  # the stand-in replays bitwise
+        assert check["max_loss_rel_diff"] == 0 and check["max_weight_abs_diff"] == 0 and check["steps"] >= 6, row
+
+
+def test_a_wrong_replay_shows_in_the_comparison(tmp_path, monkeypatch):
+    """A loss scaled by a host count is baked into the graph: the replayed steps leave the eager ones."""
+    from cvtcl import engine
+
+    _graphs_on_cpu(monkeypatch)
+    real = engine.STEPS["instance"]
+
+    def step_with_a_host_value(ctx, batch, draws):
+        out = real(ctx, batch, draws)
+        out.loss = out.loss * (1 + ctx.step % 2)
+        return out
+
+    monkeypatch.setitem(engine.STEPS, "instance", step_with_a_host_value)
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32+graph",
+                             "--json", str(tmp_path / "speed.json")]) == 0
+    check = json.loads((tmp_path / "speed.json").read_text())["results"][0]["cuda_graph"]["vs_eager"]
+    assert check["max_weight_abs_diff"] > 1e-4, check
