@@ -63,6 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--modality", default="rgb", choices=("rgb", "flow"))
+    parser.add_argument("--queue", type=int, default=2048, help="negatives K (the paper's 2048; stage 2 fills it first)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (cuDNN autotune, compile)")
     parser.add_argument("--device", default="auto")
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbone, args.batch, args.frames, args.crop, args.steps, args.warmup = "tiny", 4, 8, 32, 2, 1
-        args.gen_size, args.threads, args.big_batch = "24x32", 1, 8
+        args.gen_size, args.threads, args.big_batch, args.queue = "24x32", 1, 8, 64
     args.loader = args.loader or args.data is not None
     return args
 
@@ -88,7 +89,7 @@ def parse_args(argv=None):
 def make_config(args, amp: str, channels_last: bool, data_root: str = "unused", batch: int | None = None,
                 legacy: bool = False, compile_setting: str = "none", sampler: str = ""):
     batch = batch or args.batch
-    queue = batch * math.ceil(2048 / batch)  # K near the paper's 2048, a multiple of the batch
+    queue = batch * math.ceil(args.queue / batch)  # K near --queue (the paper's 2048), a multiple of the batch
     stage = [f"stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}"] if sampler else []
     return apply_overrides(get_preset("ucf101-stage1-rgb"), [
         f"model.backbone={args.backbone}", f"data.batch_size={batch}", f"data.frames_per_clip={args.frames}",

@@ -15,7 +15,7 @@ from cvtcl.engine import read_terms, train_step
 from cvtcl.presets import get_preset
 from cvtcl.train import build_context
 from step_reference import _sampler_checkpoint
-from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
+from trainer_fakes import bake_a_host_value_into_the_step, one_thread  # noqa: F401 (autouse fixture)
 
 
 def _run(overrides, steps, graph, lr_change_at=None, frames=4, crop=16):
@@ -92,14 +92,7 @@ def test_graph_mode_captures_the_eager_encoders():
 def test_a_host_value_that_changes_per_step_breaks_the_replay(monkeypatch):
     """The stand-in can fail: a loss scaled by a host count is baked into the capture, so the
     replayed steps leave the eager ones (a CUDA graph would do the same)."""
-    real = engine.STEPS["instance"]
-
-    def step_with_a_host_value(ctx, batch, draws):
-        out = real(ctx, batch, draws)
-        out.loss = out.loss * (1 + ctx.step % 2)
-        return out
-
-    monkeypatch.setitem(engine.STEPS, "instance", step_with_a_host_value)
+    bake_a_host_value_into_the_step(monkeypatch)
     _, eager_weights, _ = _run(["loss.queue_size=8"], 6, graph=False)
     _, weights, ctx = _run(["loss.queue_size=8"], 6, graph=True)
     assert ctx.graph.error is None and not all(torch.equal(a, b) for a, b in zip(weights, eager_weights))

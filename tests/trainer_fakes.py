@@ -137,3 +137,18 @@ def smoke_args(dataset, out_dir, *extra) -> list[str]:
     """cvtcl.train arguments of a small smoke run on a fake dataset (the trainer tests' common base)."""
     return ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={out_dir}", "loss.queue_size=16",
             "run.progress=plain", "optim.epochs=10", *extra]
+
+
+def bake_a_host_value_into_the_step(monkeypatch) -> None:
+    """Make stage 1's loss depend on a host count that changes every step (ctx.step): a CUDA
+    graph (or its CPU stand-in) replays the value of its capture, so replays leave the eager step."""
+    from cvtcl import engine
+
+    real = engine.STEPS["instance"]
+
+    def step_with_a_host_value(ctx, batch, draws):
+        out = real(ctx, batch, draws)
+        out.loss = out.loss * (1 + ctx.step % 2)
+        return out
+
+    monkeypatch.setitem(engine.STEPS, "instance", step_with_a_host_value)
