@@ -201,6 +201,8 @@ def compare(rows: list[dict], gpus: int) -> None:
 
 
 def public(row: dict) -> dict:
+    if "error" in row:
+        return row
     return {**row, **{mix: {k: v for k, v in row[mix].items() if k not in ("flow", "true")} for mix in MIXES}}
 
 
@@ -211,6 +213,9 @@ def print_table(rows: list[dict]) -> None:
     for column in columns:
         table.add_column(column, justify="left" if column in ("backend", "device") else "right")
     for r in rows:
+        if "error" in r:
+            table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), r["error"][:60], *["-"] * 5)
+            continue
         fast, cut = r["no cuts"], r["cuts"]
         ratio = "/".join(f"{c['speedup_vs_opencv_x1']:.1f}" for c in (fast, cut) if "speedup_vs_opencv_x1" in c)
         table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{fast['pairs_per_s']:.2f}",
@@ -256,20 +261,28 @@ def main() -> None:
         gray, truth = make_video(max(pairs for *_, pairs, _ in runs), h, w)
         for backend, where, pairs, run in runs:
             row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs}
-            for mix in MIXES:
-                first = mix_pairs(truth[:pairs], mix)
-                seconds, flow, info = run(gray, first)
-                keep = ~np.isnan(truth[first, 0, 0, 0])
-                row[mix] = {"pairs_per_s": len(first) / seconds, "flow": flow, "true": keep,
-                            "epe_truth": end_point_error(flow[keep], truth[first][keep]), **info}
+            try:
+                for mix in MIXES:
+                    first = mix_pairs(truth[:pairs], mix)
+                    seconds, flow, info = run(gray, first)
+                    keep = ~np.isnan(truth[first, 0, 0, 0])
+                    row[mix] = {"pairs_per_s": len(first) / seconds, "flow": flow, "true": keep,
+                                "epe_truth": end_point_error(flow[keep], truth[first][keep]), **info}
+            except Exception as err:  # fail soft (OpenCV without contrib, a compiler error): keep the other rows
+                row = {**{k: row[k] for k in ("size", "backend", "device", "pairs")},
+                       "error": f"{type(err).__name__}: {err}"[:500]}
+                print(f"{backend} on {where}: {row['error']}", file=sys.stderr, flush=True)
             rows.append(row)
-            compare(rows, gpus)
+            compare([r for r in rows if "error" not in r], gpus)
             record["results"] = [public(r) for r in rows]
             print(json.dumps(record["results"][-1]), flush=True)
             # A time limit may stop the run: what is done so far stays, marked as incomplete.
             if args.json:
                 write_json_atomic(args.json, {**record, "error": "incomplete: the run stopped before its end"})
 
+    failed = [f"{r['backend']} on {r['device']}" for r in rows if "error" in r]
+    if failed:
+        record["error"] = f"{len(failed)} of {len(rows)} runs failed: {', '.join(failed)} (see their rows)"
     print_table(rows)
     print(json.dumps(record))
     if args.json:

@@ -10,7 +10,8 @@
 # Profiles: `all` (the default) runs every step. `perf` runs only the training step and flow
 # extraction (issues 11 and 12) with the seconds the loader steps would take given to them: more
 # rows (the CUDA-graph step in every variant, both compiled rows, the flow workers per GPU). It
-# needs no DALI; the OpenCV flow rows need opencv-contrib there.
+# needs no DALI; the OpenCV flow row (the ratio and the EPE against OpenCV) needs opencv-contrib
+# there, and without it records its error while the GPU rows stay.
 #
 # Every step fails soft: a failure or timeout is recorded as {"error": ...} in its JSON file and
 # the script goes on. Without a CUDA device the steps run in DALI's CPU-only mode at smoke size

@@ -29,3 +29,24 @@ def test_flow_speed_smoke_reports_both_mixes_side_by_side(tmp_path):
         assert row["no cuts"]["epe_truth"] < 0.5
         assert len(row["ucf101_hours"]) == 2 and all(h > 0 for h in row["ucf101_hours"])
     assert "UCF101 h" in proc.stdout  # the table
+
+
+def test_a_failing_run_keeps_the_others(tmp_path, monkeypatch):
+    """OpenCV without its contrib modules (a GPU machine's stock OpenCV): its row records the error,
+    the tvl1-torch row is still measured (no ratio to OpenCV then), and the record names the failure."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+
+    def no_contrib(gray, first):
+        raise RuntimeError("OpenCV was installed without the contrib modules (cv2.optflow is missing)")
+
+    monkeypatch.setattr(flow_speed, "time_opencv", no_contrib)
+    out = tmp_path / "flow_speed.json"
+    monkeypatch.setattr(sys, "argv", ["flow_speed.py", "--sizes", "24x32", "--cpu-pairs", "3", "--skip", "pool",
+                                      "--workers", "1", "--json", str(out)])
+    flow_speed.main()
+    record = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in record["results"]}
+    assert rows["opencv-tvl1"]["error"].startswith("RuntimeError: OpenCV was installed without the contrib")
+    assert rows["tvl1-torch eager"]["cuts"]["pairs_per_s"] > 0 and "epe_vs_opencv" not in rows["tvl1-torch eager"]["cuts"]
+    assert record["error"] == "1 of 2 runs failed: opencv-tvl1 on cpu 1 proc (see their rows)"
