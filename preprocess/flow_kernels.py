@@ -104,7 +104,7 @@ def kernels(path: str) -> Kernels:
 
 def default_path(device: torch.device) -> str:
     """The fast path on a GPU (launch-bound in eager); eager on the CPU, where inductor's
-    compile costs a minute per worker process for about 2x."""
+    compile costs a minute or more per worker process for 1.1x (benchmarks/results/2026-12-04-cpu-epyc-2core)."""
     return "compiled" if device.type == "cuda" else "eager"
 
 
