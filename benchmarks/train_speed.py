@@ -142,7 +142,9 @@ def time_variant(args, dist, spec, sampler=""):
         # the captured step (run.compile=graph|step) needs its eager warm-up and the capture before
         # timing; a stage-2 capture made while filling is redone, after its own warm-up, when the queue is full
         warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if config.run.captures_step else args.warmup
-        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(fill + warmup)]
+        terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(fill)]
+        start_state = snapshot(ctx) if config.run.captures_step else None  # where the eager comparison starts
+        terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
         synchronize(dist.device)
         start = time.perf_counter()
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(args.steps)]
@@ -157,7 +159,7 @@ def time_variant(args, dist, spec, sampler=""):
         if ctx.graph is not None:  # run.compile=graph|step on CUDA: was the step replayed as a CUDA graph?
             row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
             if ctx.graph.captures:
-                row["cuda_graph"]["vs_eager"] = compare_with_eager(config, dist, batch, values, ctx)
+                row["cuda_graph"]["vs_eager"] = compare_with_eager(config, dist, batch, start_state, values[fill:], ctx)
         if args.profile and dist.device.type == "cuda":
             row["profile"] = profile_steps(ctx, batch, dist.device)
         return row
@@ -171,14 +173,23 @@ def time_variant(args, dist, spec, sampler=""):
             torch.cuda.empty_cache()
 
 
-def compare_with_eager(config, dist, batch, values: list[dict], graphed_ctx) -> dict:
-    """The same steps from the same initial weights (build_context seeds them), eagerly: how far
+def snapshot(ctx) -> dict:
+    """What the steps from here on depend on: weights, BN statistics, queues, Adam's state, step count."""
+    return {"model": copy.deepcopy(ctx.model.state_dict()), "optimizer": copy.deepcopy(ctx.optimizer.state_dict()),
+            "step": ctx.step}
+
+
+def compare_with_eager(config, dist, batch, start: dict, values: list[dict], graphed_ctx) -> dict:
+    """The same steps from the same state (`start`: after stage 2's queue filled), eagerly: how far
     the replayed graph's losses and weights are from the eager step's. Not bitwise on a GPU
     (cuDNN's algorithms, reduction orders), so this reports the differences; a wrong replay
     (a stale value baked into the graph) shows as a difference far above rounding."""
     eager_config = copy.deepcopy(config)
     eager_config.run.compile = "none"
     ctx = build_context(eager_config, dist)
+    ctx.model.load_state_dict(start["model"])
+    ctx.optimizer.load_state_dict(start["optimizer"])
+    ctx.step = start["step"]
     eager = engine.read_terms([engine.train_step(ctx, batch, 0, 0) for _ in values])
     loss_diff = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in zip(values, eager))
     weights = max((a.float() - b.float()).abs().max().item()
