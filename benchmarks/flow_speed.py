@@ -110,9 +110,11 @@ def solve_batched(backend, gray: np.ndarray, first: np.ndarray) -> np.ndarray:
 
 def warm_up(backend, gray: np.ndarray, first: np.ndarray) -> None:
     """Device start, allocator, compilation (one serves every bucket: shapes are dynamic) and the
-    CUDA graphs of the chunks (one per level and bucket): one batch of the mix's first pairs,
-    a cut among them in the cuts mix, so its buckets down to the smallest are met."""
-    solve_batched(backend, gray, first[:backend.batch])
+    CUDA graphs of the chunks (one per level and bucket, captured in the second batch that meets
+    them): a batch of the mix's first pairs, a cut among them in the cuts mix, so its buckets
+    down to the smallest are met; twice with graphs."""
+    for _ in range(1 if backend.graphs is None else 2):
+        solve_batched(backend, gray, first[:backend.batch])
 
 
 def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray, dict]:

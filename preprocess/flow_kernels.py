@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -119,20 +120,31 @@ class _Graph:
 class ChunkGraphs:
     """Chunks of inner iterations as graphs, one per (chunk function, working shape, constants).
 
-    The first chunk of a key runs as it is (it compiles and warms up what the graph will hold);
-    the next one is captured on static copies of its inputs, its new state written back into them,
-    and replayed. A replay returns the static state, so the chunks of a warp pass it on without a
+    The chunks of a key run as they are in the first batch that meets it (`begin` starts a batch;
+    this compiles and warms up what a graph will hold, and a frame size met in one batch only, as
+    in a dataset of many sizes, costs no capture); in a later batch the key's next chunk is captured
+    on static copies of its inputs, its new state written back into them, and replayed. A replay returns the static state, so the chunks of a warp pass it on without a
     copy; only inputs that are not the static tensors (a compacted batch, a new warp's data, the
     median's new u) are copied in. Graphs share one memory pool: they run one at a time, and keep
-    nothing there between replays. A capture that fails turns the graphs off for this object, the
+    nothing there between replays; at most `MAX_GRAPHS` are kept (the least recently used goes
+    first, with its static tensors). A capture that fails turns the graphs off for this object, the
     reason in `error`; the chunks then run as they are. `capture` is `cuda_capture` on a GPU
     (cvtcl.capture.recorded_capture in CPU tests)."""
 
+    MAX_GRAPHS = 96  # 240x320 at batch 64: 30 graphs (5 levels x 6 buckets), ~1 GB of static tensors
+
     def __init__(self, capture: Capture | None = None):
         self.capture = capture
-        self.graphs: dict[tuple, _Graph] = {}
-        self.seen: set[tuple] = set()
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.first_batch: dict[tuple, int] = {}  # key -> the batch that first met it
+        self.batch = 0
         self.error: str | None = None
+
+    def begin(self) -> None:
+        """A new batch of pairs: keys met in earlier batches may be captured now."""
+        self.batch += 1
+        if len(self.first_batch) > 20 * self.MAX_GRAPHS:  # many frame sizes: forget the old ones
+            self.first_batch.clear()
 
     def __call__(self, iterate: Callable, state: list[torch.Tensor], data: list, consts: tuple) -> list[torch.Tensor]:
         """iterate(u1, u2, p11, p12, p21, p22, I1wx, I1wy, grad, rho_c, active, threshold, *consts)
@@ -140,8 +152,7 @@ class ChunkGraphs:
         key = (iterate, tuple(state[0].shape), state[0].device,
                tuple(None if isinstance(d, torch.Tensor) else d for d in data), consts)
         graph = self.graphs.get(key)
-        if graph is None and (self.error is not None or key not in self.seen):
-            self.seen.add(key)
+        if graph is None and (self.error is not None or self.first_batch.setdefault(key, self.batch) == self.batch):
             return run_chunk(iterate, state, data, consts)
         if graph is None:
             try:
@@ -149,6 +160,9 @@ class ChunkGraphs:
             except Exception as err:  # any failure: solve without graphs, and say why
                 self.error = f"{type(err).__name__}: {err}"[:500]
                 return run_chunk(iterate, state, data, consts)
+            if len(self.graphs) > self.MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
         for static, given in zip(graph.state, state):
             if static is not given:
                 static.copy_(given)

@@ -164,6 +164,8 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = 
     The pyramid is built once per frame; pair i takes levels of frames i and i + 1. With `first`
     the frames may hold several videos back to back: only pairs inside one video are named."""
     n, h, w = frames.shape
+    if graphs is not None:
+        graphs.begin()
     if path != "eager" and (n == 2 if first is None else len(first) == 1):  # see flow_kernels: no batch of one
         pair = torch.zeros(2, dtype=torch.long, device=frames.device) + (0 if first is None else first[0])
         return tvl1_pairs(frames, p, sync_every, path, first=pair, graphs=graphs)[:1]

@@ -98,7 +98,7 @@ def _graphed(batch: int, capture) -> TorchTVL1:
     return backend
 
 
-def test_chunks_replayed_as_graphs_give_the_same_bits(uncompiled, video_with_cut):
+def test_chunks_replayed_as_graphs_give_the_same_bits(uncompiled, video_with_cut, monkeypatch):
     """Chunks captured once per working shape and replayed in place (host values frozen, as in a
     CUDA graph; cvtcl.capture.recorded_capture) solve every pair as the chunks run directly: the
     static state handed from replay to replay, compacted batches and new warps copied in."""
@@ -106,14 +106,21 @@ def test_chunks_replayed_as_graphs_give_the_same_bits(uncompiled, video_with_cut
 
     direct = TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6, **SHORT).compute(video_with_cut)
     backend = _graphed(7, recorded_capture)
-    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
     graphs = backend.graphs
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
+    assert not graphs.graphs  # the first batch of a shape only warms up
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)  # a later batch captures and replays
     assert graphs.error is None and len(graphs.graphs) >= 4  # several levels and buckets
     assert {key[1][0] for key in graphs.graphs} >= {7, 2}  # the full batch and the cut pair's bucket
-    # a second video reuses the graphs of the first: no new capture, the same bits
     count = len(graphs.graphs)
-    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)  # the same graphs again
     assert len(graphs.graphs) == count
+    # at most MAX_GRAPHS are kept, the least recently used dropped
+    monkeypatch.setattr(flow_kernels.ChunkGraphs, "MAX_GRAPHS", 2)
+    small = _graphed(7, recorded_capture)
+    for _ in range(3):
+        np.testing.assert_array_equal(small.compute(video_with_cut), direct)
+    assert len(small.graphs.graphs) == 2
 
 
 def test_a_failed_capture_leaves_the_chunks_running_directly(uncompiled, video_with_cut):
@@ -123,6 +130,7 @@ def test_a_failed_capture_leaves_the_chunks_running_directly(uncompiled, video_w
     direct = TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6, **SHORT).compute(video_with_cut)
     backend = _graphed(7, failing)
     np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
+    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)  # the batch that tries to capture
     assert backend.graphs.error == "RuntimeError: operation not permitted when stream is capturing"
     assert not backend.graphs.graphs
 
