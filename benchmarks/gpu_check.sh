@@ -140,4 +140,7 @@ else
 fi
 step flow_speed $FLOW_S $PY benchmarks/flow_speed.py "${FLOW[@]}" --json "$OUTDIR/flow_speed.json"
 
-[ "$DRY" = 1 ] || echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"
+[ "$DRY" = 1 ] && exit 0
+# the measurements against the targets (PASS / FAIL / MISSING per target), also as targets.json
+$PY benchmarks/gpu_targets.py "$OUTDIR" --json "$OUTDIR/targets.json" || echo "   gpu_targets failed (see above)"
+echo "results in $OUTDIR: $(ls "$OUTDIR"/*.json | xargs -n1 basename | tr '\n' ' ')"

@@ -78,7 +78,9 @@ def test_perf_profile_needs_no_dali(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(tmp_path / "block")}
     proc = subprocess.run(["bash", str(SCRIPT), str(out), "perf"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(p.stem for p in out.glob("*.json")) == ["environment", "flow_speed", "train_speed", "train_speed_compiled"]
+    assert sorted(p.stem for p in out.glob("*.json")) == ["environment", "flow_speed", "targets", "train_speed",
+                                                          "train_speed_compiled"]
+    assert "MISSING step: stage 1 bf16" in proc.stdout  # the targets table (no bf16 row on a CPU)
     environment = json.loads((out / "environment.json").read_text())
     assert environment["dali"] is None and "error" not in environment
     for name in ("train_speed", "flow_speed"):

@@ -1,0 +1,159 @@
+"""What a `benchmarks/gpu_check.sh` run measured against the performance targets, in one table.
+
+Reads the JSON files a check wrote (train_speed.json, train_speed_compiled.json, flow_speed.json)
+and prints, for each target of the training step and of flow extraction, the measured value, the
+target and PASS / FAIL / MISSING (MISSING: the check did not reach that row), then the fastest
+configurations, which set the defaults (`model.channels_last_3d`, `run.compile`, the batch, flow
+workers per GPU). Ratios are taken within one check run, on one device.
+
+    python benchmarks/gpu_targets.py benchmarks/results/2026-12-05-h200          # a committed run
+    python benchmarks/gpu_targets.py OUTDIR --json targets.json                  # also as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STEP_SAMPLES = 600  # stage-1 samples/s, bf16, S3D 32x128x128 (issue: a sync-free, graph-ready step)
+STEP_VS_LEGACY = 5.0  # x the old eager fp32 step of the same run
+COTRAIN_SAMPLES = 500  # stage 2
+GRAPH_LOSS_REL = 1e-2  # a replay this far from the eager step is wrong, not rounding
+FLOW_PAIRS = 200  # pairs/s at 240x320 with scene cuts, one GPU
+FLOW_VS_OPENCV = 30.0  # x one OpenCV process of the same run
+FLOW_EPE = 0.05  # px against OpenCV
+
+
+@dataclass
+class Check:
+    target: str
+    value: str
+    goal: str
+    status: str  # PASS, FAIL, MISSING, INFO
+
+
+def _load(directory: Path, name: str) -> dict | None:
+    path = directory / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"gpu_targets: {path} is not JSON ({err}); the check may have stopped while writing it")
+
+
+def _measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "samples_per_s" in r]
+
+
+def _compare(target: str, value: float | None, goal: float, unit: str = "", fmt: str = ".1f", at_most=False) -> Check:
+    sign = "<=" if at_most else ">="
+    if value is None:
+        return Check(target, "-", f"{sign} {goal:{fmt}}{unit}", "MISSING")
+    ok = value <= goal if at_most else value >= goal
+    return Check(target, f"{value:{fmt}}{unit}", f"{sign} {goal:{fmt}}{unit}", "PASS" if ok else "FAIL")
+
+
+def step_checks(train: dict | None, compiled: dict | None) -> tuple[list[Check], dict]:
+    rows = _measured((train or {}).get("results", []) + (compiled or {}).get("results", []))
+    legacy = next((r for r in rows if r.get("legacy_step")), None)
+    stage1 = [r for r in rows if r.get("stage") == "instance" and not r.get("legacy_step") and r.get("amp") == "bf16"]
+    stage2 = [r for r in rows if r.get("stage") == "cotrain"]
+    best1 = max(stage1, key=lambda r: r["samples_per_s"], default=None)
+    best2 = max(stage2, key=lambda r: r["samples_per_s"], default=None)
+    at_16 = max((r for r in stage1 if r.get("batch") == 16), key=lambda r: r["samples_per_s"], default=None)
+    checks = [
+        _compare("step: stage 1 bf16, best row (samples/s)", best1 and best1["samples_per_s"], STEP_SAMPLES),
+        _compare("step: stage 1 bf16 at batch 16 (samples/s)", at_16 and at_16["samples_per_s"], STEP_SAMPLES),
+        _compare("step: best stage 1 / legacy fp32", best1 and legacy and best1["samples_per_s"] / legacy["samples_per_s"],
+                 STEP_VS_LEGACY, "x", ".2f"),
+        _compare("step: stage 2 (cotrain), best row (samples/s)", best2 and best2["samples_per_s"], COTRAIN_SAMPLES),
+    ]
+    for r in rows:
+        graph = r.get("cuda_graph")
+        if r.get("compile") in ("graph", "step"):
+            if not graph or not graph.get("captures"):
+                error = (graph or {}).get("error") or "no capture made"
+                checks.append(Check(f"graph: {r['variant']}", error[:80], "captured", "FAIL"))
+                continue
+            diff = graph.get("vs_eager", {}).get("max_loss_rel_diff")
+            checks.append(_compare(f"graph: {r['variant']} vs eager (max loss rel. diff)", diff, GRAPH_LOSS_REL,
+                                   fmt=".1e", at_most=True))
+    for r in rows:
+        if "profile" in r:
+            checks.append(Check(f"profile: {r['variant']}", f"GPU busy {r['profile']['gpu_busy_fraction']:.0%}, "
+                                f"{r['profile']['kernels_per_step']:.0f} kernels/step", "busy near 100%", "INFO"))
+    for r in (train or {}).get("results", []) + (compiled or {}).get("results", []):
+        if "error" in r and "samples_per_s" not in r:
+            checks.append(Check(f"row failed: {r.get('variant', '?')}", r["error"][:80], "-", "FAIL"))
+    best = {}
+    if best1:
+        best["stage1"] = {k: best1.get(k) for k in ("variant", "batch", "compile", "channels_last_3d", "samples_per_s")}
+    if best2:
+        best["stage2"] = {k: best2.get(k) for k in ("variant", "batch", "compile", "samples_per_s")}
+    return checks, best
+
+
+def flow_checks(flow: dict | None) -> tuple[list[Check], dict]:
+    rows = [r for r in (flow or {}).get("results", []) if "cuts" in r]
+    gpu = [r for r in rows if str(r.get("device", "")).startswith("cuda")]
+    best = max(gpu, key=lambda r: r["cuts"]["pairs_per_s"], default=None)
+    cut = best["cuts"] if best else {}
+    checks = [
+        _compare("flow: best GPU row, with cuts (pairs/s)", cut.get("pairs_per_s"), FLOW_PAIRS),
+        _compare("flow: best GPU row / one OpenCV process, with cuts", cut.get("speedup_vs_opencv_x1"),
+                 FLOW_VS_OPENCV, "x"),
+        _compare("flow: best GPU row, EPE vs OpenCV (px)", best and best["no cuts"].get("epe_vs_opencv"), FLOW_EPE,
+                 fmt=".4f", at_most=True),
+    ]
+    for r in gpu:
+        graphs = r["cuts"].get("cuda_graphs")
+        if graphs is not None:
+            status = "FAIL" if graphs.get("error") else "INFO"
+            checks.append(Check(f"flow graphs: {r['backend']} on {r['device']}",
+                                graphs.get("error") or f"{graphs.get('captured')} captured", "no error", status))
+    for r in (flow or {}).get("results", []):
+        if "error" in r:
+            checks.append(Check(f"row failed: {r['backend']} on {r['device']}", r["error"][:80], "-", "FAIL"))
+    chosen = {}
+    if best:
+        chosen["flow"] = {"backend": best["backend"], "device": best["device"],
+                          "pairs_per_s": [best["no cuts"]["pairs_per_s"], best["cuts"]["pairs_per_s"]]}
+        one = next((r for r in gpu if r["device"] == "cuda" and r["backend"] == "tvl1-torch compiled"), None)
+        many = [r for r in gpu if r["device"].endswith("processes")]
+        if one and many:
+            chosen["flow_workers_per_gpu"] = {r["device"]: r["cuts"]["pairs_per_s"] / one["cuts"]["pairs_per_s"]
+                                              for r in many}
+    return checks, chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path, help="where gpu_check.sh wrote its JSON files")
+    parser.add_argument("--json", type=Path, default=None, help="also write the checks here")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        raise SystemExit(f"gpu_targets: {args.directory} is not a directory (give the OUTDIR of gpu_check.sh)")
+    train, compiled, flow = (_load(args.directory, n) for n in ("train_speed", "train_speed_compiled", "flow_speed"))
+    if train is None and compiled is None and flow is None:
+        raise SystemExit(f"gpu_targets: no train_speed.json, train_speed_compiled.json or flow_speed.json in {args.directory}")
+    device = next((d.get("device") or d.get("gpu") for d in (train, compiled, flow) if d), "unknown device")
+    step, best_step = step_checks(train, compiled)
+    flows, best_flow = flow_checks(flow)
+    checks = step + flows
+    width = max(len(c.target) for c in checks)
+    print(f"targets on {device} ({args.directory})")
+    for c in checks:
+        print(f"  {c.status:7} {c.target:{width}}  {c.value:>12}  (target {c.goal})")
+    print("fastest:", json.dumps(best_step | best_flow))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "checks": [asdict(c) for c in checks],
+                                         "fastest": best_step | best_flow}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""benchmarks/gpu_targets.py: a check's JSON files against the performance targets."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_targets  # noqa: E402
+
+
+def _row(variant, samples, stage="instance", amp="bf16", compile_setting="graph", batch=16, **extra):
+    row = {"variant": variant, "amp": amp, "batch": batch, "legacy_step": variant.startswith("legacy"),
+           "compile": compile_setting, "stage": stage, "samples_per_s": samples, "channels_last_3d": False}
+    if compile_setting in ("graph", "step"):
+        row["cuda_graph"] = {"captures": 1, "error": None, "vs_eager": {"max_loss_rel_diff": 2e-4}}
+    return row | extra
+
+
+def _flow_row(device, cuts, no_cuts=None, speedup=None, epe=0.01, backend="tvl1-torch compiled", **cell):
+    def mix(rate):
+        return {"pairs_per_s": rate, "speedup_vs_opencv_x1": speedup, "epe_vs_opencv": epe, **cell}
+    return {"size": "240x320", "backend": backend, "device": device, "no cuts": mix(no_cuts or 2 * cuts), "cuts": mix(cuts)}
+
+
+def _write(directory, train=None, compiled=None, flow=None):
+    for name, rows in (("train_speed", train), ("train_speed_compiled", compiled), ("flow_speed", flow)):
+        if rows is not None:
+            (directory / f"{name}.json").write_text(json.dumps({"device": "NVIDIA H200", "gpu": "NVIDIA H200",
+                                                                "results": rows}))
+
+
+def _statuses(directory, capsys):
+    assert gpu_targets.main([str(directory), "--json", str(directory / "targets.json")]) == 0
+    out = capsys.readouterr().out
+    checks = json.loads((directory / "targets.json").read_text())
+    return {c["target"]: c["status"] for c in checks["checks"]}, checks, out
+
+
+def test_a_run_that_meets_every_target(tmp_path, capsys):
+    _write(tmp_path,
+           train=[_row("legacy fp32 (old eager step)", 110, amp="fp32", compile_setting="none"),
+                  _row("bf16 compile=graph", 640), _row("bf16 batch 64 compile=graph", 820, batch=64),
+                  _row("bf16 stage 2 (cotrain) compile=graph", 560, stage="cotrain")],
+           compiled=[_row("bf16 compile=step", 700, compile_setting="step")],
+           flow=[_flow_row("cuda", 260, speedup=560, cuda_graphs={"captured": 30, "error": None}),
+                 _flow_row("cuda, 2 processes", 310, speedup=660),
+                 _flow_row("cpu 1 proc", 0.46, speedup=1.0, epe=0.0, backend="opencv-tvl1")])
+    statuses, checks, out = _statuses(tmp_path, capsys)
+    assert statuses["step: stage 1 bf16, best row (samples/s)"] == "PASS"
+    assert statuses["step: best stage 1 / legacy fp32"] == "PASS"  # 820 / 110
+    assert statuses["flow: best GPU row / one OpenCV process, with cuts"] == "PASS"
+    assert "FAIL" not in statuses.values() and "MISSING" not in statuses.values(), out
+    fastest = checks["fastest"]
+    assert fastest["stage1"]["batch"] == 64 and fastest["stage1"]["compile"] == "graph"
+    assert fastest["flow"]["device"] == "cuda, 2 processes"
+    assert fastest["flow_workers_per_gpu"] == {"cuda, 2 processes": pytest.approx(310 / 260)}
+    assert "targets on NVIDIA H200" in out
+
+
+def test_failures_and_missing_rows_are_named(tmp_path, capsys):
+    broken = _row("bf16 compile=graph", 300)
+    broken["cuda_graph"] = {"captures": 0, "error": "RuntimeError: operation not permitted when stream is capturing"}
+    wrong = _row("bf16 channels_last_3d compile=graph", 400)
+    wrong["cuda_graph"]["vs_eager"]["max_loss_rel_diff"] = 0.3
+    _write(tmp_path, train=[_row("legacy fp32 (old eager step)", 110, amp="fp32", compile_setting="none"), broken, wrong,
+                            {"variant": "bf16 batch 64", "error": "OutOfMemoryError: CUDA out of memory"}])
+    statuses, _, out = _statuses(tmp_path, capsys)
+    assert statuses["step: stage 1 bf16, best row (samples/s)"] == "FAIL"  # 400 < 600
+    assert statuses["step: stage 2 (cotrain), best row (samples/s)"] == "MISSING"
+    assert statuses["graph: bf16 compile=graph"] == "FAIL" and "not permitted" in out
+    assert statuses["graph: bf16 channels_last_3d compile=graph vs eager (max loss rel. diff)"] == "FAIL"
+    assert statuses["row failed: bf16 batch 64"] == "FAIL"
+    assert statuses["flow: best GPU row, with cuts (pairs/s)"] == "MISSING"
+
+
+def test_a_directory_without_results_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no train_speed.json"):
+        gpu_targets.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="is not a directory"):
+        gpu_targets.main([str(tmp_path / "missing")])
