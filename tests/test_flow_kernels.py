@@ -157,3 +157,21 @@ def test_a_gpu_too_old_for_triton_solves_eagerly(monkeypatch):
     backend = TorchTVL1(device="cuda")
     backend._setup()
     assert backend.path == "compiled" and backend.graphs is not None
+
+
+def test_a_chunk_the_median_and_the_warp_never_wait_for_the_gpu(uncompiled):
+    """On the meta device (every op dispatched as on a GPU, nothing computed): the fast path's
+    chunk of iterations, masked median and bicubic warp make no host read and no blocking copy,
+    so the host only waits at the reads between chunks, and a chunk can be a CUDA graph."""
+    from cvtcl import step_audit
+
+    run = flow_kernels.kernels("compiled")
+    meta = torch.device("meta")
+    field = lambda: torch.empty(4, 24, 32, device=meta)  # noqa: E731
+    active = torch.empty(4, 1, 1, dtype=torch.bool, device=meta)
+    threshold = run.threshold(0.01, meta)
+    _, chunk = step_audit.audit(lambda: run.iterate(10)(*[field() for _ in range(10)], active, threshold, 0.045, 0.3, 0.83))
+    _, median = step_audit.audit(lambda: run.median(field(), field(), active, 5))
+    _, warp = step_audit.audit(lambda: run.warp(torch.empty(4, 3, 24, 32, device=meta), field(), field()))
+    assert chunk.launch_count > 100 and median.launch_count > 50 and warp.launch_count > 10  # it did run
+    assert (chunk.syncs, median.syncs, warp.syncs) == ({}, {}, {})
