@@ -208,7 +208,9 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
 # ---- which devices ----------------------------------------------------------------------------
 
 WORKER_OVERHEAD_BYTES = 2 << 30  # CUDA context, inductor's workspace, the allocator's slack
-PAIR_BYTES = 12 << 20  # tvl1-torch's working set per pair at 240x320 (state, data, pyramid, chunk temporaries)
+# tvl1-torch per pair at 240x320: working set (state, data, pyramid, chunk temporaries) ~12 MB, and
+# the CUDA graphs' static copies of 11 fields for every level and bucket ~17 MB
+PAIR_BYTES = 30 << 20
 MAX_WORKERS_PER_GPU = 2
 
 
