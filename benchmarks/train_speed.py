@@ -156,12 +156,20 @@ def time_variant(args, dist, spec, sampler=""):
                "compile": compile_setting, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
-        if ctx.graph is not None:  # run.compile=graph|step on CUDA: was the step replayed as a CUDA graph?
-            row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
-            if ctx.graph.captures:
-                row["cuda_graph"]["vs_eager"] = compare_with_eager(config, dist, batch, start_state, values[fill:], ctx)
+        replayed = ctx.graph is not None and bool(ctx.graph.captures)  # run.compile=graph|step on CUDA
+        trained = [p.detach().clone() for p in ctx.model.query.parameters()] if replayed else []
         if args.profile and dist.device.type == "cuda":
             row["profile"] = profile_steps(ctx, batch, dist.device)
+        if ctx.graph is not None:  # was the step replayed as a CUDA graph, and did it compute what eager does?
+            row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
+        if replayed:
+            ctx.graph.step = None  # the graph's memory, before a second model is built
+            if dist.device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                row["cuda_graph"]["vs_eager"] = compare_with_eager(config, dist, batch, start_state, values[fill:], trained)
+            except Exception as err:  # out of memory at batch 64, say: keep the row's timing
+                row["cuda_graph"]["vs_eager"] = {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
         return row
     except Exception as err:  # fail soft (out of memory, non-finite loss, a compiler error): keep the other rows
         lines = str(err).strip().splitlines() or [""]
@@ -179,9 +187,10 @@ def snapshot(ctx) -> dict:
             "step": ctx.step}
 
 
-def compare_with_eager(config, dist, batch, start: dict, values: list[dict], graphed_ctx) -> dict:
+def compare_with_eager(config, dist, batch, start: dict, values: list[dict], trained: list[torch.Tensor]) -> dict:
     """The same steps from the same state (`start`: after stage 2's queue filled), eagerly: how far
-    the replayed graph's losses and weights are from the eager step's. Not bitwise on a GPU
+    the replayed graph's losses and weights (`trained`: the query encoder's after those steps)
+    are from the eager step's. Not bitwise on a GPU
     (cuDNN's algorithms, reduction orders), so this reports the differences; a wrong replay
     (a stale value baked into the graph) shows as a difference far above rounding."""
     eager_config = copy.deepcopy(config)
@@ -192,8 +201,7 @@ def compare_with_eager(config, dist, batch, start: dict, values: list[dict], gra
     ctx.step = start["step"]
     eager = engine.read_terms([engine.train_step(ctx, batch, 0, 0) for _ in values])
     loss_diff = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in zip(values, eager))
-    weights = max((a.float() - b.float()).abs().max().item()
-                  for a, b in zip(graphed_ctx.model.query.parameters(), ctx.model.query.parameters()))
+    weights = max((a.float() - b.float()).abs().max().item() for a, b in zip(trained, ctx.model.query.parameters()))
     return {"steps": len(values), "max_loss_rel_diff": loss_diff, "max_weight_abs_diff": weights,
             "last_loss": [values[-1]["loss"], eager[-1]["loss"]]}
 
