@@ -90,7 +90,7 @@ def make_config(args, amp: str, channels_last: bool, data_root: str = "unused", 
                 legacy: bool = False, compile_setting: str = "none", sampler: str = ""):
     batch = batch or args.batch
     queue = batch * math.ceil(args.queue / batch)  # K near --queue (the paper's 2048), a multiple of the batch
-    stage = [f"stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}"] if sampler else []
+    stage = ["stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}"] if sampler else []
     return apply_overrides(get_preset("ucf101-stage1-rgb"), [
         f"model.backbone={args.backbone}", f"data.batch_size={batch}", f"data.frames_per_clip={args.frames}",
         f"data.crop_size={args.crop}", f"stage.modality={args.modality}", f"loss.queue_size={queue}",

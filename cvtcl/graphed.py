@@ -15,10 +15,10 @@ What a capture fixes must not change, so the step is captured again when it woul
 learning rate (the milestones) or the stage-2 queue turning full, each time after another
 `WARMUP_STEPS` eager steps (anything the new setting creates lazily, such as the optimizer's
 state at stage 2's first update, must exist before a capture, or the graph would re-create it at
-every replay). It is not used where it cannot
-hold: world size > 1 (collectives), fp16 (the GradScaler's host logic), run.legacy_step, devices
-other than CUDA. A capture that fails leaves the eager step for the rest of the run, the reason
-in `ctx.graph.error` (benchmarks/train_speed.py reports it).
+every replay). It is not used where it cannot hold: world size > 1 (collectives), fp16 (the
+GradScaler's host logic), run.legacy_step, devices other than CUDA. A capture that fails leaves
+the eager step for the rest of the run, the reason in `ctx.graph.error` (benchmarks/train_speed.py
+reports it).
 
 CPU tests swap the CUDA capture for `cvtcl.capture.recorded_capture`, which keeps a CUDA graph's
 semantics without a GPU: a step that read anything from the host that changes between steps would
@@ -27,7 +27,6 @@ replay with the stale value and differ from the eager step (tests/test_graphed.p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch

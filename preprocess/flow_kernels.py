@@ -14,7 +14,7 @@ Both paths run the same steps (preprocess/flow_torch.py); they differ in how:
   shape, so a pair's stopping iteration could depend on which other pairs share its batch; in
   float64 it does not (to ~1e-16 relative), and cross-video batching stays byte-identical.
 
-On CUDA the chunks also run as CUDA graphs (`ChunkGraphs`, either path): one graph per chunk
+On CUDA the fast path's chunks also run as CUDA graphs (`ChunkGraphs`): one graph per chunk
 length and working shape, replayed in place on static copies of the state, so a chunk costs one
 launch however many kernels it holds. That matters most in the tail of a batch, where a few
 pairs that converge late (a scene cut never does) run thousands of iterations on a small batch
@@ -104,8 +104,9 @@ def kernels(path: str) -> Kernels:
 
 
 def default_path(device: torch.device) -> str:
-    """The fast path on a GPU (launch-bound in eager); eager on the CPU, where inductor's
-    compile costs a minute or more per worker process for 1.1x (benchmarks/results/2026-12-04-cpu-epyc-2core)."""
+    """The fast path on a GPU (launch-bound in eager); eager on the CPU, where inductor's compile
+    costs a minute or more per worker process for 1.1x (benchmarks/results/2026-12-04-cpu-epyc-2core).
+    GPUs older than Volta solve eagerly too (TorchTVL1._setup: Triton needs capability 7.0)."""
     return "compiled" if device.type == "cuda" else "eager"
 
 
@@ -123,9 +124,10 @@ class ChunkGraphs:
     The chunks of a key run as they are in the first batch that meets it (`begin` starts a batch;
     this compiles and warms up what a graph will hold, and a frame size met in one batch only, as
     in a dataset of many sizes, costs no capture); in a later batch the key's next chunk is captured
-    on static copies of its inputs, its new state written back into them, and replayed. A replay returns the static state, so the chunks of a warp pass it on without a
-    copy; only inputs that are not the static tensors (a compacted batch, a new warp's data, the
-    median's new u) are copied in. Graphs share one memory pool: they run one at a time, and keep
+    on static copies of its inputs, its new state written back into them, and replayed. A replay
+    returns the static state, so the chunks of a warp pass it on without a copy; only inputs that
+    are not the static tensors (a compacted batch, a new warp's data, the median's new u) are
+    copied in. Graphs share one memory pool: they run one at a time, and keep
     nothing there between replays; at most `MAX_GRAPHS` are kept (the least recently used goes
     first, with its static tensors). A capture that fails turns the graphs off for this object, the
     reason in `error`; the chunks then run as they are. `capture` is `cuda_capture` on a GPU
