@@ -149,7 +149,11 @@ class StepDraws:
     """
 
     def __init__(self, ctx: Context, spec: list[tuple[str, float]], generator: torch.Generator):
-        legacy, groups = ctx.config.run.legacy_step, ctx.model.bn_groups
+        legacy = ctx.config.run.legacy_step
+        # One key-encoder call with split BatchNorms (interleaved groups) saves launches on a GPU; on
+        # the CPU one call per BN group is faster (demo size, one thread: 315-320 vs 360-400 ms a
+        # step, larger convolutions and the [n/g, g*C] view's BN being slower there). Same keys.
+        groups = ctx.model.bn_groups if ctx.device.type != "cpu" else 0
         self.items: list = []
         for kind, value in spec:
             if kind == "perm":

@@ -184,7 +184,8 @@ def shuffled_encode(encoder: nn.Module, x: torch.Tensor, perm: Permutation, bn_g
     one batch (MoCo all-gathers the inputs instead, world x the batch's bytes into every rank);
     only the small [N, D] outputs are all-gathered to un-shuffle. On one process the shuffled
     batch is split into `bn_groups` BN groups: one encoder call with split BatchNorms when
-    `perm.interleaved`, else one call per group.
+    `perm.interleaved` (the training step draws it so on a GPU: fewer launches), else one call
+    per group (on the CPU, where that is faster).
     """
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1:

@@ -158,3 +158,21 @@ def test_dihedral_step_sees_the_transformed_batch_and_repeats():
     elements = augment.draw_elements(4, 2, engine.augment_generator(0, 0, 0))
     assert torch.equal(once, augment.apply_dihedral(plain, elements, flow=False))
     assert torch.equal(once, again) and runs[1] == runs[2] and runs[0] != runs[1]
+
+
+def test_key_encoder_calls_split_batch_norm_on_a_gpu_and_one_call_per_group_on_the_cpu():
+    """Interleaved permutations (one key-encoder call, split BatchNorms) where launches cost, i.e.
+    on a GPU and on the meta device that stands for one; contiguous ones (a call per BN group,
+    faster there) on the CPU."""
+    from cvtcl import step_audit
+    from cvtcl.distributed import DistInfo
+    from cvtcl.train import build_context
+
+    config = apply_overrides(get_preset("smoke"), [])
+    interleaved = {}
+    for device in ("cpu", "meta"):
+        with step_audit.fused_on_meta():
+            ctx = build_context(config, DistInfo(0, 0, 1, torch.device(device)))
+        draws = StepDraws(ctx, instance_draws(config, 8), engine.step_generator(0, 0))
+        interleaved[device] = [draws.permutation().interleaved for _ in range(2)]
+    assert interleaved == {"cpu": [False, False], "meta": [True, True]}
