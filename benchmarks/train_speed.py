@@ -190,9 +190,9 @@ def snapshot(ctx) -> dict:
 def compare_with_eager(config, dist, batch, start: dict, values: list[dict], trained: list[torch.Tensor]) -> dict:
     """The same steps from the same state (`start`: after stage 2's queue filled), eagerly: how far
     the replayed graph's losses and weights (`trained`: the query encoder's after those steps)
-    are from the eager step's. Not bitwise on a GPU
-    (cuDNN's algorithms, reduction orders), so this reports the differences; a wrong replay
-    (a stale value baked into the graph) shows as a difference far above rounding."""
+    are from the eager step's. Not bitwise on a GPU (cuDNN's algorithms, reduction orders), so
+    this reports the differences; a wrong replay (a stale value baked into the graph) shows as a
+    difference far above rounding."""
     eager_config = copy.deepcopy(config)
     eager_config.run.compile = "none"
     ctx = build_context(eager_config, dist)

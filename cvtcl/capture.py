@@ -12,6 +12,9 @@ without the Python around them. Code that is correct under it reads nothing on t
 changes between replays. Used by cvtcl/graphed.py (the training step) and
 preprocess/flow_kernels.py (TV-L1 chunks); limits: ops that bypass aten dispatch (inductor's CPU
 kernels) are not recorded, so the compiled paths are checked with their compiler off.
+
+`inductor_unsupported(device)` says whether torch.compile, which both compiled paths put inside
+their graphs, can make kernels for a GPU at all.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ from torch.utils._pytree import tree_leaves, tree_map
 aten = torch.ops.aten
 Body = Callable[[], Any]
 Capture = Callable[[Body], tuple[Callable[[], None], Callable[[], Any]]]
+INDUCTOR_MIN_CAPABILITY = (7, 0)  # torch.compile's GPU kernels are Triton's, which runs on Volta and newer
+
+
+def inductor_unsupported(device: torch.device) -> str | None:
+    """The GPU's compute capability ("6.1") when torch.compile cannot make kernels for it; None
+    when it can, and off CUDA."""
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    return None if capability >= INDUCTOR_MIN_CAPABILITY else ".".join(map(str, capability))
 
 
 def cuda_capture(body: Body, pool=None):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from cvtcl import augment, distributed, losses, mining
+from cvtcl.capture import inductor_unsupported
 from cvtcl.config import OptimConfig, TrainConfig
 from cvtcl.moco import MomentumContrast, Permutation, to_device_async
 
@@ -71,10 +72,10 @@ def compile_encoders(model: MomentumContrast, setting: str, device: torch.device
     compile wait). Under DDP graphs may break at buckets."""
     if setting in ("none", "graph"):
         return
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
-        major, minor = torch.cuda.get_device_capability(device)
+    too_old = inductor_unsupported(device)
+    if too_old:
         raise ValueError(f"run.compile={setting} needs a GPU of compute capability 7.0 or newer (inductor's "
-                         f"kernels are Triton's); this one is {major}.{minor}: use run.compile=graph or none")
+                         f"kernels are Triton's); this one is {too_old}: use run.compile=graph or none")
     for encoder in (model.query, model.key):
         encoder.compile(fullgraph=world_size == 1)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -115,7 +115,7 @@ class _Graph:
     replay: Callable[[], None]
     state: list[torch.Tensor]  # static u1, u2, p11, p12, p21, p22, active: each replay iterates them in place
     data: list  # static I1wx, I1wy, grad, rho_c, threshold (a float is part of the graph's key)
-    sources: list = field(default_factory=list)  # weak references to the data last copied in
+    sources: list  # weak references to the tensors of `data` last copied in (None for a float)
 
 
 class ChunkGraphs:
@@ -127,8 +127,8 @@ class ChunkGraphs:
     on static copies of its inputs, its new state written back into them, and replayed. A replay
     returns the static state, so the chunks of a warp pass it on without a copy; only inputs that
     are not the static tensors (a compacted batch, a new warp's data, the median's new u) are
-    copied in. Graphs share one memory pool: they run one at a time, and keep
-    nothing there between replays; at most `MAX_GRAPHS` are kept (the least recently used goes
+    copied in. Graphs share one memory pool: they run one at a time, and keep nothing there
+    between replays; at most `MAX_GRAPHS` are kept (the least recently used goes
     first, with its static tensors). A capture that fails turns the graphs off for this object, the
     reason in `error`; the chunks then run as they are. `capture` is `cuda_capture` on a GPU
     (cvtcl.capture.recorded_capture in CPU tests)."""
@@ -137,6 +137,7 @@ class ChunkGraphs:
 
     def __init__(self, capture: Capture | None = None):
         self.capture = capture
+        self._pool = None  # the graphs' shared memory pool (CUDA), made at the first capture
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.first_batch: dict[tuple, int] = {}  # key -> the batch that first met it
         self.batch = 0
@@ -186,12 +187,10 @@ class ChunkGraphs:
         if self.capture is not None:
             replay, _ = self.capture(body)
         else:
-            if not hasattr(self, "_pool"):
-                self._pool = torch.cuda.graph_pool_handle()
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
             replay, _ = cuda_capture(body, pool=self._pool)
-        dead = weakref.ref(torch.empty(0))  # a reference to nothing
         return _Graph(replay, static_state, static_data,
-                      [weakref.ref(d) if isinstance(d, torch.Tensor) else dead for d in data])
+                      [weakref.ref(d) if isinstance(d, torch.Tensor) else None for d in data])
 
 
 def run_chunk(iterate: Callable, state: list[torch.Tensor], data: list, consts: tuple) -> list[torch.Tensor]:

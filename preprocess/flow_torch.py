@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cvtcl.capture import inductor_unsupported
 from preprocess.flow_kernels import PATHS, ChunkGraphs, Kernels, default_path, kernels, run_chunk
 from preprocess.flow_torch_ops import (  # noqa: F401 - re-exported: the steps, tested one by one
     centred_gradient,
@@ -46,8 +47,6 @@ from preprocess.flow_torch_ops import (  # noqa: F401 - re-exported: the steps, 
     tvl1_iteration,
     warp_bicubic,
 )
-
-MIN_COMPILED_CAPABILITY = (7, 0)  # Triton, which inductor's GPU kernels are, runs on Volta and newer
 
 # cv::optflow::DualTVL1OpticalFlow defaults (OpenCV contrib tvl1flow.cpp).
 DEFAULTS = {
@@ -164,11 +163,11 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = 
     The pyramid is built once per frame; pair i takes levels of frames i and i + 1. With `first`
     the frames may hold several videos back to back: only pairs inside one video are named."""
     n, h, w = frames.shape
-    if graphs is not None:
-        graphs.begin()
     if path != "eager" and (n == 2 if first is None else len(first) == 1):  # see flow_kernels: no batch of one
         pair = torch.zeros(2, dtype=torch.long, device=frames.device) + (0 if first is None else first[0])
         return tvl1_pairs(frames, p, sync_every, path, first=pair, graphs=graphs)[:1]
+    if graphs is not None:
+        graphs.begin()
     sizes = pyramid_sizes(h, w, p["nscales"], p["scale_step"])
     levels = [frames]
     inv = 1.0 / p["scale_step"]
@@ -255,15 +254,12 @@ class TorchTVL1:
             raise RuntimeError("--flow-device cuda but torch sees no CUDA device; use --flow-device cpu")
         if self._device.type == "cuda" and self._device.index is not None:
             torch.cuda.set_device(self._device)  # compiled kernels and the allocator follow the data's GPU
-        if self._device.type == "cuda" and self.path == "compiled":
-            capability = torch.cuda.get_device_capability(self._device)
-            if capability < MIN_COMPILED_CAPABILITY:  # inductor's GPU kernels are Triton's: 7.0 and newer
-                if self._chosen_path is not None:
-                    raise ValueError(
-                        f"tvl1-torch path=compiled needs a GPU of compute capability "
-                        f"{'.'.join(map(str, MIN_COMPILED_CAPABILITY))} or newer (Triton); this one is "
-                        f"{'.'.join(map(str, capability))}: leave the path to its default (eager there)")
-                self.path, self.graphs = "eager", None
+        too_old = inductor_unsupported(self._device) if self.path == "compiled" else None
+        if too_old and self._chosen_path is not None:
+            raise ValueError(f"tvl1-torch path=compiled needs a GPU of compute capability 7.0 or newer (Triton); "
+                             f"this one is {too_old}: leave the path to its default (eager there)")
+        if too_old:
+            self.path, self.graphs = "eager", None
         if self._device.type == "cpu" and self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # small tensors: more threads mostly wait on each other
 
