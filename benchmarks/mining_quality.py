@@ -16,14 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cvtcl.checkpoint import load_encoder
-from cvtcl.data import build_eval_loader
-from cvtcl.mining import chance_precision, mine_topk, mining_precision, source_mask
-from cvtcl.models import Encoder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cvtcl.checkpoint import load_encoder  # noqa: E402
+from cvtcl.data import build_eval_loader  # noqa: E402
+from cvtcl.mining import chance_precision, mine_topk, mining_precision, source_mask  # noqa: E402
+from cvtcl.models import Encoder  # noqa: E402
 
 
 @torch.no_grad()

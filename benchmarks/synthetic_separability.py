@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from preprocess.datasets import index_ucf101
-from preprocess.synthetic import SyntheticConfig, generate_raw
-from preprocess.video import read_video
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from preprocess.datasets import index_ucf101  # noqa: E402
+from preprocess.synthetic import SyntheticConfig, generate_raw  # noqa: E402
+from preprocess.video import read_video  # noqa: E402
 
 
 def features(path: str) -> dict[str, np.ndarray]:
