@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     specs = variant_specs(args, device)
     record = {
         "benchmark": "train_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "python": platform.python_version(), "backbone": args.backbone,
+        "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(), "backbone": args.backbone,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "batch": args.batch, "frames": args.frames, "crop": args.crop, "modality": args.modality, "results": [],
     }

@@ -76,6 +76,17 @@ def test_failures_and_missing_rows_are_named(tmp_path, capsys):
     assert statuses["flow: best GPU row, with cuts (pairs/s)"] == "MISSING"
 
 
+def test_a_cpu_smoke_run_reports_graph_rows_as_missing_not_failed(tmp_path, capsys):
+    graphed = _row("fp32 compile=graph", 200, amp="fp32")
+    graphed["cuda_graph"] = {"captures": 0, "error": None}
+    (tmp_path / "train_speed.json").write_text(json.dumps({"device": "x86_64", "device_type": "cpu", "results": [graphed]}))
+    statuses, _, out = _statuses(tmp_path, capsys)
+    assert statuses["graph: fp32 compile=graph"] == "MISSING" and "CUDA only" in out
+    (tmp_path / "train_speed.json").write_text(json.dumps({"device": "NVIDIA H200", "device_type": "cuda", "results": [graphed]}))
+    statuses, _, out = _statuses(tmp_path, capsys)
+    assert statuses["graph: fp32 compile=graph"] == "FAIL" and "no capture made" in out
+
+
 def test_a_directory_without_results_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no train_speed.json"):
         gpu_targets.main([str(tmp_path)])
