@@ -8,7 +8,8 @@ A preset with `schedule.cycles > 0` runs the whole two-stage schedule (cvtcl/sch
 sub-stage is one ordinary run below in `run.out_dir/<sub-stage>/`; rerunning resumes it.
 
 Reads top to bottom in execution order: parse the config, validate everything that can be
-checked without work (config, world size vs queue, dataset files, checkpoints), join the process
+checked without work (cvtcl/preflight.py: config, world size vs queue, dataset files,
+checkpoints), join the process
 group, build loader / model / optimizer, resume from the run directory's latest checkpoint, then
 run epochs (cvtcl/engine.py) until done, `run.max_steps`, SIGTERM (checkpoint, exit 0) or Ctrl-C
 (checkpoint, exit 130).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -33,24 +33,18 @@ from cvtcl import distributed
 from cvtcl.checkpoint import is_complete, latest_loadable, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
-from cvtcl.engine import (STEPS, Context, StepTerms, amp_dtype, compile_encoders, peak_memory_gib, read_terms,
+from cvtcl.engine import (Context, StepTerms, amp_dtype, compile_encoders, peak_memory_gib, read_terms,
                           train_one_epoch)
 from cvtcl.errors import EXIT_INTERRUPTED, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
+from cvtcl.preflight import check_dataset, epoch_steps, modalities, validate
 from cvtcl.retrieval import KnnMonitor
-from cvtcl.moco import MomentumContrast, check_queue_size
+from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import check_queue_fills, cvtcl_schedule, run_schedule, warmup_steps
 from preprocess.hygiene import OutputDirError, exclusive_dir
-from preprocess.schema import load_manifest, write_json_atomic
-
-# Keys that may differ between a run and its resumption: they change when or how much is run or
-# logged, not what is computed. Anything else needs a new run.out_dir.
-RESUMABLE_CHANGES = {
-    "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
-    "optim.epochs", "data.num_threads", "run.device", "run.knn_every", "run.compile", "run.legacy_step",
-}
+from preprocess.schema import write_json_atomic
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
@@ -83,115 +77,6 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
         raise ValueError(f"--stage {args.stage}: this config runs one stage (schedule.cycles=0); "
                          "use a schedule preset such as ucf101-cvtcl or smoke-cvtcl")
     return config, args.stage
-
-
-def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch: int) -> None:
-    """The dataset exists, is complete, has the modalities and enough videos for one global batch."""
-    root = Path(config.data.root)
-    manifest = load_manifest(root)
-    missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{root}: {len(missing)} shard(s) listed in manifest.json are missing (first: {missing[0]}); "
-            "copy the whole dataset directory or re-run cvtcl-preprocess"
-        )
-    if "flow" in modalities and not manifest.has_flow:
-        raise ValueError(f"{root} was preprocessed without flow; re-run cvtcl-preprocess with a flow backend")
-    split = manifest.splits.get(config.data.split, {})
-    videos = split.get(config.data.subset)
-    if videos is None:
-        raise KeyError(f"{root}: no split {config.data.split!r} subset {config.data.subset!r}; set data.split/data.subset")
-    if len(videos) < global_batch:
-        raise ValueError(
-            f"{root}: split {config.data.split} {config.data.subset} has {len(videos)} videos, fewer than one "
-            f"global batch ({global_batch}); lower data.batch_size"
-        )
-
-
-def validate(config: TrainConfig, world_size: int) -> None:
-    """Every check that needs no work, before any process group, loader or model exists."""
-    if config.run.expect_world_size and world_size != config.run.expect_world_size:
-        raise ValueError(
-            f"this preset is laid out for {config.run.expect_world_size} processes, got WORLD_SIZE={world_size}; "
-            f"launch torchrun with {config.run.expect_world_size} processes in total or set run.expect_world_size=0"
-        )
-    global_batch = config.data.batch_size * world_size
-    check_queue_size(config.loss.queue_size, global_batch)
-    check_device(config)
-    check_out_dir(config.run.out_dir)
-    if config.stage.kind not in STEPS:
-        raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
-    for name in ("sampler_checkpoint", "init_checkpoint"):
-        path = getattr(config.stage, name)
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"stage.{name}={path} does not exist")
-    check_dataset(config, modalities(config), global_batch)
-    if config.stage.kind == "cotrain":
-        check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
-                          config.optim.epochs, "optim.epochs")
-    skipped = []
-    latest, state = latest_loadable(config.run.out_dir, log=skipped.append)
-    if latest is not None:
-        check_resumable(config, world_size, state, latest)
-    elif skipped:  # starting over would overwrite their history: the user decides
-        raise ValueError(f"no checkpoint in {config.run.out_dir} loads ({skipped[0]}); move them away to start "
-                         "the run over, or use a new run.out_dir")
-
-
-def check_device(config: TrainConfig) -> None:
-    """run.device names a device this machine has, and optim.amp suits it (before any process group
-    or loader exists)."""
-    _, local_rank, _ = distributed.env_world()
-    try:
-        device = distributed.resolve_device(config.run.device.split(":")[0], local_rank)
-    except RuntimeError as err:
-        raise ValueError(str(err)) from None
-    if device.type == "cpu":  # on a GPU, asking for its capability would initialise CUDA here
-        amp_dtype(config.optim.amp, device)
-
-
-def check_out_dir(out_dir: str) -> None:
-    """run.out_dir is a directory, or can become one (it is created only once the checks pass)."""
-    path = Path(out_dir)
-    existing = next(p for p in (path, *path.parents) if p.exists())  # ends at "." or "/"
-    if not existing.is_dir():
-        raise NotADirectoryError(f"run.out_dir={out_dir}: {existing} is a file, not a directory; "
-                                 "choose another run.out_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"run.out_dir={out_dir}: {existing} is not writable; choose another run.out_dir")
-
-
-def epoch_steps(config: TrainConfig, world_size: int) -> int:
-    """Steps per epoch as the loader will have them: the split's videos over the global batch."""
-    videos = load_manifest(config.data.root).splits[config.data.split][config.data.subset]
-    return len(videos) // world_size // config.data.batch_size
-
-
-def modalities(config: TrainConfig) -> tuple[str, ...]:
-    if config.stage.kind == "instance":
-        return (config.stage.modality,)
-    return (config.stage.modality, config.stage.sampler_modality)
-
-
-def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any], path: Path) -> None:
-    """The run directory's checkpoint was written by this config and this many processes."""
-    if state.get("world_size", world_size) != world_size:
-        raise ValueError(
-            f"{path} was written by {state['world_size']} processes, this run has {world_size}: the global "
-            "batch and the data order would change mid-run. Relaunch with the same number of processes"
-        )
-    saved, current = state["config"], config.to_dict()
-    changed = [
-        f"{section}.{key}"
-        for section, values in current.items()
-        for key, value in values.items()
-        if saved.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
-    ]
-    if changed:
-        raise ValueError(
-            f"{path} was written with a different config ({', '.join(changed)}); resuming would mix two runs. "
-            "Use a new run.out_dir, or restore those values"
-        )
 
 
 def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:

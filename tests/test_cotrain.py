@@ -127,9 +127,9 @@ def test_stage_config_of_each_sub_stage(tmp_path):
 def test_a_run_without_an_optimizer_step_is_never_complete(dataset, tmp_path, monkeypatch):
     """Were the refusal (tests/test_errors.py) bypassed, a co-training run that only fills its queue
     stops after its epochs but is not marked complete."""
-    import cvtcl.train
+    import cvtcl.preflight
 
-    monkeypatch.setattr(cvtcl.train, "check_queue_fills", lambda *args: None)
+    monkeypatch.setattr(cvtcl.preflight, "check_queue_fills", lambda *args: None)
     sampler = _sampler_checkpoint(tmp_path / "flow", "flow")
     args = ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={tmp_path / 'run'}", "stage.kind=cotrain",
             f"stage.sampler_checkpoint={sampler}", "loss.queue_size=16", "optim.epochs=1", "run.progress=none"]

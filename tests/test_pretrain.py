@@ -4,7 +4,6 @@ determinism, resume, rank shards, agreement with the baseline loader, and corrup
 import dataclasses
 import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,7 +1,6 @@
 """Held-out train videos are drawn by source group; the best held-out state is what is restored."""
 
 import pytest
-import torch
 from torch import nn
 
 from cvtcl.selection import BestState, heldout_split
