@@ -19,11 +19,18 @@ VIDEOS, PER_SHARD, PARTS = 250_000, 60, 8  # 4,167 shards, K400's size (240 k tr
 RSS_LIMIT_MB = 2048
 
 # One child process per stage, as on a cluster: part writers and then the merge + a reader.
-# Each prints its own peak RSS (ru_maxrss, kB on Linux). Records are made up (no video is
-# decoded) and every shard is a copy of one tiny real shard (the part marker reads its layout
-# regions and index checksum): merge checks sizes, not contents.
-PART_WRITER = """
-import resource, sys
+# Each prints its own peak RSS: VmHWM, not ru_maxrss, which after fork + exec also holds the
+# parent's peak (a pytest process that ran the whole suite first is well over 2 GB). Records
+# are made up (no video is decoded) and every shard is a copy of one tiny real shard (the part
+# marker reads its layout regions and index checksum): merge checks sizes, not contents.
+PEAK_RSS = """
+def peak_rss_mb():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) // 1024
+"""
+
+PART_WRITER = PEAK_RSS + """
+import sys
 from pathlib import Path
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import PackOptions, plan_shards, prepare_out, run_params
@@ -45,11 +52,11 @@ for p in range(parts):  # every part in turn, in one process: the peak is that o
                    for k, v in enumerate(plan[i][1:])]
         done[i] = (records, [FailedVideo(plan[i][0].name, plan[i][0].path, "no such file")])
     record_part(Path(options.out), index, part, params, done)
-print(len(plan), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(len(plan), peak_rss_mb())
 """
 
-MERGE_AND_READ = """
-import os, resource, sys
+MERGE_AND_READ = PEAK_RSS + """
+import os, sys
 from preprocess.parts import merge
 from preprocess.shards import ShardReader
 
@@ -59,7 +66,7 @@ del manifest
 reader = ShardReader(out, split="1", subset="train")
 fds = os.listdir("/proc/self/fd")  # the listing's own descriptor is gone once listed
 open_shards = [p for p in fds if os.path.exists(f"/proc/self/fd/{p}") and os.readlink(f"/proc/self/fd/{p}").endswith(".h5")]
-print(len(reader.videos), len(open_shards), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(len(reader.videos), len(open_shards), peak_rss_mb())
 """
 
 
