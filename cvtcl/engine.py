@@ -69,15 +69,23 @@ def compile_encoders(model: MomentumContrast, setting: str, device: torch.device
     """run.compile: "encoder" and "step" compile the query and key encoders in place
     (`nn.Module.compile`, state-dict keys unchanged) as whole graphs; "graph" and "step" capture
     the whole step in a CUDA graph on CUDA (cvtcl/graphed.py), "graph" with the eager encoders (no
-    compile wait). Under DDP graphs may break at buckets."""
+    compile wait). Under DDP graphs may break at buckets.
+
+    Every Encoder's compiled code hangs on one code object (`Encoder.forward`), and torch.compile
+    allows it 8 entries (shapes, grad mode, modality). A run needs about 4; kept across the
+    sub-stages of a schedule they passed 8 in the first co-training sub-stage, which with
+    fullgraph=True stops training. So each run starts from an empty cache (the encoders compiled
+    before are gone anyway), and shapes stay static (no automatic dynamic shapes: a run's clip
+    and segment shapes never change, and CUDA graphs want them fixed)."""
     if setting in ("none", "graph"):
         return
     too_old = inductor_unsupported(device)
     if too_old:
         raise ValueError(f"run.compile={setting} needs a GPU of compute capability 7.0 or newer (inductor's "
                          f"kernels are Triton's); this one is {too_old}: use run.compile=graph or none")
+    torch._dynamo.reset()
     for encoder in (model.query, model.key):
-        encoder.compile(fullgraph=world_size == 1)
+        encoder.compile(fullgraph=world_size == 1, dynamic=False)
 
 
 def learning_rate(optim: OptimConfig, epoch: int) -> float:

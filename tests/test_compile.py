@@ -3,14 +3,16 @@
 import pytest
 import torch
 
+from cvtcl.checkpoint import is_complete
 from cvtcl.config import apply_overrides
 from cvtcl.distributed import DistInfo
 from cvtcl.engine import read_terms, train_step
 from cvtcl.models import Encoder, split_batch_norm
 from cvtcl.moco import MomentumContrast, Permutation
 from cvtcl.presets import get_preset
-from cvtcl.train import build_context
-from trainer_fakes import one_thread  # noqa: F401 (autouse fixture)
+from cvtcl.schedule import cvtcl_schedule
+from cvtcl.train import build_context, main
+from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_query_and_split_key_encoders_have_no_graph_break():
@@ -49,3 +51,19 @@ def test_compiled_step_trains_like_the_eager_step():
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     for a, b in zip(compiled_weights, eager_weights):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4)
+
+
+def test_the_whole_schedule_compiles_in_one_process(tmp_path, monkeypatch):
+    """Every sub-stage compiles its own encoders (rgb and flow, stage 1 and co-training, with and
+    without gradients, clips and segments): all `Encoder.forward`, one code object whose compiled
+    entries torch.compile counts together. Were they kept across sub-stages, the schedule would
+    pass dynamo's recompile limit (8) in its first co-training sub-stage, which with fullgraph=True
+    stops training with FailOnRecompileLimitHit. The eager backend traces as inductor's does,
+    without compiling C++."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(Encoder, "compile", lambda self, **kw: compile_module(self, **kw, backend="eager"))
+    dataset = make_dataset(tmp_path / "data")
+    args = ["--preset", "smoke-cvtcl", f"data.root={dataset}", f"run.out_dir={tmp_path / 'run'}", "loss.queue_size=8",
+            "run.progress=none", "run.keep_checkpoints=0", "run.compile=encoder"]
+    assert main(args, build_loader=FakePretrainLoader) == 0
+    assert all(is_complete(tmp_path / "run" / stage.name) for stage in cvtcl_schedule(2))
