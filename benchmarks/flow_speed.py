@@ -227,7 +227,10 @@ def print_table(rows: list[dict]) -> None:
     Console(width=140).print(table)
 
 
-def main() -> None:
+SKIPPABLE = ("pool", "torch-cpu", "eager-cuda")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128x171,240x320", help="HxW list")
     ap.add_argument("--cpu-pairs", type=int, default=8, help="pairs for OpenCV (one worker) and torch CPU")
@@ -239,12 +242,22 @@ def main() -> None:
                     help="time the fast path (path=compiled) on these devices (inductor; minutes of warm-up on CPU)")
     ap.add_argument("--gpu-processes", default="",
                     help="comma list of flow workers per GPU to time side by side (e.g. 2,3): how many to run")
-    ap.add_argument("--skip", default="", help="comma list of runs to leave out: pool, torch-cpu, eager-cuda")
+    ap.add_argument("--skip", default="", help=f"comma list of runs to leave out: {', '.join(SKIPPABLE)}")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
-    args.gpu_processes = [int(k) for k in args.gpu_processes.split(",") if k]
+    if args.skip - set(SKIPPABLE):
+        ap.error(f"--skip: unknown {', '.join(sorted(args.skip - set(SKIPPABLE)))}; choose from {', '.join(SKIPPABLE)}")
+    try:
+        args.gpu_processes = [int(k) for k in args.gpu_processes.split(",") if k]
+    except ValueError:
+        ap.error(f"--gpu-processes: a comma list of whole numbers, got {args.gpu_processes!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0

@@ -1,16 +1,21 @@
 """benchmarks/gpu_check.sh runs its steps on a machine without a GPU (DALI CPU-only mode, smoke
 size) and writes one JSON file per step, none of them an error."""
 
+import argparse
+import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+sys.path.insert(0, str(SCRIPT.parent))
 
 
 @pytest.mark.multiprocess
@@ -31,12 +36,50 @@ def test_gpu_check_runs_cpu_parts(tmp_path):
     assert train["results"][0]["variant"].startswith("legacy") and train["launches_per_step"]["new"]["syncs"] == {}
 
 
-def _dry_run(tmp_path, profile, device="cuda") -> dict[str, int]:
-    """GPU_CHECK_DRY_RUN: the steps of a profile and their limits, in order, nothing run."""
+def _dry_run_output(tmp_path, profile, device="cuda") -> str:
+    """GPU_CHECK_DRY_RUN: the steps of a profile, their limits and commands, in order, nothing run."""
     env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_DEVICE": device}
-    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path), profile], env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
-    return {name: int(limit) for name, limit in re.findall(r"^== (\w+) \(limit (\d+)s\)$", proc.stdout, re.MULTILINE)}
+    return subprocess.run(["bash", str(SCRIPT), str(tmp_path), profile], env=env, capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+
+
+def _dry_run(tmp_path, profile, device="cuda") -> dict[str, int]:
+    """The steps of a profile and their limits."""
+    output = _dry_run_output(tmp_path, profile, device)
+    return {name: int(limit) for name, limit in re.findall(r"^== (\w+) \(limit (\d+)s\)$", output, re.MULTILINE)}
+
+
+class _Parsed(Exception):
+    """Raised in place of running a script once its arguments parsed."""
+
+
+@pytest.mark.parametrize("profile", ["all", "perf"])
+def test_every_gpu_command_parses(tmp_path, profile, monkeypatch):
+    """The commands the check runs on a GPU, which no CPU run executes, are valid: arguments that
+    parse, train_speed's variants, flow_speed's runs. A typo there would cost a GPU session's row."""
+    commands = [shlex.split(line)[1:] for line in _dry_run_output(tmp_path, profile).splitlines()
+                if line.startswith("   python benchmarks/")]
+    assert {Path(c[0]).stem for c in commands} >= {"train_speed", "flow_speed"}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100/H200
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(parse_args(self, args, namespace))
+
+    for script, *argv in commands:
+        module = importlib.import_module(Path(script).stem)
+        if module.__name__ == "train_speed":
+            variants = argv[argv.index("--variants") + 1].split(",")
+            specs = module.variant_specs(module.parse_args(argv), torch.device("cuda"))
+            assert len(specs) == len(variants), (argv, specs)  # none dropped as CPU-only
+        elif module.__name__ == "flow_speed":
+            runs = {(backend, where) for backend, where, *_ in module.plan_runs(module.parse_args(argv), cuda=True)}
+            assert {("tvl1-torch compiled", "cuda"), ("tvl1-torch compiled, no graphs", "cuda"),
+                    ("opencv-tvl1", "cpu 1 proc")} <= runs, runs
+        else:
+            with monkeypatch.context() as patch, pytest.raises(_Parsed):
+                patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+                module.main(argv)
 
 
 def test_step_limits_fit_one_device_call(tmp_path):
