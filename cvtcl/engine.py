@@ -72,7 +72,7 @@ def compile_encoders(model: MomentumContrast, setting: str, device: torch.device
     compile wait). Under DDP graphs may break at buckets.
 
     Every Encoder's compiled code hangs on one code object (`Encoder.forward`), and torch.compile
-    allows it 8 entries (shapes, grad mode, modality). A run needs about 4; kept across the
+    allows it 8 entries (shapes, grad mode, modality). A run needs up to 6; kept across the
     sub-stages of a schedule they passed 8 in the first co-training sub-stage, which with
     fullgraph=True stops training. So each run starts from an empty cache (the encoders compiled
     before are gone anyway), and shapes stay static (no automatic dynamic shapes: a run's clip
