@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import signal
 import sys
 import time
@@ -45,6 +46,13 @@ from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import check_queue_fills, cvtcl_schedule, run_schedule, warmup_steps
 from preprocess.hygiene import OutputDirError, exclusive_dir
 from preprocess.schema import write_json_atomic
+
+# BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
+# torch 2.14 renamed the switch and warns at every run about the old name, which older torch
+# (2.11 on the GPU machines lent to this project) has alone.
+PER_RANK_BUFFERS = ({"forward_sync_buffers": False}
+                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                    else {"broadcast_buffers": False})
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
@@ -91,9 +99,8 @@ def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
     compile_encoders(model, config.run.compile, dist.device, dist.world_size)
     query = model.query
     if dist.world_size > 1:
-        # BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
         query = DistributedDataParallel(query, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        **PER_RANK_BUFFERS)
     # fused off the CPU: one kernel for every tensor, and it skips a non-finite step on the device;
     # capturable: its step counts stay on the GPU, so a CUDA graph can hold it (run.compile=graph|step)
     optimizer = torch.optim.Adam(model.query.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
