@@ -225,6 +225,25 @@ def test_torchrun_two_ranks_share_one_queue(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.multiprocess
+def test_torchrun_with_compiled_encoders_trains_as_the_eager_encoders(dataset, tmp_path):
+    """run.compile=encoder under DDP (two ranks; no fullgraph there, DDP's hooks sit outside the
+    compiled code): the same weights, queue and BN statistics as the eager run, bitwise, as the
+    eager backend runs the traced ops as they are."""
+    def run(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAKE_TRAIN,
+                   *_args(dataset, out, "run.max_steps=3", "run.log_every=1", *extra)]
+        done = subprocess.run(command, env={**_env(), "CVTCL_FAKE_COMPILE_BACKEND": "eager"}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stderr.count("compiling an encoder"), load_checkpoint(latest_checkpoint(out))["model"]
+
+    (compiles, compiled), (none, eager) = run(tmp_path / "compiled", "run.compile=encoder"), run(tmp_path / "eager")
+    assert (compiles, none) == (4, 0)  # query and key on each rank
+    assert compiled.keys() == eager.keys()
+    assert all(torch.equal(compiled[k], eager[k]) for k in eager), [k for k in eager if not torch.equal(compiled[k], eager[k])]
+
+
 def _real_loader_or_skip():
     pytest.importorskip("nvidia.dali", reason="the real loader runs DALI's CPU-only mode")
     return pytest.importorskip("cvtcl.data", reason="cvtcl.data (the DALI loader) is not on this branch yet")

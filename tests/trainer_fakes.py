@@ -9,6 +9,7 @@ small but real manifest and shard (the trainer validates those before any work).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def main() -> int:
     `python tests/trainer_fakes.py shuffle-check DIR`: the cross-rank shuffle-BN check."""
     if sys.argv[1] == "shuffle-check":
         return shuffle_check(sys.argv[2])
+    backend = os.environ.get("CVTCL_FAKE_COMPILE_BACKEND")
+    if backend:  # run.compile with torch.compile's tracing but not inductor's C++ compile (minutes here)
+        from cvtcl.models import Encoder
+
+        compile_module = torch.nn.Module.compile
+
+        def compile_with_backend(self, **options):
+            print(f"compiling an encoder, backend {backend}, {options}", file=sys.stderr)
+            compile_module(self, **options, backend=backend)
+
+        Encoder.compile = compile_with_backend
     from cvtcl.train import main as train_main
 
     return train_main(sys.argv[1:], build_loader=FakePretrainLoader)
