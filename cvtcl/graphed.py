@@ -64,21 +64,23 @@ class GraphedStep:
     """The step body captured on static copies of one batch and its draws."""
 
     def __init__(self, ctx: engine.Context, batch: dict[str, torch.Tensor], draws: engine.StepDraws, capture: Capture):
-        self.ctx, self.key = ctx, capture_key(ctx)
+        # No reference to ctx is kept: ctx holds this step (ctx.graph), and a cycle would keep the
+        # model, the optimizer and the graph's memory pool alive after the run until the cycle
+        # collector happens to run, while a schedule's next sub-stage allocates its own.
+        self.key, self.queue = capture_key(ctx), ctx.model.queue
         self.batch = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         self.draws = [_static_copy(item) for item in reversed(draws.items)]  # in the order the step takes them
         ctx.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates (and then rewrites) them
-        self.replay, self.outputs = capture(self._body)
 
-    def _body(self) -> tuple[list[str], torch.Tensor]:
-        queue = self.ctx.model.queue
-        count = queue._count_on_host
-        try:
-            names, row, _ = engine.step_body(self.ctx, self.batch, engine.StepDraws.of(self.draws),
-                                              grads_to_none=False)
-        finally:
-            queue._count_on_host = count  # the host mirror advances per replay (__call__), not per capture
-        return names, row
+        def body() -> tuple[list[str], torch.Tensor]:
+            count = self.queue._count_on_host
+            try:
+                names, row, _ = engine.step_body(ctx, self.batch, engine.StepDraws.of(self.draws), grads_to_none=False)
+            finally:
+                self.queue._count_on_host = count  # the host mirror advances per replay (__call__), not per capture
+            return names, row
+
+        self.replay, self.outputs = capture(body)
 
     def __call__(self, batch: dict[str, torch.Tensor], draws: engine.StepDraws) -> tuple[list[str], torch.Tensor]:
         for name, static in self.batch.items():
@@ -91,7 +93,7 @@ class GraphedStep:
                 static.copy_(item, non_blocking=True)
         self.replay()
         names, row = self.outputs()
-        self.ctx.model.queue.counted(self.batch["video_index"].shape[0])
+        self.queue.counted(self.batch["video_index"].shape[0])
         return names, row.clone()  # the static row is rewritten by the next replay
 
 

@@ -4,6 +4,9 @@ replays its kernels. The replayed steps (batch and draws copied in, terms copied
 when the learning rate or the queue's fill changes, the host count of the queue) equal the eager
 steps bitwise, so the step reads nothing on the host that changes from step to step."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -62,6 +65,22 @@ def test_replayed_stage2_step_recaptures_when_the_queue_fills(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
     assert [key[1] for key in ctx.graph.captures] == [False, True]  # warm-up graph, then the training one
     assert ctx.model.queue.is_full and ctx.model.queue._count_on_host == 24
+
+
+def test_a_finished_run_frees_its_graph_without_the_cycle_collector():
+    """On a GPU a graph holds its memory pool: a schedule's next sub-stage must not start while the
+    previous one's model, optimizer and graph wait, alive, for the cycle collector."""
+    gc.collect()
+    gc.disable()
+    try:
+        _, _, ctx = _run(["loss.queue_size=8"], 5, graph=True)
+        assert ctx.graph.step is not None
+        alive = {name: weakref.ref(obj) for name, obj in
+                 (("context", ctx), ("model", ctx.model), ("optimizer", ctx.optimizer), ("graph", ctx.graph.step))}
+        del ctx
+        assert [name for name, ref in alive.items() if ref() is not None] == []
+    finally:
+        gc.enable()
 
 
 def test_not_used_off_cuda_or_where_it_cannot_hold():
