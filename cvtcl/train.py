@@ -9,10 +9,9 @@ sub-stage is one ordinary run below in `run.out_dir/<sub-stage>/`; rerunning res
 
 Reads top to bottom in execution order: parse the config, validate everything that can be
 checked without work (cvtcl/preflight.py: config, world size vs queue, dataset files,
-checkpoints), join the process
-group, build loader / model / optimizer, resume from the run directory's latest checkpoint, then
-run epochs (cvtcl/engine.py) until done, `run.max_steps`, SIGTERM (checkpoint, exit 0) or Ctrl-C
-(checkpoint, exit 130).
+checkpoints), join the process group, build loader / model / optimizer, resume from the run
+directory's latest checkpoint, then run epochs (cvtcl/engine.py) until done, `run.max_steps`,
+SIGTERM (checkpoint, exit 0) or Ctrl-C (checkpoint, exit 130).
 """
 
 from __future__ import annotations
