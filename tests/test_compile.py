@@ -12,7 +12,7 @@ from cvtcl.moco import MomentumContrast, Permutation
 from cvtcl.presets import get_preset
 from cvtcl.schedule import cvtcl_schedule
 from cvtcl.train import build_context, main
-from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
+from trainer_fakes import FakePretrainLoader, compiling_with, make_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_query_and_split_key_encoders_have_no_graph_break():
@@ -60,8 +60,7 @@ def test_the_whole_schedule_compiles_in_one_process(tmp_path, monkeypatch):
     pass dynamo's recompile limit (8) in its first co-training sub-stage, which with fullgraph=True
     stops training with FailOnRecompileLimitHit. The eager backend traces as inductor's does,
     without compiling C++."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(Encoder, "compile", lambda self, **kw: compile_module(self, **kw, backend="eager"))
+    monkeypatch.setattr(Encoder, "compile", compiling_with("eager"))
     dataset = make_dataset(tmp_path / "data")
     args = ["--preset", "smoke-cvtcl", f"data.root={dataset}", f"run.out_dir={tmp_path / 'run'}", "loss.queue_size=8",
             "run.progress=none", "run.keep_checkpoints=0", "run.compile=encoder"]

@@ -209,13 +209,19 @@ def test_help_config_shows_the_presets_values(capsys):
     assert "model.backbone = 's3d'" in capsys.readouterr().out
 
 
+def _torchrun_two_ranks(dataset, out, *extra, env=None) -> subprocess.CompletedProcess:
+    """The fake-loader trainer under torchrun, two gloo ranks; asserts it exits 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAKE_TRAIN,
+               *_args(dataset, out, *extra)]
+    done = subprocess.run(command, env={**_env(), **(env or {})}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 @pytest.mark.multiprocess
 def test_torchrun_two_ranks_share_one_queue(dataset, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAKE_TRAIN,
-               *_args(dataset, out, "run.max_steps=2", "run.log_every=1")]
-    done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = _torchrun_two_ranks(dataset, out, "run.max_steps=2", "run.log_every=1")
     assert "Warning" not in done.stderr, done.stderr  # e.g. DDP's deprecated broadcast_buffers (torch 2.14)
     state = load_checkpoint(latest_checkpoint(out))
     loader = FakePretrainLoader(dataset, batch_size=4, world_size=2)
@@ -231,11 +237,8 @@ def test_torchrun_with_compiled_encoders_trains_as_the_eager_encoders(dataset, t
     compiled code): the same weights, queue and BN statistics as the eager run, bitwise, as the
     eager backend runs the traced ops as they are."""
     def run(out, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAKE_TRAIN,
-                   *_args(dataset, out, "run.max_steps=3", "run.log_every=1", *extra)]
-        done = subprocess.run(command, env={**_env(), "CVTCL_FAKE_COMPILE_BACKEND": "eager"}, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
+        done = _torchrun_two_ranks(dataset, out, "run.max_steps=3", "run.log_every=1", *extra,
+                                   env={"CVTCL_FAKE_COMPILE_BACKEND": "eager"})
         return done.stderr.count("compiling an encoder"), load_checkpoint(latest_checkpoint(out))["model"]
 
     (compiles, compiled), (none, eager) = run(tmp_path / "compiled", "run.compile=encoder"), run(tmp_path / "eager")

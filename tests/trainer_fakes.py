@@ -120,22 +120,29 @@ def shuffle_check(out_dir: str) -> int:
     return 0
 
 
+def compiling_with(backend: str, announce: bool = False):
+    """A replacement for `Encoder.compile`: torch.compile's tracing, but another backend than
+    inductor, whose C++ compile takes minutes here ("eager": the traced ops as they are).
+    `announce`: say so on stderr at each compile."""
+    compile_module = torch.nn.Module.compile
+
+    def compile_with_backend(self, **options):
+        if announce:
+            print(f"compiling an encoder, backend {backend}, {options}", file=sys.stderr)
+        compile_module(self, **options, backend=backend)
+
+    return compile_with_backend
+
+
 def main() -> int:
     """`python tests/trainer_fakes.py --preset ...`: cvtcl.train with the fake loader (subprocess tests);
     `python tests/trainer_fakes.py shuffle-check DIR`: the cross-rank shuffle-BN check."""
     if sys.argv[1] == "shuffle-check":
         return shuffle_check(sys.argv[2])
-    backend = os.environ.get("CVTCL_FAKE_COMPILE_BACKEND")
-    if backend:  # run.compile with torch.compile's tracing but not inductor's C++ compile (minutes here)
+    if os.environ.get("CVTCL_FAKE_COMPILE_BACKEND"):
         from cvtcl.models import Encoder
 
-        compile_module = torch.nn.Module.compile
-
-        def compile_with_backend(self, **options):
-            print(f"compiling an encoder, backend {backend}, {options}", file=sys.stderr)
-            compile_module(self, **options, backend=backend)
-
-        Encoder.compile = compile_with_backend
+        Encoder.compile = compiling_with(os.environ["CVTCL_FAKE_COMPILE_BACKEND"], announce=True)
     from cvtcl.train import main as train_main
 
     return train_main(sys.argv[1:], build_loader=FakePretrainLoader)
