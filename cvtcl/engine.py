@@ -381,3 +381,17 @@ def peak_memory_gib(device: torch.device) -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
+
+
+def memory_report(device: torch.device) -> str:
+    """The device's memory as an out-of-memory error should report it: its size, what is free,
+    this process's tensor peak, and what the caching allocator holds beyond the live tensors."""
+    if device.type != "cuda":
+        return f"{device}, process peak {peak_memory_gib(device):.1f} GiB"
+    free, total = torch.cuda.mem_get_info(device)
+    peak, reserved = peak_memory_gib(device), torch.cuda.memory_reserved(device) / 2**30
+    report = (f"{torch.cuda.get_device_name(device)}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free, "
+              f"tensors peaked at {peak:.1f} GiB, the allocator holds {reserved:.1f} GiB")
+    if reserved - peak > 0.05 * total / 2**30:  # held in blocks too small for the request
+        report += "; fragmented: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may let it fit"
+    return report

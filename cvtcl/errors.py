@@ -6,7 +6,7 @@ asked for) is one line on stderr naming the flag, key or file and what to do, wi
 the README documents ("Exit status"):
 
     0    done
-    1    the work started and failed (a non-finite loss, an I/O error while running)
+    1    the work started and failed (a non-finite loss, out of GPU memory, an I/O error while running)
     2    usage or input error, found before any work; nothing was written
     130  interrupted with Ctrl-C (training checkpoints first)
 
@@ -35,10 +35,15 @@ class UsageError(Exception):
     """Input the user can fix; the message names the flag, key or file and what to do."""
 
 
+class RunFailed(Exception):
+    """The work started and could not go on for a reason the user can act on (out of GPU memory);
+    the message names the keys or flags to change."""
+
+
 # Raised by our own checks with a message that says what to do, or by the OS naming a path.
 USAGE_ERRORS = (UsageError, LayoutError, OutputDirError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
                 IsADirectoryError, PermissionError, NotImplementedError)
-RUN_ERRORS = (FloatingPointError, OSError)
+RUN_ERRORS = (FloatingPointError, OSError, RunFailed)
 
 
 def one_line(err: BaseException) -> str:

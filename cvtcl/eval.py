@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from cvtcl import report
-from cvtcl.errors import EXIT_OK, UsageError, run_command
+from cvtcl.engine import memory_report
+from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
 from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
@@ -283,27 +284,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "bn_mode": args.bn_mode, "seed": args.seed,
                                "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
                                "window_stride": args.window_stride}
-    if args.protocol == "finetune":
-        config = FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-        results = run_finetune(encoders, make_loader, make_train, len(manifest.classes),
-                               device=args.device, config=config, heldout_fraction=args.heldout_fraction)
-    else:
-        train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode)
-        if args.protocol == "retrieval":
-            results, tops = run_retrieval(train, test)
-            any_modality = next(iter(train))
-            report.write_results(neighbours_file, report.neighbours_payload(
-                args.shards, manifest.classes, test[any_modality], train[any_modality], tops))
-        else:
-            config = LinearProbeConfig(seed=args.seed, optimizer=args.probe_optimizer,
-                                       lr=PROBE_LR[args.probe_optimizer],
-                                       **({"epochs": args.epochs} if args.epochs else {}))
-            results = run_linear(train, test, len(manifest.classes), config, args.heldout_fraction)
-    payload["results"] = results
+    try:
+        payload["results"] = run_protocol(args, encoders, make_loader, make_train, manifest, neighbours_file)
+    except torch.OutOfMemoryError:
+        raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
+                        f"({memory_report(device)}): lower --batch-size") from None
     path = report.write_results(results_file, payload)
-    report.print_table(report.results_table(f"{args.protocol} on {args.dataset} split {args.split}", results))
+    title = f"{args.protocol} on {args.dataset} split {args.split}"
+    report.print_table(report.results_table(title, payload["results"]))
     print(f"results: {path}")
     return payload
+
+
+def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
+                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path) -> dict[str, Any]:
+    """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe."""
+    if args.protocol == "finetune":
+        config = FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+        return run_finetune(encoders, make_loader, make_train, len(manifest.classes),
+                            device=args.device, config=config, heldout_fraction=args.heldout_fraction)
+    train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode)
+    if args.protocol == "retrieval":
+        results, tops = run_retrieval(train, test)
+        any_modality = next(iter(train))
+        report.write_results(neighbours_file, report.neighbours_payload(
+            args.shards, manifest.classes, test[any_modality], train[any_modality], tops))
+        return results
+    config = LinearProbeConfig(seed=args.seed, optimizer=args.probe_optimizer, lr=PROBE_LR[args.probe_optimizer],
+                               **({"epochs": args.epochs} if args.epochs else {}))
+    return run_linear(train, test, len(manifest.classes), config, args.heldout_fraction)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -30,12 +30,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cvtcl import distributed
-from cvtcl.checkpoint import is_complete, latest_loadable, load_encoder, save_checkpoint
+from cvtcl.checkpoint import is_complete, latest_checkpoint, latest_loadable, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
-from cvtcl.engine import (Context, StepTerms, amp_dtype, compile_encoders, peak_memory_gib, read_terms,
-                          train_one_epoch)
-from cvtcl.errors import EXIT_INTERRUPTED, StopSignals, run_command
+from cvtcl.engine import (Context, StepTerms, amp_dtype, compile_encoders, memory_report, peak_memory_gib,
+                          read_terms, train_one_epoch)
+from cvtcl.errors import EXIT_INTERRUPTED, RunFailed, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
 from cvtcl.preflight import check_dataset, epoch_steps, modalities, validate
@@ -300,8 +300,25 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
             epoch, epoch_step = epoch + 1, 0
         if stop_signals.received is None:  # a signal's own line already said where the run stopped
             logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
+    except torch.OutOfMemoryError:
+        raise out_of_memory(config, ctx, dist.world_size, run_dir) from None
     finally:
         logger.close()
+
+
+def out_of_memory(config: TrainConfig, ctx: Context, world_size: int, run_dir: Path) -> RunFailed:
+    """The step (or the kNN monitor) ran out of device memory: one line with the memory figures and
+    the keys that lower it. The batch cannot change within a run, so with checkpoints already
+    written it takes a new run directory."""
+    batch, queue = config.data.batch_size, config.loss.queue_size
+    advice = [f"lower data.batch_size (loss.queue_size={queue} must stay a multiple of it x {world_size} "
+              f"process{'es' if world_size > 1 else ''})"]
+    if ctx.device.type == "cuda" and ctx.autocast_dtype is None:
+        advice.append("train in bf16/fp16 (optim.amp=auto; S3D at batch 16 took 4.4 instead of 7.2 GiB on an H100)")
+    if latest_checkpoint(run_dir) is not None:
+        advice.append(f"in a new run.out_dir ({run_dir} has checkpoints of this batch size)")
+    return RunFailed(f"out of {ctx.device.type} memory after {ctx.step} steps with data.batch_size={batch} "
+                     f"({memory_report(ctx.device)}): " + ", ".join(advice))
 
 
 def cli(argv: list[str] | None = None, build_loader: Callable[..., Any] | None = None) -> int:

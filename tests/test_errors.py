@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -37,6 +39,16 @@ class NanLoader(FakePretrainLoader):
     def epoch(self, epoch, start_step=0):
         for batch in super().epoch(epoch, start_step):
             yield {k: v * float("nan") if v.is_floating_point() else v for k, v in batch.items()}
+
+
+class OutOfMemoryAtStep3(FakePretrainLoader):
+    """Two good batches, then the device's allocator gives up (as CUDA would at a batch too large)."""
+
+    def epoch(self, epoch, start_step=0):
+        for step, batch in enumerate(super().epoch(epoch, start_step), start_step):
+            if step == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield batch
 
 
 def _checkpoint(path: Path, modality: str) -> Path:
@@ -148,6 +160,7 @@ CASES = [
     ("train", ["--config", "{tmp}/flat.yaml"], 2, "expected sections of key: value"),
     ("train", ["--preset", "smoke", "--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
     ("train-nan", [*TRAIN, "run.out_dir={tmp}/nan"], 1, "non-finite loss at step 1"),
+    ("train-oom", [*TRAIN, "run.out_dir={tmp}/oom"], 1, "out of cpu memory after 2 steps with data.batch_size=4"),
     # python -m cvtcl.eval: 2 bad input found before any work
     ("eval", ["retrieval", "--checkpoint", "{nowhere}.pt", *EVAL], 2, "does not exist"),
     ("eval", ["retrieval", "--checkpoint", "{run}/rgb", *EVAL], 2, "is a directory; give one checkpoint file"),
@@ -170,6 +183,9 @@ CASES = [
      "--checkpoint-flow needs an RGB --checkpoint"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--out", "{file}"], 2, "is a file; give a directory"),
     ("eval", ["ranking", "--checkpoint", "{rgb}", *EVAL], 2, "invalid choice: 'ranking'"),
+    # 1: the work started and failed
+    ("eval-oom", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--out", "{tmp}/eval-oom"], 1,
+     "out of cpu memory with --batch-size 8 (cpu, process peak"),
     # cvtcl-plot: 2 bad input
     ("plot", ["{nowhere}"], 2, "is not a directory"),
     ("plot", ["{empty}"], 2, "nothing to plot"),
@@ -187,8 +203,13 @@ def _run(command, argv):
         return train.cli(argv, build_loader=_never_called)
     if command == "train-nan":
         return train.cli(argv, build_loader=NanLoader)
+    if command == "train-oom":
+        return train.cli(argv, build_loader=OutOfMemoryAtStep3)
     if command == "eval":
         return cvtcl_eval.cli(argv)
+    if command == "eval-oom":
+        with mock.patch.object(cvtcl_eval, "extract_features", side_effect=torch.OutOfMemoryError("CUDA out of memory")):
+            return cvtcl_eval.cli(argv)
     return plot.main(argv)
 
 
@@ -211,13 +232,49 @@ def test_bad_input_is_one_line_with_the_documented_status(paths, capsys, command
     assert "Traceback" not in err
     assert message.format(**paths) in err, err
     lines = [line for line in err.splitlines() if line.strip()]
-    if command in ("train", "train-nan", "eval", "plot") and "usage:" not in err:
+    if command in ("train", "train-nan", "train-oom", "eval", "eval-oom", "plot") and "usage:" not in err:
         assert len(lines) == 1, err  # exactly one line, naming what to fix
     assert any(message.format(**paths) in line and "error" in line.lower() or status == 1 for line in lines)
     if command == "preprocess" and status == 2 and "--out" in argv and argv[argv.index("--out") + 1] != str(paths["file"]):
         assert not Path(argv[argv.index("--out") + 1]).exists()  # nothing packed, nothing left behind
     if command in ("train", "eval"):  # refused before any work: no run or results directory
         assert not any((paths["tmp"] / name).exists() for name in ("train-out", "sched", "eval-out"))
+
+
+def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
+    """The advice fits the run: processes in the queue rule, half precision only where the run is in
+    fp32 on a GPU, a new run directory only where checkpoints of this batch size exist."""
+    from cvtcl.presets import get_preset
+
+    monkeypatch.setattr(train, "memory_report", lambda device: "MEMORY")
+    config = get_preset("smoke")
+    ctx = SimpleNamespace(device=torch.device("cuda", 0), autocast_dtype=None, step=7)
+    message = str(train.out_of_memory(config, ctx, 8, tmp_path))
+    assert message.startswith("out of cuda memory after 7 steps with data.batch_size=4 (MEMORY): "), message
+    assert "loss.queue_size=32 must stay a multiple of it x 8 processes" in message
+    assert "optim.amp=auto" in message and "run.out_dir" not in message
+    _checkpoint(tmp_path, "rgb")
+    ctx.autocast_dtype = torch.bfloat16
+    message = str(train.out_of_memory(config, ctx, 1, tmp_path))
+    assert "x 1 process)" in message and "optim.amp" not in message
+    assert f"in a new run.out_dir ({tmp_path} has checkpoints of this batch size)" in message
+
+
+@pytest.mark.parametrize("reserved_gib,fragmented", [(78, True), (72, False)])
+def test_gpu_memory_report(monkeypatch, reserved_gib, fragmented):
+    """Figures from the CUDA allocator (faked here); the allocator tip only where it holds much more
+    than the tensors' peak."""
+    from cvtcl.engine import memory_report
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (gib // 2, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "GPU X")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 70 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved_gib * gib)
+    report = memory_report(torch.device("cuda", 0))
+    assert report.startswith(f"GPU X: 80.0 GiB, 0.5 GiB free, tensors peaked at 70.0 GiB, the allocator holds "
+                             f"{reserved_gib}.0 GiB"), report
+    assert ("expandable_segments:True" in report) == fragmented
 
 
 def test_the_table_is_large_enough():
