@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the CPU's name and the toy shards they time loaders on.
+"""Helpers shared by the benchmark scripts: the CPU's name (cvtcl.provenance's, as training records
+it) and the toy shards they time loaders on.
 
 Imported as `benchmarks.common`: every script has the repository root on sys.path (PYTHONPATH, or
 its own sys.path insert), whether it runs as `python benchmarks/x.py` or a test imports it.
@@ -6,17 +7,9 @@ its own sys.path insert), whether it runs as `python benchmarks/x.py` or a test 
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    """The first "model name" of /proc/cpuinfo; `platform.processor()` (may be "") without one."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+from cvtcl.provenance import cpu_name  # noqa: F401 (the benchmarks import it from here)
 
 
 def write_toy_shards(root: str | Path, *, size: str, num_videos: int, frames: int, with_flow: bool = False) -> Path:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cvtcl import distributed
+from cvtcl import distributed, provenance
 from cvtcl.checkpoint import is_complete, latest_checkpoint, latest_loadable, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
@@ -52,6 +52,9 @@ from preprocess.schema import write_json_atomic
 PER_RANK_BUFFERS = ({"forward_sync_buffers": False}
                     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                     else {"broadcast_buffers": False})
+
+
+PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # ctx.autocast_dtype as optim.amp names it
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
@@ -230,6 +233,14 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
     if config.run.max_steps:
         total = min(total, config.run.max_steps)
     logger = MetricsLogger(run_dir, dist.is_main, config.run.progress, total, ctx.step)
+    if dist.is_main:
+        launch = provenance.launch_record(
+            stage=f"{'stage 1' if config.stage.kind == 'instance' else 'co-training'} {config.stage.modality}",
+            world_size=dist.world_size, device=dist.device, precision=PRECISION[ctx.autocast_dtype],
+            compile_mode=config.run.compile, batch_size=config.data.batch_size,
+            resumed_from=ctx.step if latest is not None else None, total_steps=total)
+        provenance.record_launch(run_dir, launch)
+        logger.message(provenance.summary(launch))
     for text in skipped:
         logger.message(text)
     if latest is not None:
