@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvtcl import report
+from cvtcl import provenance, report
 from cvtcl.engine import memory_report
 from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
 from cvtcl.features import VideoFeatures, extract_features
@@ -283,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
                                "bn_mode": args.bn_mode, "seed": args.seed,
                                "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
-                               "window_stride": args.window_stride}
+                               "window_stride": args.window_stride,
+                               "device": provenance.device_info(device), "versions": provenance.versions()}
     try:
         payload["results"] = run_protocol(args, encoders, make_loader, make_train, manifest, neighbours_file)
     except torch.OutOfMemoryError:

@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from cvtcl import eval as cvtcl_eval
 from cvtcl.errors import UsageError
@@ -83,6 +84,7 @@ def test_cli_two_stream_retrieval_writes_results_and_neighbours(fake_project, ca
     assert calls[0][3]["window_stride"] == 16 and calls[0][3]["frames_per_clip"] == 32
     saved = json.loads(results_path(out, "retrieval", "synthetic", "1").read_text())
     assert saved["results"] == payload["results"] and set(saved["results"]) == {"rgb", "flow", "two-stream"}
+    assert saved["device"]["type"] == "cpu" and saved["versions"]["torch"] == torch.__version__  # what computed them
     neighbours = json.loads(neighbours_path(out, "synthetic", "1").read_text())
     assert len(neighbours["queries"]) == len(TEST) and len(neighbours["gallery"]) == len(TRAIN)
     assert len(neighbours["neighbours"]["two-stream"][0]) == 3
