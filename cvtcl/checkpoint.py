@@ -80,7 +80,16 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
     """Write `state` as checkpoint-<state['step']>.pt via a temporary file and a rename, then delete
     all but the newest `keep` checkpoints (0 = keep all). A kill at any moment leaves either the
     previous checkpoint or the new one, never half a file under a checkpoint name."""
-    path = checkpoint_path(run_dir, int(state["step"]))
+    path = save_atomic(checkpoint_path(run_dir, int(state["step"])), state)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def save_atomic(path: Path, state: dict[str, Any]) -> Path:
+    """torch.save `state` (tagged with CHECKPOINT_FORMAT) at `path` via a temporary file, fsync and a
+    rename; a failed write removes the temporary file and raises CheckpointWriteError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -98,9 +107,6 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
             f"cannot write checkpoint {path} ({reason}; {free} bytes free there); the previous checkpoints are "
             "kept: free space (or fix permissions) and rerun the same command to resume"
         ) from None
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
     return path
 
 

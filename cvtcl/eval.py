@@ -15,6 +15,9 @@ loaders (`cvtcl.data.build_eval_loader`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +30,7 @@ from cvtcl import provenance, report
 from cvtcl.engine import memory_report
 from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
 from cvtcl.features import VideoFeatures, extract_features
-from cvtcl.finetune import FinetuneConfig, classification_top1, finetune
+from cvtcl.finetune import FinetuneConfig, ResumeFile, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval
 from cvtcl.selection import heldout_split
@@ -82,8 +85,10 @@ def run_finetune(
     device: str = "cpu",
     config: FinetuneConfig | None = None,
     heldout_fraction: float = 0.1,
+    resume: dict[str, ResumeFile] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Fine-tune each encoder (in place), then score ten-crop test top-1 per stream (+ two-stream)."""
+    """Fine-tune each encoder (in place), then score ten-crop test top-1 per stream (+ two-stream).
+    `resume`: per modality, the file its fine-tune continues from and saves to after every epoch."""
     config = config or FinetuneConfig()
     models, info = {}, {}
     for modality, encoder in encoders.items():
@@ -93,7 +98,8 @@ def run_finetune(
         # only the held-out videos are decoded for scoring, not the whole train subset
         heldout_loader = make_loader("train", modality, "center", videos=held_names)
         outcome = finetune(encoder, num_classes, train_loader, heldout_loader, held_names,
-                           modality=modality, device=device, config=config)
+                           modality=modality, device=device, config=config,
+                           resume=(resume or {}).get(modality), log=lambda line: print(line, flush=True))
         models[modality] = outcome.model
         info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch}
     test_loaders = {m: make_loader("test", m, "ten") for m in models}
@@ -285,25 +291,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
                                "window_stride": args.window_stride,
                                "device": provenance.device_info(device), "versions": provenance.versions()}
+    resume = resume_files(args, out_dir, sources, device) if args.protocol == "finetune" else {}
     try:
-        payload["results"] = run_protocol(args, encoders, make_loader, make_train, manifest, neighbours_file)
+        payload["results"] = run_protocol(args, encoders, make_loader, make_train, manifest, neighbours_file, resume)
     except torch.OutOfMemoryError:
         raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
                         f"({memory_report(device)}): lower --batch-size") from None
     path = report.write_results(results_file, payload)
+    for file in resume.values():  # the results hold everything now
+        file.remove()
     title = f"{args.protocol} on {args.dataset} split {args.split}"
     report.print_table(report.results_table(title, payload["results"]))
     print(f"results: {path}")
     return payload
 
 
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    return FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+
+
+def resume_files(args: argparse.Namespace, out_dir: Path, sources: dict[str, str],
+                 device: torch.device) -> dict[str, ResumeFile]:
+    """Per modality, the fine-tune's resume file in `out_dir`, named by a hash of everything its
+    result depends on: a rerun of the same command continues it, any other command starts afresh."""
+    def source(value: str) -> Any:  # a checkpoint is known by its path, size and modification time
+        path = Path(value)
+        return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else value
+
+    files = {}
+    for modality, origin in sources.items():
+        fingerprint = {"source": source(origin), "modality": modality, "dataset": args.dataset,
+                       "split": args.split, "shards": str(Path(args.shards).resolve()),
+                       "config": dataclasses.asdict(finetune_config(args)), "batch_size": args.batch_size,
+                       "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
+                       "window_stride": args.window_stride, "heldout_fraction": args.heldout_fraction,
+                       "backend": args.backend, "device": device.type}
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+        path = out_dir / f"finetune-{args.dataset}-split{args.split}-{modality}-{digest}.resume.pt"
+        files[modality] = ResumeFile(path, fingerprint)
+    return files
+
+
 def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
-                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path) -> dict[str, Any]:
+                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path,
+                 resume: dict[str, ResumeFile]) -> dict[str, Any]:
     """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe."""
     if args.protocol == "finetune":
-        config = FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-        return run_finetune(encoders, make_loader, make_train, len(manifest.classes),
-                            device=args.device, config=config, heldout_fraction=args.heldout_fraction)
+        return run_finetune(encoders, make_loader, make_train, len(manifest.classes), device=args.device,
+                            config=finetune_config(args), heldout_fraction=args.heldout_fraction, resume=resume)
     train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode)
     if args.protocol == "retrieval":
         results, tops = run_retrieval(train, test)

@@ -17,13 +17,16 @@ the loader has no jitter-at-p-0.3 strength, so "weak" is the closest it offers, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from cvtcl.checkpoint import load_checkpoint, save_atomic
 from cvtcl.features import average_over_windows, inference_mode, loader_labels
 from cvtcl.linear_probe import top1
 from cvtcl.selection import BestState
@@ -93,6 +96,44 @@ def training_clips(batch: dict[str, Any], modality: str) -> torch.Tensor:
     return clips[:, 0] if clips.dim() == 6 else clips
 
 
+class ResumeFile:
+    """A fine-tune's state after its last finished epoch, so that rerunning the same command after
+    an interruption continues where it stopped, with the same result as an uninterrupted run.
+
+    Holds the weights, optimizer, lr schedule, the best held-out weights so far, the history and
+    the random number generators (dropout draws from them); written after every epoch through a
+    temporary file and a rename. `fingerprint`: what the result depends on (the encoder's source,
+    the data, every setting); a file made with another one is never resumed (the caller keys the
+    file name on it, so it is not overwritten either). A file that cannot be loaded is named and
+    the fine-tune starts over.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def load(self, device: torch.device, log: Callable[[str], None] | None) -> dict[str, Any] | None:
+        """The saved state, or None to start over (`log` says why when there was a file)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = load_checkpoint(self.path, map_location=device)
+        except (RuntimeError, ValueError) as err:
+            if log:
+                log(f"{err}: fine-tuning from the start")
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            if log:
+                log(f"{self.path} was made with other settings: fine-tuning from the start")
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        save_atomic(self.path, {**state, "fingerprint": self.fingerprint})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def finetune(
     encoder: nn.Module,
     num_classes: int,
@@ -103,6 +144,8 @@ def finetune(
     modality: str,
     device: str | torch.device = "cpu",
     config: FinetuneConfig | None = None,
+    resume: ResumeFile | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `encoder` (in place) with a new head; return the classifier at the selected epoch.
 
@@ -110,8 +153,9 @@ def finetune(
     videos named in `heldout_names` are masked out of every batch. heldout_loader: a centre-crop
     `EvalLoader` whose `.videos` include the held-out videos (others are ignored when scoring;
     `build_eval_loader(..., videos=heldout_names)` decodes the held-out videos alone).
+    `resume`: continue from, and save after every epoch to, this file. `log`: one line per epoch.
     """
-    config = config or FinetuneConfig()
+    config, device = config or FinetuneConfig(), torch.device(device)
     torch.manual_seed(config.seed)
     model = Classifier(encoder, num_classes, config.dropout).to(device)
     optimiser = torch.optim.Adam(model.parameter_groups(config.lr_backbone, config.lr_head),
@@ -126,9 +170,21 @@ def finetune(
         raise ValueError(f"{len(held) - len(scored)} held-out videos are missing from the held-out loader")
     held_labels = torch.tensor([heldout_loader.videos[i].label for i in scored.tolist()])
 
-    best, history = BestState(), []
-    for epoch in range(config.epochs):
+    best, history, start = BestState(), [], 0
+    saved = resume.load(device, log) if resume is not None else None
+    if saved is not None:
+        start, history = saved["epoch"], [tuple(h) for h in saved["history"]]
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        best.score, best.epoch, best.state = saved["best_score"], saved["best_epoch"], saved["best_model"]
+        set_rng_state(saved["rng"], device)
+        if log:
+            log(f"fine-tune {modality}: resumed after epoch {start} of {config.epochs} from {resume.path}")
+    for epoch in range(start, config.epochs):
+        started = time.perf_counter()
         model.train()
+        loss_sum, steps = torch.zeros((), device=device), 0
         for batch in train_loader.epoch(epoch):
             keep = ~excluded[batch["video_index"].cpu()]
             if keep.sum() < 2:  # BN needs two clips
@@ -139,14 +195,38 @@ def finetune(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1  # read once per epoch, not per step
         schedule.step()
+        line = (f"fine-tune {modality}: epoch {epoch + 1}/{config.epochs}, loss {loss_sum.item() / max(steps, 1):.4f}, "
+                f"{time.perf_counter() - started:.1f} s")
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             probs = video_probabilities(model, heldout_loader, modality=modality, device=device)
             score = top1(probs[scored], held_labels)
             history.append((epoch, score))
             best.update(model, score, epoch)
+            line += f"; held-out top-1 {score:.4f} (best {best.score:.4f} after epoch {best.epoch + 1})"
+        if resume is not None:
+            resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimiser.state_dict(),
+                         "schedule": schedule.state_dict(), "best_score": best.score, "best_epoch": best.epoch,
+                         "best_model": best.state, "history": history, "rng": rng_state(device)})
+        if log:
+            log(line)
     best.restore(model)
     return FinetuneResult(model, best.epoch, best.score, history)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators dropout draws from: the CPU's, and the GPU's on CUDA."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def classification_top1(

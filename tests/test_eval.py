@@ -253,3 +253,31 @@ def test_cli_finetune_on_real_dali_loaders_selects_on_heldout_train(trained_run,
     (held_subset, held_crops, held), test_call = calls  # held-out scoring first, the test split once at the end
     assert (held_subset, held_crops) == ("train", "center") and test_call == ("test", "ten", None)
     assert held and set(held) <= set(split["train"]) and not set(held) & set(split["test"])
+
+
+def test_cli_finetune_rerun_resumes_and_gives_the_uninterrupted_result(trained_run, tmp_path, monkeypatch, capsys):
+    """Killed in its third epoch, the same command resumes from the file it saved after the second
+    one (real DALI loaders, dropout) and writes the uninterrupted run's results; the file is then gone."""
+    import cvtcl.data
+
+    dataset, checkpoint = trained_run
+    whole = real_cli("finetune", dataset, checkpoint, tmp_path / "whole")
+    real_build = cvtcl.data.build_pretrain_loader
+
+    def killed_in_epoch_2(*args, **kwargs):
+        loader = real_build(*args, **kwargs)
+        epoch = loader.epoch
+        loader.epoch = lambda e, *a: (_ for _ in ()).throw(KeyboardInterrupt) if e == 2 else epoch(e, *a)
+        return loader
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cvtcl.data, "build_pretrain_loader", killed_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            real_cli("finetune", dataset, checkpoint, tmp_path / "resumed")
+    (saved,) = (tmp_path / "resumed").glob("finetune-synthetic-split1-rgb-*.resume.pt")
+    assert torch.load(saved, weights_only=True)["epoch"] == 2
+    capsys.readouterr()
+    resumed = real_cli("finetune", dataset, checkpoint, tmp_path / "resumed")
+    assert f"fine-tune rgb: resumed after epoch 2 of 3 from {saved}" in capsys.readouterr().out
+    assert resumed["results"] == whole["results"]
+    assert not list((tmp_path / "resumed").glob("*.resume.pt"))

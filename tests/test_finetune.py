@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from cvtcl.finetune import Classifier, FinetuneConfig, classification_top1, finetune, video_probabilities
+from cvtcl.finetune import (Classifier, FinetuneConfig, ResumeFile, classification_top1, finetune,
+                            video_probabilities)
 from eval_fakes import FakeEvalLoader, FakePretrainLoader, TinyEncoder, make_videos
 
 
@@ -95,3 +96,59 @@ def test_heldout_only_loader_gives_the_same_finetune(tmp_path):
     assert outcomes[0].history == outcomes[1].history and outcomes[0].selected_epoch == outcomes[1].selected_epoch
     for a, b in zip(outcomes[0].model.state_dict().values(), outcomes[1].model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _resume_case():
+    videos = make_videos(num_classes=3, per_class=8, groups_per_class=4)
+    heldout = [v.name for v in videos if v.group.endswith("g00")]
+    config = FinetuneConfig(epochs=6, eval_every=2, dropout=0.5, lr_head=1e-2, lr_backbone=1e-2)
+
+    def run(resume=None, stop_after=None, lines=None):
+        train = FakePretrainLoader(videos, batch_size=6, noise=0.3)
+        if stop_after is not None:  # a kill during the epoch after `stop_after` (its state is not saved)
+            epoch = train.epoch
+            train.epoch = lambda e, *a: (_ for _ in ()).throw(_Stop()) if e == stop_after else epoch(e, *a)
+        return finetune(TinyEncoder(), 3, train, FakeEvalLoader(videos, noise=0.3), heldout, modality="rgb",
+                        config=config, resume=resume, log=None if lines is None else lines.append)
+
+    return run, {"settings": 1}
+
+
+def test_an_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path):
+    """Dropout draws, Adam's moments, the lr schedule and the best held-out weights all continue:
+    killed in epoch 4 and rerun, the result is bitwise the uninterrupted one."""
+    run, fingerprint = _resume_case()
+    whole = run()
+    resume = ResumeFile(tmp_path / "ft.resume.pt", fingerprint)
+    with pytest.raises(_Stop):
+        run(resume, stop_after=3)
+    assert torch.load(resume.path, weights_only=True)["epoch"] == 3
+    lines = []
+    resumed = run(resume, lines=lines)
+    assert lines[0].startswith("fine-tune rgb: resumed after epoch 3 of 6 from")
+    assert [line.split(",")[0] for line in lines[1:]] == [f"fine-tune rgb: epoch {e}/6" for e in (4, 5, 6)]
+    assert "held-out top-1" in lines[1] and "held-out top-1" not in lines[2]  # scored every 2nd epoch
+    assert resumed.history == whole.history and resumed.selected_epoch == whole.selected_epoch
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a finished file gives the selected model without training again
+    again = run(resume, lines=(lines := []))
+    assert len(lines) == 1 and torch.equal(again.model.fc.weight, whole.model.fc.weight)
+
+
+def test_a_resume_file_of_other_settings_or_damaged_starts_over(tmp_path):
+    run, fingerprint = _resume_case()
+    with pytest.raises(_Stop):
+        run(ResumeFile(tmp_path / "ft.resume.pt", fingerprint), stop_after=2)
+    lines = []
+    run(ResumeFile(tmp_path / "ft.resume.pt", {"settings": 2}), lines=lines)
+    assert "was made with other settings: fine-tuning from the start" in lines[0]
+    assert lines[1].startswith("fine-tune rgb: epoch 1/6")
+    (tmp_path / "ft.resume.pt").write_bytes(b"torn")
+    lines = []
+    run(ResumeFile(tmp_path / "ft.resume.pt", fingerprint), lines=lines)
+    assert "cannot be loaded" in lines[0] and lines[1].startswith("fine-tune rgb: epoch 1/6")
