@@ -42,18 +42,24 @@ PROBE_LR = {"adam": 1e-3, "sgd": 0.1}  # linear probe: our default, and CoCLR's 
 LoaderFactory = Callable[..., Any]
 
 
+def say(line: str) -> None:
+    """A progress line of a long evaluation (features, fine-tune epochs), shown as it happens."""
+    print(line, flush=True)
+
+
 def split_features(
-    encoders: dict[str, nn.Module], make_loader: LoaderFactory, *, device: str = "cpu", bn_mode: str = "eval"
+    encoders: dict[str, nn.Module], make_loader: LoaderFactory, *, device: str = "cpu", bn_mode: str = "eval",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, VideoFeatures], dict[str, VideoFeatures]]:
-    """Centre-crop video features of the train and the test subset, per modality."""
-    train, test = {}, {}
+    """Centre-crop video features of the train and the test subset, per modality (`log`: progress)."""
+    features: dict[str, dict[str, VideoFeatures]] = {"train": {}, "test": {}}
     for modality, encoder in encoders.items():
         encoder.to(device)
-        train[modality] = extract_features(encoder, make_loader("train", modality, "center"),
-                                           modality=modality, device=device, bn_mode=bn_mode)
-        test[modality] = extract_features(encoder, make_loader("test", modality, "center"),
-                                          modality=modality, device=device, bn_mode=bn_mode)
-    return train, test
+        for subset, out in features.items():
+            out[modality] = extract_features(encoder, make_loader(subset, modality, "center"), modality=modality,
+                                             device=device, bn_mode=bn_mode, label=f"features {modality} {subset}",
+                                             log=log)
+    return features["train"], features["test"]
 
 
 def run_retrieval(
@@ -99,11 +105,11 @@ def run_finetune(
         heldout_loader = make_loader("train", modality, "center", videos=held_names)
         outcome = finetune(encoder, num_classes, train_loader, heldout_loader, held_names,
                            modality=modality, device=device, config=config,
-                           resume=(resume or {}).get(modality), log=lambda line: print(line, flush=True))
+                           resume=(resume or {}).get(modality), log=say)
         models[modality] = outcome.model
         info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch}
     test_loaders = {m: make_loader("test", m, "ten") for m in models}
-    top1 = classification_top1(models, test_loaders, device=device)
+    top1 = classification_top1(models, test_loaders, device=device, log=say)
     return {stream: {"top1": value, **info.get(stream, {})} for stream, value in top1.items()}
 
 
@@ -339,7 +345,7 @@ def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_
     if args.protocol == "finetune":
         return run_finetune(encoders, make_loader, make_train, len(manifest.classes), device=args.device,
                             config=finetune_config(args), heldout_fraction=args.heldout_fraction, resume=resume)
-    train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode)
+    train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode, log=say)
     if args.protocol == "retrieval":
         results, tops = run_retrieval(train, test)
         any_modality = next(iter(train))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -122,20 +123,43 @@ def iterate_windows(
         yield clips.flatten(0, 1).to(device, non_blocking=True), batch["video_index"]
 
 
+Log = Callable[[str], None]
+
+
+def reporting(loader: Any, label: str, log: Log | None, every: float = 30.0) -> Iterator[dict[str, Any]]:
+    """The loader's batches; with `log`, a line every `every` seconds (batches done, of how many,
+    rate) and one at the end, so a pass of many minutes over a large dataset is not silent."""
+    if log is None:
+        yield from loader
+        return
+    total = f" of {len(loader)}" if hasattr(loader, "__len__") else ""
+    start = last = time.perf_counter()
+    for done, batch in enumerate(loader, 1):
+        yield batch
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            log(f"{label}: batch {done}{total}, {done / (now - start):.2f} batches/s")
+    log(f"{label}: {len(loader.videos)} videos in {time.perf_counter() - start:.1f} s")
+
+
 def average_over_windows(
     fn: Callable[[torch.Tensor], torch.Tensor],
     loader: Any,
     *,
     modality: str | None = None,
     device: str | torch.device = "cpu",
+    label: str = "",
+    log: Log | None = None,
 ) -> torch.Tensor:
     """Per-video mean over every window and crop of fn(clips [N, C, T, H, W]) -> [N, X]; -> [V, X].
 
     V = len(loader.videos). Averaging crops first and windows second equals the plain mean over
     all (window, crop) pairs, because every window of a loader has the same number of crops.
+    `log`: progress lines named `label` (`reporting`).
     """
     averager: VideoAverager | None = None
-    for clips, video_index in iterate_windows(loader, modality, device):
+    for clips, video_index in iterate_windows(reporting(loader, label, log), modality, device):
         rows = fn(clips).float()  # [B * Ncrop, X]
         rows = rows.view(len(video_index), -1, rows.shape[-1]).mean(1)  # [B, X]
         if averager is None:
@@ -153,6 +177,8 @@ def extract_features(
     modality: str | None = None,
     device: str | torch.device = "cpu",
     bn_mode: str = "eval",
+    label: str = "features",
+    log: Log | None = None,
 ) -> VideoFeatures:
     """Per-video backbone features [V, F]: the mean over every window (and crop) the loader yields.
 
@@ -160,5 +186,6 @@ def extract_features(
     linear probe use centre-crop loaders.
     """
     with inference_mode(encoder, bn_mode) as model:
-        features = average_over_windows(model.features, loader, modality=modality, device=device)
+        features = average_over_windows(model.features, loader, modality=modality, device=device, label=label,
+                                        log=log)
     return VideoFeatures(features, loader_labels(loader), list(loader.videos))

@@ -83,11 +83,13 @@ class FinetuneResult:
 
 
 def video_probabilities(
-    model: nn.Module, loader: Any, *, modality: str | None = None, device: str | torch.device = "cpu"
+    model: nn.Module, loader: Any, *, modality: str | None = None, device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """Softmax [V, num_classes] per video of `loader.videos`, averaged over windows and crops."""
     with inference_mode(model, "eval") as net:
-        return average_over_windows(lambda clips: net(clips).softmax(1), loader, modality=modality, device=device)
+        return average_over_windows(lambda clips: net(clips).softmax(1), loader, modality=modality, device=device,
+                                    label=f"test {modality}", log=log)
 
 
 def training_clips(batch: dict[str, Any], modality: str) -> torch.Tensor:
@@ -230,13 +232,16 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def classification_top1(
-    models: dict[str, nn.Module], test_loaders: dict[str, Any], *, device: str | torch.device = "cpu"
+    models: dict[str, nn.Module], test_loaders: dict[str, Any], *, device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Ten-crop (or whatever the loaders yield) test top-1 per stream and, with two, "two-stream".
 
     models/test_loaders keyed by modality; the loaders must list the same videos in one order.
+    `log`: progress lines of each stream's pass over the test split.
     """
-    probs = {m: video_probabilities(models[m], test_loaders[m], modality=m, device=device) for m in sorted(models)}
+    probs = {m: video_probabilities(models[m], test_loaders[m], modality=m, device=device, log=log)
+             for m in sorted(models)}
     labels = loader_labels(next(iter(test_loaders.values())))
     results = {m: top1(p, labels) for m, p in probs.items()}
     if len(probs) == 2:

@@ -58,3 +58,23 @@ def test_averager_counts_repeats():
     averager = VideoAverager(2, 1)
     averager.add(torch.tensor([0, 0, 1]), torch.tensor([[1.0], [3.0], [5.0]]))
     assert averager.mean().flatten().tolist() == [2.0, 5.0]
+
+
+def test_long_passes_report_progress():
+    """A line per `every` seconds (here every batch) with the count and the total where the loader
+    has one, and a last line with the videos and the time; nothing at all without `log`."""
+    from cvtcl.features import reporting
+
+    class Loader(list):
+        videos = ["a", "b", "c"]
+
+    batches, lines = Loader([{"i": 0}, {"i": 1}]), []
+    assert list(reporting(batches, "features rgb train", lines.append, every=0.0)) == list(batches)
+    assert [line.split(",")[0] for line in lines[:2]] == ["features rgb train: batch 1 of 2",
+                                                        "features rgb train: batch 2 of 2"]
+    assert lines[2].startswith("features rgb train: 3 videos in ") and len(lines) == 3
+    unsized, lines = iter(batches), []
+    unsized_loader = type("L", (), {"__iter__": lambda self: unsized, "videos": ["a"]})()
+    list(reporting(unsized_loader, "x", lines.append, every=0.0))
+    assert lines[0].startswith("x: batch 1, ") and lines[-1].startswith("x: 1 videos in ")
+    assert list(reporting(batches, "x", None)) == list(batches)
