@@ -188,11 +188,13 @@ def finetune(
         model.train()
         loss_sum, steps = torch.zeros((), device=device), 0
         for batch in train_loader.epoch(epoch):
-            keep = ~excluded[batch["video_index"].cpu()]
-            if keep.sum() < 2:  # BN needs two clips
+            # rows to train on, chosen on the host: a boolean mask on the GPU would wait for it (nonzero)
+            keep = (~excluded[batch["video_index"].cpu()]).nonzero().squeeze(1)
+            if len(keep) < 2:  # BN needs two clips
                 continue
-            clips = training_clips(batch, modality)[keep.to(batch[modality].device)].to(device)
-            labels = batch["label"][keep.to(batch["label"].device)].to(device)
+            clips = training_clips(batch, modality)
+            clips = clips.index_select(0, keep.to(clips.device, non_blocking=True)).to(device)
+            labels = batch["label"].index_select(0, keep.to(batch["label"].device)).to(device)
             loss = nn.functional.cross_entropy(model(clips).float(), labels)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
