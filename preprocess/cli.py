@@ -22,7 +22,7 @@ from pathlib import Path
 
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
 from preprocess.flow import backend_names
-from preprocess.flow_workers import resolve_flow_devices
+from preprocess.flow_workers import FlowWorkerError, resolve_flow_devices
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, locked_out, pack
 from preprocess.parts import Part, merge, pack_part
@@ -30,7 +30,7 @@ from preprocess.schema import LayoutError
 from preprocess.synthetic import SyntheticConfig, generate_raw
 from preprocess.verify import verify
 
-EXIT_PROBLEMS = 1
+EXIT_PROBLEMS = EXIT_FAILED = 1  # verify found problems; a run failed after it started (a flow worker)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports 128 + SIGINT
 
 
@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
         print(f"cvtcl-preprocess {args.command}: error: {' '.join(text.split())}", file=sys.stderr)
         return EXIT_CONFIG
+    except FlowWorkerError as err:  # the run started: finished shards are kept
+        if getattr(args, "debug", False):
+            raise
+        print(f"cvtcl-preprocess {args.command}: error: {err}; the finished shards are kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -93,7 +93,7 @@ def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox,
     die_with_parent_if_child()  # a killed run must not leave a process holding GPU memory
 
     def fail(err: Exception) -> None:
-        outbox.put((None, None, f"flow worker on {device}: {type(err).__name__}: {err}"))
+        outbox.put((None, None, worker_error(device, err, flow_options)))
 
     def encode(key: Any, video_flow: np.ndarray) -> None:
         try:
@@ -132,7 +132,18 @@ def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox,
 
 
 class FlowWorkerError(RuntimeError):
-    """A flow worker failed (its message names the device and the error)."""
+    """A flow worker failed (its message names the device and the error); the run stops, keeping
+    the shards finished so far (cvtcl-preprocess exits 1, one line)."""
+
+
+def worker_error(device: str, err: Exception, flow_options: dict) -> str:
+    """One line for the parent: the device, the error, and for the GPU's memory what to lower."""
+    if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        batch = flow_options.get("batch")
+        size = f"--flow-batch {batch}" if batch else "the default --flow-batch"
+        return (f"flow worker on {device} ran out of GPU memory ({size} frame pairs per call): lower --flow-batch "
+                "or --flow-workers-per-gpu")
+    return f"flow worker on {device}: {type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Iterator:

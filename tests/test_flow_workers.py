@@ -110,3 +110,34 @@ def test_gpu_requested_without_one_is_one_line_and_exit_2(gpus, tmp_path, capsys
     assert status == 2 and len(err.splitlines()) == 1
     assert "no CUDA device" in err and "--flow-device cpu" in err
     assert not (tmp_path / "d").exists()  # nothing generated or packed
+
+
+def test_worker_errors_are_one_line_and_say_what_to_lower():
+    from preprocess.flow_workers import worker_error
+
+    class OutOfMemoryError(RuntimeError):  # torch's class name; the worker sends text only
+        pass
+
+    assert worker_error("cuda:1", OutOfMemoryError("CUDA out of memory.\nTried to allocate"), {"batch": 96}) == (
+        "flow worker on cuda:1 ran out of GPU memory (--flow-batch 96 frame pairs per call): lower --flow-batch "
+        "or --flow-workers-per-gpu")
+    assert "the default --flow-batch" in worker_error("cuda:0", OutOfMemoryError(), {})
+    assert worker_error("cuda:0", RuntimeError("driver\nfault"), {}) == "flow worker on cuda:0: RuntimeError: driver fault"
+
+
+@pytest.mark.multiprocess
+def test_a_failing_flow_worker_stops_the_run_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """A flow worker that cannot work (here: a GPU this machine does not have, past the command's
+    own check) stops the run: one line naming the worker, exit 1, no traceback."""
+    from preprocess import cli
+
+    monkeypatch.setattr(cli, "resolve_flow_devices", lambda *args: ("cuda:7",))
+    status = cli.main(["synthetic", "--classes", "2", "--videos-per-class", "2", "--clips-per-group", "1",
+                       "--frames", "5", "--height", "24", "--width", "32", "--flow", "tvl1-torch",
+                       "--out", str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert status == 1, err
+    assert len(lines) == 1 and lines[0].startswith("cvtcl-preprocess synthetic: error: flow worker on cuda:7: "), err
+    assert lines[0].endswith("the finished shards are kept: rerun the same command to resume")
+    assert "Traceback" not in err
