@@ -39,6 +39,9 @@ from cvtcl.config import OptimConfig, TrainConfig
 from cvtcl.moco import MomentumContrast, Permutation, to_device_async
 
 
+PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # an autocast dtype as optim.amp names it
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for optim.amp; None = fp32. auto: bf16 on compute capability >= 8.0, fp16 on
     7.x (tensor cores, no bf16), fp32 below (Pascal runs fp16 at 1/64 rate) and on CPU."""

@@ -15,6 +15,7 @@ loaders (`cvtcl.data.build_eval_loader`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from cvtcl import provenance, report
-from cvtcl.engine import memory_report
+from cvtcl.engine import PRECISION, memory_report
 from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
 from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, ResumeFile, classification_top1, finetune
@@ -144,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
     parser.add_argument("--probe-optimizer", choices=tuple(PROBE_LR), default="adam",
                         help="linear probe: adam, lr 1e-3 (default, our choice) or sgd, lr 0.1 (CoCLR's)")
+    parser.add_argument("--amp", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="feature passes and fine-tune in fp32 (default, the paper's) or under bf16 autocast "
+                             "(auto: bf16 on GPUs of compute capability >= 8.0); the linear probe stays fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     return parser
@@ -165,6 +169,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: choose cpu, cuda or cuda:N")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: torch sees no CUDA device; use --device cpu")
+    if args.amp == "bf16" and device != "cuda":
+        raise UsageError(f"--amp bf16 needs --device cuda (got {args.device}); use --amp fp32 or auto")
     for path in filter(None, (args.checkpoint, args.checkpoint_flow)):
         check_checkpoint_path(Path(path))
 
@@ -296,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "bn_mode": args.bn_mode, "seed": args.seed,
                                "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
                                "window_stride": args.window_stride,
+                               "amp": PRECISION[autocast_dtype(args.amp, device)],
                                "device": provenance.device_info(device), "versions": provenance.versions()}
     resume = resume_files(args, out_dir, sources, device) if args.protocol == "finetune" else {}
     try:
@@ -331,21 +338,35 @@ def resume_files(args: argparse.Namespace, out_dir: Path, sources: dict[str, str
                        "config": dataclasses.asdict(finetune_config(args)), "batch_size": args.batch_size,
                        "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
                        "window_stride": args.window_stride, "heldout_fraction": args.heldout_fraction,
-                       "backend": args.backend, "device": device.type}
+                       "backend": args.backend, "device": device.type, "amp": args.amp}
         digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
         path = out_dir / f"finetune-{args.dataset}-split{args.split}-{modality}-{digest}.resume.pt"
         files[modality] = ResumeFile(path, fingerprint)
     return files
 
 
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """--amp as an autocast dtype (None: fp32). auto: bf16 where the GPU has it (compute capability
+    >= 8.0); fp16 is not offered, as the fine-tune would need a loss scaler for it."""
+    if amp == "fp32" or device.type != "cuda":
+        return None
+    return torch.bfloat16 if amp == "bf16" or torch.cuda.get_device_capability(device) >= (8, 0) else None
+
+
 def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
                  make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path,
                  resume: dict[str, ResumeFile]) -> dict[str, Any]:
-    """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe."""
+    """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe.
+    The encoders run under --amp's autocast (an ambient setting: every forward inside it)."""
+    device = torch.device(args.device)
+    dtype = autocast_dtype(args.amp, device)
+    mixed = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     if args.protocol == "finetune":
-        return run_finetune(encoders, make_loader, make_train, len(manifest.classes), device=args.device,
-                            config=finetune_config(args), heldout_fraction=args.heldout_fraction, resume=resume)
-    train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode, log=say)
+        with mixed:
+            return run_finetune(encoders, make_loader, make_train, len(manifest.classes), device=args.device,
+                                config=finetune_config(args), heldout_fraction=args.heldout_fraction, resume=resume)
+    with mixed:
+        train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode, log=say)
     if args.protocol == "retrieval":
         results, tops = run_retrieval(train, test)
         any_modality = next(iter(train))

@@ -161,7 +161,7 @@ def finetune(
     torch.manual_seed(config.seed)
     model = Classifier(encoder, num_classes, config.dropout).to(device)
     optimiser = torch.optim.Adam(model.parameter_groups(config.lr_backbone, config.lr_head),
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, fused=device.type == "cuda")  # one kernel
     milestones = sorted({max(1, round(f * config.epochs)) for f in config.lr_drops})
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
 

@@ -33,8 +33,8 @@ from cvtcl import distributed, provenance
 from cvtcl.checkpoint import is_complete, latest_checkpoint, latest_loadable, load_encoder, save_checkpoint
 from cvtcl.config import TrainConfig, apply_file, apply_overrides, describe, read_config_file
 from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also registers STEPS["cotrain"]
-from cvtcl.engine import (Context, StepTerms, amp_dtype, compile_encoders, memory_report, peak_memory_gib,
-                          read_terms, train_one_epoch)
+from cvtcl.engine import (PRECISION, Context, StepTerms, amp_dtype, compile_encoders, memory_report,
+                          peak_memory_gib, read_terms, train_one_epoch)
 from cvtcl.errors import EXIT_INTERRUPTED, RunFailed, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
@@ -52,9 +52,6 @@ from preprocess.schema import write_json_atomic
 PER_RANK_BUFFERS = ({"forward_sync_buffers": False}
                     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                     else {"broadcast_buffers": False})
-
-
-PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # ctx.autocast_dtype as optim.amp names it
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:

@@ -172,6 +172,7 @@ CASES = [
                  "--device cuda: torch sees no CUDA device", marks=NO_GPU, id="eval-device-cuda-without-gpu"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--device", "tpu"], 2, "--device tpu"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--batch-size", "0"], 2, "--batch-size=0"),
+    ("eval", ["finetune", "--checkpoint", "{rgb}", *EVAL, "--amp", "bf16"], 2, "--amp bf16 needs --device cuda"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--window-stride", "0"], 2, "--window-stride=0"),
     ("eval", ["linear", "--checkpoint", "{rgb}", *EVAL, "--heldout-fraction", "1.5"], 2, "--heldout-fraction"),
     ("eval", ["retrieval", "--random-init", "rgb", "--backbone", "s3d", "--crop-size", "16", *EVAL], 2,

@@ -281,3 +281,29 @@ def test_cli_finetune_rerun_resumes_and_gives_the_uninterrupted_result(trained_r
     assert f"fine-tune rgb: resumed after epoch 2 of 3 from {saved}" in capsys.readouterr().out
     assert resumed["results"] == whole["results"]
     assert not list((tmp_path / "resumed").glob("*.resume.pt"))
+
+
+@pytest.mark.parametrize("amp,expected", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_amp_runs_the_encoders_under_autocast(fake_project, monkeypatch, amp, expected):
+    """--amp reaches every encoder forward of the protocol (an ambient autocast around it); the GPU's
+    bf16 stands in as the CPU's here."""
+    root, _ = fake_project
+    seen = []
+    real_features = TinyEncoder.features
+    monkeypatch.setattr(TinyEncoder, "features", lambda self, x: seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) or real_features(self, x))
+    monkeypatch.setattr(cvtcl_eval, "autocast_dtype", lambda setting, device: {"fp32": None, "bf16": torch.bfloat16}[setting])
+    monkeypatch.setattr(cvtcl_eval, "check_arguments", lambda args: None)  # bf16 is refused off CUDA
+    payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic",
+                               "--shards", str(root), "--out", str(root / "run"), "--device", "cpu", "--amp", amp])
+    assert seen and set(seen) == {expected}
+    assert payload["amp"] == {None: "fp32", torch.bfloat16: "bf16"}[expected]
+
+
+def test_amp_setting_resolves_per_gpu(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert cvtcl_eval.autocast_dtype("auto", cpu) is None and cvtcl_eval.autocast_dtype("fp32", cuda) is None
+    assert cvtcl_eval.autocast_dtype("bf16", cuda) is torch.bfloat16
+    for capability, expected in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), None), ((6, 1), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert cvtcl_eval.autocast_dtype("auto", cuda) is expected
