@@ -50,18 +50,35 @@ class VideoAverager:
 
     `add(video_index [B], values [B, X])` accumulates; `mean()` -> [N, X]. Refuses to average a
     video that received no window: that is a loader bug, not something to paper over with zeros.
+    Sums are float64 on the CPU, in batch order (deterministic). Rows computed on a GPU wait there
+    and come over `FLUSH_EVERY` batches at a time: a copy per batch would make the host wait for
+    the GPU at every batch, leaving the GPU idle while the next batch is launched.
     """
 
-    def __init__(self, num_videos: int, dim: int):
+    FLUSH_EVERY = 32  # batches held on a GPU before one copy to the host
+
+    def __init__(self, num_videos: int, dim: int, flush_every: int = 1):
         self.sums = torch.zeros(num_videos, dim, dtype=torch.float64)
         self.counts = torch.zeros(num_videos, dtype=torch.int64)
+        self.flush_every = flush_every
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, video_index: torch.Tensor, values: torch.Tensor) -> None:
-        video_index = video_index.to("cpu", torch.int64)
-        self.sums.index_add_(0, video_index, values.detach().to("cpu", torch.float64))
-        self.counts.index_add_(0, video_index, torch.ones_like(video_index))
+        self.pending.append((video_index.to("cpu", torch.int64), values.detach()))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = torch.cat([values for _, values in self.pending]).to("cpu", torch.float64)  # one copy
+        for (video_index, _), part in zip(self.pending, rows.split([len(v) for _, v in self.pending])):
+            self.sums.index_add_(0, video_index, part)  # the same additions, in the same order, as per batch
+            self.counts.index_add_(0, video_index, torch.ones_like(video_index))
+        self.pending.clear()
 
     def mean(self, where: str = "loader") -> torch.Tensor:
+        self.flush()
         missing = (self.counts == 0).nonzero().flatten()
         if len(missing):
             raise RuntimeError(
@@ -163,7 +180,8 @@ def average_over_windows(
         rows = fn(clips).float()  # [B * Ncrop, X]
         rows = rows.view(len(video_index), -1, rows.shape[-1]).mean(1)  # [B, X]
         if averager is None:
-            averager = VideoAverager(len(loader.videos), rows.shape[-1])
+            averager = VideoAverager(len(loader.videos), rows.shape[-1],
+                                     flush_every=1 if rows.device.type == "cpu" else VideoAverager.FLUSH_EVERY)
         averager.add(video_index, rows)
     if averager is None:
         raise RuntimeError("the evaluation loader yielded no batch; is its split subset empty?")

@@ -78,3 +78,20 @@ def test_long_passes_report_progress():
     list(reporting(unsized_loader, "x", lines.append, every=0.0))
     assert lines[0].startswith("x: batch 1, ") and lines[-1].startswith("x: 1 videos in ")
     assert list(reporting(batches, "x", None)) == list(batches)
+
+
+def test_rows_held_back_give_the_same_means_bitwise():
+    """Rows computed on a GPU are copied to the host every few batches, not every batch: the sums
+    are the same float64 additions in the same order, so the means are the same bits."""
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 5, (4,)), torch.randn(4, 3)) for _ in range(7)]
+    batches.append((torch.arange(5), torch.randn(5, 3)))  # every video gets a window
+    every_batch, held = VideoAverager(5, 3), VideoAverager(5, 3, flush_every=3)
+    for index, values in batches[:2]:
+        held.add(index, values)
+    assert not held.counts.any() and len(held.pending) == 2  # nothing copied yet
+    for index, values in batches[2:]:
+        held.add(index, values)
+    for index, values in batches:
+        every_batch.add(index, values)
+    assert torch.equal(every_batch.mean(), held.mean()) and not held.pending
