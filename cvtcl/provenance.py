@@ -66,8 +66,14 @@ def versions() -> dict[str, Any]:
     out: dict[str, Any] = {"cvtcl": cvtcl.__version__, "git": git_commit(), "python": platform.python_version(),
                            "torch": torch.__version__, "cuda": torch.version.cuda,
                            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    if torch.cuda.is_available():
+        try:
+            import torch.cuda.nccl as nccl
+
+            version = nccl.version()
+            out["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except (ImportError, RuntimeError, AttributeError):  # a build without NCCL: not worth stopping a run
+            out["nccl"] = None
     for name, module in (("dali", "nvidia.dali"), ("opencv", "cv2"), ("numpy", "numpy")):
         if module in sys.modules:
             out[name] = getattr(sys.modules[module], "__version__", None)

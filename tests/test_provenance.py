@@ -66,3 +66,17 @@ def test_git_commit_of_a_checkout(tmp_path, monkeypatch):
     assert provenance.git_commit() == head
     (package / "__init__.py").write_text("x = 1\n")
     assert provenance.git_commit() == head + "+dirty"
+
+
+def test_nccl_version_is_recorded_on_a_gpu_machine_and_never_stops_a_run(monkeypatch):
+    import torch.cuda.nccl as nccl
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nccl, "version", lambda: (2, 30, 7))
+    assert provenance.versions()["nccl"] == "2.30.7"
+
+    def no_nccl():
+        raise RuntimeError("torch was built without NCCL")
+
+    monkeypatch.setattr(nccl, "version", no_nccl)
+    assert provenance.versions()["nccl"] is None
