@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvtcl import provenance, report
+from cvtcl import distributed, provenance, report
 from cvtcl.engine import PRECISION, memory_report
 from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
 from cvtcl.features import VideoFeatures, extract_features
@@ -155,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Flags that are wrong whatever the files say, before anything is read."""
+    _, _, world_size = distributed.env_world()
+    if world_size > 1:  # N copies of one evaluation would race for the same results file
+        raise UsageError(f"cvtcl.eval runs in one process, but WORLD_SIZE={world_size} (torchrun): run "
+                         "python -m cvtcl.eval ... (--device cuda:N picks the GPU)")
     for flag in ("batch_size", "num_threads", "frames_per_clip", "window_stride", "crop_size", "epochs"):
         value = getattr(args, flag)
         if value is not None and value < 1:

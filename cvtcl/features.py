@@ -157,7 +157,8 @@ def reporting(loader: Any, label: str, log: Log | None, every: float = 30.0) -> 
         if now - last >= every:
             last = now
             log(f"{label}: batch {done}{total}, {done / (now - start):.2f} batches/s")
-    log(f"{label}: {len(loader.videos)} videos in {time.perf_counter() - start:.1f} s")
+    count = len(loader.videos)
+    log(f"{label}: {count} video{'s' if count != 1 else ''} in {time.perf_counter() - start:.1f} s")
 
 
 def average_over_windows(

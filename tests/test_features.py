@@ -76,7 +76,7 @@ def test_long_passes_report_progress():
     unsized, lines = iter(batches), []
     unsized_loader = type("L", (), {"__iter__": lambda self: unsized, "videos": ["a"]})()
     list(reporting(unsized_loader, "x", lines.append, every=0.0))
-    assert lines[0].startswith("x: batch 1, ") and lines[-1].startswith("x: 1 videos in ")
+    assert lines[0].startswith("x: batch 1, ") and lines[-1].startswith("x: 1 video in ")
     assert list(reporting(batches, "x", None)) == list(batches)
 
 
