@@ -134,3 +134,29 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
             f"{path} was written with a different config ({', '.join(changed)}); resuming would mix two runs. "
             "Use a new run.out_dir, or restore those values"
         )
+
+
+def plan(config: TrainConfig, world_size: int, sub_stages: list[tuple[str, TrainConfig]]) -> str:
+    """What `--plan` prints: per sub-stage (or the one run) its epochs, steps and clips at this
+    many processes, and the totals; the dataset is checked, nothing is written."""
+    global_batch = config.data.batch_size * world_size
+    check_queue_size(config.loss.queue_size, global_batch)
+    check_dataset(config, modalities(config) if not config.schedule.cycles else ("rgb", "flow"), global_batch)
+    rows, total_steps = [], 0
+    for name, stage in sub_stages:
+        per_epoch = epoch_steps(stage, world_size)
+        if stage.stage.kind == "cotrain":
+            check_queue_fills(stage.loss.queue_size, global_batch, per_epoch, stage.optim.epochs, "optim.epochs")
+        steps = stage.optim.epochs * per_epoch
+        if stage.run.max_steps:
+            steps = min(steps, stage.run.max_steps)
+        total_steps += steps
+        rows.append(f"{name:<14} {stage.stage.kind:<9} {stage.optim.epochs:>6} {per_epoch:>11,} {steps:>12,} "
+                    f"{steps * global_batch:>14,}")
+    header = f"{'sub-stage':<14} {'kind':<9} {'epochs':>6} {'steps/epoch':>11} {'steps':>12} {'clips':>14}"
+    return "\n".join([
+        f"{len(sub_stages)} run(s) on {world_size} process(es), {config.data.batch_size} clips per process and "
+        f"step (global batch {global_batch}), data.root={config.data.root} split {config.data.split} "
+        f"{config.data.subset}:", header, *rows,
+        f"{'total':<14} {'':<9} {'':>6} {'':>11} {total_steps:>12,} {total_steps * global_batch:>14,}",
+        "time: clips / the run's clips_per_s (metrics.jsonl: all processes together)"])

@@ -38,11 +38,11 @@ from cvtcl.engine import (PRECISION, Context, StepTerms, amp_dtype, compile_enco
 from cvtcl.errors import EXIT_INTERRUPTED, RunFailed, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
-from cvtcl.preflight import check_dataset, epoch_steps, modalities, validate
+from cvtcl.preflight import check_dataset, epoch_steps, modalities, plan, validate
 from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
-from cvtcl.schedule import check_queue_fills, cvtcl_schedule, run_schedule, warmup_steps
+from cvtcl.schedule import StageRun, check_queue_fills, cvtcl_schedule, run_schedule, select, warmup_steps
 from preprocess.hygiene import OutputDirError, exclusive_dir
 from preprocess.schema import write_json_atomic
 
@@ -68,6 +68,9 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
     parser.add_argument("--help-config", action="store_true",
                         help="list every config key with its value (after --preset, --config, overrides) and reason")
     parser.add_argument("--stage", help="with a schedule preset (e.g. ucf101-cvtcl): run this sub-stage only")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each sub-stage's epochs, steps and clips at this many processes (WORLD_SIZE), "
+                             "check the dataset, and exit without training")
     parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -83,7 +86,23 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
     if args.stage and not config.schedule.cycles:
         raise ValueError(f"--stage {args.stage}: this config runs one stage (schedule.cycles=0); "
                          "use a schedule preset such as ucf101-cvtcl or smoke-cvtcl")
+    if args.plan:
+        print(plan(config, distributed.env_world()[2], sub_stages(config, args.stage)))
+        raise SystemExit(0)
     return config, args.stage
+
+
+def sub_stages(config: TrainConfig, only: str | None = None) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of every run the command would make: the schedule's sub-stages (`only`: one
+    of them), or the one run. Dependencies are named by their run directories, which need not
+    exist yet."""
+    if not config.schedule.cycles:
+        return [(Path(config.run.out_dir).name or "run", config)]
+    root = Path(config.run.out_dir)
+    return [(stage.name, stage_config(config, StageRun(stage, root / stage.name,
+                                                        stage.init and root / stage.init,
+                                                        stage.sampler and root / stage.sampler)))
+            for stage in select(cvtcl_schedule(config.schedule.cycles), only)]
 
 
 def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:

@@ -292,3 +292,32 @@ def test_stage1_learns_on_synthetic_shards(tmp_path_factory, modality):
                      for key in ("loss_instance", "top1_instance", "loss_temporal", "top1_temporal")})
     assert mean(last, "loss_instance") < 0.95 * mean(first, "loss_instance")
     assert mean(last, "top1_instance") > mean(first, "top1_instance") + 0.1
+
+
+def test_plan_prints_every_sub_stage_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """--plan: epochs, steps per epoch, steps and clips of each sub-stage at WORLD_SIZE processes,
+    from the dataset's split; no run directory, no process group."""
+    from cvtcl.preflight import epoch_steps
+    from cvtcl.presets import get_preset
+
+    data = make_dataset(tmp_path / "data")
+    args = ["--preset", "smoke-cvtcl", f"data.root={data}", f"run.out_dir={tmp_path / 'run'}", "loss.queue_size=16",
+            "data.batch_size=2", "--plan"]
+    for world in (1, 2):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 0
+        lines = capsys.readouterr().out.splitlines()
+        config = get_preset("smoke-cvtcl")
+        config.data.root, config.data.batch_size = str(data), 2
+        per_epoch = epoch_steps(config, world)
+        rows = [line.split() for line in lines[2:8]]
+        assert [r[0] for r in rows] == ["stage1-rgb", "stage1-flow", "cycle1-rgb", "cycle1-flow", "cycle2-rgb",
+                                        "cycle2-flow"]
+        assert all(r[3] == str(per_epoch) and r[4] == str(2 * per_epoch) for r in rows)  # 2 epochs each
+        assert lines[8].split()[1:] == [f"{12 * per_epoch:,}", f"{12 * per_epoch * 2 * world:,}"]
+        assert f"on {world} process(es)" in lines[0]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="loss.queue_size=15 is not divisible"):
+        main([*args[:-1], "loss.queue_size=15", "--plan"])
