@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from cvtcl import report
+from cvtcl import provenance, report
 from cvtcl.linear_probe import LinearProbeConfig
 from cvtcl.plot import plot_retrieval, plot_run
 from cvtcl.schedule_eval import (
@@ -150,9 +150,9 @@ def conclude(out: Path, results: dict[str, Any], checks: list[dict[str, Any]], s
         print(f"{verdict:8s} {check['check']}: {check['value']:.1f} (target {check['target']})")
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    machine = {"platform": platform.platform(), "processor": provenance.cpu_name() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               "load_average": os.getloadavg()}
+               "load_average": os.getloadavg(), "versions": provenance.versions()}
     report.write_results(out / "results.json", {"seed": seed, "results": results, "settings": list(results),
                                                 "checks": checks,
                                                 "seconds": seconds, "cpu_seconds": cpu_seconds, "machine": machine})
