@@ -78,9 +78,41 @@ def init(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
+_host_group = None  # gloo over the same ranks, for small agreements between hosts (any_rank, gather_objects)
+
+
 def shutdown() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
+
+
+def host_group():
+    """A gloo group over every rank: a host-side agreement through it does not wait for the GPU,
+    as one through nccl (a device tensor read back) would. Made at first use, by every rank."""
+    global _host_group
+    if _host_group is None:
+        _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _host_group
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (every rank must call it at the same point)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; CPU tensors)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj, group=host_group())
+    return out
 
 
 def world_size() -> int:

@@ -44,8 +44,10 @@ LoaderFactory = Callable[..., Any]
 
 
 def say(line: str) -> None:
-    """A progress line of a long evaluation (features, fine-tune epochs), shown as it happens."""
-    print(line, flush=True)
+    """A progress line of a long evaluation (features, fine-tune epochs), shown as it happens (by
+    the first process under torchrun)."""
+    if distributed.rank() == 0:
+        print(line, flush=True)
 
 
 def split_features(
@@ -109,6 +111,8 @@ def run_finetune(
                            resume=(resume or {}).get(modality), log=say)
         models[modality] = outcome.model
         info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch}
+    if distributed.rank() != 0:  # under torchrun the first process scores the test split alone
+        return {}
     test_loaders = {m: make_loader("test", m, "ten") for m in models}
     top1 = classification_top1(models, test_loaders, device=device, log=say)
     return {stream: {"top1": value, **info.get(stream, {})} for stream, value in top1.items()}
@@ -156,9 +160,10 @@ def _parser() -> argparse.ArgumentParser:
 def check_arguments(args: argparse.Namespace) -> None:
     """Flags that are wrong whatever the files say, before anything is read."""
     _, _, world_size = distributed.env_world()
-    if world_size > 1:  # N copies of one evaluation would race for the same results file
-        raise UsageError(f"cvtcl.eval runs in one process, but WORLD_SIZE={world_size} (torchrun): run "
-                         "python -m cvtcl.eval ... (--device cuda:N picks the GPU)")
+    if world_size > 1 and args.protocol != "finetune":  # N copies would race for the same results file
+        raise UsageError(f"{args.protocol} runs in one process, but WORLD_SIZE={world_size} (torchrun): run "
+                         "python -m cvtcl.eval ... (--device cuda:N picks the GPU); only finetune trains on "
+                         "several processes")
     for flag in ("batch_size", "num_threads", "frames_per_clip", "window_stride", "crop_size", "epochs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -288,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
     results_file, neighbours_file = output_paths(out_dir, args.protocol, args.dataset, args.split)
     device = torch.device(args.device)
+    if distributed.env_world()[2] > 1:  # a fine-tune under torchrun: LOCAL_RANK picks the GPU
+        device = distributed.init(device.type).device
+        args.device = str(device)
     on_gpu = device.type == "cuda"
     common = dict(split=args.split, frames_per_clip=args.frames_per_clip, crop_size=args.crop_size,
                   device="cuda" if on_gpu else "cpu", device_id=(device.index or 0) if on_gpu else None,
@@ -299,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def make_train(modality: str) -> Any:  # fine-tune: augmented clips of the train subset
         return build_pretrain_loader(args.shards, subset="train", modalities=(modality,), batch_size=args.batch_size,
-                                     pair_mode="same", seed=args.seed, augment=FinetuneConfig.augment, **common)
+                                     pair_mode="same", seed=args.seed, augment=FinetuneConfig.augment,
+                                     rank=distributed.rank(), world_size=distributed.world_size(), **common)
 
     payload: dict[str, Any] = {"protocol": args.protocol, "dataset": args.dataset, "split": args.split,
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
@@ -307,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
                                "window_stride": args.window_stride,
                                "amp": PRECISION[autocast_dtype(args.amp, device)],
+                               "processes": distributed.world_size(), "batch_size": args.batch_size,
                                "device": provenance.device_info(device), "versions": provenance.versions()}
     resume = resume_files(args, out_dir, sources, device) if args.protocol == "finetune" else {}
     try:
@@ -314,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except torch.OutOfMemoryError:
         raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
                         f"({memory_report(device)}): lower --batch-size") from None
+    finally:
+        rank = distributed.rank()
+        distributed.shutdown()
+    if rank != 0:  # the first process writes the results
+        return payload
     path = report.write_results(results_file, payload)
     for file in resume.values():  # the results hold everything now
         file.remove()
@@ -342,7 +357,8 @@ def resume_files(args: argparse.Namespace, out_dir: Path, sources: dict[str, str
                        "config": dataclasses.asdict(finetune_config(args)), "batch_size": args.batch_size,
                        "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
                        "window_stride": args.window_stride, "heldout_fraction": args.heldout_fraction,
-                       "backend": args.backend, "device": device.type, "amp": args.amp}
+                       "backend": args.backend, "device": device.type, "amp": args.amp,
+                       "processes": distributed.world_size()}
         digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
         path = out_dir / f"finetune-{args.dataset}-split{args.split}-{modality}-{digest}.resume.pt"
         files[modality] = ResumeFile(path, fingerprint)

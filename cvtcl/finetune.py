@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from cvtcl import distributed
 from cvtcl.checkpoint import load_checkpoint, save_atomic
 from cvtcl.features import average_over_windows, inference_mode, loader_labels
 from cvtcl.linear_probe import top1
@@ -59,6 +61,10 @@ class Classifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.9):
         super().__init__()
         self.encoder = encoder
+        if isinstance(getattr(encoder, "head", None), nn.Module):
+            # the projection head is not part of features(): nothing trains it (and DDP needs every
+            # trainable parameter to take part in the loss)
+            encoder.head.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(encoder.feature_dim, num_classes)
 
@@ -66,8 +72,7 @@ class Classifier(nn.Module):
         return self.fc(self.dropout(self.encoder.features(clips)))
 
     def parameter_groups(self, lr_backbone: float, lr_head: float) -> list[dict[str, Any]]:
-        # The encoder's projection head is unused by `features`; its grads stay None and Adam
-        # skips it, so no need to know how the encoder names its parts.
+        # Frozen parameters (the encoder's projection head) get no gradient and Adam skips them.
         return [
             {"params": list(self.encoder.parameters()), "lr": lr_backbone},
             {"params": list(self.fc.parameters()), "lr": lr_head},
@@ -103,7 +108,8 @@ class ResumeFile:
     an interruption continues where it stopped, with the same result as an uninterrupted run.
 
     Holds the weights, optimizer, lr schedule, the best held-out weights so far, the history and
-    the random number generators (dropout draws from them); written after every epoch through a
+    every process's random number generators (dropout draws from them); written after every epoch
+    (by the first process under torchrun) through a
     temporary file and a rename. `fingerprint`: what the result depends on (the encoder's source,
     the data, every setting); a file made with another one is never resumed (the caller keys the
     file name on it, so it is not overwritten either). A file that cannot be loaded is named and
@@ -156,10 +162,18 @@ def finetune(
     `EvalLoader` whose `.videos` include the held-out videos (others are ignored when scoring;
     `build_eval_loader(..., videos=heldout_names)` decodes the held-out videos alone).
     `resume`: continue from, and save after every epoch to, this file. `log`: one line per epoch.
+    Under torchrun (a process group) the model trains as DDP: every process takes its share of each
+    epoch from `train_loader` and scores the held-out videos itself (the same numbers everywhere).
     """
     config, device = config or FinetuneConfig(), torch.device(device)
+    world, rank = distributed.world_size(), distributed.rank()
     torch.manual_seed(config.seed)
     model = Classifier(encoder, num_classes, config.dropout).to(device)
+    # under torchrun: DDP averages the gradients (and starts every rank from rank 0's weights); the
+    # global batch is the processes x --batch-size, and each rank draws its own dropout masks
+    net = model if world == 1 else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if rank > 0:
+        torch.manual_seed(config.seed + rank)
     optimiser = torch.optim.Adam(model.parameter_groups(config.lr_backbone, config.lr_head),
                                  weight_decay=config.weight_decay, fused=device.type == "cuda")  # one kernel
     milestones = sorted({max(1, round(f * config.epochs)) for f in config.lr_drops})
@@ -180,7 +194,7 @@ def finetune(
         optimiser.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         best.score, best.epoch, best.state = saved["best_score"], saved["best_epoch"], saved["best_model"]
-        set_rng_state(saved["rng"], device)
+        set_rng_state(saved["rng"][rank], device)
         if log:
             log(f"fine-tune {modality}: resumed after epoch {start} of {config.epochs} from {resume.path}")
     for epoch in range(start, config.epochs):
@@ -190,29 +204,31 @@ def finetune(
         for batch in train_loader.epoch(epoch):
             # rows to train on, chosen on the host: a boolean mask on the GPU would wait for it (nonzero)
             keep = (~excluded[batch["video_index"].cpu()]).nonzero().squeeze(1)
-            if len(keep) < 2:  # BN needs two clips
+            # BN needs two clips; under torchrun every rank skips the step or none does
+            if distributed.any_rank(len(keep) < 2):
                 continue
             clips = training_clips(batch, modality)
             clips = clips.index_select(0, keep.to(clips.device, non_blocking=True)).to(device)
             labels = batch["label"].index_select(0, keep.to(batch["label"].device)).to(device)
-            loss = nn.functional.cross_entropy(model(clips).float(), labels)
+            loss = nn.functional.cross_entropy(net(clips).float(), labels)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             loss_sum, steps = loss_sum + loss.detach(), steps + 1  # read once per epoch, not per step
         schedule.step()
-        line = (f"fine-tune {modality}: epoch {epoch + 1}/{config.epochs}, loss {loss_sum.item() / max(steps, 1):.4f}, "
-                f"{time.perf_counter() - started:.1f} s")
+        mean = distributed.all_reduce_mean({"loss": loss_sum.item() / max(steps, 1)}, device)["loss"]
+        line = f"fine-tune {modality}: epoch {epoch + 1}/{config.epochs}, loss {mean:.4f}, {time.perf_counter() - started:.1f} s"
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             probs = video_probabilities(model, heldout_loader, modality=modality, device=device)
             score = top1(probs[scored], held_labels)
             history.append((epoch, score))
             best.update(model, score, epoch)
             line += f"; held-out top-1 {score:.4f} (best {best.score:.4f} after epoch {best.epoch + 1})"
-        if resume is not None:
+        rng = distributed.gather_objects(rng_state(device))  # every rank's generators, for the resume file
+        if resume is not None and rank == 0:
             resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimiser.state_dict(),
                          "schedule": schedule.state_dict(), "best_score": best.score, "best_epoch": best.epoch,
-                         "best_model": best.state, "history": history, "rng": rng_state(device)})
+                         "best_model": best.state, "history": history, "rng": rng})
         if log:
             log(line)
     best.restore(model)

@@ -347,5 +347,5 @@ def test_evaluation_under_torchrun_is_refused_before_any_work(paths, monkeypatch
     argv = ["retrieval", "--checkpoint", str(paths["rgb"]), "--dataset", "synthetic", "--shards", str(paths["data"]),
             "--device", "cpu", "--out", str(paths["tmp"] / "eval-torchrun")]
     assert cvtcl_eval.cli(argv) == 2
-    assert "cvtcl.eval runs in one process, but WORLD_SIZE=4 (torchrun)" in capsys.readouterr().err
+    assert "retrieval runs in one process, but WORLD_SIZE=4 (torchrun)" in capsys.readouterr().err
     assert not (paths["tmp"] / "eval-torchrun").exists()

@@ -307,3 +307,89 @@ def test_amp_setting_resolves_per_gpu(monkeypatch):
     for capability, expected in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), None), ((6, 1), None)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert cvtcl_eval.autocast_dtype("auto", cuda) is expected
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    """48 RGB videos (32 train): enough for two ranks of 4 clips per step, a held-out tenth apart."""
+    from preprocess.cli import main as preprocess_main
+
+    data = tmp_path_factory.mktemp("ddp") / "data"
+    assert preprocess_main(["synthetic", "--out", str(data), "--classes", "3", "--videos-per-class", "16",
+                            "--clips-per-group", "2", "--frames", "12", "--height", "32", "--width", "40",
+                            "--flow", "none", "--workers", "1"]) == 0
+    return data
+
+
+def _torchrun_finetune(data, out):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "cvtcl.eval", "finetune", "--random-init", "rgb", "--backbone", "tiny", "--dataset", "synthetic",
+               "--shards", str(data), "--backend", "baseline", "--device", "cpu", "--frames-per-clip", "8",
+               "--window-stride", "8", "--crop-size", "32", "--epochs", "2", "--batch-size", "4", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.multiprocess
+def test_finetune_under_torchrun_trains_on_two_processes(ddp_data, tmp_path):
+    """torchrun, two gloo ranks, the real baseline loaders, an untrained tiny encoder: DDP fine-tune
+    (each rank its shard of every epoch), one line per epoch from the first process only, one
+    results file, the resume file gone, no warning."""
+    out = tmp_path / "out"
+    done = _torchrun_finetune(ddp_data, out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("fine-tune rgb: epoch")]
+    assert [line.split(",")[0] for line in epochs] == ["fine-tune rgb: epoch 1/2", "fine-tune rgb: epoch 2/2"]
+    assert all(float(line.split("loss ")[1].split(",")[0]) > 0 for line in epochs)  # steps were taken
+    (results,) = out.glob("eval-finetune-*.json")
+    saved = json.loads(results.read_text())
+    assert saved["processes"] == 2 and saved["batch_size"] == 4 and 0 <= saved["results"]["rgb"]["top1"] <= 100
+    assert not list(out.glob("*.resume.pt"))
+
+
+@pytest.mark.multiprocess
+def test_finetune_under_torchrun_resumes_on_every_process(ddp_data, tmp_path):
+    """A test video damaged after the data was packed stops the run at the ten-crop test, after the
+    fine-tune saved its last epoch (with both processes' generators); once the shard is restored,
+    the same command loads that state on both processes, trains nothing more, and writes the
+    results of an uninterrupted run."""
+    import random
+    import shutil
+
+    import h5py
+
+    from preprocess.schema import load_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(ddp_data, data, ignore=shutil.ignore_patterns("raw"))
+    manifest = load_manifest(data)
+    victim = next(v for v in manifest.videos if v.name in set(manifest.splits["1"]["test"]))
+    shard = data / f"shard-{victim.shard:05d}.h5"
+    original = shard.read_bytes()
+    with h5py.File(shard, "r") as h5:
+        start = h5["rgb"]["bytes"].id.get_offset()
+        lo, hi = h5["rgb"]["offsets"][victim.rgb_start : victim.rgb_start + 2]
+    damaged = bytearray(original)
+    damaged[int(start + (lo + hi) // 2)] ^= random.Random(0).randrange(1, 256)
+    shard.write_bytes(bytes(damaged))
+    first = _torchrun_finetune(data, tmp_path / "out")
+    assert first.returncode != 0 and victim.name in first.stdout + first.stderr
+    (resume,) = (tmp_path / "out").glob("*.resume.pt")
+    state = torch.load(resume, weights_only=True)
+    assert state["epoch"] == 2 and len(state["rng"]) == 2  # both processes' generators
+
+    shard.write_bytes(original)
+    second = _torchrun_finetune(data, tmp_path / "out")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "fine-tune rgb: resumed after epoch 2 of 2" in second.stdout
+    assert not any(line.startswith("fine-tune rgb: epoch") for line in second.stdout.splitlines())
+    whole = _torchrun_finetune(ddp_data, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    got = json.loads(next((tmp_path / "out").glob("eval-finetune-*.json")).read_text())["results"]
+    assert got == json.loads(next((tmp_path / "whole").glob("eval-finetune-*.json")).read_text())["results"]
