@@ -199,7 +199,7 @@ def finetune(
             log(f"fine-tune {modality}: resumed after epoch {start} of {config.epochs} from {resume.path}")
     for epoch in range(start, config.epochs):
         started = time.perf_counter()
-        model.train()
+        net.train()  # the DDP wrapper too, where there is one
         loss_sum, steps = torch.zeros((), device=device), 0
         for batch in train_loader.epoch(epoch):
             # rows to train on, chosen on the host: a boolean mask on the GPU would wait for it (nonzero)
