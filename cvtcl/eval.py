@@ -54,15 +54,31 @@ def split_features(
     encoders: dict[str, nn.Module], make_loader: LoaderFactory, *, device: str = "cpu", bn_mode: str = "eval",
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, VideoFeatures], dict[str, VideoFeatures]]:
-    """Centre-crop video features of the train and the test subset, per modality (`log`: progress)."""
+    """Centre-crop video features of the train and the test subset, per modality (`log`: progress).
+    Under torchrun each process encodes every world-th video and all get every row, in order."""
     features: dict[str, dict[str, VideoFeatures]] = {"train": {}, "test": {}}
+    world, rank = distributed.world_size(), distributed.rank()
     for modality, encoder in encoders.items():
         encoder.to(device)
         for subset, out in features.items():
-            out[modality] = extract_features(encoder, make_loader(subset, modality, "center"), modality=modality,
-                                             device=device, bn_mode=bn_mode, label=f"features {modality} {subset}",
-                                             log=log)
+            loader = make_loader(subset, modality, "center")
+            if world > 1:  # the loader builds its pipeline when iterated: asking for its videos is free
+                loader = make_loader(subset, modality, "center", videos=[v.name for v in loader.videos[rank::world]])
+            share = f" (process 1 of {world})" if world > 1 else ""  # only the first one prints
+            part = extract_features(encoder, loader, modality=modality, device=device, bn_mode=bn_mode,
+                                    label=f"features {modality} {subset}{share}", log=log)
+            out[modality] = part if world == 1 else gathered(part, make_loader(subset, modality, "center").videos)
     return features["train"], features["test"]
+
+
+def gathered(part: VideoFeatures, videos: list) -> VideoFeatures:
+    """Every process's features of its every-world-th videos, back in the subset's order."""
+    parts = distributed.gather_objects(part.features)  # CPU tensors, through the host (gloo) group
+    world = len(parts)
+    rows = torch.empty(len(videos), part.features.shape[1], dtype=part.features.dtype)
+    for rank, features in enumerate(parts):
+        rows[rank::world] = features
+    return VideoFeatures(rows, torch.tensor([v.label for v in videos], dtype=torch.int64), list(videos))
 
 
 def run_retrieval(
@@ -159,11 +175,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Flags that are wrong whatever the files say, before anything is read."""
-    _, _, world_size = distributed.env_world()
-    if world_size > 1 and args.protocol != "finetune":  # N copies would race for the same results file
-        raise UsageError(f"{args.protocol} runs in one process, but WORLD_SIZE={world_size} (torchrun): run "
-                         "python -m cvtcl.eval ... (--device cuda:N picks the GPU); only finetune trains on "
-                         "several processes")
     for flag in ("batch_size", "num_threads", "frames_per_clip", "window_stride", "crop_size", "epochs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -293,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
     results_file, neighbours_file = output_paths(out_dir, args.protocol, args.dataset, args.split)
     device = torch.device(args.device)
-    if distributed.env_world()[2] > 1:  # a fine-tune under torchrun: LOCAL_RANK picks the GPU
+    if distributed.env_world()[2] > 1:  # under torchrun: LOCAL_RANK picks the GPU
         device = distributed.init(device.type).device
         args.device = str(device)
     on_gpu = device.type == "cuda"
@@ -387,6 +398,8 @@ def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_
                                 config=finetune_config(args), heldout_fraction=args.heldout_fraction, resume=resume)
     with mixed:
         train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode, log=say)
+    if distributed.rank() != 0:  # under torchrun the first process evaluates the features and writes
+        return {}
     if args.protocol == "retrieval":
         results, tops = run_retrieval(train, test)
         any_modality = next(iter(train))

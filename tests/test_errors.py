@@ -340,12 +340,3 @@ def test_console_entry_points_in_a_subprocess(paths, argv, message):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
-
-def test_evaluation_under_torchrun_is_refused_before_any_work(paths, monkeypatch, capsys):
-    """torchrun would start N copies of one evaluation, racing for the same results file."""
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    argv = ["retrieval", "--checkpoint", str(paths["rgb"]), "--dataset", "synthetic", "--shards", str(paths["data"]),
-            "--device", "cpu", "--out", str(paths["tmp"] / "eval-torchrun")]
-    assert cvtcl_eval.cli(argv) == 2
-    assert "retrieval runs in one process, but WORLD_SIZE=4 (torchrun)" in capsys.readouterr().err
-    assert not (paths["tmp"] / "eval-torchrun").exists()

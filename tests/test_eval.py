@@ -311,7 +311,7 @@ def test_amp_setting_resolves_per_gpu(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory):
-    """48 RGB videos (32 train): enough for two ranks of 4 clips per step, a held-out tenth apart."""
+    """48 RGB videos (36 train): enough for two ranks of 4 clips per step, a held-out tenth apart."""
     from preprocess.cli import main as preprocess_main
 
     data = tmp_path_factory.mktemp("ddp") / "data"
@@ -321,18 +321,36 @@ def ddp_data(tmp_path_factory):
     return data
 
 
-def _torchrun_finetune(data, out):
+def _torchrun_eval(data, out, protocol="finetune", processes=2):
     import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "cvtcl.eval", "finetune", "--random-init", "rgb", "--backbone", "tiny", "--dataset", "synthetic",
-               "--shards", str(data), "--backend", "baseline", "--device", "cpu", "--frames-per-clip", "8",
-               "--window-stride", "8", "--crop-size", "32", "--epochs", "2", "--batch-size", "4", "--out", str(out)]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes else []
+    command = [sys.executable, *launch, "-m", "cvtcl.eval", protocol, "--random-init", "rgb", "--backbone", "tiny",
+               "--dataset", "synthetic", "--shards", str(data), "--backend", "baseline", "--device", "cpu",
+               "--frames-per-clip", "8", "--window-stride", "8", "--crop-size", "32", "--epochs", "2",
+               "--batch-size", "4", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.multiprocess
+def test_retrieval_and_probe_under_torchrun_equal_one_process(ddp_data, tmp_path):
+    """Each of two processes encodes every other video; the gathered features give the results of
+    one process, and only the first process prints and writes."""
+    for protocol in ("retrieval", "linear"):
+        one, two = _torchrun_eval(ddp_data, tmp_path / f"{protocol}-1", protocol, processes=0), \
+            _torchrun_eval(ddp_data, tmp_path / f"{protocol}-2", protocol)
+        assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr
+        assert "Warning" not in two.stderr, two.stderr
+        assert two.stdout.count("results: ") == 1
+        assert any(line.startswith("features rgb train (process 1 of 2): 18 videos in ")  # of 36
+                   for line in two.stdout.splitlines())
+        results = [json.loads(next((tmp_path / f"{protocol}-{n}").glob("eval-*.json")).read_text())["results"]
+                   for n in (1, 2)]
+        assert results[0] == results[1]
 
 
 @pytest.mark.multiprocess
@@ -341,7 +359,7 @@ def test_finetune_under_torchrun_trains_on_two_processes(ddp_data, tmp_path):
     (each rank its shard of every epoch), one line per epoch from the first process only, one
     results file, the resume file gone, no warning."""
     out = tmp_path / "out"
-    done = _torchrun_finetune(ddp_data, out)
+    done = _torchrun_eval(ddp_data, out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Warning" not in done.stderr, done.stderr
     epochs = [line for line in done.stdout.splitlines() if line.startswith("fine-tune rgb: epoch")]
@@ -378,18 +396,18 @@ def test_finetune_under_torchrun_resumes_on_every_process(ddp_data, tmp_path):
     damaged = bytearray(original)
     damaged[int(start + (lo + hi) // 2)] ^= random.Random(0).randrange(1, 256)
     shard.write_bytes(bytes(damaged))
-    first = _torchrun_finetune(data, tmp_path / "out")
+    first = _torchrun_eval(data, tmp_path / "out")
     assert first.returncode != 0 and victim.name in first.stdout + first.stderr
     (resume,) = (tmp_path / "out").glob("*.resume.pt")
     state = torch.load(resume, weights_only=True)
     assert state["epoch"] == 2 and len(state["rng"]) == 2  # both processes' generators
 
     shard.write_bytes(original)
-    second = _torchrun_finetune(data, tmp_path / "out")
+    second = _torchrun_eval(data, tmp_path / "out")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "fine-tune rgb: resumed after epoch 2 of 2" in second.stdout
     assert not any(line.startswith("fine-tune rgb: epoch") for line in second.stdout.splitlines())
-    whole = _torchrun_finetune(ddp_data, tmp_path / "whole")
+    whole = _torchrun_eval(ddp_data, tmp_path / "whole")
     assert whole.returncode == 0, whole.stdout + whole.stderr
     got = json.loads(next((tmp_path / "out").glob("eval-finetune-*.json")).read_text())["results"]
     assert got == json.loads(next((tmp_path / "whole").glob("eval-finetune-*.json")).read_text())["results"]
