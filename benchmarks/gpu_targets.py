@@ -92,7 +92,8 @@ def step_checks(train: dict | None, compiled: dict | None) -> tuple[list[Check],
             checks.append(Check(f"row failed: {r.get('variant', '?')}", r["error"][:80], "-", "FAIL"))
     best = {}
     if best1:
-        best["stage1"] = {k: best1.get(k) for k in ("variant", "batch", "compile", "channels_last_3d", "samples_per_s")}
+        best["stage1"] = {k: best1.get(k) for k in ("variant", "batch", "compile", "graph_scope", "channels_last_3d",
+                                                    "samples_per_s")}
     if best2:
         best["stage2"] = {k: best2.get(k) for k in ("variant", "batch", "compile", "samples_per_s")}
     return checks, best

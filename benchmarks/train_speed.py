@@ -10,7 +10,9 @@ gives the data-wait fraction. Prints a table and one JSON line naming the device
     python benchmarks/train_speed.py --variants legacy,bf16,bf16+graph --profile --json out.json
     python benchmarks/train_speed.py --loader --data data/ucf101 --json out.json
 
-Variants (--variants, comma list; NAME+graph / +encoder / +step sets run.compile): `legacy` is the
+Variants (--variants, comma list; NAME+graph / +encoder / +step sets run.compile; NAME+calls is
+run.compile=graph with run.graph_scope=calls, each encoder call its own graphs as under torchrun,
+timed here in one process): `legacy` is the
 old eager step (run.legacy_step: a host sync per step, two key-encoder calls), the baseline row;
 fp32, bf16, fp16 (CUDA) the sync-free step; channels_last (bf16 + channels_last_3d), batch64
 (bf16 at --big-batch clips), cotrain (stage 2 with a frozen flow sampler, bf16). (The segments
@@ -48,7 +50,7 @@ from cvtcl.train import build_context, loader_arguments  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
 
 VARIANTS = ("legacy", "fp32", "bf16", "fp16", "channels_last", "batch64", "cotrain")  # for --variants
-COMPILE = COMPILE_MODES  # NAME+graph / +encoder / +step
+COMPILE = (*COMPILE_MODES, "calls")  # NAME+graph / +encoder / +step; +calls: run.compile=graph, run.graph_scope=calls
 
 
 DEFAULT_VARIANTS = ("legacy,fp32,fp32+graph,bf16,bf16+graph,bf16+step,channels_last,channels_last+graph,batch64,"
@@ -96,7 +98,8 @@ def make_config(args, amp: str, channels_last: bool, data_root: str = "unused", 
         f"data.crop_size={args.crop}", f"stage.modality={args.modality}", f"loss.queue_size={queue}",
         f"optim.amp={amp}", f"model.channels_last_3d={channels_last}", f"data.root={data_root}",
         f"data.num_threads={args.threads}", f"data.backend={args.data_backend}", f"run.legacy_step={legacy}",
-        f"run.compile={compile_setting}", *stage,
+        f"run.compile={'graph' if compile_setting == 'calls' else compile_setting}",
+        f"run.graph_scope={'calls' if compile_setting == 'calls' else 'auto'}", *stage,
     ])
 
 
@@ -153,7 +156,7 @@ def time_variant(args, dist, spec, sampler=""):
         values = engine.read_terms(terms)
         last = values[-1]
         row = {"variant": name, "amp": amp, "channels_last_3d": channels_last, "batch": batch_size, "legacy_step": legacy,
-               "compile": compile_setting, "stage": "cotrain" if cotrain else "instance",
+               "compile": config.run.compile, "graph_scope": config.run.graph_scope, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
         replayed = ctx.graph is not None and bool(ctx.graph.captures)  # run.compile=graph|step on CUDA
@@ -163,7 +166,7 @@ def time_variant(args, dist, spec, sampler=""):
         if ctx.graph is not None:  # was the step replayed as a CUDA graph, and did it compute what eager does?
             row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
         if replayed:
-            ctx.graph.step = None  # the graph's memory, before a second model is built
+            ctx.graph.release()  # the graphs' memory, before a second model is built
             if dist.device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
@@ -194,7 +197,7 @@ def compare_with_eager(config, dist, batch, start: dict, values: list[dict], tra
     this reports the differences; a wrong replay (a stale value baked into the graph) shows as a
     difference far above rounding."""
     eager_config = copy.deepcopy(config)
-    eager_config.run.compile = "none"
+    eager_config.run.compile, eager_config.run.graph_scope = "none", "auto"
     ctx = build_context(eager_config, dist)
     ctx.model.load_state_dict(start["model"])
     ctx.optimizer.load_state_dict(start["optimizer"])
@@ -255,7 +258,7 @@ def variant_specs(args, device) -> list[tuple]:
             raise SystemExit(f"--variants: unknown {item!r}; names {','.join(VARIANTS)}, compile {','.join(COMPILE[1:])}")
         if name in ("bf16", "fp16") and not cuda:
             continue  # CPU: fp16 autocast is CUDA-only; CPU bf16 conv3d backward is broken (engine.amp_dtype)
-        suffix = f" compile={compile_setting}" if compile_setting != "none" else ""
+        suffix = {"none": "", "calls": " graphs per call"}.get(compile_setting, f" compile={compile_setting}")
         amp = name if name in ("fp32", "bf16", "fp16") else "fp32" if name == "legacy" else best
         label = {"legacy": "legacy fp32 (old eager step)", "channels_last": f"{best} channels_last_3d",
                  "batch64": f"{best} batch {args.big_batch}", "cotrain": f"{best} stage 2 (cotrain)"}.get(name, name)

@@ -51,18 +51,27 @@ def cuda_capture(body: Body, pool=None):
     return graph.replay, lambda: outputs
 
 
-def recorded_capture(body: Body):
-    """CPU stand-in for tests, with a CUDA graph's semantics (module docstring): (replay, outputs)."""
+def new_pool(capture: Capture):
+    """A memory pool for graphs of `capture` that replay in the order they were captured (a
+    forward and then its backward): each reads what the one before it wrote there."""
+    return torch.cuda.graph_pool_handle() if capture is cuda_capture else {}  # else: the stand-in's
+
+
+def recorded_capture(body: Body, pool: dict | None = None):
+    """CPU stand-in for tests, with a CUDA graph's semantics (module docstring): (replay, outputs).
+    `pool` (from `new_pool`): a backward captured after its forward reads the tensors the forward's
+    last replay made, as a CUDA graph reads the memory its pool shares with the forward's graph."""
     recorder = _Recorder()
     try:
         with recorder:
             outputs = body()
     finally:
         recorder.undo_writes()  # a capture, finished or failed, has computed nothing
-    live: dict[int, torch.Tensor] = {}
+    live: dict[int, torch.Tensor] = {} if pool is None else pool
 
     def replay() -> None:
-        live.clear()
+        if pool is None:
+            live.clear()
 
         def current(x):
             return live.get(id(x), x) if isinstance(x, torch.Tensor) else x

@@ -147,6 +147,7 @@ class OptimConfig:
 
 
 COMPILE_MODES = ("none", "encoder", "graph", "step")  # run.compile
+GRAPH_SCOPES = ("auto", "step", "calls")  # run.graph_scope
 
 
 @dataclass
@@ -162,6 +163,7 @@ class RunConfig:
     expect_world_size: int = 0  # refuse other world sizes (a preset tied to a GPU layout); 0 = any
     knn_every: int = 0  # epochs between kNN retrieval checks on rank 0 (paper Fig. 3; cvtcl.retrieval); 0 = off
     compile: str = "none"  # none | encoder (torch.compile them) | graph (step as one CUDA graph) | step (both); graphs: CUDA only
+    graph_scope: str = "auto"  # auto | step | calls: run.compile=graph captures the step (auto: 1 process) or each encoder call (auto: torchrun)
     legacy_step: bool = False  # the old eager step: a host sync per step, two key-encoder calls (benchmark baseline)
 
     def __post_init__(self):
@@ -174,6 +176,10 @@ class RunConfig:
         _positive("run.expect_world_size", self.expect_world_size, zero_ok=True)
         _positive("run.knn_every", self.knn_every, zero_ok=True)
         _choice("run.compile", self.compile, COMPILE_MODES)
+        _choice("run.graph_scope", self.graph_scope, GRAPH_SCOPES)
+        if self.graph_scope == "calls" and self.compile != "graph":
+            raise ValueError(f"run.graph_scope=calls graphs the eager encoders' calls, with run.compile=graph; "
+                             f"run.compile is {self.compile}")
 
     @property
     def captures_step(self) -> bool:

@@ -1,4 +1,5 @@
-"""run.compile=graph|step: the whole training step as one CUDA graph with static buffers.
+"""run.compile=graph|step: the training step as CUDA graphs with static buffers: the whole step
+in one process, each encoder call under torchrun (run.graph_scope).
 
 `graph` captures the eager step (no torch.compile: the capture takes seconds, and a compiler
 failure cannot stop it); `step` captures the step with torch.compile'd encoders (fused kernels
@@ -15,10 +16,19 @@ What a capture fixes must not change, so the step is captured again when it woul
 learning rate (the milestones) or the stage-2 queue turning full, each time after another
 `WARMUP_STEPS` eager steps (anything the new setting creates lazily, such as the optimizer's
 state at stage 2's first update, must exist before a capture, or the graph would re-create it at
-every replay). It is not used where it cannot hold: world size > 1 (collectives), fp16 (the
-GradScaler's host logic), run.legacy_step, devices other than CUDA. A capture that fails leaves
-the eager step for the rest of the run, the reason in `ctx.graph.error` (benchmarks/train_speed.py
-reports it).
+every replay). It is not used where it cannot hold: fp16 (the GradScaler's host logic),
+run.legacy_step, devices other than CUDA. A capture that fails leaves the eager step for the rest
+of the run, the reason in `ctx.graph.error` (benchmarks/train_speed.py reports it).
+
+Under torchrun (run.graph_scope=auto) the step's collectives (shuffle-BN's all_to_all and
+all_gather, DDP's gradient all-reduce) stay outside any graph: `CallGraphs` captures each encoder
+call of the step instead, the forward and, where it trains, the backward (an autograd function
+that replays them; DDP's hooks fire on the gradients it returns, as they do for the eager
+encoder). Counted on the meta device (tests/test_step_audit.py), S3D's stage-1 step goes from
+1,975 launches to 361 and 6 replays; the losses, Adam, the EMA, the collectives and autograd's
+sum of the query's two calls' gradients (one add per parameter) stay eager. Nothing a call graph
+fixes changes between steps (no learning rate or queue inside), so each call is captured once.
+run.compile=step under torchrun compiles the encoders without graphs.
 
 CPU tests swap the CUDA capture for `cvtcl.capture.recorded_capture`, which keeps a CUDA graph's
 semantics without a GPU: a step that read anything from the host that changes between steps would
@@ -27,12 +37,15 @@ replay with the stale value and differ from the eager step (tests/test_graphed.p
 
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch import nn
 
 from cvtcl import distributed, engine
-from cvtcl.capture import Capture, cuda_capture
+from cvtcl.capture import Capture, cuda_capture, new_pool
 from cvtcl.moco import Permutation
 
 WARMUP_STEPS = 3
@@ -43,16 +56,30 @@ class GraphState:
     """Per process: eager warm-up steps done, the current captured step, why capture failed."""
 
     capture: Capture
+    scope: str = "step"  # "step": the whole step as one graph; "calls": each encoder call (CallGraphs)
     warmed: int = 0
     step: GraphedStep | None = None
+    calls: CallGraphs | None = None
     error: str | None = None
     captures: list[tuple] = field(default_factory=list)  # the key of every capture made
 
+    def release(self) -> None:
+        """Drop the graphs and their memory (the encoders go back to eager calls)."""
+        self.step = None
+        if self.calls is not None:
+            self.calls.uninstall()
 
-def usable(ctx: engine.Context) -> bool:
+
+def scope(ctx: engine.Context) -> str | None:
+    """What run.compile=graph|step captures here: "step", "calls", or None (no graphs)."""
     config = ctx.config
-    return (config.run.captures_step and ctx.device.type == "cuda" and distributed.world_size() == 1
-            and not config.run.legacy_step and not ctx.scaler.is_enabled())
+    if not config.run.captures_step or ctx.device.type != "cuda" or config.run.legacy_step or ctx.scaler.is_enabled():
+        return None
+    if config.run.graph_scope != "auto":
+        return config.run.graph_scope
+    if distributed.world_size() == 1:
+        return "step"
+    return "calls" if config.run.compile == "graph" else None  # compiled encoders under torchrun: no graphs
 
 
 def capture_key(ctx: engine.Context) -> tuple:
@@ -105,11 +132,13 @@ def _static_copy(item):
 
 def run(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: engine.StepDraws) -> tuple[list[str], torch.Tensor]:
     """One step: eager, or through the captured graph once run.compile=graph|step has warmed up."""
-    if ctx.graph is None and usable(ctx):
-        ctx.graph = GraphState(cuda_capture)
+    if ctx.graph is None and (chosen := scope(ctx)) is not None:
+        ctx.graph = GraphState(cuda_capture, chosen)
     state: GraphState | None = ctx.graph
     if state is None or state.error is not None:
         return engine.step_body(ctx, batch, draws)[:2]
+    if state.scope == "calls":
+        return _run_calls(ctx, state, batch, draws)
     if state.step is not None and state.step.key != capture_key(ctx):
         # A new learning rate or a full stage-2 queue: warm up eagerly again before the next capture.
         # Stage 2's first optimizing step creates Adam's moments and step counts; created inside a
@@ -137,3 +166,112 @@ def _eager_on_side_stream(ctx, batch, draws) -> tuple[list[str], torch.Tensor]:
         names, row, _ = engine.step_body(ctx, batch, draws)
     current.wait_stream(side)
     return names, row
+
+
+def _run_calls(ctx: engine.Context, state: GraphState, batch, draws) -> tuple[list[str], torch.Tensor]:
+    if state.calls is None:
+        state.calls = CallGraphs(state)
+        state.calls.install([ctx.model.query, ctx.model.key, *([ctx.sampler.encoder] if ctx.sampler else [])])
+    if state.warmed < WARMUP_STEPS:
+        state.warmed += 1
+        return _eager_on_side_stream(ctx, batch, draws)
+    with state.calls.active():
+        return engine.step_body(ctx, batch, draws)[:2]
+
+
+class CallGraphs:
+    """Each encoder call of a training step as CUDA graphs of its own (run.graph_scope=calls).
+
+    Installed as `Encoder.graphs`, it receives the encoders' calls. Outside a step (a kNN check,
+    the warm-up steps) they run eagerly; in a step, the i-th call of an encoder replays the graph
+    captured at its first such call, keyed also by what a graph fixes (the input's shape, strides
+    and dtype, grad mode, train mode; autocast is the run's). Each call's graphs have a memory pool of their own:
+    the calls' forwards all replay before their backwards, in the other order than a shared pool
+    would need. A capture that fails turns the graphs off (the reason in the state's `error`)."""
+
+    def __init__(self, state: GraphState):
+        self.state: GraphState = weakref.proxy(state)  # weak: the state holds this object
+        self.graphs: dict[tuple, CallGraph] = {}
+        self.calls: dict[int, int] = {}  # id(encoder) -> its calls so far in this step
+        self.encoders: list[weakref.ref] = []  # weak: the encoders hold this object (no cycle to collect)
+        self.on = False
+
+    def install(self, encoders: list[nn.Module]) -> None:
+        self.encoders = [weakref.ref(encoder) for encoder in encoders]
+        for encoder in encoders:
+            encoder.graphs = self
+
+    def uninstall(self) -> None:
+        for ref in self.encoders:
+            if (encoder := ref()) is not None:
+                encoder.__dict__.pop("graphs", None)
+        self.graphs.clear()
+
+    def __deepcopy__(self, memo):
+        return None  # a copy of an encoder (features.py's batch-norm copy) calls eagerly
+
+    @contextmanager
+    def active(self):
+        self.calls.clear()
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def __call__(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.on or self.state.error is not None or x.requires_grad:
+            return encoder.embed(x)
+        index = self.calls[id(encoder)] = self.calls.get(id(encoder), 0) + 1
+        key = (id(encoder), index, tuple(x.shape), x.stride(), x.dtype, torch.is_grad_enabled(), encoder.training)
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = self.graphs[key] = CallGraph(encoder, x, self.state.capture)
+            except Exception as err:  # any capture failure: eager calls from here on, and say why
+                self.state.error = f"{type(err).__name__}: {err}"[:500]
+                return encoder.embed(x)
+            self.state.captures.append(key[1:])
+        if not graph.params:
+            return graph.forward(x)
+        return _Replayed.apply(graph, x, *graph.params)
+
+
+class CallGraph:
+    """One encoder call captured on a static copy of its input: the forward, and where gradients
+    flow, the backward of its output to the encoder's parameters (not to the input: a clip)."""
+
+    def __init__(self, encoder: nn.Module, x: torch.Tensor, capture: Capture):
+        self.x = x.detach().clone()
+        self.params = [p for p in encoder.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        pool = new_pool(capture)
+        self.replay_forward, self.output = capture(lambda: encoder.embed(self.x), pool)
+        if self.params:
+            out = self.output()
+            self.grad = torch.zeros_like(out)
+            self.replay_backward, self.grads = capture(
+                lambda: torch.autograd.grad(out, self.params, self.grad, allow_unused=True), pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.replay_forward()
+        return self.output().detach()  # rewritten by this call's next replay, in the next step
+
+    def backward(self, grad: torch.Tensor) -> list[torch.Tensor | None]:
+        self.grad.copy_(grad)
+        self.replay_backward()
+        return [g if g is None else g.detach() for g in self.grads()]
+
+
+class _Replayed(torch.autograd.Function):
+    """An encoder call as one autograd node: forward and backward replay the call's graphs, and
+    the parameters' gradients go where the eager call's would (their AccumulateGrad, DDP's hooks)."""
+
+    @staticmethod
+    def forward(ctx, graph: CallGraph, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.graph = graph
+        return graph.forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, *ctx.graph.backward(grad)

@@ -103,8 +103,17 @@ class Encoder(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.backbone(x).mean(dim=(2, 3, 4))
 
+    # run.compile=graph under torchrun: each call of a training step replays a CUDA graph (cvtcl.graphed.CallGraphs)
+    graphs = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, C, T, H, W] -> embedding [N, D], unit L2 norm."""
+        if self.graphs is not None:
+            return self.graphs(self, x)
+        return self.embed(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's computation, always eager."""
         return F.normalize(self.head(self.features(x)), dim=1)
 
     def config(self) -> dict:

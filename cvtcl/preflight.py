@@ -23,7 +23,8 @@ from preprocess.schema import load_manifest
 # logged, not what is computed. Anything else needs a new run.out_dir.
 RESUMABLE_CHANGES = {
     "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
-    "optim.epochs", "data.num_threads", "run.device", "run.knn_every", "run.compile", "run.legacy_step",
+    "optim.epochs", "data.num_threads", "run.device", "run.knn_every", "run.compile", "run.graph_scope",
+    "run.legacy_step",
 }
 
 
@@ -57,6 +58,9 @@ def validate(config: TrainConfig, world_size: int) -> None:
             f"this preset is laid out for {config.run.expect_world_size} processes, got WORLD_SIZE={world_size}; "
             f"launch torchrun with {config.run.expect_world_size} processes in total or set run.expect_world_size=0"
         )
+    if world_size > 1 and config.run.graph_scope == "step" and config.run.captures_step:
+        raise ValueError(f"run.graph_scope=step captures the whole step, which under torchrun (WORLD_SIZE={world_size}) "
+                         "would hold its collectives: use run.graph_scope=auto, which graphs each encoder call there")
     global_batch = config.data.batch_size * world_size
     check_queue_size(config.loss.queue_size, global_batch)
     check_device(config)

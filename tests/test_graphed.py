@@ -21,22 +21,24 @@ from step_reference import _sampler_checkpoint
 from trainer_fakes import bake_a_host_value_into_the_step, one_thread  # noqa: F401 (autouse fixture)
 
 
-def _run(overrides, steps, graph, lr_change_at=None, frames=4, crop=16):
+def _run(overrides, steps, graph, lr_change_at=None, frames=4, crop=16, scope="step", dist=None):
     config = apply_overrides(get_preset("smoke"), [f"data.frames_per_clip={frames}", f"data.crop_size={crop}",
                                                    "data.num_segments=2", *overrides])
-    ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    dist = dist or DistInfo(0, 0, 1, torch.device("cpu"))
+    ctx = build_context(config, dist)
     # the GPU's optimizer: fused Adam, which skips a non-finite step on the device (found_inf);
     # the CPU default decides that on the host, which a capture cannot hold
     ctx.optimizer = torch.optim.Adam(ctx.model.query.parameters(), lr=1e-3, fused=True)
     if graph:
-        ctx.graph = graphed.GraphState(recorded_capture)
+        ctx.graph = graphed.GraphState(recorded_capture, scope)
     losses = []
     for i in range(steps):
         if i == lr_change_at:
             ctx.optimizer.param_groups[0]["lr"] = 1e-4
-        g = torch.Generator().manual_seed(i)
+        g = torch.Generator().manual_seed(i * dist.world_size + dist.rank)  # each process its own clips
         batch = {m: torch.randn(4, 2, c, frames, crop, crop, generator=g) for m, c in (("rgb", 3), ("flow", 2))}
-        batch |= {"video_index": torch.arange(4) + 4 * i, "group": torch.arange(4), "label": torch.arange(4) % 2}
+        first = 4 * (i * dist.world_size + dist.rank)
+        batch |= {"video_index": torch.arange(4) + first, "group": torch.arange(4), "label": torch.arange(4) % 2}
         losses.append(read_terms([train_step(ctx, batch, 0, i)])[0])
     return losses, _state(ctx), ctx
 
@@ -67,33 +69,39 @@ def test_replayed_stage2_step_recaptures_when_the_queue_fills(tmp_path):
     assert ctx.model.queue.is_full and ctx.model.queue._count_on_host == 24
 
 
-def test_a_finished_run_frees_its_graph_without_the_cycle_collector():
+@pytest.mark.parametrize("scope", ["step", "calls"])
+def test_a_finished_run_frees_its_graph_without_the_cycle_collector(scope):
     """On a GPU a graph holds its memory pool: a schedule's next sub-stage must not start while the
     previous one's model, optimizer and graph wait, alive, for the cycle collector."""
     gc.collect()
     gc.disable()
     try:
-        _, _, ctx = _run(["loss.queue_size=8"], 5, graph=True)
-        assert ctx.graph.step is not None
+        _, _, ctx = _run(["loss.queue_size=8"], 5, graph=True, scope=scope)
+        graphs = ctx.graph.step if scope == "step" else next(iter(ctx.graph.calls.graphs.values()))
+        assert graphs is not None
         alive = {name: weakref.ref(obj) for name, obj in
-                 (("context", ctx), ("model", ctx.model), ("optimizer", ctx.optimizer), ("graph", ctx.graph.step))}
-        del ctx
+                 (("context", ctx), ("model", ctx.model), ("optimizer", ctx.optimizer), ("graph", graphs))}
+        del ctx, graphs
         assert [name for name, ref in alive.items() if ref() is not None] == []
     finally:
         gc.enable()
 
 
-def test_not_used_off_cuda_or_where_it_cannot_hold():
+def test_not_used_off_cuda_or_where_it_cannot_hold(monkeypatch):
     config = apply_overrides(get_preset("smoke"), ["run.compile=none"])
     ctx = build_context(config, DistInfo(0, 0, 1, torch.device("cpu")))
-    assert not graphed.usable(ctx)
+    assert graphed.scope(ctx) is None
     ctx.device = torch.device("cuda", 0)  # as if on a GPU: run.compile=none, legacy or fp16 still keep it off
-    assert not graphed.usable(ctx)
+    assert graphed.scope(ctx) is None
     for captured in ("graph", "step"):  # the eager step captured, or with compiled encoders
         ctx.config.run.compile = captured
-        assert graphed.usable(ctx)
+        assert graphed.scope(ctx) == "step"
+    monkeypatch.setattr(graphed.distributed, "world_size", lambda: 8)  # under torchrun: the collectives stay out
+    assert graphed.scope(ctx) is None  # run.compile=step: compiled encoders, no graph
+    ctx.config.run.compile = "graph"
+    assert graphed.scope(ctx) == "calls"
     ctx.config.run.legacy_step = True
-    assert not graphed.usable(ctx)
+    assert graphed.scope(ctx) is None
 
 
 def test_graph_mode_captures_the_eager_encoders():
@@ -151,3 +159,109 @@ def test_compiling_on_a_gpu_too_old_for_triton_is_refused(monkeypatch):
         with pytest.raises(ValueError, match=f"run.compile={setting} needs .* 7.0 or newer.*this one is 6.1"):
             compile_encoders(ctx.model, setting, torch.device("cuda", 0))
     compile_encoders(ctx.model, "graph", torch.device("cuda", 0))  # no compiler: fine on any GPU
+
+
+# --- run.graph_scope=calls: each encoder call its own graphs (torchrun's; one process in these tests) ---
+
+CALLS_PER_STEP = 6  # the query's clip and segments; the key's clip and segments, each in 2 BN groups on the CPU
+
+
+def test_per_call_graphs_equal_the_eager_step(monkeypatch):
+    """Each encoder call replays its forward (and, for the query, backward) graph, the losses,
+    Adam, the EMA and the enqueue eager around them: bitwise the eager steps, each call captured
+    once (a learning-rate change is outside every graph), and no encoder Python after the capture."""
+    from cvtcl.models import Encoder
+
+    eager, eager_weights, _ = _run(["loss.queue_size=8"], 8, graph=False, lr_change_at=5)
+    embed, runs = Encoder.embed, []
+    monkeypatch.setattr(Encoder, "embed", lambda self, x: runs.append(len(x)) or embed(self, x))
+    replayed, weights, ctx = _run(["loss.queue_size=8"], 8, graph=True, lr_change_at=5, scope="calls")
+    assert replayed == eager and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+    assert ctx.graph.error is None and ctx.graph.step is None
+    assert sorted(key[0] for key in ctx.graph.captures) == [1, 1, 2, 2, 3, 4]  # per encoder: its i-th call
+    assert [key[4] for key in ctx.graph.captures].count(True) == 2  # the query's calls train
+    assert len(runs) == (graphed.WARMUP_STEPS + 1) * CALLS_PER_STEP  # eager warm-up, then the captures only
+
+
+def test_a_host_value_in_an_encoder_call_breaks_its_replay(monkeypatch):
+    """The stand-in can fail here too: an encoder whose output depends on a host count is replayed
+    with the count of its capture, and the steps leave the eager ones."""
+    from cvtcl.models import Encoder
+
+    embed, count = Encoder.embed, [0]
+
+    def embed_with_a_host_count(self, x):
+        count[0] += 1
+        return embed(self, x) * (1 + count[0] // CALLS_PER_STEP % 2)  # 1 in one step, 2 in the next
+
+    monkeypatch.setattr(Encoder, "embed", embed_with_a_host_count)
+    _, eager_weights, _ = _run(["loss.queue_size=8"], 6, graph=False)
+    count[0] = 0
+    _, weights, ctx = _run(["loss.queue_size=8"], 6, graph=True, scope="calls")
+    assert ctx.graph.error is None and not all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+
+
+def test_per_call_graphs_of_stage2_equal_the_eager_step(tmp_path):
+    """Stage 2: the frozen sampler's calls are graphed too; the queue filling up changes nothing
+    inside a call's graphs (captured once each)."""
+    sampler = _sampler_checkpoint(tmp_path / "sampler")
+    overrides = ["stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}", "loss.queue_size=24",
+                 "model.embed_dim=128"]
+    eager, eager_weights, _ = _run(overrides, 9, graph=False)
+    replayed, weights, ctx = _run(overrides, 9, graph=True, scope="calls")
+    assert repr(replayed) == repr(eager) and [v["queue_full"] for v in replayed] == [0.0] * 6 + [1.0] * 3
+    assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+    assert ctx.graph.error is None and len(ctx.graph.captures) == len(set(ctx.graph.captures))
+    assert any(key[4] is False and key[5] is False for key in ctx.graph.captures)  # the sampler: no grad, eval mode
+
+
+def test_per_call_graphs_of_s3d_equal_the_eager_step():
+    overrides = ["model.backbone=s3d", "loss.queue_size=8"]
+    eager, eager_state, _ = _run(overrides, 5, graph=False, frames=16, crop=32)
+    replayed, state, ctx = _run(overrides, 5, graph=True, frames=16, crop=32, scope="calls")
+    assert replayed == eager and all(torch.equal(a, b) for a, b in zip(state, eager_state))
+    assert ctx.graph.error is None and len(ctx.graph.captures) == CALLS_PER_STEP
+
+
+def test_encoders_outside_the_step_and_their_copies_call_eagerly():
+    """A kNN check between steps (other shapes, eval mode) neither captures nor replays; a copy
+    of an encoder (features.py's batch-norm copy) carries no graphs."""
+    import copy
+
+    _, _, ctx = _run(["loss.queue_size=8"], 5, graph=True, scope="calls")
+    captured = len(ctx.graph.captures)
+    query = ctx.model.query.eval()
+    with torch.no_grad():
+        x = torch.randn(3, 3, 4, 16, 16)
+        assert torch.equal(query(x), query.embed(x))
+    assert len(ctx.graph.captures) == captured and copy.deepcopy(query).graphs is None
+    ctx.graph.release()
+    assert ctx.model.query.graphs is None and ctx.model.key.graphs is None
+
+
+@pytest.mark.multiprocess
+def test_per_call_graphs_under_torchrun_equal_the_eager_step(tmp_path):
+    """torchrun, two gloo processes, DDP: the graphed calls' gradients reach DDP's all-reduce (both
+    processes end with the same weights from different clips) and equal the eager steps bitwise."""
+    import json
+
+    from trainer_fakes import torchrun_check
+
+    done = torchrun_check("call-graphs-check", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in results:
+        assert result["error"] is None and result["captures"] == CALLS_PER_STEP - 2  # one key call per clip across ranks
+        assert result["losses_equal"] and result["weights_equal"]
+    assert results[0]["weights"] == results[1]["weights"] and results[0]["losses"] != results[1]["losses"]
+
+
+def test_graph_scope_settings_that_cannot_hold_are_refused_before_any_work(tmp_path):
+    from cvtcl import preflight
+
+    with pytest.raises(ValueError, match="run.graph_scope=calls graphs the eager encoders' calls, with run.compile=graph"):
+        apply_overrides(get_preset("smoke"), ["run.compile=step", "run.graph_scope=calls"])
+    config = apply_overrides(get_preset("smoke"), ["run.compile=graph", "run.graph_scope=step", "loss.queue_size=64",
+                                                   f"run.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"under torchrun \(WORLD_SIZE=8\) would hold its collectives"):
+        preflight.validate(config, 8)

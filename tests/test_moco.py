@@ -1,17 +1,13 @@
 """Momentum encoder, queue and shuffle-BN: single-process emulation, the cross-rank plan, and two ranks under torchrun."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast, Permutation, Queue, check_queue_size, shuffle_plan, shuffled_encode
-from trainer_fakes import RowStats
+from trainer_fakes import RowStats, torchrun_check
 
 
 def test_queue_enqueue_wraps_and_fills():
@@ -110,11 +106,7 @@ def test_cross_rank_shuffle_plan_moves_every_sample_once():
 @pytest.mark.multiprocess
 def test_shuffle_bn_across_two_ranks(tmp_path):
     """torchrun, gloo: each rank gets its own rows back, encoded in the BN group the plan says."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(root / "tests" / "trainer_fakes.py"), "shuffle-check", str(tmp_path)]
-    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    done = torchrun_check("shuffle-check", tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     group_of = {int(g): r for r in range(2) for g in perm[r * 4 : (r + 1) * 4]}

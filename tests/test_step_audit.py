@@ -89,3 +89,42 @@ def test_split_key_encoder_launches_fewer_ops_than_the_legacy_step(monkeypatch):
     legacy, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048", "run.legacy_step=true"]), steps=2)
     assert fast[1].launch_count < 0.8 * legacy[1].launch_count
     assert "add_" not in fast[1].launches or fast[1].launches["add_"] < 50  # no num_batches_tracked += 1
+
+
+@pytest.mark.parametrize("stage", [[], STAGE2], ids=["stage1", "stage2"])
+def test_per_call_graphs_leave_few_launches_outside_them(monkeypatch, stage):
+    """run.graph_scope=calls (the graphs under torchrun), S3D at the paper's shapes: once the calls
+    are captured, a step launches the ops between the encoder calls plus one replay per graph,
+    without a sync: under a fifth of the eager step's launches. (The stand-in capture's replays
+    run uncounted; each counts as one launch, as a CUDA graph's does.)"""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from cvtcl import graphed
+    from cvtcl.capture import recorded_capture
+
+    replays = []
+
+    def capture_counting_replays(body, pool=None):
+        replay, outputs = recorded_capture(body, pool)
+
+        def counted():
+            replays.append(1)
+            with _disable_current_modes():
+                replay()
+
+        return counted, outputs
+
+    ctx = _meta_context(monkeypatch, [*S3D, "loss.queue_size=2048", *stage])
+    eager, _ = _audit_steps(ctx, steps=graphed.WARMUP_STEPS + 1)
+    ctx.graph = graphed.GraphState(capture_counting_replays, "calls")
+    _audit_steps(ctx, steps=graphed.WARMUP_STEPS + 1)  # eager warm-up, then the captures (and their first replays)
+    replays.clear()
+    replayed, _ = _audit_steps(ctx, steps=2)
+    assert ctx.graph.error is None and [a.sync_count for a in replayed] == [0, 0]
+    assert replayed[0].launches == replayed[1].launches
+    # the query's clip and segments (forward and backward), the key's clip and segments, stage 2's sampler
+    assert len(replays) == 2 * (7 if stage else 6)
+    # S3D stage 1: 361 launches with the replays, 1,975 eager (2026-12-04); 244 of them are autograd
+    # adding the query's two calls' gradients, one add per parameter, as the eager step does too
+    outside, whole = replayed[1].launch_count + len(replays) // 2, eager[-1].launch_count
+    assert outside < 0.2 * whole, (outside, whole)

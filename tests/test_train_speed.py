@@ -74,7 +74,8 @@ def _graphs_on_cpu(monkeypatch):
     from cvtcl import graphed, train
     from cvtcl.capture import recorded_capture
 
-    monkeypatch.setattr(graphed, "usable", lambda ctx: ctx.config.run.captures_step)
+    monkeypatch.setattr(graphed, "scope", lambda ctx: ctx.config.run.captures_step and
+                        {"auto": "step"}.get(ctx.config.run.graph_scope, ctx.config.run.graph_scope) or None)
     monkeypatch.setattr(graphed, "cuda_capture", recorded_capture)
     adam = torch.optim.Adam
     monkeypatch.setattr(train.torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, "fused": True, "capturable": False}))
@@ -82,11 +83,13 @@ def _graphs_on_cpu(monkeypatch):
 
 def test_graph_rows_compare_the_replay_with_the_eager_step(tmp_path, monkeypatch):
     _graphs_on_cpu(monkeypatch)
-    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32+graph,cotrain+graph",
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32+graph,cotrain+graph,fp32+calls",
                              "--json", str(tmp_path / "speed.json")]) == 0
     rows = json.loads((tmp_path / "speed.json").read_text())["results"]
-    # stage 2: a graph while its queue fills, then the training one once it is full
-    assert [row["cuda_graph"]["captures"] for row in rows] == [1, 2]
+    # stage 2: a graph while its queue fills, then the training one once it is full; +calls: one
+    # graph per encoder call (the key's two BN groups are two calls on the CPU)
+    assert [row["cuda_graph"]["captures"] for row in rows] == [1, 2, 6]
+    assert rows[2]["variant"] == "fp32 graphs per call" and rows[2]["graph_scope"] == "calls"
     for row in rows:
         graph = row["cuda_graph"]
         assert graph["error"] is None, row

@@ -10,6 +10,7 @@ small but real manifest and shard (the trainer validates those before any work).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,6 +121,25 @@ def shuffle_check(out_dir: str) -> int:
     return 0
 
 
+def call_graphs_check(out_dir: str) -> int:
+    """Under torchrun: the step with run.graph_scope=calls (CPU stand-in captures) against the eager
+    step, 6 steps of each from the same start; writes what this process saw."""
+    import json
+
+    from cvtcl import distributed
+    from test_graphed import _run
+
+    info = distributed.init("cpu")
+    eager, eager_weights, _ = _run(["loss.queue_size=16"], 6, graph=False, dist=info)
+    replayed, weights, ctx = _run(["loss.queue_size=16"], 6, graph=True, scope="calls", dist=info)
+    result = {"error": ctx.graph.error, "captures": len(ctx.graph.captures), "losses": [v["loss"] for v in replayed],
+              "losses_equal": replayed == eager, "weights_equal": all(torch.equal(a, b) for a, b in zip(weights, eager_weights)),
+              "weights": [float(p.double().sum()) for p in ctx.model.query.parameters()]}
+    Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
+    distributed.shutdown()
+    return 0
+
+
 def compiling_with(backend: str, announce: bool = False):
     """A replacement for `Encoder.compile`: torch.compile's tracing, but another backend than
     inductor, whose C++ compile takes minutes here ("eager": the traced ops as they are).
@@ -136,9 +156,12 @@ def compiling_with(backend: str, announce: bool = False):
 
 def main() -> int:
     """`python tests/trainer_fakes.py --preset ...`: cvtcl.train with the fake loader (subprocess tests);
-    `python tests/trainer_fakes.py shuffle-check DIR`: the cross-rank shuffle-BN check."""
+    `python tests/trainer_fakes.py shuffle-check DIR`: the cross-rank shuffle-BN check;
+    `python tests/trainer_fakes.py call-graphs-check DIR`: per-call graphs under DDP."""
     if sys.argv[1] == "shuffle-check":
         return shuffle_check(sys.argv[2])
+    if sys.argv[1] == "call-graphs-check":
+        return call_graphs_check(sys.argv[2])
     if os.environ.get("CVTCL_FAKE_COMPILE_BACKEND"):
         from cvtcl.models import Encoder
 
@@ -150,6 +173,15 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def torchrun_check(check: str, out_dir) -> subprocess.CompletedProcess:
+    """`python tests/trainer_fakes.py CHECK OUT_DIR` under torchrun, two gloo processes."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "tests" / "trainer_fakes.py"), check, str(out_dir)]
+    return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
 
 
 def smoke_args(dataset, out_dir, *extra) -> list[str]:
