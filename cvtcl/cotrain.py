@@ -74,7 +74,7 @@ def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: eng
     optimize = model.queue.is_full  # a host count (moco.Queue), not a device read
     with torch.set_grad_enabled(optimize):
         clips = batch[config.stage.modality]  # [B, V=2, C, T, H, W]: copy 0 = query, copy 1 = key
-        z = ctx.query(clips[:, 0])  # [B, D]
+        z, z_local = engine.encode_queries(ctx, batch)  # [B, D], [B, Mq, D] (None without L_LTCL)
         keys = model.encode_keys(clips[:, 1], draws.permutation())  # [B, D]
         s = ctx.sampler(batch[config.stage.sampler_modality][:, 1])  # [B, D]: same frames and crop as the key copy
         video_index, group, label = batch["video_index"], batch["group"], batch["label"]
@@ -85,7 +85,7 @@ def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: eng
         loss = config.loss.instance_weight * instance
         terms = {"loss_instance": instance.detach(), "top1_instance": stats.pop("top1"), **stats}
         if config.uses_segments:
-            ltcl, ltcl_terms = engine.ltcl_step(ctx, batch, draws)
+            ltcl, ltcl_terms = engine.ltcl_step(ctx, batch, draws, z_local)
             loss = loss + config.loss.ltcl_weight * ltcl
             terms |= ltcl_terms
     terms["loss"] = loss.detach()

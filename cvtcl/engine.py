@@ -201,14 +201,14 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws
     clips = batch[modality]  # [B, V=2, C, T, H, W]: copy 0 = query, copy 1 = key
     queue = model.queue.keys  # [K, D]; enqueued only after backward (autograd saved this buffer)
 
-    z = ctx.query(clips[:, 0])  # [B, D]
+    z, z_local = encode_queries(ctx, batch)  # [B, D], [B, Mq, D] (None without L_LTCL)
     keys = model.encode_keys(clips[:, 1], draws.permutation())  # [B, D]
     logits = losses.contrastive_logits(z, keys, queue, tau)  # [B, 1 + K], once for the loss and its accuracy
     instance = losses.positive_first_nce(logits)
     terms = {"loss_instance": instance.detach(), "top1_instance": losses.top1(logits.detach())}
     loss = config.loss.instance_weight * instance
     if config.uses_segments:
-        ltcl, ltcl_terms = ltcl_step(ctx, batch, draws)
+        ltcl, ltcl_terms = ltcl_step(ctx, batch, draws, z_local)
         loss = loss + config.loss.ltcl_weight * ltcl
         terms |= ltcl_terms
     terms["loss"] = loss.detach()
@@ -216,8 +216,24 @@ def instance_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws
     return StepOutput(loss, terms, enqueue=lambda: model.queue.enqueue(keys, video_index, group))
 
 
-def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_LTCL = L_local + L_LT (eqs. 6-8) of the trained modality, unweighted, with its logged terms.
+def encode_queries(ctx: Context, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The query copy's clip embedding [B, D] and, with L_LTCL, its local queries' [B, Mq, D], in
+    ONE call of the query encoder: one DDP forward, and under per-call CUDA graphs one graph
+    whose backward sums the two inputs' gradients (rather than one add per parameter outside)."""
+    config = ctx.config
+    clips = batch[config.stage.modality][:, 0]  # [B, C, T, H, W]
+    if not config.uses_segments:
+        return ctx.query(clips), None
+    segments = clip_segments(batch, config.stage.modality, config.data.num_segments)[:, 0]  # [B, M, C, L, H, W]
+    queries = losses.query_segments(segments, config.loss.local_queries)  # [B, Mq, C, L, H, W]
+    z, z_local = ctx.query(clips, queries.flatten(0, 1))
+    return z, z_local.unflatten(0, queries.shape[:2])
+
+
+def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws,
+              z_local: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_LTCL = L_local + L_LT (eqs. 6-8) of the trained modality, unweighted, with its logged
+    terms, given the local queries' embeddings `z_local` [B, Mq, D] (`encode_queries`).
 
     Shared by both stages. Local keys go through the key encoder's shuffle-BN like the global keys
     (shuffle, encode, un-shuffle), so key segment j of row b belongs to video b; the authors'
@@ -225,7 +241,6 @@ def ltcl_step(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws) ->
     """
     config, model = ctx.config, ctx.model
     segments = clip_segments(batch, config.stage.modality, config.data.num_segments)  # [B, V, M, C, L, H, W]
-    z_local = encode_segments(ctx.query, losses.query_segments(segments[:, 0], config.loss.local_queries))
     perm = draws.permutation()
     k_local = encode_segments(lambda x: model.encode_keys(x, perm), segments[:, 1])  # [B, M, D]
     local = losses.local_loss(z_local, k_local, model.queue.keys, config.loss.tau)

@@ -24,9 +24,10 @@ Under torchrun (run.graph_scope=auto) the step's collectives (shuffle-BN's all_t
 all_gather, DDP's gradient all-reduce) stay outside any graph: `CallGraphs` captures each encoder
 call of the step instead, the forward and, where it trains, the backward (an autograd function
 that replays them; DDP's hooks fire on the gradients it returns, as they do for the eager
-encoder). Counted on the meta device (tests/test_step_audit.py), S3D's stage-1 step goes from
-1,975 launches to 361 and 6 replays; the losses, Adam, the EMA, the collectives and autograd's
-sum of the query's two calls' gradients (one add per parameter) stay eager. Nothing a call graph
+encoder). The query's clip and local segments are one call (`engine.encode_queries`), so their
+gradients are summed inside its backward graph. Counted on the meta device
+(tests/test_step_audit.py), S3D's stage-1 step goes from 1,975 launches to 120 and 4 replays;
+the losses, Adam, the EMA and the collectives stay eager. Nothing a call graph
 fixes changes between steps (no learning rate or queue inside), so each call is captured once.
 run.compile=step under torchrun compiles the encoders without graphs.
 
@@ -219,46 +220,50 @@ class CallGraphs:
         finally:
             self.on = False
 
-    def __call__(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self.on or self.state.error is not None or x.requires_grad:
-            return encoder.embed(x)
+    def __call__(self, encoder: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not self.on or self.state.error is not None or any(x.requires_grad for x in inputs):
+            return tuple(encoder.embed(x) for x in inputs)
         index = self.calls[id(encoder)] = self.calls.get(id(encoder), 0) + 1
-        key = (id(encoder), index, tuple(x.shape), x.stride(), x.dtype, torch.is_grad_enabled(), encoder.training)
+        key = (id(encoder), index, *((tuple(x.shape), x.stride(), x.dtype) for x in inputs), torch.is_grad_enabled(),
+               encoder.training)
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                graph = self.graphs[key] = CallGraph(encoder, x, self.state.capture)
+                graph = self.graphs[key] = CallGraph(encoder, inputs, self.state.capture)
             except Exception as err:  # any capture failure: eager calls from here on, and say why
                 self.state.error = f"{type(err).__name__}: {err}"[:500]
-                return encoder.embed(x)
+                return tuple(encoder.embed(x) for x in inputs)
             self.state.captures.append(key[1:])
         if not graph.params:
-            return graph.forward(x)
-        return _Replayed.apply(graph, x, *graph.params)
+            return graph.forward(*inputs)
+        return _Replayed.apply(graph, *inputs, *graph.params)
 
 
 class CallGraph:
-    """One encoder call captured on a static copy of its input: the forward, and where gradients
-    flow, the backward of its output to the encoder's parameters (not to the input: a clip)."""
+    """One encoder call captured on static copies of its inputs: the forward, and where gradients
+    flow, the backward of its outputs to the encoder's parameters (not to the inputs: clips). A
+    call of several inputs sums their gradients inside the backward graph."""
 
-    def __init__(self, encoder: nn.Module, x: torch.Tensor, capture: Capture):
-        self.x = x.detach().clone()
+    def __init__(self, encoder: nn.Module, inputs: tuple[torch.Tensor, ...], capture: Capture):
+        self.inputs = [x.detach().clone() for x in inputs]
         self.params = [p for p in encoder.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         pool = new_pool(capture)
-        self.replay_forward, self.output = capture(lambda: encoder.embed(self.x), pool)
+        self.replay_forward, self.outputs = capture(lambda: tuple(encoder.embed(x) for x in self.inputs), pool)
         if self.params:
-            out = self.output()
-            self.grad = torch.zeros_like(out)
+            outs = self.outputs()
+            self.grads_in = [torch.zeros_like(out) for out in outs]
             self.replay_backward, self.grads = capture(
-                lambda: torch.autograd.grad(out, self.params, self.grad, allow_unused=True), pool)
+                lambda: torch.autograd.grad(outs, self.params, self.grads_in, allow_unused=True), pool)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
         self.replay_forward()
-        return self.output().detach()  # rewritten by this call's next replay, in the next step
+        return tuple(out.detach() for out in self.outputs())  # rewritten by this call's next replay, next step
 
-    def backward(self, grad: torch.Tensor) -> list[torch.Tensor | None]:
-        self.grad.copy_(grad)
+    def backward(self, *grads: torch.Tensor) -> list[torch.Tensor | None]:
+        for static, grad in zip(self.grads_in, grads):
+            static.copy_(grad)
         self.replay_backward()
         return [g if g is None else g.detach() for g in self.grads()]
 
@@ -268,10 +273,10 @@ class _Replayed(torch.autograd.Function):
     the parameters' gradients go where the eager call's would (their AccumulateGrad, DDP's hooks)."""
 
     @staticmethod
-    def forward(ctx, graph: CallGraph, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, graph: CallGraph, *inputs_and_params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.graph = graph
-        return graph.forward(x)
+        return graph.forward(*inputs_and_params[:len(graph.inputs)])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return None, None, *ctx.graph.backward(grad)
+    def backward(ctx, *grads: torch.Tensor):
+        return None, *[None] * len(ctx.graph.inputs), *ctx.graph.backward(*grads)

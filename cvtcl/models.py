@@ -106,11 +106,13 @@ class Encoder(nn.Module):
     # run.compile=graph under torchrun: each call of a training step replays a CUDA graph (cvtcl.graphed.CallGraphs)
     graphs = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, T, H, W] -> embedding [N, D], unit L2 norm."""
-        if self.graphs is not None:
-            return self.graphs(self, x)
-        return self.embed(x)
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """x: [N, C, T, H, W] -> embedding [N, D], unit L2 norm. Further inputs (other shapes) are
+        encoded in the same call and all embeddings come back as a tuple: one DDP forward, and
+        under run.compile=graph one graph whose backward sums their gradients."""
+        inputs = (x, *more)
+        out = self.graphs(self, inputs) if self.graphs is not None else tuple(self.embed(t) for t in inputs)
+        return out if more else out[0]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """forward's computation, always eager."""

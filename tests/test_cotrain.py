@@ -101,7 +101,8 @@ def test_local_keys_belong_to_their_own_video(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(engine.losses, "local_temporal_loss", spy)
     batch = next(FakePretrainLoader(dataset, modalities=("rgb", "flow"), batch_size=4, frames_per_clip=8,
                                     crop_size=32).epoch(0))
-    engine.ltcl_step(ctx, batch, engine.StepDraws(ctx, [("perm", 16)], torch.Generator().manual_seed(3)))
+    _, z_local = engine.encode_queries(ctx, batch)
+    engine.ltcl_step(ctx, batch, engine.StepDraws(ctx, [("perm", 16)], torch.Generator().manual_seed(3)), z_local)
     segments = engine.clip_segments(batch, "rgb", 4)[:, 1]  # [B, M, C, L, H, W], key copy
     with torch.no_grad():
         direct = torch.stack([ctx.model.key(segments[b]) for b in range(4)])  # [B, M, D], one video at a time
