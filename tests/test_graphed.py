@@ -266,3 +266,31 @@ def test_graph_scope_settings_that_cannot_hold_are_refused_before_any_work(tmp_p
                                                    f"run.out_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"under torchrun \(WORLD_SIZE=8\) would hold its collectives"):
         preflight.validate(config, 8)
+
+
+@pytest.mark.parametrize("scope", ["step", "calls"])
+def test_the_training_loop_with_graphs_trains_as_the_eager_loop(tmp_path, monkeypatch, scope):
+    """cvtcl.train's loop (log steps, checkpoints, a resume that warms up and captures afresh) with
+    the step's graphs (stand-in captures, the GPU's fused Adam): the checkpoint of the eager loop, bitwise."""
+    from cvtcl.checkpoint import latest_checkpoint, load_checkpoint
+    from cvtcl.train import main
+    from trainer_fakes import FakePretrainLoader, graphs_on_cpu, make_dataset, smoke_args
+
+    graphs_on_cpu(monkeypatch)
+    dataset = make_dataset(tmp_path / "data")
+    captured = []
+    capture = graphed.GraphedStep.__init__ if scope == "step" else graphed.CallGraph.__init__
+    monkeypatch.setattr(graphed.GraphedStep if scope == "step" else graphed.CallGraph, "__init__",
+                        lambda self, *a: captured.append(1) or capture(self, *a))
+
+    def run(out, steps, *extra):
+        args = smoke_args(dataset, out, f"run.max_steps={steps}", "run.log_every=2", "run.checkpoint_every=3", *extra)
+        assert main(args, build_loader=FakePretrainLoader) == 0
+        return load_checkpoint(latest_checkpoint(out))["model"]
+
+    graphs = ["run.compile=graph", f"run.graph_scope={scope}"]
+    run(tmp_path / "graphs", 7, *graphs)
+    replayed = run(tmp_path / "graphs", 12, *graphs)  # resumed at step 8
+    eager = run(tmp_path / "eager", 12)
+    assert all(torch.equal(replayed[k], eager[k]) for k in eager), [k for k in eager if not torch.equal(replayed[k], eager[k])]
+    assert len(captured) == (1 if scope == "step" else CALLS_PER_STEP) * 2  # once per launch (no lr change in 12 steps)

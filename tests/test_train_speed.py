@@ -5,12 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import train_speed  # noqa: E402
-from trainer_fakes import bake_a_host_value_into_the_step, one_thread  # noqa: E402, F401 (autouse fixture)
+from trainer_fakes import bake_a_host_value_into_the_step, graphs_on_cpu, one_thread  # noqa: E402, F401 (autouse fixture)
 
 
 def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, capsys):
@@ -68,21 +67,8 @@ def test_compiled_row_runs_on_the_cpu(tmp_path):
     assert rows[1]["variant"] == "fp32 compile=step" and rows[1]["samples_per_s"] > 0
 
 
-def _graphs_on_cpu(monkeypatch):
-    """The +graph rows as on a GPU: graphs used on the CPU with the capture's stand-in, and the
-    GPU's fused Adam (its skip of a non-finite step is a device op a capture can hold)."""
-    from cvtcl import graphed, train
-    from cvtcl.capture import recorded_capture
-
-    monkeypatch.setattr(graphed, "scope", lambda ctx: ctx.config.run.captures_step and
-                        {"auto": "step"}.get(ctx.config.run.graph_scope, ctx.config.run.graph_scope) or None)
-    monkeypatch.setattr(graphed, "cuda_capture", recorded_capture)
-    adam = torch.optim.Adam
-    monkeypatch.setattr(train.torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, "fused": True, "capturable": False}))
-
-
 def test_graph_rows_compare_the_replay_with_the_eager_step(tmp_path, monkeypatch):
-    _graphs_on_cpu(monkeypatch)
+    graphs_on_cpu(monkeypatch)
     assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32+graph,cotrain+graph,fp32+calls",
                              "--json", str(tmp_path / "speed.json")]) == 0
     rows = json.loads((tmp_path / "speed.json").read_text())["results"]
@@ -99,7 +85,7 @@ def test_graph_rows_compare_the_replay_with_the_eager_step(tmp_path, monkeypatch
 
 def test_a_wrong_replay_shows_in_the_comparison(tmp_path, monkeypatch):
     """A loss scaled by a host count is baked into the graph: the replayed steps leave the eager ones."""
-    _graphs_on_cpu(monkeypatch)
+    graphs_on_cpu(monkeypatch)
     bake_a_host_value_into_the_step(monkeypatch)
     assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "fp32+graph",
                              "--json", str(tmp_path / "speed.json")]) == 0

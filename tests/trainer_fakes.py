@@ -175,6 +175,20 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def graphs_on_cpu(monkeypatch) -> None:
+    """run.compile=graph|step as on a GPU: graphs used on the CPU with the capture's stand-in
+    (`run.graph_scope=auto` as in one process: the whole step), and the GPU's fused Adam (its
+    skip of a non-finite step is a device op a capture can hold)."""
+    from cvtcl import graphed, train
+    from cvtcl.capture import recorded_capture
+
+    monkeypatch.setattr(graphed, "scope", lambda ctx: ctx.config.run.captures_step and
+                        {"auto": "step"}.get(ctx.config.run.graph_scope, ctx.config.run.graph_scope) or None)
+    monkeypatch.setattr(graphed, "cuda_capture", recorded_capture)
+    adam = torch.optim.Adam
+    monkeypatch.setattr(train.torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, "fused": True, "capturable": False}))
+
+
 def torchrun_check(check: str, out_dir) -> subprocess.CompletedProcess:
     """`python tests/trainer_fakes.py CHECK OUT_DIR` under torchrun, two gloo processes."""
     root = Path(__file__).resolve().parents[1]
