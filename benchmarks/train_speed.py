@@ -231,18 +231,23 @@ def profile_steps(ctx, batch, device, steps=3) -> dict:
 
 
 def launches_per_step(args) -> dict:
-    """Kernel-launching ops and host syncs of one ordinary step, new and legacy, on the meta device."""
+    """Kernel-launching ops and host syncs of one ordinary step on the meta device: the new step,
+    the legacy one, and the new one with per-call graphs as under torchrun (each graph replay
+    counted as one launch)."""
     from cvtcl import step_audit
 
     meta = DistInfo(0, 0, 1, torch.device("meta"))
     out = {}
-    for legacy in (False, True):
+    for name, legacy, compile_setting in (("new", False, "none"), ("legacy", True, "none"), ("graphs_per_call", False, "calls")):
         with step_audit.fused_on_meta():
-            ctx = build_context(make_config(args, "fp32", False, legacy=legacy), meta)
+            ctx = build_context(make_config(args, "fp32", False, legacy=legacy, compile_setting=compile_setting), meta)
+        if compile_setting == "calls":  # warm-up steps, then the captures; the last step replays
+            ctx.graph = graphed.GraphState(step_audit.replay_counting_capture, "calls")
         batch = synthetic_batch(args, torch.device("meta"))
-        for step in range(2):  # the second step is an ordinary one
+        for step in range(graphed.WARMUP_STEPS + 2 if ctx.graph else 2):  # the last step is an ordinary one
             _, record = step_audit.audit(lambda: engine.train_step(ctx, batch, 0, step))
-        out["legacy" if legacy else "new"] = {"launches": record.launch_count, "syncs": dict(record.syncs)}
+        out[name] = {"launches": record.launch_count, "syncs": dict(record.syncs),
+                     **({"graph_replays": record.launches["graph replay"]} if ctx.graph else {})}
     return out
 
 

@@ -113,12 +113,38 @@ def _patched_host_reads(audit: Audit) -> Iterator[None]:
         torch.Tensor.tolist, torch.cuda.synchronize = tolist, synchronize
 
 
+_auditing: list[Audit] = []  # the audit() running now, innermost last
+
+
 def audit(fn: Callable[[], Any]) -> tuple[Any, Audit]:
     """Run fn() and return (its result, what it synced and launched)."""
     record = Audit()
-    with fused_on_meta(), _patched_host_reads(record), _Counting(record):
-        result = fn()
+    _auditing.append(record)
+    try:
+        with fused_on_meta(), _patched_host_reads(record), _Counting(record):
+            result = fn()
+    finally:
+        _auditing.pop()
     return result, record
+
+
+def replay_counting_capture(body: Callable[[], Any], pool=None):
+    """`cvtcl.capture.recorded_capture` whose every replay counts as one launch ("graph replay")
+    in the running audit, its recorded ops uncounted: what a step of CUDA graphs launches from
+    the host (cvtcl/graphed.py's per-call graphs on the meta device)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from cvtcl.capture import recorded_capture
+
+    replay, outputs = recorded_capture(body, pool)
+
+    def counted() -> None:
+        if _auditing:
+            _auditing[-1].launches["graph replay"] += 1
+        with _disable_current_modes():
+            replay()
+
+    return counted, outputs
 
 
 @contextmanager

@@ -27,6 +27,8 @@ def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, 
     launches = record["launches_per_step"]  # counted on the meta device
     assert launches["new"]["syncs"] == {} and launches["legacy"]["syncs"]
     assert launches["new"]["launches"] < launches["legacy"]["launches"]
+    calls = launches["graphs_per_call"]  # the query's call, the key's clip and segments (one BN group each on meta)
+    assert calls["syncs"] == {} and calls["graph_replays"] == 4 and calls["launches"] < launches["new"]["launches"] / 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
 
 
