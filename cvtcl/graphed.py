@@ -278,5 +278,6 @@ class _Replayed(torch.autograd.Function):
         return graph.forward(*inputs_and_params[:len(graph.inputs)])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the replayed backward builds no graph of its own
     def backward(ctx, *grads: torch.Tensor):
         return None, *[None] * len(ctx.graph.inputs), *ctx.graph.backward(*grads)
