@@ -27,8 +27,8 @@ that replays them; DDP's hooks fire on the gradients it returns, as they do for 
 encoder). The query's clip and local segments are one call (`engine.encode_queries`), so their
 gradients are summed inside its backward graph. Counted on the meta device
 (tests/test_step_audit.py), S3D's stage-1 step goes from 1,975 launches to 120 and 4 replays;
-the losses, Adam, the EMA and the collectives stay eager. Nothing a call graph
-fixes changes between steps (no learning rate or queue inside), so each call is captured once.
+the losses, Adam, the EMA and the collectives stay eager. Nothing a call graph fixes changes
+between steps (no learning rate or queue inside), so each call is captured once.
 run.compile=step under torchrun compiles the encoders without graphs.
 
 CPU tests swap the CUDA capture for `cvtcl.capture.recorded_capture`, which keeps a CUDA graph's
@@ -185,10 +185,11 @@ class CallGraphs:
 
     Installed as `Encoder.graphs`, it receives the encoders' calls. Outside a step (a kNN check,
     the warm-up steps) they run eagerly; in a step, the i-th call of an encoder replays the graph
-    captured at its first such call, keyed also by what a graph fixes (the input's shape, strides
-    and dtype, grad mode, train mode; autocast is the run's). Each call's graphs have a memory pool of their own:
-    the calls' forwards all replay before their backwards, in the other order than a shared pool
-    would need. A capture that fails turns the graphs off (the reason in the state's `error`)."""
+    captured at its first such call, keyed also by what a graph fixes (the inputs' shapes,
+    strides and dtypes, grad mode, train mode; autocast is the run's). Each call's graphs have a
+    memory pool of their own: the calls' forwards all replay before their backwards, in the other
+    order than a shared pool would need. A capture that fails turns the graphs off (the reason in
+    the state's `error`)."""
 
     def __init__(self, state: GraphState):
         self.state: GraphState = weakref.proxy(state)  # weak: the state holds this object
