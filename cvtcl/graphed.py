@@ -173,9 +173,6 @@ def _run_calls(ctx: engine.Context, state: GraphState, batch, draws) -> tuple[li
     if state.calls is None:
         state.calls = CallGraphs(state)
         state.calls.install([ctx.model.query, ctx.model.key, *([ctx.sampler.encoder] if ctx.sampler else [])])
-    if state.warmed < WARMUP_STEPS:
-        state.warmed += 1
-        return _eager_on_side_stream(ctx, batch, draws)
     with state.calls.active():
         return engine.step_body(ctx, batch, draws)[:2]
 
@@ -183,10 +180,12 @@ def _run_calls(ctx: engine.Context, state: GraphState, batch, draws) -> tuple[li
 class CallGraphs:
     """Each encoder call of a training step as CUDA graphs of its own (run.graph_scope=calls).
 
-    Installed as `Encoder.graphs`, it receives the encoders' calls. Outside a step (a kNN check,
-    the warm-up steps) they run eagerly; in a step, the i-th call of an encoder replays the graph
-    captured at its first such call, keyed also by what a graph fixes (the inputs' shapes,
-    strides and dtypes, grad mode, train mode; autocast is the run's). Each call's graphs have a
+    Installed as `Encoder.graphs`, it receives the encoders' calls. Outside a step (a kNN check)
+    they run eagerly; in a step, the i-th call of an encoder is keyed also by what a graph fixes
+    (the inputs' shapes, strides and dtypes, grad mode, train mode; autocast is the run's), runs
+    eagerly the first `WARMUP_STEPS` times its key is met (cuDNN's autotune, lazy CUDA setup: not
+    inside a capture; stage 2's first training step meets new keys after its no-grad warm-up
+    steps), is captured the next time and replayed from then on. Each call's graphs have a
     memory pool of their own: the calls' forwards all replay before their backwards, in the other
     order than a shared pool would need. A capture that fails turns the graphs off (the reason in
     the state's `error`)."""
@@ -195,6 +194,7 @@ class CallGraphs:
         self.state: GraphState = weakref.proxy(state)  # weak: the state holds this object
         self.graphs: dict[tuple, CallGraph] = {}
         self.calls: dict[int, int] = {}  # id(encoder) -> its calls so far in this step
+        self.seen: dict[tuple, int] = {}  # key -> eager calls so far (warm-up)
         self.encoders: list[weakref.ref] = []  # weak: the encoders hold this object (no cycle to collect)
         self.on = False
 
@@ -228,6 +228,9 @@ class CallGraphs:
         key = (id(encoder), index, *((tuple(x.shape), x.stride(), x.dtype) for x in inputs), torch.is_grad_enabled(),
                encoder.training)
         graph = self.graphs.get(key)
+        if graph is None and self.seen.get(key, 0) < WARMUP_STEPS:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            return tuple(encoder.embed(x) for x in inputs)
         if graph is None:
             try:
                 graph = self.graphs[key] = CallGraph(encoder, inputs, self.state.capture)

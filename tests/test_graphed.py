@@ -208,12 +208,16 @@ def test_per_call_graphs_of_stage2_equal_the_eager_step(tmp_path):
     sampler = _sampler_checkpoint(tmp_path / "sampler")
     overrides = ["stage.kind=cotrain", f"stage.sampler_checkpoint={sampler}", "loss.queue_size=24",
                  "model.embed_dim=128"]
-    eager, eager_weights, _ = _run(overrides, 9, graph=False)
-    replayed, weights, ctx = _run(overrides, 9, graph=True, scope="calls")
-    assert repr(replayed) == repr(eager) and [v["queue_full"] for v in replayed] == [0.0] * 6 + [1.0] * 3
+    eager, eager_weights, _ = _run(overrides, 11, graph=False)
+    replayed, weights, ctx = _run(overrides, 11, graph=True, scope="calls")
+    assert repr(replayed) == repr(eager) and [v["queue_full"] for v in replayed] == [0.0] * 6 + [1.0] * 5
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
     assert ctx.graph.error is None and len(ctx.graph.captures) == len(set(ctx.graph.captures))
     assert any(key[-2] is False and key[-1] is False for key in ctx.graph.captures)  # the sampler: no grad, eval mode
+    # the query's training call, first met at step 7 (after the no-grad warm-up), ran eagerly in
+    # steps 7-9 (cuDNN autotunes the backward there, not in a capture) and was captured at step 10
+    assert [key[-2] for key in ctx.graph.captures].count(True) == 1
+    assert set(ctx.graph.calls.seen.values()) == {graphed.WARMUP_STEPS}
 
 
 def test_per_call_graphs_of_s3d_equal_the_eager_step():
