@@ -61,13 +61,14 @@ def split_features(
     for modality, encoder in encoders.items():
         encoder.to(device)
         for subset, out in features.items():
-            loader = make_loader(subset, modality, "center")
-            if world > 1:  # the loader builds its pipeline when iterated: asking for its videos is free
-                loader = make_loader(subset, modality, "center", videos=[v.name for v in loader.videos[rank::world]])
+            whole = make_loader(subset, modality, "center")
+            # a loader builds its pipeline when iterated: asking for its videos is free
+            loader = whole if world == 1 else make_loader(subset, modality, "center",
+                                                          videos=[v.name for v in whole.videos[rank::world]])
             share = f" (process 1 of {world})" if world > 1 else ""  # only the first one prints
             part = extract_features(encoder, loader, modality=modality, device=device, bn_mode=bn_mode,
                                     label=f"features {modality} {subset}{share}", log=log)
-            out[modality] = part if world == 1 else gathered(part, make_loader(subset, modality, "center").videos)
+            out[modality] = part if world == 1 else gathered(part, whole.videos)
     return features["train"], features["test"]
 
 

@@ -224,7 +224,8 @@ def finetune(
             history.append((epoch, score))
             best.update(model, score, epoch)
             line += f"; held-out top-1 {score:.4f} (best {best.score:.4f} after epoch {best.epoch + 1})"
-        rng = distributed.gather_objects(rng_state(device))  # every rank's generators, for the resume file
+        if resume is not None:
+            rng = distributed.gather_objects(rng_state(device))  # every rank's generators (a collective: all call it)
         if resume is not None and rank == 0:
             resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimiser.state_dict(),
                          "schedule": schedule.state_dict(), "best_score": best.score, "best_epoch": best.epoch,

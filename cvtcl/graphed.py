@@ -223,20 +223,20 @@ class CallGraphs:
 
     def __call__(self, encoder: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if not self.on or self.state.error is not None or any(x.requires_grad for x in inputs):
-            return tuple(encoder.embed(x) for x in inputs)
+            return encoder.embed_each(inputs)
         index = self.calls[id(encoder)] = self.calls.get(id(encoder), 0) + 1
         key = (id(encoder), index, *((tuple(x.shape), x.stride(), x.dtype) for x in inputs), torch.is_grad_enabled(),
                encoder.training)
         graph = self.graphs.get(key)
         if graph is None and self.seen.get(key, 0) < WARMUP_STEPS:
             self.seen[key] = self.seen.get(key, 0) + 1
-            return tuple(encoder.embed(x) for x in inputs)
+            return encoder.embed_each(inputs)
         if graph is None:
             try:
                 graph = self.graphs[key] = CallGraph(encoder, inputs, self.state.capture)
             except Exception as err:  # any capture failure: eager calls from here on, and say why
                 self.state.error = f"{type(err).__name__}: {err}"[:500]
-                return tuple(encoder.embed(x) for x in inputs)
+                return encoder.embed_each(inputs)
             self.state.captures.append(key[1:])
         if not graph.params:
             return graph.forward(*inputs)
@@ -252,7 +252,7 @@ class CallGraph:
         self.inputs = [x.detach().clone() for x in inputs]
         self.params = [p for p in encoder.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         pool = new_pool(capture)
-        self.replay_forward, self.outputs = capture(lambda: tuple(encoder.embed(x) for x in self.inputs), pool)
+        self.replay_forward, self.outputs = capture(lambda: encoder.embed_each(tuple(self.inputs)), pool)
         if self.params:
             outs = self.outputs()
             self.grads_in = [torch.zeros_like(out) for out in outs]

@@ -111,12 +111,15 @@ class Encoder(nn.Module):
         encoded in the same call and all embeddings come back as a tuple: one DDP forward, and
         under run.compile=graph one graph whose backward sums their gradients."""
         inputs = (x, *more)
-        out = self.graphs(self, inputs) if self.graphs is not None else tuple(self.embed(t) for t in inputs)
+        out = self.graphs(self, inputs) if self.graphs is not None else self.embed_each(inputs)
         return out if more else out[0]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """forward's computation, always eager."""
         return F.normalize(self.head(self.features(x)), dim=1)
+
+    def embed_each(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(self.embed(x) for x in inputs)
 
     def config(self) -> dict:
         """The constructor arguments, enough to rebuild this encoder from a checkpoint."""
