@@ -6,6 +6,8 @@
 #   export PYTHONPATH=DIR:$PWD   # DIR: where DALI is installed, if not in the environment (on a
 #                                 # machine without a registry, `pip install --target DIR` of a copied wheel)
 #   bash benchmarks/gpu_check.sh OUTDIR [all|perf]
+#   GPU_CHECK_EXTRAS=extras.tar.xz bash benchmarks/gpu_check.sh OUTDIR perf   # opencv-contrib carried in
+#                                 # (benchmarks/pack_extras.py), for the OpenCV rows on a machine without it
 #
 # Profiles: `all` (the default) runs every step. `perf` runs only the training step and flow
 # extraction (issues 11 and 12) with the seconds the loader steps would take given to them: more
@@ -26,9 +28,31 @@ PROFILE=${2:-all}
 case $PROFILE in all|perf) ;; *) echo "gpu_check.sh: profile must be all or perf, got '$PROFILE'" >&2; exit 2;; esac
 DRY=${GPU_CHECK_DRY_RUN:-0}
 mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)  # absolute: the steps run from the repository root
+EXTRAS=${GPU_CHECK_EXTRAS:+$(realpath "$GPU_CHECK_EXTRAS")}
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif command -v python >/dev/null; then PY=python
+else PY=python3  # a machine with python3 only
+fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+# GPU_CHECK_EXTRAS: a tarball of unpacked wheels (benchmarks/pack_extras.py) for a machine that
+# reaches no registry, unpacked to a temporary folder that goes first on PYTHONPATH (contrib's cv2
+# before a plain one) and is removed when the check ends
+if [ -n "$EXTRAS" ]; then
+  EXTRAS_DIR=$(mktemp -d)
+  trap 'rm -rf "$EXTRAS_DIR"' EXIT
+  if ! $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+       "$EXTRAS" "$EXTRAS_DIR" || [ ! -d "$EXTRAS_DIR/site" ]; then
+    echo "gpu_check.sh: GPU_CHECK_EXTRAS=$GPU_CHECK_EXTRAS is not a tarball of site/ as benchmarks/pack_extras.py writes" >&2
+    exit 2
+  fi
+  export PYTHONPATH="$EXTRAS_DIR/site:$PYTHONPATH"
+  echo "== extras from $EXTRAS: $($PY -c "
+import cv2
+print('OpenCV', cv2.__version__, 'with contrib' if hasattr(cv2, 'optflow') else 'WITHOUT contrib')" 2>&1 | tail -1)"
+fi
 
 if [ -n "${GPU_CHECK_DEVICE:-}" ]; then
   DEVICE=$GPU_CHECK_DEVICE
@@ -79,6 +103,10 @@ try:
 except ImportError as err:  # the perf profile runs without DALI
     info['dali'] = None
     if '$PROFILE' == 'all': info['error'] = f'DALI not importable: {err}'
+try:  # the OpenCV rows of flow_speed need contrib (cv2.optflow): GPU_CHECK_EXTRAS carries it in
+    import cv2; info['opencv'] = cv2.__version__; info['opencv_contrib'] = hasattr(cv2, 'optflow')
+except ImportError:
+    info['opencv'] = None
 json.dump(info, open('$OUTDIR/environment.json', 'w'), indent=1); print(info)
 "
 

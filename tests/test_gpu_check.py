@@ -30,6 +30,7 @@ def test_gpu_check_runs_cpu_parts(tmp_path):
         result = json.loads(path.read_text())
         assert "error" not in result, (path.name, result)
     assert json.loads((tmp_path / "loader_parity.json").read_text())["ok"]
+    assert json.loads((tmp_path / "environment.json").read_text())["opencv_contrib"] is True  # the suite's OpenCV
     schedule = json.loads((tmp_path / "schedule.json").read_text())
     assert all(schedule["complete"].values()) and schedule["last_record"]["queue_full"] == 1.0
     train = json.loads((tmp_path / "train_speed.json").read_text())
@@ -130,3 +131,52 @@ def test_perf_profile_needs_no_dali(tmp_path):
         assert "error" not in json.loads((out / f"{name}.json").read_text()), name
     rows = json.loads((out / "train_speed.json").read_text())["results"]
     assert all(r.get("samples_per_s", 0) > 0 for r in rows), rows
+
+
+def _fake_opencv_wheel(folder: Path) -> Path:
+    """A wheel whose `cv2` says it has contrib, made by hand: pip takes it from a local folder."""
+    import zipfile
+    wheel = folder / "fake_opencv-1.0-py3-none-any.whl"
+    info = "fake_opencv-1.0.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("cv2/__init__.py", "__version__ = '0.0-test'\noptflow = None  # what contrib adds\n")
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fake-opencv\nVersion: 1.0\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+@pytest.mark.multiprocess
+def test_extras_carried_in_go_first_on_the_path(tmp_path):
+    """pack_extras.py packs wheels for a machine without a registry; GPU_CHECK_EXTRAS unpacks them
+    before the steps, ahead of what the machine has, and removes them at the end."""
+    (tmp_path / "wheels").mkdir()
+    _fake_opencv_wheel(tmp_path / "wheels")
+    pip_env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "wheels")}
+    pack = [sys.executable, str(SCRIPT.parent / "pack_extras.py")]
+    tarball = tmp_path / "carry" / "extras.tar.xz"
+    done = subprocess.run(pack + [str(tarball), "fake-opencv==1.0"], env=pip_env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and tarball.is_file(), done.stderr
+    assert not list(tarball.parent.glob("*.partial"))
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_DEVICE": "cuda", "PYTHON": sys.executable,
+           "TMPDIR": str(scratch), "GPU_CHECK_EXTRAS": os.path.relpath(tarball)}  # relative to where it is called
+    out = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "perf"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert f"== extras from {tarball}: OpenCV 0.0-test with contrib" in out, out
+    assert "== flow_speed" in out and not list(scratch.iterdir())  # the steps listed, the unpacked copy removed
+
+    (tmp_path / "not.tar.xz").write_bytes(b"not a tarball")
+    bad = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "perf"], capture_output=True, text=True,
+                         env={**env, "GPU_CHECK_EXTRAS": str(tmp_path / "not.tar.xz")}, timeout=60)
+    assert bad.returncode == 2 and "is not a tarball of site/" in bad.stderr and not list(scratch.iterdir())
+
+    too_big = subprocess.run(pack + [str(tmp_path / "big.tar.xz"), "fake-opencv==1.0", "--max-mib", "0"], env=pip_env,
+                             capture_output=True, text=True, timeout=120)
+    assert too_big.returncode != 0 and "over --max-mib 0" in too_big.stderr and not (tmp_path / "big.tar.xz").exists()
+    missing = subprocess.run(pack + [str(tmp_path / "none.tar.xz"), "no-such-package==1.0"], env=pip_env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "pip could not download no-such-package==1.0 for Python 3.12" in missing.stderr
