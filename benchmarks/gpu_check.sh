@@ -126,17 +126,18 @@ fi
 
 # --- issues 4 and 11: the training step -----------------------------------------------------------
 # The old eager step (legacy, fp32) is the baseline row; each variant spends ~30 s in cuDNN's
-# autotune on an H100 (2026-11-26) unless an earlier row had its shapes (bf16+graph after bf16),
-# and --profile adds kernels, GPU busy fraction, launches per step, cuDNN version. `+graph` is the
-# eager step captured as one CUDA graph (seconds, no compiler), `+calls` each encoder call as its
-# own graphs (what torchrun runs; last, as bf16's shapes are autotuned by then); the rows most needed come first,
-# as the JSON is written after every row and a timeout keeps those done.
+# autotune on an H100 (2026-11-26) unless an earlier row had its dtype, layout and batch (bf16 and
+# bf16+calls after bf16+graph), and --profile adds kernels, GPU busy fraction, launches per step,
+# cuDNN version. `+graph` is the eager step captured as one CUDA graph (seconds, no compiler),
+# `+calls` each encoder call as its own graphs (what torchrun runs). The JSON is written after
+# every row and a timeout keeps those done, so the rows run in the order they are needed, the
+# ones that only pick defaults (channels_last_3d, batch 64: an autotune each) last.
 if [ $DEVICE = cuda ] && [ $PROFILE = all ]; then
   TRAIN=(--batch 16 --steps 8 --warmup 2 --variants legacy,bf16+graph,cotrain+graph,bf16 --profile); TRAIN_S=120
   COMPILED=(--variants bf16+step); COMPILED_S=60
 elif [ $DEVICE = cuda ]; then
   TRAIN=(--batch 16 --steps 8 --warmup 2 --profile
-         --variants legacy,bf16+graph,cotrain+graph,bf16,channels_last+graph,batch64+graph,bf16+calls); TRAIN_S=175
+         --variants legacy,bf16+graph,cotrain+graph,bf16,bf16+calls,channels_last+graph,batch64+graph); TRAIN_S=175
   COMPILED=(--variants bf16+step,cotrain+step); COMPILED_S=110
 else
   TRAIN=(--smoke --variants legacy,fp32,fp32+graph,channels_last,batch64,cotrain --profile); TRAIN_S=120
