@@ -156,9 +156,10 @@ def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batc
 
 
 def plan_runs(args, cuda: bool) -> list[tuple]:
-    """(backend, where, pairs, run(gray, first) -> (seconds, flow, info)), the fast path first: a
-    time limit that stops the run early leaves its row. On CUDA the fast path runs with its
-    chunks as CUDA graphs (the default) and without, side by side."""
+    """(backend, where, pairs, run(gray, first) -> (seconds, flow, info)) in the order a time
+    limit that stops the run early costs least: the default fast path first, then one OpenCV
+    process (every ratio and EPE against OpenCV needs it), then the rest. On CUDA the fast path
+    runs with its chunks as CUDA graphs (the default) and without, side by side."""
     torch_backend = lambda device, path, threads=1, graphs=None: make_backend(  # noqa: E731
         "tvl1-torch", device=device, path=path, batch=args.batch, threads=threads, graphs=graphs)
     runs = []
@@ -170,7 +171,7 @@ def plan_runs(args, cuda: bool) -> list[tuple]:
     for processes in args.gpu_processes if cuda and args.compile != "none" else ():
         runs.append(("tvl1-torch compiled", f"cuda, {processes} processes", args.gpu_pairs,
                      lambda g, f, k=processes: time_gpu_processes(g, f, k, args.batch)))
-    runs.append(("opencv-tvl1", "cpu 1 proc", args.cpu_pairs, time_opencv))
+    runs.insert(min(1, len(runs)), ("opencv-tvl1", "cpu 1 proc", args.cpu_pairs, time_opencv))
     if "pool" not in args.skip:
         runs.append(("opencv-tvl1", f"cpu pool of {args.workers}", args.pool_pairs or 4 * args.workers,
                      lambda g, f: time_opencv_pool(g, f, args.workers)))

@@ -157,8 +157,8 @@ fi
 
 # --- issues 7, 12: flow extraction (OpenCV TV-L1 vs tvl1-torch's fast path on the GPU, with and without cuts) ---
 if [ $DEVICE = cuda ] && [ $PROFILE = all ]; then
-  # the fast path first (its inductor warm-up is most of the step, and its row is written when done);
-  # 2 OpenCV pairs for the ratio; CPU-only rows (pool, torch on CPU) and eager CUDA (6.7 pairs/s,
+  # the fast path first (its inductor warm-up is most of the step, and its row is written when done),
+  # then one OpenCV process (the ratio and the EPE), then the rest; 2 OpenCV pairs; CPU-only rows (pool, torch on CPU) and eager CUDA (6.7 pairs/s,
   # issue 7) are measured off the GPU budget
   FLOW=(--sizes 240x320 --cpu-pairs 2 --gpu-pairs 144 --compile cuda --skip pool,torch-cpu,eager-cuda); FLOW_S=60
 elif [ $DEVICE = cuda ]; then
