@@ -93,9 +93,9 @@ def step_checks(train: dict | None, compiled: dict | None) -> tuple[list[Check],
     best = {}
     if best1:
         best["stage1"] = {k: best1.get(k) for k in ("variant", "batch", "compile", "graph_scope", "channels_last_3d",
-                                                    "samples_per_s")}
+                                                    "samples_per_s", "tflop_per_s")}
     if best2:
-        best["stage2"] = {k: best2.get(k) for k in ("variant", "batch", "compile", "samples_per_s")}
+        best["stage2"] = {k: best2.get(k) for k in ("variant", "batch", "compile", "samples_per_s", "tflop_per_s")}
     return checks, best
 
 

@@ -21,7 +21,8 @@ key permutations are now drawn for the batched call before the step.) On the CPU
 fp32. Each row is timed between two device synchronisations around the timed steps (the step
 itself no longer synchronises). `--profile` adds the top-20 CUDA kernels by time, the fraction of
 wall time the GPU is busy and the kernel count per step (torch.profiler, CUDA only), the cuDNN
-version, and the launches per step of the new and the legacy step counted on the meta device.
+version, and the launches per step of the new and the legacy step counted on the meta device,
+with the step's FLOPs per sample, which give each row its TFLOP/s (`tflop_per_s`).
 """
 
 from __future__ import annotations
@@ -231,24 +232,45 @@ def profile_steps(ctx, batch, device, steps=3) -> dict:
 
 
 def launches_per_step(args) -> dict:
-    """Kernel-launching ops and host syncs of one ordinary step on the meta device: the new step,
-    the legacy one, and the new one with per-call graphs as under torchrun (each graph replay
-    counted as one launch)."""
+    """Kernel-launching ops, host syncs and FLOPs of one ordinary step on the meta device: the new
+    step, the legacy one, the new one with per-call graphs as under torchrun (each graph replay
+    counted as one launch; its FLOPs are not counted), and stage 2 (`cotrain`, a random sampler)."""
+    from unittest import mock
+
     from cvtcl import step_audit
+    from cvtcl.cotrain import FrozenSampler
+    from cvtcl.models import Encoder
 
     meta = DistInfo(0, 0, 1, torch.device("meta"))
+    random_sampler = lambda config, device: FrozenSampler(  # noqa: E731 (a checkpoint cannot load onto meta)
+        Encoder(config.stage.sampler_modality, config.model.backbone).to(device))
     out = {}
-    for name, legacy, compile_setting in (("new", False, "none"), ("legacy", True, "none"), ("graphs_per_call", False, "calls")):
-        with step_audit.fused_on_meta():
-            ctx = build_context(make_config(args, "fp32", False, legacy=legacy, compile_setting=compile_setting), meta)
+    for name, legacy, compile_setting in (("new", False, "none"), ("legacy", True, "none"), ("graphs_per_call", False, "calls"),
+                                          ("cotrain", False, "none")):
+        cotrain = name == "cotrain"
+        small_queue = argparse.Namespace(**{**vars(args), "queue": args.batch})  # stage 2: full after one step
+        with step_audit.fused_on_meta(), mock.patch("cvtcl.train.load_sampler", random_sampler):
+            ctx = build_context(make_config(small_queue if cotrain else args, "fp32", False, legacy=legacy,
+                                            compile_setting=compile_setting, sampler="random" if cotrain else ""), meta)
         if compile_setting == "calls":  # warm-up steps, then the captures; the last step replays
             ctx.graph = graphed.GraphState(step_audit.replay_counting_capture, "calls")
-        batch = synthetic_batch(args, torch.device("meta"))
-        for step in range(graphed.WARMUP_STEPS + 2 if ctx.graph else 2):  # the last step is an ordinary one
+        batch = synthetic_batch(args, torch.device("meta"), cotrain=cotrain)
+        # the last step is an ordinary one (stage 2: after the filling step and the first update, which makes Adam's state)
+        for step in range(graphed.WARMUP_STEPS + 2 if ctx.graph else 3 if cotrain else 2):
             _, record = step_audit.audit(lambda: engine.train_step(ctx, batch, 0, step))
         out[name] = {"launches": record.launch_count, "syncs": dict(record.syncs),
-                     **({"graph_replays": record.launches["graph replay"]} if ctx.graph else {})}
+                     **({"graph_replays": record.launches["graph replay"]} if ctx.graph else
+                        {"gflop_per_sample": record.flops / args.batch / 1e9})}
     return out
+
+
+def add_tflops(results: list[dict], counted: dict) -> None:
+    """Each timed row's arithmetic rate: FLOPs per sample of its stage (counted on the meta device;
+    the same whatever the dtype, layout, batch or graphs) times its samples/s."""
+    for row in results:
+        entry = counted.get("cotrain" if row.get("stage") == "cotrain" else "new", {})
+        if "samples_per_s" in row and "gflop_per_sample" in entry:  # the loader's row: stage 1 too
+            row["tflop_per_s"] = entry["gflop_per_sample"] * row["samples_per_s"] / 1000
 
 
 def variant_specs(args, device) -> list[tuple]:
@@ -337,6 +359,7 @@ def main(argv=None) -> int:
     for r in record["results"]:
         if reference and "samples_per_s" in r:
             r["speedup_vs_legacy"] = r["samples_per_s"] / reference["samples_per_s"]
+    add_tflops(record["results"], record.get("launches_per_step", {}))
     print_table(record["results"])
     print(json.dumps(record))
     if args.json:
@@ -349,14 +372,14 @@ def print_table(results):
     from rich.table import Table
 
     table = Table(title="training step throughput (one process)")
-    for column in ("variant", "samples/s", "x legacy", "step ms", "peak GiB", "data wait"):
+    for column in ("variant", "samples/s", "x legacy", "TFLOP/s", "step ms", "peak GiB", "data wait"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in results:
         def cell(key, fmt):
             return format(r[key], fmt) if key in r else r.get("error", "-") if key == "samples_per_s" else "-"
 
-        table.add_row(r["variant"], cell("samples_per_s", ".2f"), cell("speedup_vs_legacy", ".2f"), cell("step_ms", ".1f"),
-                      cell("peak_memory_gib", ".2f"), cell("data_wait_fraction", ".1%"))
+        table.add_row(r["variant"], cell("samples_per_s", ".2f"), cell("speedup_vs_legacy", ".2f"), cell("tflop_per_s", ".1f"),
+                      cell("step_ms", ".1f"), cell("peak_memory_gib", ".2f"), cell("data_wait_fraction", ".1%"))
     Console(stderr=True).print(table)
 
 

@@ -8,11 +8,14 @@ no GPU is needed. `audit()` runs a callable under a dispatch mode and counts
   `bool(t)`), `nonzero` (a data-dependent shape), `Tensor.tolist`, a blocking copy between a CPU
   tensor and a device tensor (either direction), and `torch.cuda.synchronize`;
 - launches: ops that run a kernel, i.e. every dispatched op except views, metadata and
-  allocation (`empty`, `detach`, `view`, `transpose`, ...).
+  allocation (`empty`, `detach`, `view`, `transpose`, ...);
+- flops: the floating-point operations of its convolutions and matrix products, forward and
+  backward (`torch.utils.flop_counter`, two per multiply-add): the arithmetic the GPU must do,
+  whatever the dtype, which turns a measured samples/s into TFLOP/s.
 
 A host read on the meta device has no value: `_local_scalar_dense` answers 0, `tolist` zeros,
 `nonzero` an empty index. The counts are what matters. Used by tests/test_step_audit.py (0 syncs
-on ordinary steps) and benchmarks/train_speed.py (launches per step).
+on ordinary steps, the step's FLOPs) and benchmarks/train_speed.py (launches and FLOPs per step).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 aten = torch.ops.aten
 
@@ -38,10 +42,12 @@ NO_LAUNCH = {
 
 @dataclass
 class Audit:
-    """What one audited call did: host syncs and launches by op name."""
+    """What one audited call did: host syncs and launches by op name, FLOPs (graph replays
+    excluded: a replay's ops run uncounted)."""
 
     syncs: Counter = field(default_factory=Counter)
     launches: Counter = field(default_factory=Counter)
+    flops: int = 0
 
     @property
     def sync_count(self) -> int:
@@ -117,14 +123,16 @@ _auditing: list[Audit] = []  # the audit() running now, innermost last
 
 
 def audit(fn: Callable[[], Any]) -> tuple[Any, Audit]:
-    """Run fn() and return (its result, what it synced and launched)."""
+    """Run fn() and return (its result, what it synced, launched and computed)."""
     record = Audit()
     _auditing.append(record)
+    flops = FlopCounterMode(display=False)
     try:
-        with fused_on_meta(), _patched_host_reads(record), _Counting(record):
+        with fused_on_meta(), _patched_host_reads(record), flops, _Counting(record):
             result = fn()
     finally:
         _auditing.pop()
+    record.flops = flops.get_total_flops()
     return result, record
 
 

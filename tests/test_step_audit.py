@@ -110,3 +110,33 @@ def test_per_call_graphs_leave_few_launches_outside_them(monkeypatch, stage):
     assert replayed[1].launches["graph replay"] == (5 if stage else 4)
     # S3D stage 1: 124 launches (4 of them replays) against 1,975 eager; stage 2: 192 (5) against 2,301 (2026-12-04)
     assert replayed[1].launch_count < 0.1 * eager[-1].launch_count, (replayed[1].launch_count, eager[-1].launch_count)
+
+
+def _encoder_flops(modality: str, shape: tuple, backward: bool) -> int:
+    """FLOPs of one S3D call on `shape` (and its backward to the weights, the input needing no
+    gradient, as a clip's does not), counted by themselves on the meta device."""
+    encoder = Encoder(modality, "s3d").to(META)
+    x = torch.empty(*shape, device=META)
+    with torch.set_grad_enabled(backward):
+        _, record = step_audit.audit(lambda: encoder(x).sum().backward() if backward else encoder(x))
+    return record.flops
+
+
+@pytest.mark.parametrize("stage", [[], ["run.legacy_step=true"], STAGE2], ids=["stage1", "legacy", "stage2"])
+def test_the_step_computes_what_the_algorithm_asks_and_no_more(monkeypatch, stage):
+    """The FLOPs of an ordinary S3D step at the paper's shapes (16 x 32 x 128^2, M = 4 segments of
+    8 frames, the paper's one local query) equal the encoder calls the algorithm makes, each
+    counted alone: the query's clip and local query forward and backward, the key's clip and its
+    4 segments forward, stage 2 the sampler's clip of the other modality forward. A second key
+    call, a backward through the key encoder or a missing call changes the total by 4% or more
+    (one local query: 5.9 of 132 GFLOP a sample); the losses' products are the rest (< 0.1%).
+    The legacy step does the same arithmetic in more launches."""
+    ctx = _meta_context(monkeypatch, [*S3D, *stage, "loss.queue_size=16"])  # full after one step
+    audits, _ = _audit_steps(ctx, steps=2)
+    b, t, m, crop = 16, 32, 4, 128
+    query = _encoder_flops("rgb", (b, 3, t, crop, crop), True) + _encoder_flops("rgb", (b, 3, t // m, crop, crop), True)
+    key = _encoder_flops("rgb", (b, 3, t, crop, crop), False) + _encoder_flops("rgb", (b * m, 3, t // m, crop, crop), False)
+    sampler = _encoder_flops("flow", (b, 2, t, crop, crop), False) if stage == STAGE2 else 0
+    expected = query + key + sampler
+    assert abs(audits[1].flops - expected) < 0.001 * expected, (audits[1].flops / b / 1e9, expected / b / 1e9)
+    assert 125e9 < audits[1].flops / b < (165e9 if stage == STAGE2 else 140e9)  # 132 GFLOP a sample, stage 2 155

@@ -29,6 +29,12 @@ def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, 
     assert launches["new"]["launches"] < launches["legacy"]["launches"]
     calls = launches["graphs_per_call"]  # the query's call, the key's clip and segments (one BN group each on meta)
     assert calls["syncs"] == {} and calls["graph_replays"] == 4 and calls["launches"] < launches["new"]["launches"] / 2
+    # FLOPs: the legacy step does the same arithmetic; stage 2 adds the sampler's forward
+    flops = {name: launches[name]["gflop_per_sample"] for name in ("new", "legacy", "cotrain")}
+    assert flops["new"] > 0 and flops["legacy"] == pytest.approx(flops["new"], rel=1e-3) and flops["cotrain"] > flops["new"]
+    for row in rows.values():  # each row's TFLOP/s from its stage's count
+        expected = flops["cotrain" if row["stage"] == "cotrain" else "new"] * row["samples_per_s"] / 1000
+        assert row["tflop_per_s"] == pytest.approx(expected)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
 
 
