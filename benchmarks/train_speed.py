@@ -232,9 +232,10 @@ def profile_steps(ctx, batch, device, steps=3) -> dict:
 
 
 def launches_per_step(args) -> dict:
-    """Kernel-launching ops, host syncs and FLOPs of one ordinary step on the meta device: the new
-    step, the legacy one, the new one with per-call graphs as under torchrun (each graph replay
-    counted as one launch; its FLOPs are not counted), and stage 2 (`cotrain`, a random sampler)."""
+    """Kernel-launching ops, host syncs, FLOPs and eager fp32 memory traffic (step_audit) of one
+    ordinary step on the meta device: the new step, the legacy one, the new one with per-call
+    graphs as under torchrun (each graph replay counted as one launch; its FLOPs and bytes are not
+    counted), and stage 2 (`cotrain`, a random sampler)."""
     from unittest import mock
 
     from cvtcl import step_audit
@@ -260,7 +261,8 @@ def launches_per_step(args) -> dict:
             _, record = step_audit.audit(lambda: engine.train_step(ctx, batch, 0, step))
         out[name] = {"launches": record.launch_count, "syncs": dict(record.syncs),
                      **({"graph_replays": record.launches["graph replay"]} if ctx.graph else
-                        {"gflop_per_sample": record.flops / args.batch / 1e9})}
+                        {"gflop_per_sample": record.flops / args.batch / 1e9,
+                         "eager_fp32_gb_per_sample": record.bytes / args.batch / 1e9})}
     return out
 
 

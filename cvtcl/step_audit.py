@@ -11,7 +11,10 @@ no GPU is needed. `audit()` runs a callable under a dispatch mode and counts
   allocation (`empty`, `detach`, `view`, `transpose`, ...);
 - flops: the floating-point operations of its convolutions and matrix products, forward and
   backward (`torch.utils.flop_counter`, two per multiply-add): the arithmetic the GPU must do,
-  whatever the dtype, which turns a measured samples/s into TFLOP/s.
+  whatever the dtype, which turns a measured samples/s into TFLOP/s;
+- bytes: what the launching ops read and write (every tensor argument read once, every output
+  written once, as an unfused eager op moves them): the memory traffic of the step as eager runs
+  it in its dtype, against which a GPU's bandwidth gives the step's memory floor.
 
 A host read on the meta device has no value: `_local_scalar_dense` answers 0, `tolist` zeros,
 `nonzero` an empty index. The counts are what matters. Used by tests/test_step_audit.py (0 syncs
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 aten = torch.ops.aten
@@ -48,6 +52,7 @@ class Audit:
     syncs: Counter = field(default_factory=Counter)
     launches: Counter = field(default_factory=Counter)
     flops: int = 0
+    bytes: int = 0
 
     @property
     def sync_count(self) -> int:
@@ -82,9 +87,13 @@ class _Counting(TorchDispatchMode):
                 return torch.empty((0, args[0].dim()), dtype=torch.long, device="meta")
         elif name in ("_to_copy", "copy_") and self._blocking_cross_device(name, args, kwargs):
             self.audit.syncs[f"blocking {name}"] += 1
-        if not func.is_view and name not in NO_LAUNCH:
-            self.audit.launches[name] += 1
-        return func(*args, **kwargs)
+        if func.is_view or name in NO_LAUNCH:
+            return func(*args, **kwargs)
+        self.audit.launches[name] += 1
+        result = func(*args, **kwargs)
+        # every input read once and every output written once (an in-place op's output is its input, rewritten)
+        self.audit.bytes += sum(t.nbytes for t in tree_leaves((args, kwargs, result)) if isinstance(t, torch.Tensor))
+        return result
 
     @staticmethod
     def _blocking_cross_device(name: str, args: tuple, kwargs: dict) -> bool:

@@ -84,6 +84,18 @@ def test_the_counter_sees_host_reads(monkeypatch):
     assert dict(record.syncs) == {"item": 1, "nonzero": 1, "tolist": 1, "blocking _to_copy": 1, "cuda.synchronize": 1}
 
 
+def test_bytes_are_what_each_launch_reads_and_writes():
+    a, b = torch.empty(1000, device=META), torch.empty(1000, device=META, dtype=torch.bfloat16)
+    _, record = step_audit.audit(lambda: (a + a, a.mul_(2), b.view(10, 100), torch.empty(50, device=META)))
+    # a + a: two reads of 4 kB and a new 4 kB written; in place: 4 kB read and written back; a view and
+    # an allocation launch nothing
+    assert record.bytes == 3 * 4000 + 2 * 4000 and record.launch_count == 2
+    w = torch.empty(8, 3, 3, 3, 3, device=META)
+    _, conv = step_audit.audit(lambda: torch.nn.functional.conv3d(torch.empty(2, 3, 4, 5, 5, device=META), w, padding=1))
+    assert conv.bytes == 4 * (2 * 3 * 100 + w.numel() + 2 * 8 * 100)  # input, weight, output
+    assert conv.flops == 2 * (2 * 8 * 100) * (3 * 27)  # two per multiply-add: each output sums 3 x 27 products
+
+
 def test_split_key_encoder_launches_fewer_ops_than_the_legacy_step(monkeypatch):
     fast, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048"]), steps=2)
     legacy, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048", "run.legacy_step=true"]), steps=2)

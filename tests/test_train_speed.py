@@ -32,6 +32,8 @@ def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, 
     # FLOPs: the legacy step does the same arithmetic; stage 2 adds the sampler's forward
     flops = {name: launches[name]["gflop_per_sample"] for name in ("new", "legacy", "cotrain")}
     assert flops["new"] > 0 and flops["legacy"] == pytest.approx(flops["new"], rel=1e-3) and flops["cotrain"] > flops["new"]
+    traffic = {name: launches[name]["eager_fp32_gb_per_sample"] for name in ("new", "legacy", "cotrain")}
+    assert 0 < traffic["new"] <= traffic["legacy"] and traffic["cotrain"] > traffic["new"]
     for row in rows.values():  # each row's TFLOP/s from its stage's count
         expected = flops["cotrain" if row["stage"] == "cotrain" else "new"] * row["samples_per_s"] / 1000
         assert row["tflop_per_s"] == pytest.approx(expected)
