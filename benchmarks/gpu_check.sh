@@ -29,6 +29,10 @@ case $PROFILE in all|perf) ;; *) echo "gpu_check.sh: profile must be all or perf
 DRY=${GPU_CHECK_DRY_RUN:-0}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)  # absolute: the steps run from the repository root
+if [ -n "${GPU_CHECK_EXTRAS:-}" ] && [ ! -f "$GPU_CHECK_EXTRAS" ]; then
+  echo "gpu_check.sh: GPU_CHECK_EXTRAS=$GPU_CHECK_EXTRAS does not exist (write it with benchmarks/pack_extras.py)" >&2
+  exit 2
+fi
 EXTRAS=${GPU_CHECK_EXTRAS:+$(realpath "$GPU_CHECK_EXTRAS")}
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON

@@ -173,6 +173,9 @@ def test_extras_carried_in_go_first_on_the_path(tmp_path):
     bad = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "perf"], capture_output=True, text=True,
                          env={**env, "GPU_CHECK_EXTRAS": str(tmp_path / "not.tar.xz")}, timeout=60)
     assert bad.returncode == 2 and "is not a tarball of site/" in bad.stderr and not list(scratch.iterdir())
+    absent = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "perf"], capture_output=True, text=True,
+                            env={**env, "GPU_CHECK_EXTRAS": str(tmp_path / "absent.tar.xz")}, timeout=60)
+    assert absent.returncode == 2 and "absent.tar.xz does not exist" in absent.stderr
 
     too_big = subprocess.run(pack + [str(tmp_path / "big.tar.xz"), "fake-opencv==1.0", "--max-mib", "0"], env=pip_env,
                              capture_output=True, text=True, timeout=120)
