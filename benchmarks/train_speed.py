@@ -335,8 +335,6 @@ def main(argv=None) -> int:
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "batch": args.batch, "frames": args.frames, "crop": args.crop, "modality": args.modality, "results": [],
     }
-    if args.profile:
-        record["launches_per_step"] = launches_per_step(args)
     with tempfile.TemporaryDirectory() as tmp:
         sampler = sampler_checkpoint(args, Path(tmp) / "sampler") if any(s[-1] for s in specs) else ""
         for spec in specs:
@@ -357,6 +355,8 @@ def main(argv=None) -> int:
             except Exception as err:  # fail soft: keep the synthetic variants, say why the loader failed
                 record["results"].append({"variant": "loader", "error": f"{type(err).__name__}: {err}"[:2000]})
 
+    if args.profile:  # after the rows (~15 s of host time for S3D): a time limit stops the run here first
+        record["launches_per_step"] = launches_per_step(args)
     reference = next((r for r in record["results"] if r.get("legacy_step") and "samples_per_s" in r), None)
     for r in record["results"]:
         if reference and "samples_per_s" in r:
