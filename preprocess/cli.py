@@ -42,7 +42,8 @@ def _pack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=90, help="RGB JPEG quality (default 90)")
     parser.add_argument("--flow-jpeg-quality", type=int, default=95,
                         help="quality of the flow planes' JPEG (default 95, OpenCV's imwrite default)")
-    parser.add_argument("--flow", choices=backend_names(), default="tvl1", help="flow backend, or none (RGB only)")
+    parser.add_argument("--flow", choices=backend_names(), default="tvl1", help="flow backend: tvl1 (the default) = opencv-tvl1, OpenCV's DualTVL1 on the CPU; "
+                        "tvl1-torch, the same step for step in PyTorch (GPUs: --flow-device cuda); none (RGB only)")
     parser.add_argument("--flow-device", default=None,
                         help="device for backends that take one: cpu, cuda (every visible GPU) or cuda:N")
     parser.add_argument("--flow-devices", default=None, help="GPU indices for the flow workers, e.g. 0,1")
