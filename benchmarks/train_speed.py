@@ -22,7 +22,8 @@ fp32. Each row is timed between two device synchronisations around the timed ste
 itself no longer synchronises). `--profile` adds the top-20 CUDA kernels by time, the fraction of
 wall time the GPU is busy and the kernel count per step (torch.profiler, CUDA only), the cuDNN
 version, and the launches per step of the new and the legacy step counted on the meta device,
-with the step's FLOPs per sample, which give each row its TFLOP/s (`tflop_per_s`).
+with the step's FLOPs per sample, which give each row its TFLOP/s (`tflop_per_s`), and its eager
+fp32 memory traffic per sample.
 """
 
 from __future__ import annotations
@@ -249,10 +250,11 @@ def launches_per_step(args) -> dict:
     for name, legacy, compile_setting in (("new", False, "none"), ("legacy", True, "none"), ("graphs_per_call", False, "calls"),
                                           ("cotrain", False, "none")):
         cotrain = name == "cotrain"
-        small_queue = argparse.Namespace(**{**vars(args), "queue": args.batch})  # stage 2: full after one step
+        # stage 2 with a queue of one batch: full after one step
+        step_args = argparse.Namespace(**{**vars(args), "queue": args.batch}) if cotrain else args
         with step_audit.fused_on_meta(), mock.patch("cvtcl.train.load_sampler", random_sampler):
-            ctx = build_context(make_config(small_queue if cotrain else args, "fp32", False, legacy=legacy,
-                                            compile_setting=compile_setting, sampler="random" if cotrain else ""), meta)
+            ctx = build_context(make_config(step_args, "fp32", False, legacy=legacy, compile_setting=compile_setting,
+                                            sampler="random" if cotrain else ""), meta)
         if compile_setting == "calls":  # warm-up steps, then the captures; the last step replays
             ctx.graph = graphed.GraphState(step_audit.replay_counting_capture, "calls")
         batch = synthetic_batch(args, torch.device("meta"), cotrain=cotrain)

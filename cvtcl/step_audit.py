@@ -18,7 +18,7 @@ no GPU is needed. `audit()` runs a callable under a dispatch mode and counts
 
 A host read on the meta device has no value: `_local_scalar_dense` answers 0, `tolist` zeros,
 `nonzero` an empty index. The counts are what matters. Used by tests/test_step_audit.py (0 syncs
-on ordinary steps, the step's FLOPs) and benchmarks/train_speed.py (launches and FLOPs per step).
+on ordinary steps, the step's FLOPs and bytes) and benchmarks/train_speed.py (all of them per step).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ NO_LAUNCH = {
 
 @dataclass
 class Audit:
-    """What one audited call did: host syncs and launches by op name, FLOPs (graph replays
-    excluded: a replay's ops run uncounted)."""
+    """What one audited call did: host syncs and launches by op name, FLOPs and bytes (graph
+    replays excluded: a replay's ops run uncounted)."""
 
     syncs: Counter = field(default_factory=Counter)
     launches: Counter = field(default_factory=Counter)
