@@ -132,8 +132,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_variant(args, dist, spec, sampler=""):
-    """One row: spec = (name, amp, channels_last, batch, legacy, compile, cotrain)."""
+def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
+    """One row: spec = (name, amp, channels_last, batch, legacy, compile, cotrain). `publish`
+    receives the row as soon as it is timed, before the profile and the eager comparison (a
+    compiled row's comparison may autotune again: a time limit there keeps the timing)."""
     name, amp, channels_last, batch_size, legacy, compile_setting, cotrain = spec
     config = make_config(args, amp, channels_last, batch=batch_size, legacy=legacy, compile_setting=compile_setting,
                          sampler=sampler if cotrain else "")
@@ -161,6 +163,7 @@ def time_variant(args, dist, spec, sampler=""):
                "compile": config.run.compile, "graph_scope": config.run.graph_scope, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
+        publish(dict(row))
         replayed = ctx.graph is not None and bool(ctx.graph.captures)  # run.compile=graph|step on CUDA
         trained = [p.detach().clone() for p in ctx.model.query.parameters()] if replayed else []
         if args.profile and dist.device.type == "cuda":
@@ -339,12 +342,16 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         sampler = sampler_checkpoint(args, Path(tmp) / "sampler") if any(s[-1] for s in specs) else ""
-        for spec in specs:
-            record["results"].append(time_variant(args, dist, spec, sampler))
-            # Written after every variant, so a timeout leaves the variants measured so far (marked incomplete).
+        def write_so_far(timing=None):
+            # Written after every variant, and as soon as a row is timed: a time limit leaves what was measured.
             if args.json:
-                incomplete = f"incomplete: stopped after {len(record['results'])} variants"
-                write_json_atomic(args.json, record | {"error": incomplete})
+                results = record["results"] + ([timing] if timing else [])
+                incomplete = f"incomplete: stopped after {len(results)} variants"
+                write_json_atomic(args.json, record | {"results": results, "error": incomplete})
+
+        for spec in specs:
+            record["results"].append(time_variant(args, dist, spec, sampler, publish=write_so_far))
+            write_so_far()
     best = next((s[1] for s in specs if not s[4]), "fp32")
     if args.loader:
         with tempfile.TemporaryDirectory() as tmp:

@@ -101,3 +101,23 @@ def test_a_wrong_replay_shows_in_the_comparison(tmp_path, monkeypatch):
                              "--json", str(tmp_path / "speed.json")]) == 0
     check = json.loads((tmp_path / "speed.json").read_text())["results"][0]["cuda_graph"]["vs_eager"]
     assert check["max_weight_abs_diff"] > 1e-4, check
+
+
+def test_a_timed_row_is_written_before_its_eager_comparison(tmp_path, monkeypatch):
+    """A compiled row's comparison with the eager step can take long on a GPU (a second cuDNN
+    autotune): a time limit that stops it there keeps the row's timing in the JSON."""
+    graphs_on_cpu(monkeypatch)
+    out = tmp_path / "speed.json"
+    seen = []
+
+    def stopped_here(*args):
+        seen.append(json.loads(out.read_text()))
+        raise KeyboardInterrupt  # what a time limit's signal does to the comparison
+
+    monkeypatch.setattr(train_speed, "compare_with_eager", stopped_here)
+    with pytest.raises(KeyboardInterrupt):
+        train_speed.main(["--smoke", "--device", "cpu", "--variants", "legacy,fp32+graph", "--json", str(out)])
+    rows = seen[0]["results"]
+    assert [r["variant"] for r in rows] == ["legacy fp32 (old eager step)", "fp32 compile=graph"]
+    assert rows[1]["samples_per_s"] > 0 and seen[0]["error"].startswith("incomplete")
+    assert json.loads(out.read_text()) == seen[0]  # what the stopped run leaves
