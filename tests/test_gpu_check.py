@@ -88,7 +88,8 @@ def test_step_limits_fit_one_device_call(tmp_path):
     fit one device call of 8 minutes; `perf` is the training step and flow only."""
     full, perf = _dry_run(tmp_path, "all"), _dry_run(tmp_path, "perf")
     assert {"environment", "loader_parity", "schedule", "train_speed", "train_speed_compiled", "flow_speed"} <= set(full)
-    assert list(perf) == ["environment", "train_speed", "train_speed_compiled", "flow_speed"]
+    assert list(perf) == ["environment", "train_speed", "flow_speed", "train_speed_compiled"]
+    assert list(full)[-1] == "train_speed_compiled"  # last in both: it gets what the others leave
     assert sum(full.values()) <= 450 and sum(perf.values()) <= 450, (full, perf)
     assert perf["train_speed"] > full["train_speed"] and perf["flow_speed"] > full["flow_speed"]
     assert _dry_run(tmp_path, "perf", "cpu")["train_speed"] == 3 * full["train_speed"]  # the CPU smoke gets 3x
@@ -125,6 +126,9 @@ def test_perf_profile_needs_no_dali(tmp_path):
     assert sorted(p.stem for p in out.glob("*.json")) == ["environment", "flow_speed", "targets", "train_speed",
                                                           "train_speed_compiled"]
     assert "MISSING step: stage 1 bf16" in proc.stdout  # the targets table (no bf16 row on a CPU)
+    # the last step's limit: what the others left of the 450 s (x3 on the CPU), not its nominal 10 (x3)
+    left = int(re.search(r"^== train_speed_compiled \(limit (\d+)s\)$", proc.stdout, re.MULTILINE).group(1))
+    assert 3 * 10 < left <= 3 * 450, proc.stdout
     environment = json.loads((out / "environment.json").read_text())
     assert environment["dali"] is None and "error" not in environment
     for name in ("train_speed", "flow_speed"):
