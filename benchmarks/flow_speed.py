@@ -118,12 +118,16 @@ def warm_up(backend, gray: np.ndarray, first: np.ndarray) -> None:
 
 
 def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray, dict]:
+    start = time.perf_counter()
     warm_up(backend, gray, first)
+    warm_up_s = time.perf_counter() - start  # the first mix's: the compile (the process's first) and captures
     start = time.perf_counter()
     flow = solve_batched(backend, gray, first)  # returns host numpy: the device work is finished
     seconds = time.perf_counter() - start
     graphs = backend.graphs
-    info = {} if graphs is None else {"cuda_graphs": {"captured": len(graphs.graphs), "error": graphs.error}}
+    info = {"warm_up_s": warm_up_s}
+    if graphs is not None:
+        info["cuda_graphs"] = {"captured": len(graphs.graphs), "error": graphs.error}
     return seconds, flow, info
 
 

@@ -28,6 +28,7 @@ def test_flow_speed_smoke_reports_both_mixes_side_by_side(tmp_path):
         assert all(row[mix]["epe_vs_opencv"] <= 0.05 for mix in ("no cuts", "cuts"))
         assert row["no cuts"]["epe_truth"] < 0.5
         assert len(row["ucf101_hours"]) == 2 and all(h > 0 for h in row["ucf101_hours"])
+    assert all(rows[("tvl1-torch eager", "cpu 1 thread(s)")][mix]["warm_up_s"] > 0 for mix in ("no cuts", "cuts"))
     assert "UCF101 h" in proc.stdout  # the table
 
 
