@@ -19,7 +19,8 @@ fp32, bf16, fp16 (CUDA) the sync-free step; channels_last (bf16 + channels_last_
 encoded one call each, measured against one batched call on 2026-11-26, is no longer a row: the
 key permutations are now drawn for the batched call before the step.) On the CPU bf16/fp16 rows are skipped and the others run in
 fp32. Each row is timed between two device synchronisations around the timed steps (the step
-itself no longer synchronises). `--profile` adds the top-20 CUDA kernels by time, the fraction of
+itself no longer synchronises); what came before them (the model, cuDNN's autotune, a compile,
+the captures, stage 2's queue filling) is the row's `warmup_s`. `--profile` adds the top-20 CUDA kernels by time, the fraction of
 wall time the GPU is busy and the kernel count per step (torch.profiler, CUDA only), the cuDNN
 version, and the launches per step of the new and the legacy step counted on the meta device,
 with the step's FLOPs per sample, which give each row its TFLOP/s (`tflop_per_s`), and its eager
@@ -137,6 +138,7 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
     receives the row as soon as it is timed, before the profile and the eager comparison (a
     compiled row's comparison may autotune again: a time limit there keeps the timing)."""
     name, amp, channels_last, batch_size, legacy, compile_setting, cotrain = spec
+    built = time.perf_counter()
     config = make_config(args, amp, channels_last, batch=batch_size, legacy=legacy, compile_setting=compile_setting,
                          sampler=sampler if cotrain else "")
     ctx = build_context(config, dist)
@@ -154,6 +156,7 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
         synchronize(dist.device)
         start = time.perf_counter()
+        warmup_s = start - built  # the model, cuDNN's autotune, a compile, the captures, stage 2's filling
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(args.steps)]
         synchronize(dist.device)
         seconds = time.perf_counter() - start
@@ -162,7 +165,7 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
         row = {"variant": name, "amp": amp, "channels_last_3d": channels_last, "batch": batch_size, "legacy_step": legacy,
                "compile": config.run.compile, "graph_scope": config.run.graph_scope, "stage": "cotrain" if cotrain else "instance",
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
-               "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"]}
+               "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"], "warmup_s": warmup_s}
         publish(dict(row))
         replayed = ctx.graph is not None and bool(ctx.graph.captures)  # run.compile=graph|step on CUDA
         trained = [p.detach().clone() for p in ctx.model.query.parameters()] if replayed else []

@@ -21,7 +21,7 @@ def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, 
     rows = {r["variant"]: r for r in record["results"]}
     assert set(rows) == {"legacy fp32 (old eager step)", "fp32", "fp32 channels_last_3d", "fp32 batch 8",
                          "fp32 stage 2 (cotrain)"}  # no bf16 on CPU
-    assert all(r["samples_per_s"] > 0 for r in rows.values()), rows
+    assert all(r["samples_per_s"] > 0 and r["warmup_s"] > 0 for r in rows.values()), rows
     assert rows["legacy fp32 (old eager step)"]["speedup_vs_legacy"] == 1.0
     assert rows["fp32 batch 8"]["batch"] == 8 and rows["fp32 stage 2 (cotrain)"]["stage"] == "cotrain"
     launches = record["launches_per_step"]  # counted on the meta device
