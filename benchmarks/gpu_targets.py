@@ -84,9 +84,12 @@ def step_checks(train: dict | None, compiled: dict | None) -> tuple[list[Check],
             checks.append(_compare(f"graph: {r['variant']} vs eager (max loss rel. diff)", diff, GRAPH_LOSS_REL,
                                    fmt=".1e", at_most=True))
     for r in rows:
-        if "profile" in r:
-            checks.append(Check(f"profile: {r['variant']}", f"GPU busy {r['profile']['gpu_busy_fraction']:.0%}, "
-                                f"{r['profile']['kernels_per_step']:.0f} kernels/step", "busy near 100%", "INFO"))
+        profile = r.get("profile")
+        if profile and "error" in profile:  # the profiler failed; the row's timing stands
+            checks.append(Check(f"profile: {r['variant']}", profile["error"][:80], "busy near 100%", "MISSING"))
+        elif profile:
+            checks.append(Check(f"profile: {r['variant']}", f"GPU busy {profile['gpu_busy_fraction']:.0%}, "
+                                f"{profile['kernels_per_step']:.0f} kernels/step", "busy near 100%", "INFO"))
     for r in (train or {}).get("results", []) + (compiled or {}).get("results", []):
         if "error" in r and "samples_per_s" not in r:
             checks.append(Check(f"row failed: {r.get('variant', '?')}", r["error"][:80], "-", "FAIL"))

@@ -170,7 +170,10 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
         replayed = ctx.graph is not None and bool(ctx.graph.captures)  # run.compile=graph|step on CUDA
         trained = [p.detach().clone() for p in ctx.model.query.parameters()] if replayed else []
         if args.profile and dist.device.type == "cuda":
-            row["profile"] = profile_steps(ctx, batch, dist.device)
+            try:
+                row["profile"] = profile_steps(ctx, batch, dist.device)
+            except Exception as err:  # the profiler (CUPTI) failing, say under CUDA graphs: keep the row's timing
+                row["profile"] = {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
         if ctx.graph is not None:  # was the step replayed as a CUDA graph, and did it compute what eager does?
             row["cuda_graph"] = {"captures": len(ctx.graph.captures), "error": ctx.graph.error}
         if replayed:

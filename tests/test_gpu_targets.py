@@ -65,14 +65,16 @@ def test_failures_and_missing_rows_are_named(tmp_path, capsys):
     broken["cuda_graph"] = {"captures": 0, "error": "RuntimeError: operation not permitted when stream is capturing"}
     wrong = _row("bf16 channels_last_3d compile=graph", 400)
     wrong["cuda_graph"]["vs_eager"]["max_loss_rel_diff"] = 0.3
+    profiled = _row("bf16", 350, compile_setting="none", profile={"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"})
     _write(tmp_path, train=[_row("legacy fp32 (old eager step)", 110, amp="fp32", compile_setting="none"), broken, wrong,
-                            {"variant": "bf16 batch 64", "error": "OutOfMemoryError: CUDA out of memory"}])
+                            {"variant": "bf16 batch 64", "error": "OutOfMemoryError: CUDA out of memory"}, profiled])
     statuses, _, out = _statuses(tmp_path, capsys)
     assert statuses["step: stage 1 bf16, best row (samples/s)"] == "FAIL"  # 400 < 600
     assert statuses["step: stage 2 (cotrain), best row (samples/s)"] == "MISSING"
     assert statuses["graph: bf16 compile=graph"] == "FAIL" and "not permitted" in out
     assert statuses["graph: bf16 channels_last_3d compile=graph vs eager (max loss rel. diff)"] == "FAIL"
     assert statuses["row failed: bf16 batch 64"] == "FAIL"
+    assert statuses["profile: bf16"] == "MISSING" and "CUPTI_ERROR" in out  # the profiler failed, the row stands
     assert statuses["flow: best GPU row, with cuts (pairs/s)"] == "MISSING"
 
 
