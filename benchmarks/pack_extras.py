@@ -61,17 +61,24 @@ def download(requirements: list[str], python: str, into: Path) -> list[Path]:
     return sorted(into.glob("*.whl"))
 
 
-def pack(wheels: list[Path], out: Path) -> None:
-    """Unpack the wheels into site/ and write it as out (xz), through a temporary name."""
+def pack(wheels: list[Path], out: Path, max_mib: float) -> float:
+    """Unpack the wheels into site/ and write it as out (xz) through a temporary name, renamed
+    only if it is at most max_mib (a tarball already at `out` stays otherwise); its MiB."""
+    partial = out.with_name(out.name + ".partial")
     with tempfile.TemporaryDirectory() as scratch:
         site = Path(scratch) / "site"
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(site)
-        partial = out.with_name(out.name + ".partial")
         with tarfile.open(partial, "w:xz", preset=6) as tar:
             tar.add(site, arcname="site")
-        os.replace(partial, out)
+    mib = partial.stat().st_size / 2**20
+    if mib > max_mib:
+        partial.unlink()
+        raise SystemExit(f"pack_extras: the tarball would be {mib:.1f} MiB, over --max-mib {max_mib:g}: "
+                         "pack fewer requirements per file")
+    os.replace(partial, out)
+    return mib
 
 
 def main(argv=None) -> int:
@@ -80,12 +87,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as downloads:
         wheels = download(args.requirements, args.python, Path(downloads))
         print(f"packing {', '.join(w.name for w in wheels)} (xz, a minute or two) ...", flush=True)
-        pack(wheels, args.out)
-    mib = args.out.stat().st_size / 2**20
-    if mib > args.max_mib:
-        args.out.unlink()
-        raise SystemExit(f"pack_extras: the tarball would be {mib:.1f} MiB, over --max-mib {args.max_mib:g}: "
-                         "pack fewer requirements per file")
+        mib = pack(wheels, args.out, args.max_mib)
     print(f"wrote {args.out} ({mib:.1f} MiB); on the GPU machine: "
           f"GPU_CHECK_EXTRAS={args.out} bash benchmarks/gpu_check.sh OUTDIR perf")
     return 0

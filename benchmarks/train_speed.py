@@ -246,24 +246,16 @@ def launches_per_step(args) -> dict:
     ordinary step on the meta device: the new step, the legacy one, the new one with per-call
     graphs as under torchrun (each graph replay counted as one launch; its FLOPs and bytes are not
     counted), and stage 2 (`cotrain`, a random sampler)."""
-    from unittest import mock
-
     from cvtcl import step_audit
-    from cvtcl.cotrain import FrozenSampler
-    from cvtcl.models import Encoder
 
-    meta = DistInfo(0, 0, 1, torch.device("meta"))
-    random_sampler = lambda config, device: FrozenSampler(  # noqa: E731 (a checkpoint cannot load onto meta)
-        Encoder(config.stage.sampler_modality, config.model.backbone).to(device))
     out = {}
     for name, legacy, compile_setting in (("new", False, "none"), ("legacy", True, "none"), ("graphs_per_call", False, "calls"),
                                           ("cotrain", False, "none")):
         cotrain = name == "cotrain"
         # stage 2 with a queue of one batch: full after one step
         step_args = argparse.Namespace(**{**vars(args), "queue": args.batch}) if cotrain else args
-        with step_audit.fused_on_meta(), mock.patch("cvtcl.train.load_sampler", random_sampler):
-            ctx = build_context(make_config(step_args, "fp32", False, legacy=legacy, compile_setting=compile_setting,
-                                            sampler="random" if cotrain else ""), meta)
+        ctx = step_audit.meta_context(make_config(step_args, "fp32", False, legacy=legacy, compile_setting=compile_setting,
+                                                  sampler="random" if cotrain else ""))
         if compile_setting == "calls":  # warm-up steps, then the captures; the last step replays
             ctx.graph = graphed.GraphState(step_audit.replay_counting_capture, "calls")
         batch = synthetic_batch(args, torch.device("meta"), cotrain=cotrain)

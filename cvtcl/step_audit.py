@@ -176,3 +176,21 @@ def fused_on_meta() -> Iterator[None]:
         yield
     finally:
         optimizer._get_fused_kernels_supported_devices = supported
+
+
+def meta_context(config):
+    """The training context of `config` on the meta device, as the audits run it: fused Adam as
+    on a GPU, and stage 2's sampler a random encoder of its modality (a checkpoint's weights cannot
+    load onto meta, and the counts do not depend on them)."""
+    from unittest import mock
+
+    from cvtcl import train
+    from cvtcl.cotrain import FrozenSampler
+    from cvtcl.distributed import DistInfo
+    from cvtcl.models import Encoder
+
+    def random_sampler(config, device):
+        return FrozenSampler(Encoder(config.stage.sampler_modality, config.model.backbone).to(device))
+
+    with fused_on_meta(), mock.patch.object(train, "load_sampler", random_sampler):
+        return train.build_context(config, DistInfo(0, 0, 1, torch.device("meta")))

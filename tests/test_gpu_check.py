@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,6 @@ def test_perf_profile_needs_no_dali(tmp_path):
 
 def _fake_opencv_wheel(folder: Path) -> Path:
     """A wheel whose `cv2` says it has contrib, made by hand: pip takes it from a local folder."""
-    import zipfile
     wheel = folder / "fake_opencv-1.0-py3-none-any.whl"
     info = "fake_opencv-1.0.dist-info"
     with zipfile.ZipFile(wheel, "w") as archive:

@@ -10,10 +10,8 @@ fail: it syncs on every step.
 import pytest
 import torch
 
-from cvtcl import step_audit, train
+from cvtcl import step_audit
 from cvtcl.config import apply_overrides
-from cvtcl.cotrain import FrozenSampler
-from cvtcl.distributed import DistInfo
 from cvtcl.engine import read_terms, train_step
 from cvtcl.models import Encoder
 from cvtcl.presets import get_preset
@@ -23,12 +21,8 @@ S3D = ["model.backbone=s3d", "data.batch_size=16", "data.frames_per_clip=32", "d
 TINY = ["model.backbone=tiny", "data.batch_size=4", "data.frames_per_clip=8", "data.crop_size=32"]
 
 
-def _meta_context(monkeypatch, overrides):
-    config = apply_overrides(get_preset("ucf101-stage1-rgb"), ["optim.amp=fp32", *overrides])
-    monkeypatch.setattr(train, "load_sampler", lambda config, device: FrozenSampler(
-        Encoder(config.stage.sampler_modality, config.model.backbone).to(device)))
-    with step_audit.fused_on_meta():
-        return train.build_context(config, DistInfo(0, 0, 1, META))
+def _meta_context(overrides):
+    return step_audit.meta_context(apply_overrides(get_preset("ucf101-stage1-rgb"), ["optim.amp=fp32", *overrides]))
 
 
 def _batch(config):
@@ -53,8 +47,8 @@ STAGE2 = ["stage.kind=cotrain", "stage.sampler_checkpoint=unused.pt", "loss.queu
 
 @pytest.mark.parametrize("backbone", [S3D, TINY], ids=["s3d", "tiny"])
 @pytest.mark.parametrize("stage", [[], STAGE2], ids=["stage1", "stage2"])
-def test_ordinary_steps_do_not_sync_and_a_log_step_reads_once(monkeypatch, backbone, stage):
-    ctx = _meta_context(monkeypatch, [*backbone, "loss.queue_size=2048", *stage])
+def test_ordinary_steps_do_not_sync_and_a_log_step_reads_once(backbone, stage):
+    ctx = _meta_context([*backbone, "loss.queue_size=2048", *stage])
     audits, terms = _audit_steps(ctx)
     assert [a.sync_count for a in audits] == [0, 0, 0], [dict(a.syncs) for a in audits]
     assert all(a.launch_count > 100 for a in audits)
@@ -62,22 +56,22 @@ def test_ordinary_steps_do_not_sync_and_a_log_step_reads_once(monkeypatch, backb
     assert dict(log.syncs) == {"tolist": 1}
 
 
-def test_stage2_warm_up_and_training_steps_do_not_sync(monkeypatch):
-    ctx = _meta_context(monkeypatch, [*TINY, *STAGE2, "loss.queue_size=8"])  # full after 2 steps of 4
+def test_stage2_warm_up_and_training_steps_do_not_sync():
+    ctx = _meta_context([*TINY, *STAGE2, "loss.queue_size=8"])  # full after 2 steps of 4
     audits, _ = _audit_steps(ctx, steps=4)
     assert [a.sync_count for a in audits] == [0, 0, 0, 0]
     assert audits[1].launch_count < audits[3].launch_count  # warm-up: no backward; then it trains
 
 
-def test_legacy_step_syncs_every_step(monkeypatch):
-    ctx = _meta_context(monkeypatch, [*TINY, "loss.queue_size=2048", "run.legacy_step=true"])
+def test_legacy_step_syncs_every_step():
+    ctx = _meta_context([*TINY, "loss.queue_size=2048", "run.legacy_step=true"])
     audits, _ = _audit_steps(ctx)
     # blocking copies of both permutations and the terms read (synchronize is CUDA-only); the first
     # step makes one more (one-time setup)
     assert all(dict(a.syncs) == {"blocking _to_copy": 2, "tolist": 1} for a in audits[1:]), [dict(a.syncs) for a in audits]
 
 
-def test_the_counter_sees_host_reads(monkeypatch):
+def test_the_counter_sees_host_reads():
     x = torch.ones(3, device=META)
     _, record = step_audit.audit(lambda: (int(x.sum()), x.nonzero(), x.tolist(), torch.ones(2).to(META),
                                           torch.cuda.synchronize(), torch.ones(2).to(META, non_blocking=True)))
@@ -96,22 +90,22 @@ def test_bytes_are_what_each_launch_reads_and_writes():
     assert conv.flops == 2 * (2 * 8 * 100) * (3 * 27)  # two per multiply-add: each output sums 3 x 27 products
 
 
-def test_split_key_encoder_launches_fewer_ops_than_the_legacy_step(monkeypatch):
-    fast, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048"]), steps=2)
-    legacy, _ = _audit_steps(_meta_context(monkeypatch, [*S3D, "loss.queue_size=2048", "run.legacy_step=true"]), steps=2)
+def test_split_key_encoder_launches_fewer_ops_than_the_legacy_step():
+    fast, _ = _audit_steps(_meta_context([*S3D, "loss.queue_size=2048"]), steps=2)
+    legacy, _ = _audit_steps(_meta_context([*S3D, "loss.queue_size=2048", "run.legacy_step=true"]), steps=2)
     assert fast[1].launch_count < 0.8 * legacy[1].launch_count
     assert "add_" not in fast[1].launches or fast[1].launches["add_"] < 50  # no num_batches_tracked += 1
 
 
 @pytest.mark.parametrize("stage", [[], STAGE2], ids=["stage1", "stage2"])
-def test_per_call_graphs_leave_few_launches_outside_them(monkeypatch, stage):
+def test_per_call_graphs_leave_few_launches_outside_them(stage):
     """run.graph_scope=calls (the graphs under torchrun), S3D at the paper's shapes: once the calls
     are captured, a step launches the ops between the encoder calls plus one replay per graph,
     without a sync: under a tenth of the eager step's launches. (The stand-in capture's replays
     run uncounted; each counts as one launch, as a CUDA graph's does.)"""
     from cvtcl import graphed
 
-    ctx = _meta_context(monkeypatch, [*S3D, "loss.queue_size=2048", *stage])
+    ctx = _meta_context([*S3D, "loss.queue_size=2048", *stage])
     eager, _ = _audit_steps(ctx, steps=graphed.WARMUP_STEPS + 1)
     ctx.graph = graphed.GraphState(step_audit.replay_counting_capture, "calls")
     _audit_steps(ctx, steps=graphed.WARMUP_STEPS + 1)  # eager warm-up, then the captures (and their first replays)
@@ -135,7 +129,7 @@ def _encoder_flops(modality: str, shape: tuple, backward: bool) -> int:
 
 
 @pytest.mark.parametrize("stage", [[], ["run.legacy_step=true"], STAGE2], ids=["stage1", "legacy", "stage2"])
-def test_the_step_computes_what_the_algorithm_asks_and_no_more(monkeypatch, stage):
+def test_the_step_computes_what_the_algorithm_asks_and_no_more(stage):
     """The FLOPs of an ordinary S3D step at the paper's shapes (16 x 32 x 128^2, M = 4 segments of
     8 frames, the paper's one local query) equal the encoder calls the algorithm makes, each
     counted alone: the query's clip and local query forward and backward, the key's clip and its
@@ -143,7 +137,7 @@ def test_the_step_computes_what_the_algorithm_asks_and_no_more(monkeypatch, stag
     call, a backward through the key encoder or a missing call changes the total by 4% or more
     (one local query: 5.9 of 132 GFLOP a sample); the losses' products are the rest (< 0.1%).
     The legacy step does the same arithmetic in more launches."""
-    ctx = _meta_context(monkeypatch, [*S3D, *stage, "loss.queue_size=16"])  # full after one step
+    ctx = _meta_context([*S3D, *stage, "loss.queue_size=16"])  # full after one step
     audits, _ = _audit_steps(ctx, steps=2)
     b, t, m, crop = 16, 32, 4, 128
     query = _encoder_flops("rgb", (b, 3, t, crop, crop), True) + _encoder_flops("rgb", (b, 3, t // m, crop, crop), True)
