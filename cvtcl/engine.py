@@ -151,6 +151,14 @@ def encode_segments(encoder: Callable[[torch.Tensor], torch.Tensor], segments: t
     return encoder(segments.flatten(0, 1)).unflatten(0, segments.shape[:2])
 
 
+def split_key_batch_norm(device: torch.device) -> bool:
+    """Whether the step draws interleaved permutations, so the key encoder encodes every BN group
+    in one call with split BatchNorms: where launches cost (a GPU, the meta device that stands for
+    one). On the CPU one call per BN group is faster (demo size, one thread: 315-320 vs 360-400 ms
+    a step, larger convolutions and the [n/g, g*C] view's BN being slower there). Same keys."""
+    return device.type != "cpu"
+
+
 class StepDraws:
     """The random numbers of one step, drawn on the host before it from the step's generator, in
     the order the step uses them (so the values are those the old in-step draws gave).
@@ -162,10 +170,7 @@ class StepDraws:
 
     def __init__(self, ctx: Context, spec: list[tuple[str, float]], generator: torch.Generator):
         legacy = ctx.config.run.legacy_step
-        # One key-encoder call with split BatchNorms (interleaved groups) saves launches on a GPU; on
-        # the CPU one call per BN group is faster (demo size, one thread: 315-320 vs 360-400 ms a
-        # step, larger convolutions and the [n/g, g*C] view's BN being slower there). Same keys.
-        groups = ctx.model.bn_groups if ctx.device.type != "cpu" else 0
+        groups = ctx.model.bn_groups if split_key_batch_norm(ctx.device) else 0
         self.items: list = []
         for kind, value in spec:
             if kind == "perm":

@@ -223,6 +223,7 @@ class MomentumContrast(nn.Module):
         self.queue = Queue(queue_size, query.embed_dim, cross_view)
         self.bn_groups = bn_groups
         self.register_buffer("repeat_index", repeat_index(self.key, bn_groups), persistent=False)
+        self.register_buffer("repeated_affine", torch.empty(len(self.repeat_index)), persistent=False)
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
@@ -235,7 +236,8 @@ class MomentumContrast(nn.Module):
         # running statistics); it carries the query's, so eval-mode use of it (load_encoder
         # which="key") normalises with statistics of the same data.
         torch._foreach_copy_(running_statistics(self.key), running_statistics(self.query))
-        repeat_affine_(self.key, self.repeat_index, self.bn_groups)  # the split BatchNorms' affine, two launches
+        # the split BatchNorms' affine, two launches, into the same memory every step
+        repeat_affine_(self.key, self.repeat_index, self.bn_groups, self.repeated_affine)
 
     @torch.no_grad()
     def copy_query_to_key(self) -> None:

@@ -203,13 +203,17 @@ def repeat_index(module: nn.Module, groups: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def repeat_affine_(module: nn.Module, index: torch.Tensor, groups: int) -> None:
+def repeat_affine_(module: nn.Module, index: torch.Tensor, groups: int, store: torch.Tensor) -> None:
     """Give every SplitBatchNorm3d of `module` its weight and bias repeated `groups` times, all in
     one gather with `index` (`repeat_index`) instead of two repeat launches per layer and call.
-    Call after the parameters change."""
+    Call after the parameters change. The gather writes into `store` (as long as `index`, kept by
+    the caller): the layers read the same memory every step, as a key-encoder call replayed from a
+    CUDA graph captured in an earlier step does (a new tensor each step would leave the replay
+    reading the freed memory of the one it was captured with)."""
     layers = [m for m in module.modules() if isinstance(m, SplitBatchNorm3d)]
     flat = torch.cat([t for m in layers for t in (m.weight, m.bias)])
-    pieces = flat.index_select(0, index).split([groups * len(m.weight) for m in layers for _ in range(2)])
+    torch.index_select(flat, 0, index, out=store)
+    pieces = store.split([groups * len(m.weight) for m in layers for _ in range(2)])
     for m, weight, bias in zip(layers, pieces[0::2], pieces[1::2]):
         m.repeated = (weight, bias, m.weight._version, m.bias._version)
 

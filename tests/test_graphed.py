@@ -21,6 +21,13 @@ from step_reference import _sampler_checkpoint
 from trainer_fakes import bake_a_host_value_into_the_step, one_thread  # noqa: F401 (autouse fixture)
 
 
+@pytest.fixture(autouse=True)
+def gpu_draws(monkeypatch):
+    """Graphs run on a GPU, whose step encodes each input's keys in one key-encoder call with split
+    BatchNorms (interleaved permutations; the CPU makes one call per BN group)."""
+    monkeypatch.setattr(engine, "split_key_batch_norm", lambda device: True)
+
+
 def _run(overrides, steps, graph, lr_change_at=None, frames=4, crop=16, scope="step", dist=None):
     config = apply_overrides(get_preset("smoke"), [f"data.frames_per_clip={frames}", f"data.crop_size={crop}",
                                                    "data.num_segments=2", *overrides])
@@ -163,25 +170,34 @@ def test_compiling_on_a_gpu_too_old_for_triton_is_refused(monkeypatch):
 
 # --- run.graph_scope=calls: each encoder call its own graphs (torchrun's; one process in these tests) ---
 
-CALLS_PER_STEP = 5  # the query's clip and segments in one call; the key's clip and segments, 2 BN groups each on the CPU
-EMBEDS_PER_STEP = 6  # inputs encoded
+# the query's clip and segments in one call; the key's clip and its segments one call each (split
+# BatchNorms on one GPU, or across ranks under torchrun)
+CALLS_PER_STEP = 3
+EMBEDS_PER_STEP = 4  # inputs encoded
 
 
-def test_per_call_graphs_equal_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("split", [True, False], ids=["split-batch-norm", "a-key-call-per-bn-group"])
+def test_per_call_graphs_equal_the_eager_step(monkeypatch, split):
     """Each encoder call replays its forward (and, for the query, backward) graph, the losses,
     Adam, the EMA and the enqueue eager around them: bitwise the eager steps, each call captured
-    once (a learning-rate change is outside every graph), and no encoder Python after the capture."""
+    once (a learning-rate change is outside every graph), and no encoder Python after the capture.
+    Split: the key encoder's BatchNorms read the affine the EMA repeats for their groups each step,
+    from the memory the capture saw. Not split (a batch the BN groups do not divide): two key
+    calls per input."""
     from cvtcl.models import Encoder
 
+    monkeypatch.setattr(engine, "split_key_batch_norm", lambda device: split)
     eager, eager_weights, _ = _run(["loss.queue_size=8"], 8, graph=False, lr_change_at=5)
     embed, runs = Encoder.embed, []
     monkeypatch.setattr(Encoder, "embed", lambda self, x: runs.append(len(x)) or embed(self, x))
     replayed, weights, ctx = _run(["loss.queue_size=8"], 8, graph=True, lr_change_at=5, scope="calls")
     assert replayed == eager and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
     assert ctx.graph.error is None and ctx.graph.step is None
-    assert sorted(key[0] for key in ctx.graph.captures) == [1, 1, 2, 3, 4]  # per encoder: its i-th call
+    # per encoder: its i-th call
+    assert sorted(key[0] for key in ctx.graph.captures) == ([1, 1, 2] if split else [1, 1, 2, 3, 4])
     assert [len(key) for key in ctx.graph.captures if key[-2]] == [5]  # the query's one call of 2 inputs trains
-    assert len(runs) == (graphed.WARMUP_STEPS + 1) * EMBEDS_PER_STEP  # eager warm-up, then the captures only
+    embeds = EMBEDS_PER_STEP if split else EMBEDS_PER_STEP + 2
+    assert len(runs) == (graphed.WARMUP_STEPS + 1) * embeds  # eager warm-up, then the captures only
 
 
 def test_a_host_value_in_an_encoder_call_breaks_its_replay(monkeypatch):
@@ -256,7 +272,7 @@ def test_per_call_graphs_under_torchrun_equal_the_eager_step(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for result in results:
-        assert result["error"] is None and result["captures"] == CALLS_PER_STEP - 2  # one key call per clip across ranks
+        assert result["error"] is None and result["captures"] == CALLS_PER_STEP
         assert result["losses_equal"] and result["weights_equal"]
     assert results[0]["weights"] == results[1]["weights"] and results[0]["losses"] != results[1]["losses"]
 

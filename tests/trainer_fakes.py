@@ -177,10 +177,13 @@ if __name__ == "__main__":
 
 def graphs_on_cpu(monkeypatch) -> None:
     """run.compile=graph|step as on a GPU: graphs used on the CPU with the capture's stand-in
-    (`run.graph_scope=auto` as in one process: the whole step), and the GPU's fused Adam (its
-    skip of a non-finite step is a device op a capture can hold)."""
-    from cvtcl import graphed, train
+    (`run.graph_scope=auto` as in one process: the whole step), the GPU's draws (one key-encoder
+    call with split BatchNorms) and its fused Adam (its skip of a non-finite step is a device op a
+    capture can hold)."""
+    from cvtcl import engine, graphed, train
     from cvtcl.capture import recorded_capture
+
+    monkeypatch.setattr(engine, "split_key_batch_norm", lambda device: True)
 
     monkeypatch.setattr(graphed, "scope", lambda ctx: ctx.config.run.captures_step and
                         {"auto": "step"}.get(ctx.config.run.graph_scope, ctx.config.run.graph_scope) or None)
