@@ -141,8 +141,12 @@ def _gpu_init(barrier) -> None:
 
 def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
     gray, first, batch = task
-    backend = make_backend("tvl1-torch", device="cuda", path="compiled", batch=batch)
-    warm_up(backend, gray, first)
+    try:
+        backend = make_backend("tvl1-torch", device="cuda", path="compiled", batch=batch)
+        warm_up(backend, gray, first)
+    except BaseException:
+        _barrier.abort()  # the other processes stop waiting for this one (BrokenBarrierError) instead of hanging
+        raise
     _barrier.wait()  # every process starts timing together
     start = time.perf_counter()
     flow = solve_batched(backend, gray, first)

@@ -66,3 +66,42 @@ def test_rows_that_judge_the_targets_run_first():
                      ("tvl1-torch compiled, no graphs", "cuda"), ("tvl1-torch compiled", "cuda, 2 processes")]
     cpu = [(backend, where) for backend, where, *_ in flow_speed.plan_runs(flow_speed.parse_args([]), cuda=False)]
     assert cpu[0] == ("opencv-tvl1", "cpu 1 proc")
+
+
+def test_a_gpu_process_that_fails_its_warm_up_releases_the_others(monkeypatch):
+    """--gpu-processes: the processes meet at a barrier before timing; one that fails before it
+    (out of memory, a compile error) aborts the barrier, so the others raise instead of waiting
+    until the check's time limit. Threads stand in for the spawned processes."""
+    import threading
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+
+    made = []
+
+    def make_backend(*args, **kwargs):
+        made.append(1)
+        if len(made) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return object()
+
+    monkeypatch.setattr(flow_speed, "make_backend", make_backend)
+    monkeypatch.setattr(flow_speed, "warm_up", lambda backend, gray, first: None)
+    monkeypatch.setattr(flow_speed, "_barrier", threading.Barrier(2))
+    outcomes = []
+
+    def worker():
+        try:
+            flow_speed._gpu_process((None, None, 8))
+        except BaseException as err:  # noqa: BLE001 (what each process raised is the check)
+            outcomes.append(type(err).__name__)
+
+    first = threading.Thread(target=worker, daemon=True)
+    first.start()
+    first.join(timeout=30)
+    second = threading.Thread(target=worker, daemon=True)
+    second.start()
+    second.join(timeout=30)
+    released = not second.is_alive()
+    flow_speed._barrier.abort()  # a hung thread (the defect) is freed before the assertion
+    assert released and outcomes == ["RuntimeError", "BrokenBarrierError"]
