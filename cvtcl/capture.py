@@ -45,9 +45,16 @@ def cuda_capture(body: Body, pool=None):
     """Capture body() in a CUDA graph: (replay, the static outputs the replays refresh). `pool`:
     a memory pool shared with other graphs that are never replayed at the same time."""
     graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads (DALI's, a JPEG encoder's) may keep using CUDA while this one captures
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        outputs = body()
+    stream = torch.cuda.current_stream()
+    try:
+        # thread_local: other threads (DALI's, a JPEG encoder's) may keep using CUDA while this one captures
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = body()
+    finally:
+        # torch.cuda.graph leaves its capture stream current when ending the capture raises (an op
+        # the capture could not hold): the eager fallback would run on that side stream, unordered
+        # with the default stream's copies of the next batch
+        torch.cuda.set_stream(stream)
     return graph.replay, lambda: outputs
 
 

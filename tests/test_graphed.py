@@ -132,6 +132,33 @@ def test_a_host_value_that_changes_per_step_breaks_the_replay(monkeypatch):
     assert ctx.graph.error is None and not all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
 
 
+def test_a_failed_cuda_capture_gives_back_the_stream_it_started_on(monkeypatch):
+    """torch.cuda.graph ends the capture before it leaves its side stream, so when ending raises (an
+    op the capture could not hold) that stream stays current; cuda_capture restores the caller's,
+    where the eager fallback and the next batch's copies run. torch.cuda's stream calls are faked."""
+    from cvtcl import capture
+
+    current = ["default"]
+
+    class Graph:  # torch.cuda.graph's order: the side stream on entry, capture_end before leaving it
+        def __init__(self, graph, pool=None, capture_error_mode="global"):
+            pass
+
+        def __enter__(self):
+            current[0] = "capture stream"
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    with pytest.raises(RuntimeError, match="during capture"):
+        capture.cuda_capture(lambda: None)
+    assert current == ["default"]
+
+
 def test_a_host_read_in_the_step_fails_the_capture_and_training_goes_on_eagerly(monkeypatch):
     real = engine.STEPS["instance"]
 
