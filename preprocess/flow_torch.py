@@ -134,6 +134,9 @@ def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync
     for _ in range(p["warps"]):
         u1, u2 = state[:2]
         i1w, i1wx, i1wy = run.warp(level.i1_stack, u1, u2).unbind(dim=1)
+        # contiguous, as the static copies a chunk's capture makes of them: the compiled chunk
+        # guards on strides, and a second variant would be compiled inside the capture
+        i1wx, i1wy = i1wx.contiguous(), i1wy.contiguous()
         rho_c = i1w - i1wx * u1 - i1wy * u2 - level.i0
         warp = _Warp(state, [i1wx, i1wy, i1wx * i1wx + i1wy * i1wy, rho_c], run)
         for outer in range(p["outer_iterations"]):

@@ -175,3 +175,20 @@ def test_a_chunk_the_median_and_the_warp_never_wait_for_the_gpu(uncompiled):
     _, warp = step_audit.audit(lambda: run.warp(torch.empty(4, 3, 24, 32, device=meta), field(), field()))
     assert chunk.launch_count > 100 and median.launch_count > 50 and warp.launch_count > 10  # it did run
     assert (chunk.syncs, median.syncs, warp.syncs) == ({}, {}, {})
+
+
+def test_chunks_get_the_layout_their_captures_copy_them_into(uncompiled, video_with_cut, monkeypatch):
+    """A capture runs a chunk on static copies (clones) of its inputs; the compiled chunk guards on
+    strides, so an input whose clone is laid out otherwise (a view of the warp's stacked output)
+    would be compiled again inside the capture, where a GPU compile cannot run. Every tensor a
+    chunk gets, in every batch, is laid out as its clone."""
+    calls = []
+    call = flow_kernels._call
+
+    def recording(iterate, state, data, consts):
+        calls.append([t.stride() == t.clone().stride() for t in [*state, *data] if isinstance(t, torch.Tensor)])
+        return call(iterate, state, data, consts)
+
+    monkeypatch.setattr(flow_kernels, "_call", recording)
+    TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6, **SHORT).compute(video_with_cut)
+    assert calls and all(all(same) for same in calls), sum(not all(same) for same in calls)
