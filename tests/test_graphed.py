@@ -132,6 +132,20 @@ def test_a_host_value_that_changes_per_step_breaks_the_replay(monkeypatch):
     assert ctx.graph.error is None and not all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
 
 
+def test_the_stand_in_keeps_alive_only_what_a_cuda_graph_keeps():
+    """A replay reads the memory of the tensors made outside its capture, not their values at
+    capture (a buffer refilled in place is read anew), and raises once one of them has been freed,
+    where a CUDA graph would read memory given to something else."""
+    kept, passed = torch.ones(3), [torch.full((3,), 2.0)]
+    replay, outputs = recorded_capture(lambda: kept * passed[0] + 1)
+    kept.fill_(3.0)
+    replay()
+    assert outputs().tolist() == [7.0] * 3
+    passed[0] = torch.full((3,), 5.0)  # a new tensor each time: the replay reads the freed first one
+    with pytest.raises(RuntimeError, match=r"made outside its capture \(\(3,\) torch.float32\) that has been freed"):
+        replay()
+
+
 def test_a_failed_cuda_capture_gives_back_the_stream_it_started_on(monkeypatch):
     """torch.cuda.graph ends the capture before it leaves its side stream, so when ending raises (an
     op the capture could not hold) that stream stays current; cuda_capture restores the caller's,
