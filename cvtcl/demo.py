@@ -140,14 +140,22 @@ def figures(data: Path, runs: Path, out: Path, last: dict[str, Any]) -> list[Pat
     return written
 
 
+def print_checks(checks: list[dict[str, Any]]) -> None:
+    """One line per check; a missed target is what this small set shows, not a failed run."""
+    for check in checks:
+        verdict = "reported" if check["passed"] is None else "PASS" if check["passed"] else "missed"
+        print(f"{verdict:8s} {check['check']}: {check['value']:.1f} (target {check['target']})")
+    if any(check["passed"] is False for check in checks):
+        print("         a missed target is a finding about this small synthetic set, not an error of the run: "
+              "README.md, 'Demo results', says which are expected and why")
+
+
 def conclude(out: Path, results: dict[str, Any], checks: list[dict[str, Any]], seconds: dict[str, float],
              seed: int) -> None:
     """Step 7: the table, the checks, and OUT/results.json (what README's demo table quotes)."""
     report.print_table(report.results_table("demo: synthetic split 1, test queries / train gallery",
                                             table_rows(results), label="setting / stream"))
-    for check in checks:
-        verdict = "reported" if check["passed"] is None else "PASS" if check["passed"] else "FAIL"
-        print(f"{verdict:8s} {check['check']}: {check['value']:.1f} (target {check['target']})")
+    print_checks(checks)
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage)
     machine = {"platform": platform.platform(), "processor": provenance.cpu_name() or platform.machine(),

@@ -19,6 +19,17 @@ def test_demo_generates_verifies_and_summarises(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "data" / "manifest.json").exists()
 
 
+def test_a_missed_target_is_reported_as_a_finding_with_where_it_is_explained(capsys):
+    checks = [{"check": "stage1-flow loss fall", "value": 54.0, "target": ">= 40%", "passed": True},
+              {"check": "stage1-rgb loss fall", "value": 17.6, "target": ">= 40%", "passed": False}]
+    demo.print_checks(checks)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PASS ") and lines[1].startswith("missed ") and "FAIL" not in "".join(lines)
+    assert "not an error of the run" in lines[2] and "'Demo results'" in lines[2]
+    demo.print_checks(checks[:1])
+    assert len(capsys.readouterr().out.splitlines()) == 1  # nothing missed: no explanation
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess  # DALI and the packer start worker processes
 def test_demo_end_to_end_and_repeatable(tmp_path, monkeypatch):
