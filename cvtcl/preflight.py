@@ -17,7 +17,8 @@ from cvtcl.config import TrainConfig
 from cvtcl.engine import STEPS, amp_dtype
 from cvtcl.moco import check_queue_size
 from cvtcl.schedule import check_queue_fills
-from preprocess.schema import load_manifest
+from preprocess.schema import load_manifest, shard_name
+from preprocess.shards import check_shard_index
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
 # logged, not what is computed. Anything else needs a new run.out_dir.
@@ -29,7 +30,11 @@ RESUMABLE_CHANGES = {
 
 
 def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch: int) -> None:
-    """The dataset exists, is complete, has the modalities and enough videos for one global batch."""
+    """The dataset exists, is complete, has the modalities and enough videos for one global batch,
+    and the index of every shard the run reads is the one the manifest recorded. The loaders check
+    each index again as they open a shard, but by then the run has written its config and logs;
+    reading the indexes here (12 bytes per frame and flow plane, and the HDF5 metadata; crc32 runs
+    at GB/s) makes a damaged one an error found before any work (exit 2, nothing written)."""
     root = Path(config.data.root)
     manifest = load_manifest(root)
     missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
@@ -49,6 +54,12 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
             f"{root}: split {config.data.split} {config.data.subset} has {len(videos)} videos, fewer than one "
             f"global batch ({global_batch}); lower data.batch_size"
         )
+    read = set(videos)
+    if config.run.knn_every:  # the kNN monitor queries with the test subset
+        read.update(split.get("test", ()))
+    advice = f"run `cvtcl-preprocess verify {root}` and re-run preprocessing"
+    for shard in sorted({v.shard for v in manifest.videos if v.name in read}):
+        check_shard_index(manifest, root, root / shard_name(shard), advice)
 
 
 def validate(config: TrainConfig, world_size: int) -> None:

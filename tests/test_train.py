@@ -15,6 +15,7 @@ import torch
 from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder
 from cvtcl.metrics import read_metrics
 from cvtcl.train import cli, main
+from preprocess.schema import LayoutError
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,17 @@ def _never_called(**kwargs):
     raise AssertionError("the loader was built before validation finished")
 
 
+def flip_index_byte(shard: Path) -> None:
+    """Damage the shard's index, not its frame data: one byte of the second rgb offset."""
+    import h5py
+
+    with h5py.File(shard, "r") as h5:
+        position = h5["rgb"]["offsets"].id.get_offset() + 8
+    content = bytearray(shard.read_bytes())
+    content[position] ^= 0xFF
+    shard.write_bytes(bytes(content))
+
+
 @pytest.mark.parametrize("extra,error,message", [
     (["loss.queue_size=18"], ValueError, r"queue_size=18 is not divisible by the global batch 4.*loss.queue_size=16"),
     (["stage.modality=flow", "data.root={nofl}"], ValueError, "without flow"),
@@ -88,12 +100,16 @@ def _never_called(**kwargs):
     (["run.expect_world_size=8"], ValueError, "laid out for 8 processes, got WORLD_SIZE=1"),
     (["data.batch_size=32", "loss.queue_size=64"], ValueError, "fewer than one global batch"),
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
+    (["data.root={damaged}"], LayoutError, r"shard-00000.h5: its index .* is damaged.*cvtcl-preprocess verify"),
 ])
 def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
+    """Refused before the loader is built and before run.out_dir exists: nothing is written."""
     nofl = make_dataset(tmp_path / "noflow", num_videos=4, with_flow=False)
     missing = make_dataset(tmp_path / "missing", num_videos=4)
     (missing / "shard-00000.h5").unlink()
-    paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere"}
+    damaged = make_dataset(tmp_path / "damaged")
+    flip_index_byte(damaged / "shard-00000.h5")
+    paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere", "damaged": damaged}
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
         main(_args(dataset, out, *[e.format(**paths) for e in extra]), build_loader=_never_called)
