@@ -274,20 +274,24 @@ def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[
                          "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")
 
 
-def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path]:
+def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path | None]:
     """(results, neighbours) paths in out_dir that do not exist yet: a rerun adds -2, -3, ... rather
-    than overwrite an earlier evaluation."""
+    than overwrite an earlier evaluation. Only the files this protocol writes count: retrieval
+    writes both and numbers them together; linear and finetune write no neighbours (None), so a
+    retrieval's neighbours file does not move their results to -2."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; give a directory")
-    first = (report.results_path(out_dir, protocol, dataset, split), report.neighbours_path(out_dir, dataset, split))
+    first = [report.results_path(out_dir, protocol, dataset, split)]
+    if protocol == "retrieval":
+        first.append(report.neighbours_path(out_dir, dataset, split))
     n = 1
     while True:
         suffix = f"-{n}" if n > 1 else ""
-        pair = tuple(path.with_name(f"{path.stem}{suffix}.json") for path in first)
-        if any(p.resolve().parent != out_dir.resolve() for p in pair):  # a split named like a path
+        paths = [path.with_name(f"{path.stem}{suffix}.json") for path in first]
+        if any(p.resolve().parent != out_dir.resolve() for p in paths):  # a split named like a path
             raise UsageError(f"--split {split!r} would write outside {out_dir}; use a split id such as 1")
-        if not any(p.exists() for p in pair):
-            return pair
+        if not any(p.exists() for p in paths):
+            return paths[0], paths[1] if len(paths) > 1 else None
         n += 1
 
 
@@ -386,7 +390,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
-                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path,
+                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path | None,
                  resume: dict[str, ResumeFile]) -> dict[str, Any]:
     """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe.
     The encoders run under --amp's autocast (an ambient setting: every forward inside it)."""

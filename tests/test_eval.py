@@ -122,6 +122,26 @@ def test_cli_writes_next_to_the_checkpoint_and_never_overwrites(fake_project, mo
     assert not list(run.parent.glob("eval-*.json"))
 
 
+def test_each_protocol_numbers_only_the_files_it_writes(fake_project):
+    """A retrieval's results and neighbours do not push the first linear or finetune results in the
+    same directory to -2; a retrieval still counts a neighbours file left alone."""
+    root, _ = fake_project
+    out = root / "run"
+    argv = ["--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root), "--out", str(out),
+            "--device", "cpu", "--epochs", "2"]
+    cvtcl_eval.main(["retrieval", *argv])
+    cvtcl_eval.main(["linear", *argv])
+    assert sorted(p.name for p in out.glob("*.json")) == [
+        "eval-linear-synthetic-split1.json", "eval-retrieval-synthetic-split1.json",
+        "retrieval-neighbours-synthetic-split1.json"]
+    for protocol in ("linear", "finetune"):
+        assert cvtcl_eval.output_paths(out, protocol, "synthetic", "1") == (
+            out / f"eval-{protocol}-synthetic-split1{'-2' if protocol == 'linear' else ''}.json", None)
+    (out / "eval-retrieval-synthetic-split1.json").unlink()
+    assert cvtcl_eval.output_paths(out, "retrieval", "synthetic", "1") == (
+        out / "eval-retrieval-synthetic-split1-2.json", out / "retrieval-neighbours-synthetic-split1-2.json")
+
+
 def test_results_never_leave_the_output_directory(tmp_path):
     with pytest.raises(UsageError, match="would write outside"):
         cvtcl_eval.output_paths(tmp_path, "linear", "synthetic", "1/../../elsewhere")
