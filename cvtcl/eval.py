@@ -127,7 +127,8 @@ def run_finetune(
                            modality=modality, device=device, config=config,
                            resume=(resume or {}).get(modality), log=say)
         models[modality] = outcome.model
-        info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch}
+        # counted from 1, as in the per-epoch lines ("best ... after epoch N")
+        info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch + 1}
     if distributed.rank() != 0:  # under torchrun the first process scores the test split alone
         return {}
     test_loaders = {m: make_loader("test", m, "ten") for m in models}

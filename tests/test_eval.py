@@ -43,12 +43,19 @@ def test_retrieval_and_linear_with_model_objects():
     assert linear["two-stream"]["top1"] > 90.0
 
 
-def test_finetune_with_model_objects():
+def test_finetune_with_model_objects(capsys):
+    """Results name the selected epoch as the progress lines do, counted from 1 ("best ... after
+    epoch N"); the two-stream row has none."""
     make_train = lambda modality: FakePretrainLoader(TRAIN, modality, batch_size=6, noise=0.3)
     config = FinetuneConfig(epochs=2, eval_every=1, dropout=0.2)
     results = cvtcl_eval.run_finetune(encoders(), fake_factory, make_train, 3, config=config)
     assert set(results) == {"rgb", "flow", "two-stream"}
-    assert results["rgb"]["epoch"] in (0, 1) and "heldout_top1" in results["flow"]
+    assert results["rgb"]["epoch"] in (1, 2) and "heldout_top1" in results["flow"]
+    assert "epoch" not in results["two-stream"]
+    lines = capsys.readouterr().out.splitlines()
+    for modality in ("rgb", "flow"):
+        (last,) = [line for line in lines if line.startswith(f"fine-tune {modality}: epoch 2/2")]
+        assert last.endswith(f"after epoch {results[modality]['epoch']})"), last
 
 
 @pytest.fixture
@@ -239,7 +246,7 @@ def real_cli(protocol, dataset, checkpoint, out):
 
 
 def sane(row, epochs):
-    return 0 <= row["top1"] <= 100 and 0 <= row["heldout_top1"] <= 100 and row["epoch"] in range(epochs)
+    return 0 <= row["top1"] <= 100 and 0 <= row["heldout_top1"] <= 100 and 1 <= row["epoch"] <= epochs
 
 
 def test_cli_linear_on_real_dali_loaders_selects_on_heldout_train(trained_run, tmp_path, monkeypatch):
