@@ -341,6 +341,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except torch.OutOfMemoryError:
         raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
                         f"({memory_report(device)}): lower --batch-size") from None
+    except KeyboardInterrupt:
+        # the fine-tune saves every finished epoch and a rerun continues from it; retrieval and the
+        # linear probe keep nothing, and neither does a fine-tune stopped in its first epoch
+        saved = [str(file.path) for file in resume.values() if file.path.is_file()]
+        if not saved:
+            raise
+        raise KeyboardInterrupt(f"the fine-tune's finished epochs are saved in {', '.join(saved)}; "
+                                "rerun the same command to resume") from None
     finally:
         rank = distributed.rank()
         distributed.shutdown()

@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -308,6 +309,38 @@ def test_cli_finetune_rerun_resumes_and_gives_the_uninterrupted_result(trained_r
     assert f"fine-tune rgb: resumed after epoch 2 of 3 from {saved}" in capsys.readouterr().out
     assert resumed["results"] == whole["results"]
     assert not list((tmp_path / "resumed").glob("*.resume.pt"))
+
+
+def test_ctrl_c_says_a_rerun_resumes_only_where_it_does(fake_project, monkeypatch, capsys):
+    """Ctrl-C once the fine-tune has saved an epoch names the file and says the same command
+    resumes, which it does; a retrieval, and a fine-tune stopped in its first epoch, keep nothing
+    and say only that they were interrupted."""
+    root, _ = fake_project
+    stop_in = {"epoch": 0}
+
+    def build_pretrain_loader(root, *, subset, modalities, batch_size, **kwargs):
+        loader = FakePretrainLoader(TRAIN, modalities[0], batch_size=6, noise=0.3)
+        epoch = loader.epoch
+        loader.epoch = lambda e, *a: (_ for _ in ()).throw(KeyboardInterrupt) if e == stop_in["epoch"] else epoch(e, *a)
+        return loader
+
+    monkeypatch.setattr(sys.modules["cvtcl.data"], "build_pretrain_loader", build_pretrain_loader)
+    common = ["--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root), "--device", "cpu"]
+    finetune = ["finetune", *common, "--out", str(root / "ft"), "--epochs", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cvtcl_eval, "extract_features", mock.Mock(side_effect=KeyboardInterrupt))
+        assert cvtcl_eval.cli(["retrieval", *common, "--out", str(root / "r")]) == 130
+    assert capsys.readouterr().err == "cvtcl.eval: interrupted (Ctrl-C)\n"
+    assert cvtcl_eval.cli(finetune) == 130
+    assert capsys.readouterr().err == "cvtcl.eval: interrupted (Ctrl-C)\n"
+    stop_in["epoch"] = 1
+    assert cvtcl_eval.cli(finetune) == 130
+    (saved,) = (root / "ft").glob("*.resume.pt")
+    assert capsys.readouterr().err == (f"cvtcl.eval: interrupted (Ctrl-C); the fine-tune's finished epochs are saved "
+                                       f"in {saved}; rerun the same command to resume\n")
+    stop_in["epoch"] = None
+    assert cvtcl_eval.cli(finetune) == 0
+    assert f"fine-tune rgb: resumed after epoch 1 of 2 from {saved}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("amp,expected", [("fp32", None), ("bf16", torch.bfloat16)])
