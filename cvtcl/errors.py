@@ -55,6 +55,16 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def brief(err: BaseException, limit: int = 100) -> str:
+    """`err` in a few words, for inside our own one-line message: its type, and its text when that
+    is one short line. A library's own text can run to paragraphs (torch.load's UnpicklingError
+    advises on `weights_only` over several lines); cut, it would end mid-word."""
+    text = str(err).strip()
+    if text and "\n" not in text and len(text) <= limit:
+        return f"{type(err).__name__}: {text}"
+    return type(err).__name__
+
+
 @contextlib.contextmanager
 def interrupt_main_process_only() -> Iterator[None]:
     """Ctrl-C reaches every process of the terminal's process group: the command's, and the loader

@@ -29,7 +29,7 @@ from torch import nn
 
 from cvtcl import distributed, provenance, report
 from cvtcl.engine import PRECISION, memory_report
-from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
+from cvtcl.errors import EXIT_OK, RunFailed, UsageError, brief, run_command
 from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, ResumeFile, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
@@ -225,8 +225,8 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
         try:
             encoder, config = load_encoder(path, map_location="cpu")
         except Exception as err:  # torch.load of a file that is not a checkpoint raises anything
-            detail = " ".join(str(err).split())[:200]
-            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({type(err).__name__}: {detail}); "
+            reason = getattr(err, "reason", None) or brief(err)  # CheckpointLoadError: torch's error, briefly
+            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({reason}); "
                              "give a checkpoint-*.pt file of cvtcl.train") from None
         modality = getattr(encoder, "modality", None)
         if modality in encoders:
