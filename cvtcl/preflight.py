@@ -21,11 +21,13 @@ from preprocess.schema import load_manifest, shard_name
 from preprocess.shards import check_shard_index
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
-# logged, not what is computed. Anything else needs a new run.out_dir.
+# logged, not what is computed; run.out_dir is where the run is found (a moved or copied run
+# directory resumes), run.expect_world_size a launch check (the world size itself is compared
+# on its own). Anything else needs a new run.out_dir.
 RESUMABLE_CHANGES = {
     "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
     "optim.epochs", "data.num_threads", "run.device", "run.knn_every", "run.compile", "run.graph_scope",
-    "run.legacy_step",
+    "run.legacy_step", "run.out_dir", "run.expect_world_size",
 }
 
 

@@ -63,6 +63,19 @@ def test_run_writes_metrics_config_checkpoints_and_resumes(dataset, tmp_path):
         main(_args(dataset, out, "run.max_steps=12"), build_loader=_never_called)
 
 
+def test_a_moved_run_directory_resumes(dataset, tmp_path):
+    """run.out_dir is where the run is found, not what it computes: a run directory moved elsewhere
+    resumes there, and a refusal lists only the keys that matter."""
+    assert main(_args(dataset, tmp_path / "run", "run.max_steps=2", "run.log_every=1"),
+                build_loader=FakePretrainLoader) == 0
+    moved = (tmp_path / "run").rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"different config \(optim.lr\); "):
+        main(_args(dataset, moved, "run.max_steps=3", "optim.lr=0.1"), build_loader=_never_called)
+    assert main(_args(dataset, moved, "run.max_steps=3", "run.log_every=1", "run.expect_world_size=1"),
+                build_loader=FakePretrainLoader) == 0
+    assert [r["step"] for r in read_metrics(moved / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_complete_after_all_epochs(dataset, tmp_path):
     assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0
     assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
