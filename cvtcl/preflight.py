@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from cvtcl import distributed
-from cvtcl.checkpoint import latest_loadable
+from cvtcl.checkpoint import CheckpointLoadError, latest_loadable, load_checkpoint
 from cvtcl.config import TrainConfig
+from cvtcl.cotrain import check_sampler  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, amp_dtype
+from cvtcl.errors import brief
 from cvtcl.moco import check_queue_size
 from cvtcl.schedule import check_queue_fills
 from preprocess.schema import load_manifest, shard_name
@@ -80,10 +82,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     check_out_dir(config.run.out_dir)
     if config.stage.kind not in STEPS:
         raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
-    for name in ("sampler_checkpoint", "init_checkpoint"):
-        path = getattr(config.stage, name)
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"stage.{name}={path} does not exist")
+    check_stage_checkpoints(config)
     check_dataset(config, modalities(config), global_batch)
     if config.stage.kind == "cotrain":
         check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
@@ -95,6 +94,26 @@ def validate(config: TrainConfig, world_size: int) -> None:
     elif skipped:  # starting over would overwrite their history: the user decides
         raise ValueError(f"no checkpoint in {config.run.out_dir} loads ({skipped[0]}); move them away to start "
                          "the run over, or use a new run.out_dir")
+
+
+def check_stage_checkpoints(config: TrainConfig) -> None:
+    """stage.sampler_checkpoint and stage.init_checkpoint are checkpoints of cvtcl.train (read with
+    their tensors left in the file), and the sampler suits the stage: found here, not once the run
+    has written its config and logs."""
+    for name in ("sampler_checkpoint", "init_checkpoint"):
+        path = getattr(config.stage, name)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"stage.{name}={path} does not exist")
+        try:
+            encoder = load_checkpoint(path, mmap=True)["encoder"]
+        except (CheckpointLoadError, ValueError, KeyError) as err:
+            reason = getattr(err, "reason", None) or brief(err)
+            raise ValueError(f"stage.{name}={path}: not a checkpoint of cvtcl.train ({reason}); "
+                             "give a checkpoint-*.pt file of a training run") from None
+        if name == "sampler_checkpoint":
+            check_sampler(encoder, config)
 
 
 def check_device(config: TrainConfig) -> None:

@@ -114,6 +114,7 @@ def flip_index_byte(shard: Path) -> None:
     (["data.batch_size=32", "loss.queue_size=64"], ValueError, "fewer than one global batch"),
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
     (["data.root={damaged}"], LayoutError, r"shard-00000.h5: its index .* is damaged.*cvtcl-preprocess verify"),
+    (["stage.init_checkpoint={text}"], ValueError, r"stage.init_checkpoint=.*text.pt: not a checkpoint of cvtcl.train"),
 ])
 def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
     """Refused before the loader is built and before run.out_dir exists: nothing is written."""
@@ -122,7 +123,9 @@ def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
     (missing / "shard-00000.h5").unlink()
     damaged = make_dataset(tmp_path / "damaged")
     flip_index_byte(damaged / "shard-00000.h5")
-    paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere", "damaged": damaged}
+    (tmp_path / "text.pt").write_text("this is not a checkpoint\n")
+    paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere", "damaged": damaged,
+             "text": tmp_path / "text.pt"}
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
         main(_args(dataset, out, *[e.format(**paths) for e in extra]), build_loader=_never_called)
