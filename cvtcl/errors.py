@@ -56,13 +56,13 @@ def one_line(err: BaseException) -> str:
 
 
 def brief(err: BaseException, limit: int = 100) -> str:
-    """`err` in a few words, for inside our own one-line message: its type, and its text when that
-    is one short line. A library's own text can run to paragraphs (torch.load's UnpicklingError
-    advises on `weights_only` over several lines); cut, it would end mid-word."""
-    text = str(err).strip()
-    if text and "\n" not in text and len(text) <= limit:
-        return f"{type(err).__name__}: {text}"
-    return type(err).__name__
+    """`err` in a few words, for inside our own one-line message: its type and the first sentence of
+    its text, when that is short. A library's own text can run to paragraphs (torch.load's
+    UnpicklingError advises on `weights_only` over several lines, a torn file's error on how files
+    get corrupted), and cut at a length it would end mid-word; its first sentence says what failed."""
+    lines = str(err).strip().splitlines()
+    sentence = lines[0].split(". ")[0].strip().rstrip(".") if lines else ""
+    return f"{type(err).__name__}: {sentence}" if sentence and len(sentence) <= limit else type(err).__name__
 
 
 @contextlib.contextmanager

@@ -168,7 +168,8 @@ CASES = [
     ("eval", ["retrieval", "--checkpoint", "{run}/rgb", *EVAL], 2, "is a directory; give one checkpoint file"),
     ("eval", ["retrieval", "--checkpoint", "{text}", *EVAL], 2, "not a cvtcl checkpoint"),
     ("eval", ["linear", "--checkpoint", "{module}", *EVAL], 2,
-     "--checkpoint {module}: not a cvtcl checkpoint (UnpicklingError); give a checkpoint-*.pt file of cvtcl.train"),
+     "--checkpoint {module}: not a cvtcl checkpoint (UnpicklingError: Weights only load failed); "
+     "give a checkpoint-*.pt file of cvtcl.train"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", "--dataset", "synthetic"], 2, "--shards"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--shards", "{nowhere}"], 2, "no manifest.json in"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--split", "3"], 2, "--split 3:"),
