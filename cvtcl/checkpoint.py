@@ -26,12 +26,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cvtcl.errors import brief
 from cvtcl.models import Encoder
 from preprocess.hygiene import OutputDirError
 
@@ -54,6 +56,15 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 class CheckpointWriteError(OutputDirError):
     """A checkpoint could not be written; the previous ones are kept."""
+
+
+class CheckpointLoadError(RuntimeError):
+    """A file torch.load cannot read as a checkpoint: not one, or damaged. `reason` is torch's error
+    in a few words (cvtcl.errors.brief), for messages that name the file themselves."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"checkpoint {path} cannot be loaded ({reason})")
+        self.reason = reason
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -125,9 +136,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # a pickle not written by torch.save: the error below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # damaged bytes make torch's unpickler raise anything (IndexError, ...)
-        raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err})") from None
+        raise CheckpointLoadError(path, brief(err)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {found!r}, this cvtcl reads format {CHECKPOINT_FORMAT}")

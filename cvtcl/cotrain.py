@@ -52,17 +52,23 @@ class FrozenSampler(nn.Module):
 
 def load_sampler(config: TrainConfig, device: torch.device) -> FrozenSampler:
     """The query encoder of `stage.sampler_checkpoint`, checked to be of the other modality."""
+    encoder, _ = load_encoder(config.stage.sampler_checkpoint, which="query", map_location=device)
+    check_sampler(encoder.config(), config)
+    return FrozenSampler(encoder)
+
+
+def check_sampler(encoder: dict, config: TrainConfig) -> None:
+    """The sampler checkpoint's encoder (its constructor arguments, a checkpoint's "encoder") is of
+    the other modality and embeds in the queue's space; checked before any work too (preflight)."""
     path = config.stage.sampler_checkpoint
-    encoder, _ = load_encoder(path, which="query", map_location=device)
-    if encoder.modality != config.stage.sampler_modality:
+    if encoder["modality"] != config.stage.sampler_modality:
         raise ValueError(
-            f"stage.sampler_checkpoint={path} holds a {encoder.modality} encoder; training "
+            f"stage.sampler_checkpoint={path} holds a {encoder['modality']} encoder; training "
             f"{config.stage.modality} needs a {config.stage.sampler_modality} sampler"
         )
-    if encoder.embed_dim != config.model.embed_dim:
-        raise ValueError(f"stage.sampler_checkpoint={path} embeds in {encoder.embed_dim} dims, model.embed_dim is "
+    if encoder["embed_dim"] != config.model.embed_dim:
+        raise ValueError(f"stage.sampler_checkpoint={path} embeds in {encoder['embed_dim']} dims, model.embed_dim is "
                          f"{config.model.embed_dim}: mining compares sampler embeddings in the queue's space")
-    return FrozenSampler(encoder)
 
 
 def cotrain_step(ctx: engine.Context, batch: dict[str, torch.Tensor], draws: engine.StepDraws) -> engine.StepOutput:

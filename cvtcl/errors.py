@@ -8,7 +8,7 @@ the README documents ("Exit status"):
     0    done
     1    the work started and failed (a non-finite loss, out of GPU memory, an I/O error while running)
     2    usage or input error, found before any work; nothing was written
-    130  interrupted with Ctrl-C (training checkpoints first)
+    130  interrupted with Ctrl-C (training checkpoints first; the line says when a rerun resumes)
 
 Anything else is a bug and keeps its traceback; `--debug` shows the traceback of expected
 failures too. `StopSignals` turns SIGTERM and Ctrl-C during training into a request that the
@@ -55,6 +55,16 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def brief(err: BaseException, limit: int = 100) -> str:
+    """`err` in a few words, for inside our own one-line message: its type and the first sentence of
+    its text, when that is short. A library's own text can run to paragraphs (torch.load's
+    UnpicklingError advises on `weights_only` over several lines, a torn file's error on how files
+    get corrupted), and cut at a length it would end mid-word; its first sentence says what failed."""
+    lines = str(err).strip().splitlines()
+    sentence = lines[0].split(". ")[0].strip().rstrip(".") if lines else ""
+    return f"{type(err).__name__}: {sentence}" if sentence and len(sentence) <= limit else type(err).__name__
+
+
 @contextlib.contextmanager
 def interrupt_main_process_only() -> Iterator[None]:
     """Ctrl-C reaches every process of the terminal's process group: the command's, and the loader
@@ -83,8 +93,9 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
     try:
         with interrupt_main_process_only():
             return body(argv)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # raised again with a note where the work can resume
+        note = f"; {interrupt.args[0]}" if interrupt.args else ""
+        print(f"{prog}: interrupted (Ctrl-C){note}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`... --help-config | head`): nothing to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -29,7 +29,7 @@ from torch import nn
 
 from cvtcl import distributed, provenance, report
 from cvtcl.engine import PRECISION, memory_report
-from cvtcl.errors import EXIT_OK, RunFailed, UsageError, run_command
+from cvtcl.errors import EXIT_OK, RunFailed, UsageError, brief, run_command
 from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, ResumeFile, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
@@ -127,7 +127,8 @@ def run_finetune(
                            modality=modality, device=device, config=config,
                            resume=(resume or {}).get(modality), log=say)
         models[modality] = outcome.model
-        info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch}
+        # counted from 1, as in the per-epoch lines ("best ... after epoch N")
+        info[modality] = {"heldout_top1": outcome.heldout_top1, "epoch": outcome.selected_epoch + 1}
     if distributed.rank() != 0:  # under torchrun the first process scores the test split alone
         return {}
     test_loaders = {m: make_loader("test", m, "ten") for m in models}
@@ -224,8 +225,8 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
         try:
             encoder, config = load_encoder(path, map_location="cpu")
         except Exception as err:  # torch.load of a file that is not a checkpoint raises anything
-            detail = " ".join(str(err).split())[:200]
-            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({type(err).__name__}: {detail}); "
+            reason = getattr(err, "reason", None) or brief(err)  # CheckpointLoadError: torch's error, briefly
+            raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({reason}); "
                              "give a checkpoint-*.pt file of cvtcl.train") from None
         modality = getattr(encoder, "modality", None)
         if modality in encoders:
@@ -274,20 +275,24 @@ def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[
                          "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")
 
 
-def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path]:
+def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path | None]:
     """(results, neighbours) paths in out_dir that do not exist yet: a rerun adds -2, -3, ... rather
-    than overwrite an earlier evaluation."""
+    than overwrite an earlier evaluation. Only the files this protocol writes count: retrieval
+    writes both and numbers them together; linear and finetune write no neighbours (None), so a
+    retrieval's neighbours file does not move their results to -2."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; give a directory")
-    first = (report.results_path(out_dir, protocol, dataset, split), report.neighbours_path(out_dir, dataset, split))
+    first = [report.results_path(out_dir, protocol, dataset, split)]
+    if protocol == "retrieval":
+        first.append(report.neighbours_path(out_dir, dataset, split))
     n = 1
     while True:
         suffix = f"-{n}" if n > 1 else ""
-        pair = tuple(path.with_name(f"{path.stem}{suffix}.json") for path in first)
-        if any(p.resolve().parent != out_dir.resolve() for p in pair):  # a split named like a path
+        paths = [path.with_name(f"{path.stem}{suffix}.json") for path in first]
+        if any(p.resolve().parent != out_dir.resolve() for p in paths):  # a split named like a path
             raise UsageError(f"--split {split!r} would write outside {out_dir}; use a split id such as 1")
-        if not any(p.exists() for p in pair):
-            return pair
+        if not any(p.exists() for p in paths):
+            return paths[0], paths[1] if len(paths) > 1 else None
         n += 1
 
 
@@ -336,6 +341,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except torch.OutOfMemoryError:
         raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
                         f"({memory_report(device)}): lower --batch-size") from None
+    except KeyboardInterrupt:
+        # the fine-tune saves every finished epoch and a rerun continues from it; retrieval and the
+        # linear probe keep nothing, and neither does a fine-tune stopped in its first epoch
+        saved = [str(file.path) for file in resume.values() if file.path.is_file()]
+        if not saved:
+            raise
+        raise KeyboardInterrupt(f"the fine-tune's finished epochs are saved in {', '.join(saved)}; "
+                                "rerun the same command to resume") from None
     finally:
         rank = distributed.rank()
         distributed.shutdown()
@@ -386,7 +399,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
-                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path,
+                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path | None,
                  resume: dict[str, ResumeFile]) -> dict[str, Any]:
     """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe.
     The encoders run under --amp's autocast (an ambient setting: every forward inside it)."""

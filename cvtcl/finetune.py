@@ -82,7 +82,7 @@ class Classifier(nn.Module):
 @dataclass
 class FinetuneResult:
     model: Classifier
-    selected_epoch: int
+    selected_epoch: int  # 0-based, as in history; results and progress lines count from 1
     heldout_top1: float
     history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, held-out top-1)
 

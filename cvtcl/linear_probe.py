@@ -48,7 +48,7 @@ class LinearProbeConfig:
 @dataclass
 class ProbeResult:
     probe: nn.Module
-    selected_epoch: int
+    selected_epoch: int  # 0-based, an index into history (results count from 1, see linear_probe)
     heldout_top1: float  # percent, of the selected epoch
     history: list[float] = field(default_factory=list)  # held-out top-1 per epoch
 
@@ -136,7 +136,9 @@ def linear_probe(
     """Top-1 on test per modality and, with both, "two-stream" (mean of the two probabilities).
 
     train/test: {"rgb"|"flow": VideoFeatures}; fit_index/heldout_index split the train rows
-    (`cvtcl.selection.heldout_split`). Returns {stream: {"top1", "heldout_top1", "epoch"}}.
+    (`cvtcl.selection.heldout_split`). Returns {stream: {"top1", "heldout_top1", "epoch"}}, where
+    "epoch" is the selected epoch counted from 1 (as the fine-tune's progress lines count them);
+    "two-stream" has none, as each stream keeps its own (the table shows "-").
     """
     results: dict[str, dict[str, float]] = {}
     probabilities: dict[str, torch.Tensor] = {}
@@ -150,7 +152,7 @@ def linear_probe(
         results[modality] = {
             "top1": top1(probabilities[modality], test[modality].labels),
             "heldout_top1": outcome.heldout_top1,
-            "epoch": outcome.selected_epoch,
+            "epoch": outcome.selected_epoch + 1,
         }
     if len(train) == 2:
         test_labels = test["rgb"].labels
@@ -158,6 +160,5 @@ def linear_probe(
         results["two-stream"] = {
             "top1": top1(probabilities["rgb"] + probabilities["flow"], test_labels),
             "heldout_top1": top1(probabilities["rgb/heldout"] + probabilities["flow/heldout"], held_labels),
-            "epoch": -1,  # each stream keeps its own selected epoch
         }
     return results

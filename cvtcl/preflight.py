@@ -12,24 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from cvtcl import distributed
-from cvtcl.checkpoint import latest_loadable
+from cvtcl.checkpoint import CheckpointLoadError, latest_loadable, load_checkpoint
 from cvtcl.config import TrainConfig
+from cvtcl.cotrain import check_sampler  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, amp_dtype
+from cvtcl.errors import brief
 from cvtcl.moco import check_queue_size
 from cvtcl.schedule import check_queue_fills
-from preprocess.schema import load_manifest
+from preprocess.schema import load_manifest, shard_name
+from preprocess.shards import check_shard_index
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
-# logged, not what is computed. Anything else needs a new run.out_dir.
+# logged, not what is computed; run.out_dir is where the run is found (a moved or copied run
+# directory resumes), run.expect_world_size a launch check (the world size itself is compared
+# on its own). Anything else needs a new run.out_dir.
 RESUMABLE_CHANGES = {
     "run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
     "optim.epochs", "data.num_threads", "run.device", "run.knn_every", "run.compile", "run.graph_scope",
-    "run.legacy_step",
+    "run.legacy_step", "run.out_dir", "run.expect_world_size",
 }
 
 
 def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch: int) -> None:
-    """The dataset exists, is complete, has the modalities and enough videos for one global batch."""
+    """The dataset exists, is complete, has the modalities and enough videos for one global batch,
+    and the index of every shard the run reads is the one the manifest recorded. The loaders check
+    each index again as they open a shard, but by then the run has written its config and logs;
+    reading the indexes here (12 bytes per frame and flow plane, and the HDF5 metadata; crc32 runs
+    at GB/s) makes a damaged one an error found before any work (exit 2, nothing written)."""
     root = Path(config.data.root)
     manifest = load_manifest(root)
     missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
@@ -49,6 +58,12 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
             f"{root}: split {config.data.split} {config.data.subset} has {len(videos)} videos, fewer than one "
             f"global batch ({global_batch}); lower data.batch_size"
         )
+    read = set(videos)
+    if config.run.knn_every:  # the kNN monitor queries with the test subset
+        read.update(split.get("test", ()))
+    advice = f"run `cvtcl-preprocess verify {root}` and re-run preprocessing"
+    for shard in sorted({v.shard for v in manifest.videos if v.name in read}):
+        check_shard_index(manifest, root, root / shard_name(shard), advice)
 
 
 def validate(config: TrainConfig, world_size: int) -> None:
@@ -67,10 +82,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     check_out_dir(config.run.out_dir)
     if config.stage.kind not in STEPS:
         raise NotImplementedError(f"stage.kind={config.stage.kind!r} has no step function in cvtcl/engine.py STEPS")
-    for name in ("sampler_checkpoint", "init_checkpoint"):
-        path = getattr(config.stage, name)
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"stage.{name}={path} does not exist")
+    check_stage_checkpoints(config)
     check_dataset(config, modalities(config), global_batch)
     if config.stage.kind == "cotrain":
         check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
@@ -82,6 +94,26 @@ def validate(config: TrainConfig, world_size: int) -> None:
     elif skipped:  # starting over would overwrite their history: the user decides
         raise ValueError(f"no checkpoint in {config.run.out_dir} loads ({skipped[0]}); move them away to start "
                          "the run over, or use a new run.out_dir")
+
+
+def check_stage_checkpoints(config: TrainConfig) -> None:
+    """stage.sampler_checkpoint and stage.init_checkpoint are checkpoints of cvtcl.train (read with
+    their tensors left in the file), and the sampler suits the stage: found here, not once the run
+    has written its config and logs."""
+    for name in ("sampler_checkpoint", "init_checkpoint"):
+        path = getattr(config.stage, name)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"stage.{name}={path} does not exist")
+        try:
+            encoder = load_checkpoint(path, mmap=True)["encoder"]
+        except (CheckpointLoadError, ValueError, KeyError) as err:
+            reason = getattr(err, "reason", None) or brief(err)
+            raise ValueError(f"stage.{name}={path}: not a checkpoint of cvtcl.train ({reason}); "
+                             "give a checkpoint-*.pt file of a training run") from None
+        if name == "sampler_checkpoint":
+            check_sampler(encoder, config)
 
 
 def check_device(config: TrainConfig) -> None:

@@ -103,6 +103,19 @@ def index_crc32(path: str | os.PathLike, regions: Sequence[Sequence[int]]) -> in
     return crc
 
 
+def check_shard_index(manifest: Manifest, root: Path, path: Path, advice: str) -> None:
+    """The shard's index (HDF5 metadata, offsets, checksums) is the one the manifest recorded. Every
+    reader checks it as it opens a shard; the trainer also checks it before any work, so that a
+    damaged index stops a run before it writes anything (cvtcl/preflight.py)."""
+    entry = next((e for e in manifest.shards if e["file"] == path.name), None)
+    if entry is None:
+        raise LayoutError(f"{root}/manifest.json lists no shard {path.name}; {advice}")
+    found = index_crc32(path, entry["data_regions"])
+    if found != entry["index_crc32"]:
+        raise LayoutError(f"{path}: its index (HDF5 metadata, offsets or checksums) is damaged: "
+                          f"crc32 {found} differs from the manifest's {entry['index_crc32']}; {advice}")
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -297,7 +310,7 @@ class ShardReader:
             path = self.root / shard_name(shard)
             advice = f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing"
             try:
-                self._check_index(path, advice)  # before HDF5 parses a byte of it
+                check_shard_index(self.manifest, self.root, path, advice)  # before HDF5 parses a byte of it
                 h5 = h5py.File(path, "r")
             except OSError as err:
                 raise LayoutError(f"cannot open shard {path} ({err}); {advice}") from None
@@ -323,16 +336,6 @@ class ShardReader:
             mismatch = record_mismatch([video], [own] if own else [])
             raise LayoutError(f"{self.root}/manifest.json and {shard_name(video.shard)} disagree: {mismatch}; "
                               f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing")
-
-    def _check_index(self, path: Path, advice: str) -> None:
-        """The shard's index (HDF5 metadata, offsets, checksums) is the one the manifest recorded."""
-        entry = next((e for e in self.manifest.shards if e["file"] == path.name), None)
-        if entry is None:
-            raise LayoutError(f"{self.root}/manifest.json lists no shard {path.name}; {advice}")
-        found = index_crc32(path, entry["data_regions"])
-        if found != entry["index_crc32"]:
-            raise LayoutError(f"{path}: its index (HDF5 metadata, offsets or checksums) is damaged: "
-                              f"crc32 {found} differs from the manifest's {entry['index_crc32']}; {advice}")
 
     def _tables_of(self, shard: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         key = (shard, modality)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cvtcl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_encoder, save_checkpoint
+from cvtcl.checkpoint import CheckpointLoadError, latest_checkpoint, list_checkpoints, load_checkpoint, load_encoder, save_checkpoint
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import get_preset
@@ -53,3 +53,28 @@ def test_missing_or_foreign_files_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="format None"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_file_torch_cannot_read_is_named_in_one_short_line(tmp_path, recwarn):
+    """torch's own error for a pickled module (or a plain pickle) is paragraphs of advice on
+    weights_only, and it warns about the pickle's protocol: the error names the file, torch's
+    exception and its first sentence, and nothing is printed besides; a torn file keeps torch's
+    first sentence too."""
+    import pickle
+
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    for name in ("module.pt", "pickle.pt"):
+        with pytest.raises(CheckpointLoadError) as error:
+            load_checkpoint(tmp_path / name)
+        reason = "UnpicklingError: Weights only load failed"
+        assert str(error.value) == f"checkpoint {tmp_path / name} cannot be loaded ({reason})"
+        assert error.value.reason == reason
+    assert not recwarn.list
+    torn = tmp_path / "torn.pt"
+    torch.save({"weights": torch.zeros(1000)}, torn)
+    torn.write_bytes(torn.read_bytes()[:2000])
+    with pytest.raises(CheckpointLoadError, match=r"\(RuntimeError: PytorchStreamReader failed reading zip archive: "
+                                                  r"failed finding central directory\)$"):
+        load_checkpoint(torn)
+

@@ -58,10 +58,22 @@ def test_frozen_sampler_stays_in_eval_mode_without_gradients(tmp_path):
     torch.testing.assert_close(sampler(x)[:2], sampler(x[:2]))  # eval BN: no dependence on the batch
 
 
-def test_sampler_of_the_wrong_modality_is_refused(tmp_path):
+def test_sampler_of_the_wrong_modality_is_refused(dataset, tmp_path):
+    """By the sampler's loader, and by the trainer before any work: no loader, no run directory."""
+    from cvtcl.train import main
+
     config = _cotrain_config(tmp_path, _sampler_checkpoint(tmp_path / "rgb", "rgb"))
     with pytest.raises(ValueError, match="holds a rgb encoder; training rgb needs a flow sampler"):
         load_sampler(config, torch.device("cpu"))
+
+    def never_called(**kwargs):
+        raise AssertionError("the loader was built before validation finished")
+
+    with pytest.raises(ValueError, match="holds a rgb encoder; training rgb needs a flow sampler"):
+        main(["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={tmp_path / 'run'}", "stage.kind=cotrain",
+              f"stage.sampler_checkpoint={config.stage.sampler_checkpoint}", "loss.queue_size=16",
+              "run.progress=none"], build_loader=never_called)
+    assert not (tmp_path / "run").exists()
 
 
 def test_no_update_until_the_queue_is_full_then_mining(dataset, tmp_path):

@@ -86,6 +86,7 @@ def paths(tmp_path_factory, synthetic_dataset):
     rgb = _checkpoint(run / "rgb", "rgb")
     flow = _checkpoint(run / "flow", "flow")
     (tmp / "text.pt").write_text("this is not a checkpoint\n")
+    torch.save(torch.nn.Linear(2, 2), tmp / "module.pt")  # torch's error for it is paragraphs long
     (tmp / "file").write_text("a file where a directory belongs\n")
     (tmp / "empty").mkdir()
     (tmp / "bad-metrics").mkdir()
@@ -98,7 +99,8 @@ def paths(tmp_path_factory, synthetic_dataset):
     (tmp / "flat.yaml").write_text("lr: 0.1\n")
     return {"tmp": tmp, "data": data, "rgb_only": rgb_only, "missing_shard": missing_shard,
             "bad_manifest": bad_manifest, "damaged": damaged, "run": run, "rgb": rgb, "flow": flow,
-            "nowhere": tmp / "nowhere", "text": tmp / "text.pt", "file": tmp / "file", "empty": tmp / "empty"}
+            "nowhere": tmp / "nowhere", "text": tmp / "text.pt", "module": tmp / "module.pt", "file": tmp / "file",
+            "empty": tmp / "empty"}
 
 
 TRAIN = ["--preset", "smoke", "data.root={data}", "run.out_dir={tmp}/train-out", "loss.queue_size=16",
@@ -165,6 +167,9 @@ CASES = [
     ("eval", ["retrieval", "--checkpoint", "{nowhere}.pt", *EVAL], 2, "does not exist"),
     ("eval", ["retrieval", "--checkpoint", "{run}/rgb", *EVAL], 2, "is a directory; give one checkpoint file"),
     ("eval", ["retrieval", "--checkpoint", "{text}", *EVAL], 2, "not a cvtcl checkpoint"),
+    ("eval", ["linear", "--checkpoint", "{module}", *EVAL], 2,
+     "--checkpoint {module}: not a cvtcl checkpoint (UnpicklingError: Weights only load failed); "
+     "give a checkpoint-*.pt file of cvtcl.train"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", "--dataset", "synthetic"], 2, "--shards"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--shards", "{nowhere}"], 2, "no manifest.json in"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--split", "3"], 2, "--split 3:"),

@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -43,12 +44,19 @@ def test_retrieval_and_linear_with_model_objects():
     assert linear["two-stream"]["top1"] > 90.0
 
 
-def test_finetune_with_model_objects():
+def test_finetune_with_model_objects(capsys):
+    """Results name the selected epoch as the progress lines do, counted from 1 ("best ... after
+    epoch N"); the two-stream row has none."""
     make_train = lambda modality: FakePretrainLoader(TRAIN, modality, batch_size=6, noise=0.3)
     config = FinetuneConfig(epochs=2, eval_every=1, dropout=0.2)
     results = cvtcl_eval.run_finetune(encoders(), fake_factory, make_train, 3, config=config)
     assert set(results) == {"rgb", "flow", "two-stream"}
-    assert results["rgb"]["epoch"] in (0, 1) and "heldout_top1" in results["flow"]
+    assert results["rgb"]["epoch"] in (1, 2) and "heldout_top1" in results["flow"]
+    assert "epoch" not in results["two-stream"]
+    lines = capsys.readouterr().out.splitlines()
+    for modality in ("rgb", "flow"):
+        (last,) = [line for line in lines if line.startswith(f"fine-tune {modality}: epoch 2/2")]
+        assert last.endswith(f"after epoch {results[modality]['epoch']})"), last
 
 
 @pytest.fixture
@@ -120,6 +128,26 @@ def test_cli_writes_next_to_the_checkpoint_and_never_overwrites(fake_project, mo
     cvtcl_eval.main(["retrieval", "--random-init", "rgb", "--dataset", "synthetic", "--shards", str(root)])
     assert (run / "eval-retrieval-synthetic-split1-3.json").is_file()
     assert not list(run.parent.glob("eval-*.json"))
+
+
+def test_each_protocol_numbers_only_the_files_it_writes(fake_project):
+    """A retrieval's results and neighbours do not push the first linear or finetune results in the
+    same directory to -2; a retrieval still counts a neighbours file left alone."""
+    root, _ = fake_project
+    out = root / "run"
+    argv = ["--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root), "--out", str(out),
+            "--device", "cpu", "--epochs", "2"]
+    cvtcl_eval.main(["retrieval", *argv])
+    cvtcl_eval.main(["linear", *argv])
+    assert sorted(p.name for p in out.glob("*.json")) == [
+        "eval-linear-synthetic-split1.json", "eval-retrieval-synthetic-split1.json",
+        "retrieval-neighbours-synthetic-split1.json"]
+    for protocol in ("linear", "finetune"):
+        assert cvtcl_eval.output_paths(out, protocol, "synthetic", "1") == (
+            out / f"eval-{protocol}-synthetic-split1{'-2' if protocol == 'linear' else ''}.json", None)
+    (out / "eval-retrieval-synthetic-split1.json").unlink()
+    assert cvtcl_eval.output_paths(out, "retrieval", "synthetic", "1") == (
+        out / "eval-retrieval-synthetic-split1-2.json", out / "retrieval-neighbours-synthetic-split1-2.json")
 
 
 def test_results_never_leave_the_output_directory(tmp_path):
@@ -219,7 +247,7 @@ def real_cli(protocol, dataset, checkpoint, out):
 
 
 def sane(row, epochs):
-    return 0 <= row["top1"] <= 100 and 0 <= row["heldout_top1"] <= 100 and row["epoch"] in range(epochs)
+    return 0 <= row["top1"] <= 100 and 0 <= row["heldout_top1"] <= 100 and 1 <= row["epoch"] <= epochs
 
 
 def test_cli_linear_on_real_dali_loaders_selects_on_heldout_train(trained_run, tmp_path, monkeypatch):
@@ -281,6 +309,38 @@ def test_cli_finetune_rerun_resumes_and_gives_the_uninterrupted_result(trained_r
     assert f"fine-tune rgb: resumed after epoch 2 of 3 from {saved}" in capsys.readouterr().out
     assert resumed["results"] == whole["results"]
     assert not list((tmp_path / "resumed").glob("*.resume.pt"))
+
+
+def test_ctrl_c_says_a_rerun_resumes_only_where_it_does(fake_project, monkeypatch, capsys):
+    """Ctrl-C once the fine-tune has saved an epoch names the file and says the same command
+    resumes, which it does; a retrieval, and a fine-tune stopped in its first epoch, keep nothing
+    and say only that they were interrupted."""
+    root, _ = fake_project
+    stop_in = {"epoch": 0}
+
+    def build_pretrain_loader(root, *, subset, modalities, batch_size, **kwargs):
+        loader = FakePretrainLoader(TRAIN, modalities[0], batch_size=6, noise=0.3)
+        epoch = loader.epoch
+        loader.epoch = lambda e, *a: (_ for _ in ()).throw(KeyboardInterrupt) if e == stop_in["epoch"] else epoch(e, *a)
+        return loader
+
+    monkeypatch.setattr(sys.modules["cvtcl.data"], "build_pretrain_loader", build_pretrain_loader)
+    common = ["--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root), "--device", "cpu"]
+    finetune = ["finetune", *common, "--out", str(root / "ft"), "--epochs", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cvtcl_eval, "extract_features", mock.Mock(side_effect=KeyboardInterrupt))
+        assert cvtcl_eval.cli(["retrieval", *common, "--out", str(root / "r")]) == 130
+    assert capsys.readouterr().err == "cvtcl.eval: interrupted (Ctrl-C)\n"
+    assert cvtcl_eval.cli(finetune) == 130
+    assert capsys.readouterr().err == "cvtcl.eval: interrupted (Ctrl-C)\n"
+    stop_in["epoch"] = 1
+    assert cvtcl_eval.cli(finetune) == 130
+    (saved,) = (root / "ft").glob("*.resume.pt")
+    assert capsys.readouterr().err == (f"cvtcl.eval: interrupted (Ctrl-C); the fine-tune's finished epochs are saved "
+                                       f"in {saved}; rerun the same command to resume\n")
+    stop_in["epoch"] = None
+    assert cvtcl_eval.cli(finetune) == 0
+    assert f"fine-tune rgb: resumed after epoch 1 of 2 from {saved}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("amp,expected", [("fp32", None), ("bf16", torch.bfloat16)])

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from rich.console import Console
 
 from cvtcl.features import VideoFeatures
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe, train_linear_probe
+from cvtcl.report import print_table, results_table
 from cvtcl.selection import heldout_split
 from eval_fakes import make_videos
 
@@ -51,6 +53,23 @@ def test_two_stream_averages_probabilities():
     results = linear_probe(train, test, fit, held, 3, config)
     assert set(results) == {"rgb", "flow", "two-stream"}
     assert 0.0 <= results["two-stream"]["top1"] <= 100.0
+
+
+def test_results_count_epochs_from_one_and_two_stream_has_none():
+    """The selected epoch as people count it (a one-epoch probe selects epoch 1); the two-stream row
+    has no epoch of its own, shown as '-' rather than a made-up number."""
+    train_videos = make_videos(num_classes=3, per_class=10, groups_per_class=5, prefix="tr")
+    test_videos = make_videos(num_classes=3, per_class=6, groups_per_class=3, prefix="te")
+    fit, held = heldout_split(train_videos, 0.2)
+    train = {"rgb": separable(train_videos, seed=0), "flow": separable(train_videos, seed=2)}
+    test = {"rgb": separable(test_videos, seed=1), "flow": separable(test_videos, seed=3)}
+    results = linear_probe(train, test, fit, held, 3, LinearProbeConfig(epochs=1, batch_size=8))
+    assert results["rgb"]["epoch"] == results["flow"]["epoch"] == 1
+    assert "epoch" not in results["two-stream"]
+    console = Console(record=True, width=200)
+    print_table(results_table("linear", results), console)
+    (row,) = [line for line in console.export_text().splitlines() if "two-stream" in line]
+    assert row.split("│")[-2].strip() == "-", row  # the epoch column
 
 
 def test_selection_ignores_test_labels():

@@ -15,6 +15,7 @@ import torch
 from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder
 from cvtcl.metrics import read_metrics
 from cvtcl.train import cli, main
+from preprocess.schema import LayoutError
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,19 @@ def test_run_writes_metrics_config_checkpoints_and_resumes(dataset, tmp_path):
         main(_args(dataset, out, "run.max_steps=12"), build_loader=_never_called)
 
 
+def test_a_moved_run_directory_resumes(dataset, tmp_path):
+    """run.out_dir is where the run is found, not what it computes: a run directory moved elsewhere
+    resumes there, and a refusal lists only the keys that matter."""
+    assert main(_args(dataset, tmp_path / "run", "run.max_steps=2", "run.log_every=1"),
+                build_loader=FakePretrainLoader) == 0
+    moved = (tmp_path / "run").rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"different config \(optim.lr\); "):
+        main(_args(dataset, moved, "run.max_steps=3", "optim.lr=0.1"), build_loader=_never_called)
+    assert main(_args(dataset, moved, "run.max_steps=3", "run.log_every=1", "run.expect_world_size=1"),
+                build_loader=FakePretrainLoader) == 0
+    assert [r["step"] for r in read_metrics(moved / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_complete_after_all_epochs(dataset, tmp_path):
     assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0
     assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
@@ -80,6 +94,17 @@ def _never_called(**kwargs):
     raise AssertionError("the loader was built before validation finished")
 
 
+def flip_index_byte(shard: Path) -> None:
+    """Damage the shard's index, not its frame data: one byte of the second rgb offset."""
+    import h5py
+
+    with h5py.File(shard, "r") as h5:
+        position = h5["rgb"]["offsets"].id.get_offset() + 8
+    content = bytearray(shard.read_bytes())
+    content[position] ^= 0xFF
+    shard.write_bytes(bytes(content))
+
+
 @pytest.mark.parametrize("extra,error,message", [
     (["loss.queue_size=18"], ValueError, r"queue_size=18 is not divisible by the global batch 4.*loss.queue_size=16"),
     (["stage.modality=flow", "data.root={nofl}"], ValueError, "without flow"),
@@ -88,12 +113,19 @@ def _never_called(**kwargs):
     (["run.expect_world_size=8"], ValueError, "laid out for 8 processes, got WORLD_SIZE=1"),
     (["data.batch_size=32", "loss.queue_size=64"], ValueError, "fewer than one global batch"),
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
+    (["data.root={damaged}"], LayoutError, r"shard-00000.h5: its index .* is damaged.*cvtcl-preprocess verify"),
+    (["stage.init_checkpoint={text}"], ValueError, r"stage.init_checkpoint=.*text.pt: not a checkpoint of cvtcl.train"),
 ])
 def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
+    """Refused before the loader is built and before run.out_dir exists: nothing is written."""
     nofl = make_dataset(tmp_path / "noflow", num_videos=4, with_flow=False)
     missing = make_dataset(tmp_path / "missing", num_videos=4)
     (missing / "shard-00000.h5").unlink()
-    paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere"}
+    damaged = make_dataset(tmp_path / "damaged")
+    flip_index_byte(damaged / "shard-00000.h5")
+    (tmp_path / "text.pt").write_text("this is not a checkpoint\n")
+    paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere", "damaged": damaged,
+             "text": tmp_path / "text.pt"}
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
         main(_args(dataset, out, *[e.format(**paths) for e in extra]), build_loader=_never_called)
