@@ -218,7 +218,11 @@ def _run(args: argparse.Namespace) -> int:
         problems = verify(args.dir, workers=args.workers, part=args.part)
         for problem in problems:
             print(f"PROBLEM {problem}", file=sys.stderr)
-        print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
+        if problems:  # a rerun rebuilds damaged and missing shards, keeps sound ones, rewrites the manifest
+            print(f"{args.dir}: {len(problems)} problem(s); to repair, rerun the cvtcl-preprocess command that wrote "
+                  "it (same flags): it rebuilds damaged or missing shards and keeps sound ones", file=sys.stderr)
+        else:
+            print(f"{args.dir}: OK", file=sys.stderr)
         return EXIT_PROBLEMS if problems else EXIT_OK
     if args.command == "merge":
         manifest = merge(args.dir)
