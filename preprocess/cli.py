@@ -151,7 +151,7 @@ def run_synthetic(config: SyntheticConfig, options: PackOptions) -> int:
 
 
 def _summary(where: str, shards: list, records: list, failed: list) -> int:
-    print(f"{where}: {len(records)} videos in {len(shards)} shard(s), "
+    print(f"{where}: {len(records)} videos packed in {len(shards)} shard(s), "
           f"{sum(v.num_frames for v in records)} frames, {len(failed)} failed", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
