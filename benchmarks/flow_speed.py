@@ -38,7 +38,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import cpu_name, parse_size  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
 from preprocess.flow_workers import PairBatcher  # noqa: E402
@@ -255,6 +256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args(argv)
+    try:
+        args.shapes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]  # (H, W) each
+    except UsageError as err:
+        ap.error(str(err))
     args.skip = set(filter(None, args.skip.split(",")))
     if args.skip - set(SKIPPABLE):
         ap.error(f"--skip: unknown {', '.join(sorted(args.skip - set(SKIPPABLE)))}; choose from {', '.join(SKIPPABLE)}")
@@ -280,8 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch, "ucf101_pairs": UCF101_PAIRS, "results": []}
     runs = plan_runs(args, cuda)
     rows = []
-    for size in args.sizes.split(","):
-        h, w = (int(v) for v in size.lower().split("x"))
+    for h, w in args.shapes:
         gray, truth = make_video(max(pairs for *_, pairs, _ in runs), h, w)
         for backend, where, pairs, run in runs:
             row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs}

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_toy_shards  # noqa: E402
+from benchmarks.common import check_device, run_script, write_toy_shards  # noqa: E402
 from cvtcl import engine, graphed  # noqa: E402
 from cvtcl.config import COMPILE_MODES, apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
@@ -326,6 +326,7 @@ def time_loader(args, dist, amp, root):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_device(args.device, auto=True)
     device = resolve_device(args.device)
     dist = DistInfo(0, 0, 1, device)
     if device.type == "cuda":
@@ -393,4 +394,4 @@ def print_table(results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("train_speed.py", main))
