@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: the CPU's name (cvtcl.provenance's, as training records
-it) and the toy shards they time loaders on.
+it), the toy shards they time loaders on, and their error boundary (`run_script`: input the user
+can fix is one line and exit 2, as for the console commands).
 
 Imported as `benchmarks.common`: every script has the repository root on sys.path (PYTHONPATH, or
 its own sys.path insert), whether it runs as `python benchmarks/x.py` or a test imports it.
@@ -7,8 +8,13 @@ its own sys.path insert), whether it runs as `python benchmarks/x.py` or a test 
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from cvtcl.errors import EXIT_USAGE, UsageError, one_line
 from cvtcl.provenance import cpu_name  # noqa: F401 (the benchmarks import it from here)
 
 
@@ -20,3 +26,60 @@ def write_toy_shards(root: str | Path, *, size: str, num_videos: int, frames: in
     height, width = (int(v) for v in size.lower().split("x"))
     return write_toy_dataset(root, num_videos=num_videos, num_frames=frames + 8, height=height, width=width,
                              num_static=0, with_flow=with_flow, videos_per_shard=64, quality=90)
+
+
+def run_script(prog: str, main: Callable[[], Any]) -> int:
+    """A benchmark's `__main__`: a UsageError (a flag's value, a path that is not a dataset,
+    --device cuda where torch sees no GPU) is one line on stderr and exit status 2, as the console
+    commands do (cvtcl/errors.py); anything else keeps its traceback. Only at the script's
+    boundary: main() called in-process (tests, gpu_loader_check's decoder sweep) still raises, so
+    the checks that record a failure in their JSON and exit 0 go on doing so."""
+    try:
+        status = main()
+    except UsageError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    return status if isinstance(status, int) else 0
+
+
+@contextlib.contextmanager
+def user_input(*errors: type[BaseException]) -> Iterator[None]:
+    """Errors of these types raised inside come from what the user gave (a flag's value, a path):
+    raised again as a UsageError with the same message, which already says what to do."""
+    try:
+        yield
+    except errors as err:
+        raise UsageError(one_line(err)) from None
+
+
+def check_device(device: str, flag: str = "--device", auto: bool = False) -> None:
+    """`device` (cpu, cuda, cuda:N; `auto` where the script takes it) exists on this machine. Checked
+    before any work: without a GPU, --device cuda otherwise fails minutes later, deep in a loader
+    or the trainer, with torch's 'Found no NVIDIA driver' traceback."""
+    import torch
+
+    if auto and device == "auto":
+        return
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {device}: not a device; use {'auto, ' if auto else ''}cpu or cuda (cuda:N for one GPU)")
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {device}: torch {torch.__version__} sees no CUDA device on this machine; use {flag} cpu"
+                         + (" (or auto)" if auto else ""))
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+
+
+def parse_size(text: str, flag: str) -> tuple[int, int]:
+    """'HxW' -> (H, W), both positive; anything else a UsageError naming the flag."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise UsageError(f"{flag}: sizes are HxW in pixels, e.g. 240x320; got {text!r}")
+    return height, width

@@ -11,7 +11,8 @@ CPU and, when CUDA is present, on the GPU. For each row: pairs/s per mix, the ra
 process, end-point errors, and how long UCF101's ~2.5 M pairs would take at that rate (GPU rows:
 every GPU of the machine). With --gpu-processes, rows of k flow-worker processes sharing one GPU:
 the measurement behind packing's --flow-workers-per-gpu default (preprocess/flow_workers.py).
-Prints a table and one JSON line naming the devices and versions.
+Without a CUDA device the GPU rows are skipped: a note on stderr names them and why (`skipped` in
+the JSON). Prints a table and one JSON line naming the devices and versions.
 
     python benchmarks/flow_speed.py                       # 128x171 and 240x320
     python benchmarks/flow_speed.py --sizes 240x320 --gpu-pairs 512 --compile cuda --skip torch-cpu
@@ -38,7 +39,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import cpu_name, parse_size  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
 from preprocess.flow_workers import PairBatcher  # noqa: E402
@@ -193,6 +195,17 @@ def plan_runs(args, cuda: bool) -> list[tuple]:
     return runs
 
 
+def skipped_gpu_rows(args, cuda: bool) -> dict | None:
+    """The GPU rows the flags ask for that this machine cannot run, and why: without a CUDA device
+    the run ends with the CPU rows only and exits 0, which reads as if the GPU had nothing to show."""
+    if cuda:
+        return None
+    rows = [f"{backend} on {where}" for backend, where, *_ in plan_runs(args, cuda=True) if where.startswith("cuda")]
+    if not rows:
+        return None
+    return {"reason": f"torch {torch.__version__} sees no CUDA device", "rows": rows}
+
+
 def compare(rows: list[dict], gpus: int) -> None:
     """Fill the columns against one OpenCV process (same size, same pairs) and the estimates."""
     for row in rows:
@@ -255,6 +268,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args(argv)
+    try:
+        args.shapes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]  # (H, W) each
+    except UsageError as err:
+        ap.error(str(err))
     args.skip = set(filter(None, args.skip.split(",")))
     if args.skip - set(SKIPPABLE):
         ap.error(f"--skip: unknown {', '.join(sorted(args.skip - set(SKIPPABLE)))}; choose from {', '.join(SKIPPABLE)}")
@@ -279,9 +296,11 @@ def main(argv: list[str] | None = None) -> None:
                      "python": platform.python_version()},
         "batch": args.batch, "ucf101_pairs": UCF101_PAIRS, "results": []}
     runs = plan_runs(args, cuda)
+    skipped = skipped_gpu_rows(args, cuda)
+    if skipped:  # said once more after the table, where the rows are missing
+        record["skipped"] = skipped
     rows = []
-    for size in args.sizes.split(","):
-        h, w = (int(v) for v in size.lower().split("x"))
+    for h, w in args.shapes:
         gray, truth = make_video(max(pairs for *_, pairs, _ in runs), h, w)
         for backend, where, pairs, run in runs:
             row = {"size": f"{h}x{w}", "backend": backend, "device": where, "pairs": pairs}
@@ -308,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         record["error"] = f"{len(failed)} of {len(rows)} runs failed: {', '.join(failed)} (see their rows)"
     print_table(rows)
+    if skipped:
+        print(f"note: {len(skipped['rows'])} GPU row(s) skipped, {skipped['reason']}: {'; '.join(skipped['rows'])}",
+              file=sys.stderr)
     print(json.dumps(record))
     if args.json:
         write_json_atomic(args.json, record)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import cpu_name, write_toy_shards  # noqa: E402
+from benchmarks.common import check_device, cpu_name, run_script, user_input, write_toy_shards  # noqa: E402
 
 FRAMES_PER_SAMPLE = 2 * 32  # stage 1: two copies of a 32-frame clip
 PAPER_SAMPLES_PER_S = 8 * 25  # 8 TITAN Xp at ~25 stage-1 samples/s each (docs/design.md)
@@ -170,6 +170,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default="baseline,dali")
     parser.add_argument("--json", help="also write the JSON line to this file")
     args = parser.parse_args(argv)
+    check_device(args.device)  # the loaders would record torch's error and the report then raise it
+    if args.shards is not None:
+        from preprocess.schema import LayoutError, load_manifest
+
+        with user_input(FileNotFoundError, LayoutError):  # says what --shards must hold
+            load_manifest(args.shards)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.shards
@@ -235,4 +241,4 @@ def print_table(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("loader_speed.py", main))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import run_script, user_input  # noqa: E402
 from cvtcl.checkpoint import load_encoder  # noqa: E402
 from cvtcl.data import build_eval_loader  # noqa: E402
 from cvtcl.mining import chance_precision, mine_topk, mining_precision, source_mask  # noqa: E402
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", action="store_true", help="mine with backbone features, not the head")
     parser.add_argument("--backend", default="dali", choices=("dali", "baseline"))
     args = parser.parse_args(argv)
+    from preprocess.schema import LayoutError, load_manifest
+
+    with user_input(FileNotFoundError, LayoutError):  # each says what the path must hold
+        load_manifest(args.data)
+        for path in args.checkpoints:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
     torch.set_num_threads(1)
     rows, loaders = [], {}  # one loader per modality
     for path in args.checkpoints:
@@ -95,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script("mining_quality.py", main))

@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import check_device, cpu_name, parse_size, run_script, user_input  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.datasets import SourceVideo  # noqa: E402
 from preprocess.flow import encode_flow, make_backend  # noqa: E402
 from preprocess.pack import PackOptions, encode_video  # noqa: E402
@@ -90,13 +91,21 @@ def main() -> None:
     parser.add_argument("--flow-batch", type=int, default=None)
     args = parser.parse_args()
     args.flow_options = {k: v for k, v in (("device", args.flow_device), ("batch", args.flow_batch)) if v is not None}
+    sizes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]
+    if args.flow_device is not None:
+        check_device(args.flow_device, "--flow-device")
+    try:
+        with user_input(ValueError):  # an unknown --flow, a value the backend refuses
+            make_backend(args.flow, **args.flow_options)
+    except TypeError as err:  # an option this backend does not take (OpenCV's has no device)
+        flags = [f"--flow-{k}" for k in args.flow_options if f"'{k}'" in str(err)] or ["--flow-device/--flow-batch"]
+        raise UsageError(f"--flow {args.flow} takes no {' or '.join(flags)}; leave it out for this backend") from None
     cv2.setNumThreads(1)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, size in enumerate(args.sizes.split(",")):
-            height, width = map(int, size.split("x"))
-            video = make_video(Path(tmp) / f"v_{size}.avi", args.frames, height, width, seed=i)
+        for i, (height, width) in enumerate(sizes):
+            video = make_video(Path(tmp) / f"v_{height}x{width}.avi", args.frames, height, width, seed=i)
             results.append({"height": height, "width": width, **measure(video, args.frames, args)})
 
     from rich.console import Console
@@ -117,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("preprocess_speed.py", main))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_toy_shards  # noqa: E402
+from benchmarks.common import check_device, run_script, write_toy_shards  # noqa: E402
 from cvtcl.checkpoint import is_complete  # noqa: E402
 from cvtcl.metrics import read_metrics  # noqa: E402
 from cvtcl.schedule import cvtcl_schedule  # noqa: E402
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="run.device: auto, cpu or cuda")
     parser.add_argument("--json", default=None, help="write the record here")
     args = parser.parse_args(argv)
+    check_device(args.device, auto=True)  # before the toy shards and three sub-stages' setup
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_toy_shards(Path(tmp) / "shards", size="24x32", num_videos=16, frames=8, with_flow=True)
@@ -52,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("schedule_check.py", main))

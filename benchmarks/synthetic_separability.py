@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import run_script, user_input  # noqa: E402
 from preprocess.datasets import index_ucf101  # noqa: E402
 from preprocess.synthetic import SyntheticConfig, generate_raw  # noqa: E402
 from preprocess.video import read_video  # noqa: E402
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--videos-per-class", type=int, default=40)
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args()
-    config = SyntheticConfig(classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed)
+    with user_input(ValueError):  # the config's checks name the flag to change
+        config = SyntheticConfig(classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         index = index_ucf101(generate_raw(config, tmp))
         feats = {v.name: features(v.path) for v in index.videos}
@@ -76,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("synthetic_separability.py", main))

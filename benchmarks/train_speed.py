@@ -24,7 +24,9 @@ the captures, stage 2's queue filling) is the row's `warmup_s`. `--profile` adds
 wall time the GPU is busy and the kernel count per step (torch.profiler, CUDA only), the cuDNN
 version, and the launches per step of the new and the legacy step counted on the meta device,
 with the step's FLOPs per sample, which give each row its TFLOP/s (`tflop_per_s`), and its eager
-fp32 memory traffic per sample.
+fp32 memory traffic per sample. What it is doing (the variant, its warm-up, its timing, the
+result) goes to stderr as it goes, with the table: an S3D row takes minutes on a CPU. stdout's last
+line is the JSON.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_toy_shards  # noqa: E402
+from benchmarks.common import check_device, run_script, write_toy_shards  # noqa: E402
 from cvtcl import engine, graphed  # noqa: E402
 from cvtcl.config import COMPILE_MODES, apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
@@ -54,6 +56,11 @@ from preprocess.schema import write_json_atomic  # noqa: E402
 
 VARIANTS = ("legacy", "fp32", "bf16", "fp16", "channels_last", "batch64", "cotrain")  # for --variants
 COMPILE = (*COMPILE_MODES, "calls")  # NAME+graph / +encoder / +step; +calls: run.compile=graph, run.graph_scope=calls
+
+
+def say(message: str) -> None:
+    """A progress line on stderr, at once (the table goes there too; stdout ends with the JSON)."""
+    print(f"train_speed: {message}", file=sys.stderr, flush=True)
 
 
 DEFAULT_VARIANTS = ("legacy,fp32,fp32+graph,bf16,bf16+graph,bf16+step,channels_last,channels_last+graph,batch64,"
@@ -133,12 +140,15 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
+def time_variant(args, dist, spec, sampler="", publish=lambda row: None, label=""):
     """One row: spec = (name, amp, channels_last, batch, legacy, compile, cotrain). `publish`
     receives the row as soon as it is timed, before the profile and the eager comparison (a
-    compiled row's comparison may autotune again: a time limit there keeps the timing)."""
+    compiled row's comparison may autotune again: a time limit there keeps the timing). `label`
+    prefixes its progress lines (`[2/9] fp32`)."""
     name, amp, channels_last, batch_size, legacy, compile_setting, cotrain = spec
+    label = label or name
     built = time.perf_counter()
+    say(f"{label}: building the model")
     config = make_config(args, amp, channels_last, batch=batch_size, legacy=legacy, compile_setting=compile_setting,
                          sampler=sampler if cotrain else "")
     ctx = build_context(config, dist)
@@ -151,12 +161,16 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
         # the captured step (run.compile=graph|step) needs its eager warm-up and the capture before
         # timing; a stage-2 capture made while filling is redone, after its own warm-up, when the queue is full
         warmup = max(args.warmup, graphed.WARMUP_STEPS + 2) if config.run.captures_step else args.warmup
+        say(f"{label}: warm-up, " + (f"{fill} steps filling stage 2's queue, then " if fill else "")
+            + f"{warmup} untimed step(s)" + (" (the captures among them)" if config.run.captures_step and
+                                             dist.device.type == "cuda" else ""))
         terms = [engine.train_step(ctx, batch, 0, 0) for _ in range(fill)]
         start_state = snapshot(ctx) if config.run.captures_step else None  # where the eager comparison starts
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(warmup)]
         synchronize(dist.device)
         start = time.perf_counter()
         warmup_s = start - built  # the model, cuDNN's autotune, a compile, the captures, stage 2's filling
+        say(f"{label}: timing {args.steps} steps (warm-up took {warmup_s:.1f} s)")
         terms += [engine.train_step(ctx, batch, 0, 0) for _ in range(args.steps)]
         synchronize(dist.device)
         seconds = time.perf_counter() - start
@@ -167,6 +181,7 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
                "samples_per_s": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
                "peak_memory_gib": engine.peak_memory_gib(dist.device), "last_loss": last["loss"], "warmup_s": warmup_s}
         publish(dict(row))
+        say(f"{label}: {row['samples_per_s']:.2f} samples/s, {row['step_ms']:.0f} ms/step")
         replayed = ctx.graph is not None and bool(ctx.graph.captures)  # run.compile=graph|step on CUDA
         trained = [p.detach().clone() for p in ctx.model.query.parameters()] if replayed else []
         if args.profile and dist.device.type == "cuda":
@@ -180,6 +195,7 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
             ctx.graph.release()  # the graphs' memory, before a second model is built
             if dist.device.type == "cuda":
                 torch.cuda.empty_cache()
+            say(f"{label}: the same steps eagerly, to compare with the replay")
             try:
                 row["cuda_graph"]["vs_eager"] = compare_with_eager(config, dist, batch, start_state, values[fill:], trained)
             except Exception as err:  # out of memory at batch 64, say: keep the row's timing
@@ -187,6 +203,7 @@ def time_variant(args, dist, spec, sampler="", publish=lambda row: None):
         return row
     except Exception as err:  # fail soft (out of memory, non-finite loss, a compiler error): keep the other rows
         lines = str(err).strip().splitlines() or [""]
+        say(f"{label}: failed ({type(err).__name__}: {lines[0][:200]}); the other rows go on")
         return {"variant": name, "error": f"{type(err).__name__}: {lines[0]}"[:500],
                 "traceback_tail": traceback.format_exc()[-1500:]}
     finally:
@@ -326,12 +343,19 @@ def time_loader(args, dist, amp, root):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_device(args.device, auto=True)
     device = resolve_device(args.device)
     dist = DistInfo(0, 0, 1, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     specs = variant_specs(args, device)
+    requested = [item for item in args.variants.split(",") if item]
+    cuda_only = [item for item in requested if item.partition("+")[0] in ("bf16", "fp16")] if device.type != "cuda" else []
+    say(f"{args.backbone} on {device}, batch {args.batch}, {args.frames}x{args.crop}x{args.crop} {args.modality} clips, "
+        f"{args.warmup} warm-up + {args.steps} timed steps per row; {len(specs)} rows"
+        + (f" ({', '.join(cuda_only)} skipped: CUDA only)" if cuda_only else "")
+        + (", then the loader" if args.loader else "") + (", then launches per step" if args.profile else ""))
     record = {
         "benchmark": "train_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(), "backbone": args.backbone,
@@ -347,22 +371,28 @@ def main(argv=None) -> int:
                 incomplete = f"incomplete: stopped after {len(results)} variants"
                 write_json_atomic(args.json, record | {"results": results, "error": incomplete})
 
-        for spec in specs:
-            record["results"].append(time_variant(args, dist, spec, sampler, publish=write_so_far))
+        for i, spec in enumerate(specs, 1):
+            label = f"[{i}/{len(specs)}] {spec[0]}"
+            record["results"].append(time_variant(args, dist, spec, sampler, publish=write_so_far, label=label))
             write_so_far()
     best = next((s[1] for s in specs if not s[4]), "fp32")
     if args.loader:
         with tempfile.TemporaryDirectory() as tmp:
+            say(f"loader: {args.data_backend} on {args.data or 'toy shards'} feeding the step ({best})")
             try:
                 # enough toy shards for the timed steps
                 root = args.data or write_toy_shards(
                     Path(tmp) / "shards", size=args.gen_size, num_videos=args.batch * (args.steps + args.warmup + 1),
                     frames=args.frames, with_flow=args.modality == "flow")
-                record["results"].append(time_loader(args, dist, best, root))
+                row = time_loader(args, dist, best, root)
+                say(f"loader: {row['samples_per_s']:.2f} samples/s, waiting for data {row['data_wait_fraction']:.0%} of the time")
             except Exception as err:  # fail soft: keep the synthetic variants, say why the loader failed
-                record["results"].append({"variant": "loader", "error": f"{type(err).__name__}: {err}"[:2000]})
+                row = {"variant": "loader", "error": f"{type(err).__name__}: {err}"[:2000]}
+                say(f"loader: failed ({row['error'][:200]})")
+            record["results"].append(row)
 
     if args.profile:  # after the rows (~15 s of host time for S3D): a time limit stops the run here first
+        say("counting launches, syncs and FLOPs per step on the meta device")
         record["launches_per_step"] = launches_per_step(args)
     reference = next((r for r in record["results"] if r.get("legacy_step") and "samples_per_s" in r), None)
     for r in record["results"]:
@@ -393,4 +423,4 @@ def print_table(results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("train_speed.py", main))

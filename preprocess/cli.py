@@ -14,6 +14,7 @@ Errors are one line; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -150,7 +151,7 @@ def run_synthetic(config: SyntheticConfig, options: PackOptions) -> int:
 
 
 def _summary(where: str, shards: list, records: list, failed: list) -> int:
-    print(f"{where}: {len(records)} videos in {len(shards)} shard(s), "
+    print(f"{where}: {len(records)} videos packed in {len(shards)} shard(s), "
           f"{sum(v.num_frames for v in records)} frames, {len(failed)} failed", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
@@ -169,15 +170,29 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwind: the worker pool is terminated, finished shards stay
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM unwinds the run (SystemExit 143) while the command works, and the previous handler
+    is back once it returns: main() called in-process (tests, scripts) must not leave a handler
+    that turns a later SIGTERM to the caller, e.g. pytest's, into SystemExit from here."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:  # None: a handler not set from Python, which Python cannot set back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console script. Expected failures print one line naming the flag or file (the traceback
     with --debug); Ctrl-C exits 130, SIGTERM 143, keeping finished shards."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        return _run(args)
+        with _sigterm_exits():
+            return _run(args)
     except KeyboardInterrupt:
         print(f"cvtcl-preprocess {args.command}: interrupted (Ctrl-C); finished shards are kept, rerun the same "
               "command to resume", file=sys.stderr)
@@ -203,7 +218,11 @@ def _run(args: argparse.Namespace) -> int:
         problems = verify(args.dir, workers=args.workers, part=args.part)
         for problem in problems:
             print(f"PROBLEM {problem}", file=sys.stderr)
-        print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: OK", file=sys.stderr)
+        if problems:  # a rerun rebuilds damaged and missing shards, keeps sound ones, rewrites the manifest
+            print(f"{args.dir}: {len(problems)} problem(s); to repair, rerun the cvtcl-preprocess command that wrote "
+                  "it (same flags): it rebuilds damaged or missing shards and keeps sound ones", file=sys.stderr)
+        else:
+            print(f"{args.dir}: OK", file=sys.stderr)
         return EXIT_PROBLEMS if problems else EXIT_OK
     if args.command == "merge":
         manifest = merge(args.dir)

@@ -10,11 +10,13 @@ from preprocess.schema import FailedVideo, shard_name
 
 
 class Progress:
-    """Plain lines on stderr: one per finished shard and per failed video."""
+    """Plain lines on stderr: one per finished shard and per failed video. `videos` counts the
+    processed ones, packed or failed (what the ETA needs); the lines say how many of them failed,
+    so that '31/31' is not read as 31 packed when the summary then says 30."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
-        self.videos = self.frames = self.total = 0
+        self.videos = self.frames = self.total = self.failures = 0
         self.t0 = time.monotonic()
 
     @staticmethod
@@ -43,13 +45,14 @@ class Progress:
 
     def failed(self, failure: FailedVideo) -> None:
         self.videos += 1
+        self.failures += 1
         self.log(f"FAILED {failure.name}: {failure.reason}")
 
     def shard_done(self, index: int) -> None:
         fps, eta = self._rates()
         # named, not "k of n": a part (--part) writes every N-th shard
-        self.log(f"{shard_name(index)} written: {self.videos}/{self.total} videos, "
-                 f"{fps:.0f} frames/s, ETA {eta}")
+        self.log(f"{shard_name(index)} written: {self.videos}/{self.total} videos processed "
+                 f"({self.videos - self.failures} packed, {self.failures} failed), {fps:.0f} frames/s, ETA {eta}")
 
     def stop(self) -> None:
         pass
@@ -63,8 +66,9 @@ class RichProgress(Progress):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
-        self.bar = Bar(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
-                       TextColumn("{task.fields[fps]:.0f} frames/s"), TimeRemainingColumn(), transient=False)
+        self.bar = Bar(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("videos processed,"),
+                       TextColumn("{task.fields[failed]} failed,"), TextColumn("{task.fields[fps]:.0f} frames/s"),
+                       TimeRemainingColumn(), transient=False)
         self.task = None
 
     def log(self, message: str) -> None:
@@ -72,7 +76,7 @@ class RichProgress(Progress):
 
     def start(self, total_videos, kept_shards, total_shards):
         super().start(total_videos, kept_shards, total_shards)
-        self.task = self.bar.add_task("pack", total=total_videos, fps=0.0)
+        self.task = self.bar.add_task("pack", total=total_videos, fps=0.0, failed=0)
         self.bar.start()
 
     def video_done(self, frames):
@@ -81,7 +85,7 @@ class RichProgress(Progress):
 
     def failed(self, failure):
         super().failed(failure)
-        self.bar.update(self.task, completed=self.videos)
+        self.bar.update(self.task, completed=self.videos, failed=self.failures)
 
     def shard_done(self, index):
         pass  # the bar shows it

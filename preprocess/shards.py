@@ -178,12 +178,30 @@ def write_shard(
     return records
 
 
+def _header_list(h5: h5py.File, key: str, path: str | os.PathLike) -> list:
+    """The JSON list in the shard's `key` attribute. Missing or not JSON is a LayoutError saying the
+    header is damaged, not json's 'Expecting ':' delimiter: line 1 column 3949'."""
+    try:
+        value = json.loads(h5.attrs[key])
+    except KeyError:
+        raise LayoutError(f"{path}: its header has no {key!r} list (damaged or not a cvtcl shard)") from None
+    except (ValueError, TypeError):  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise LayoutError(f"{path}: its header (the {key!r} list) is damaged: not valid JSON") from None
+    if not isinstance(value, list):
+        raise LayoutError(f"{path}: its header's {key!r} is {type(value).__name__}, expected a list (damaged)")
+    return value
+
+
 def read_shard_header(path: str | os.PathLike) -> tuple[list[VideoRecord], list[FailedVideo]]:
-    """The records and failures stored in a complete shard (used to resume a run)."""
+    """The records and failures stored in a complete shard (used to resume a run). A damaged
+    header is a LayoutError naming the file."""
     with h5py.File(path, "r") as h5:
         check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
-        videos = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
-        failed = [FailedVideo(**f) for f in json.loads(h5.attrs["failed"])]
+        videos = [VideoRecord.from_dict(v, str(path)) for v in _header_list(h5, "videos", path)]
+        try:
+            failed = [FailedVideo(**f) for f in _header_list(h5, "failed", path)]
+        except TypeError:  # not a dict, or other fields
+            raise LayoutError(f"{path}: its header's 'failed' list is damaged (records of other fields)") from None
     return videos, failed
 
 

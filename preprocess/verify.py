@@ -82,8 +82,11 @@ def check_shard(root: str, entry: dict[str, Any], videos: list[VideoRecord], wit
         problems.append(f"{where}: sha256 differs from the manifest (damaged or rewritten)")
     try:
         if index_crc32(path, entry["data_regions"]) != entry["index_crc32"]:
+            # as the loaders do: HDF5 does not parse damaged metadata, whose errors (json's
+            # "Expecting ':' delimiter", h5py's) would only restate this problem, less clearly
             problems.append(f"{where}: its index (HDF5 metadata, offsets or checksums) differs from the manifest's "
-                            "index_crc32 (damaged)")
+                            "index_crc32 (damaged), its videos were not read")
+            return problems
         header, _ = read_shard_header(path)
         mismatch = record_mismatch(videos, header)
         if mismatch:
@@ -101,8 +104,10 @@ def check_shard(root: str, entry: dict[str, Any], videos: list[VideoRecord], wit
                     problems += _decode_all(h5, "rgb", video, where)
                     if with_flow:
                         problems += _decode_all(h5, "flow", video, where)
-    except (OSError, LayoutError, KeyError, ValueError) as err:
-        problems.append(f"{where}: cannot be read ({err})")
+    except LayoutError as err:  # says what is damaged, naming the file
+        problems.append(str(err))
+    except (OSError, KeyError, ValueError) as err:
+        problems.append(f"{where}: cannot be read ({' '.join(str(err).split())})")
     return problems
 
 

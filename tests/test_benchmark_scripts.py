@@ -4,12 +4,14 @@ the test's own venv has the project installed in editable mode, which would hide
 only imports because of it, so each script runs as `python benchmarks/x.py` would, with the
 editable install's import hook removed first."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
@@ -38,3 +40,45 @@ def test_every_benchmark_script_prints_its_help():
         if proc.returncode != 0 or "usage:" not in out:
             failed[name] = err.strip().splitlines()[-1:] or out[-200:]
     assert len(procs) >= 8 and not failed, failed
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    pytest.param("schedule_check.py", ["--device", "cuda"], "--device cuda: torch", marks=NO_CUDA),
+    pytest.param("loader_speed.py", ["--device", "cuda"], "--device cuda: torch", marks=NO_CUDA),
+    pytest.param("train_speed.py", ["--device", "cuda"], "--device cuda: torch", marks=NO_CUDA),
+    pytest.param("preprocess_speed.py", ["--flow", "tvl1-torch", "--flow-device", "cuda"], "--flow-device cuda: torch",
+                 marks=NO_CUDA),
+    ("train_speed.py", ["--device", "gpu"], "--device gpu: not a device"),
+    ("synthetic_separability.py", ["--classes", "3", "--videos-per-class", "4"], "raise --videos-per-class"),
+    ("loader_speed.py", ["--device", "cpu", "--shards", "{tmp}"], "no manifest.json in"),
+    ("mining_quality.py", ["--data", "{tmp}", "{tmp}/checkpoint-1.pt"], "no manifest.json in"),
+    ("preprocess_speed.py", ["--sizes", "16by20"], "--sizes: sizes are HxW"),
+    ("preprocess_speed.py", ["--flow", "tvl1", "--flow-device", "cpu"], "--flow tvl1 takes no --flow-device"),
+    ("flow_speed.py", ["--sizes", "16by20"], "--sizes: sizes are HxW"),
+])
+def test_input_errors_are_one_line_and_exit_2(tmp_path, script, argv, message):
+    """Input the user can fix (a GPU this machine lacks, a flag out of range, a path that is not a
+    dataset) is one line on stderr and exit 2, found before any work, not a traceback and exit 1."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and message in lines[-1], proc.stderr[-2000:]
+    assert lines[-1].startswith(f"{script}: error: ")
+    if script != "flow_speed.py":  # argparse's error (flow_speed checks --sizes there) shows the usage first
+        assert len(lines) == 1, lines
+
+
+@NO_CUDA
+def test_a_check_that_records_its_error_still_does(tmp_path):
+    """gpu_check.sh reads gpu_loader_check's failures from its JSON: --device cuda without a GPU is
+    still recorded there (the decoder sweep calls loader_speed's main), exit 0."""
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_loader_check.py", "decoder-sweep", str(out), "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--device cuda: torch" in json.loads(out.read_text())["error"]

@@ -1,11 +1,13 @@
 """The command line: subcommands, exit status 2 with a clear message for configuration errors."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from preprocess import cli
 from preprocess.cli import build_parser, main, pack_options
 from preprocess.flow import backend_names
 
@@ -44,3 +46,32 @@ def test_unknown_flow_backend_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["ucf101", "--root", str(tmp_path), "--out", str(tmp_path), "--flow", "magic"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("outcome", ["returns", "config error", "interrupted"])
+def test_main_in_process_puts_back_the_callers_sigterm_handler(tmp_path, monkeypatch, outcome):
+    """SIGTERM exits 143 while the command runs; called in-process (the tests do), main() must not
+    leave that handler behind, or a later SIGTERM to pytest dies inside the CLI's handler."""
+    during = []
+
+    def run(args):
+        during.append(signal.getsignal(signal.SIGTERM))
+        if outcome == "config error":
+            raise cli.ConfigError("no such root")
+        if outcome == "interrupted":
+            raise KeyboardInterrupt
+        return 0
+
+    def callers(signum, frame):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(cli, "_run", run)
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        status = main(["verify", str(tmp_path)])
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == {"returns": 0, "config error": 2, "interrupted": 130}[outcome]
+    assert during == [cli._exit_on_sigterm]
+    assert after is callers

@@ -105,3 +105,28 @@ def test_a_gpu_process_that_fails_its_warm_up_releases_the_others(monkeypatch):
     released = not second.is_alive()
     flow_speed._barrier.abort()  # a hung thread (the defect) is freed before the assertion
     assert released and outcomes == ["RuntimeError", "BrokenBarrierError"]
+
+
+def test_gpu_rows_skipped_without_cuda_are_named_with_the_reason(tmp_path, monkeypatch, capsys):
+    """The README's GPU command on a machine without CUDA exited 0 with the OpenCV row only and
+    nothing saying why: a note names the skipped rows and the reason, and the record keeps it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+
+    monkeypatch.setattr(flow_speed.torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "flow_speed.json"
+    flow_speed.main(["--sizes", "24x32", "--cpu-pairs", "3", "--gpu-pairs", "256", "--skip", "pool,torch-cpu",
+                     "--gpu-processes", "2", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert [(r["backend"], r["device"]) for r in record["results"]] == [("opencv-tvl1", "cpu 1 proc")]
+    assert "sees no CUDA device" in record["skipped"]["reason"]
+    assert record["skipped"]["rows"] == ["tvl1-torch compiled on cuda", "tvl1-torch compiled, no graphs on cuda",
+                                         "tvl1-torch eager on cuda", "tvl1-torch compiled on cuda, 2 processes"]
+    captured = capsys.readouterr()
+    note = [line for line in captured.err.splitlines() if line.startswith("note: ")]
+    assert len(note) == 1 and "4 GPU row(s) skipped" in note[0] and "sees no CUDA device" in note[0], captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1]) == record  # the JSON line stays last on stdout
+    # with nothing asked of a GPU there is nothing to say
+    flow_speed.main(["--sizes", "24x32", "--cpu-pairs", "3", "--skip", "pool,torch-cpu,eager-cuda", "--compile", "none",
+                     "--json", str(out)])
+    assert "skipped" not in json.loads(out.read_text()) and "note: " not in capsys.readouterr().err

@@ -120,7 +120,13 @@ def test_corrupt_and_empty_videos_are_recorded_not_fatal(tmp_path, capsys):
     corrupt.write_bytes(corrupt.read_bytes()[:200] + bytes(4000))
     with open(raw / "ucfTrainTestlist" / "testlist01.txt", "a") as fh:
         fh.write("ConstantSpeed/v_ConstantSpeed_g03_c01.avi\r\n")
+    capsys.readouterr()
     assert main(args) == 3  # some videos failed, the dataset was written
+    err = capsys.readouterr().err
+    # the progress line counts failures as processed, not as written: it once said '5/5 videos'
+    # above a summary of 3 videos
+    assert "shard-00002.h5 written: 5/5 videos processed (3 packed, 2 failed)" in err, err
+    assert "3 videos packed in 3 shard(s)" in err and "2 failed" in err.splitlines()[-1], err
     manifest = load_manifest(tmp_path / "out")
     failed = {f.name: f.reason for f in manifest.failed}
     assert sorted(failed) == ["v_ConstantSpeed_g03_c01", "v_MoveThenReverse_g01_c01"]

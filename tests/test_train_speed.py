@@ -122,3 +122,30 @@ def test_a_timed_row_is_written_before_its_eager_comparison(tmp_path, monkeypatc
     assert [r["variant"] for r in rows] == ["legacy fp32 (old eager step)", "fp32 compile=graph"]
     assert rows[1]["samples_per_s"] > 0 and seen[0]["error"].startswith("incomplete")
     assert json.loads(out.read_text()) == seen[0]  # what the stopped run leaves
+
+
+def test_progress_goes_to_stderr_as_it_goes(tmp_path, capsys, monkeypatch):
+    """An S3D row spends minutes in its warm-up on a CPU: the run says what it is doing (the row, its
+    warm-up, its timing, the result) on stderr as it goes, and stdout still ends with the JSON."""
+    seen = []
+    real_step = train_speed.engine.train_step
+
+    def step(ctx, *args):  # what stderr holds when the first step of each row runs
+        seen.append(capsys.readouterr().err)
+        return real_step(ctx, *args)
+
+    monkeypatch.setattr(train_speed.engine, "train_step", step)
+    assert train_speed.main(["--smoke", "--device", "cpu", "--variants", "legacy,bf16,cotrain",
+                             "--json", str(tmp_path / "speed.json")]) == 0
+    first = seen[0].splitlines()
+    assert first[0].startswith("train_speed: tiny on cpu, batch 4") and "2 rows (bf16 skipped: CUDA only)" in first[0]
+    assert first[1:] == ["train_speed: [1/2] legacy fp32 (old eager step): building the model",
+                         "train_speed: [1/2] legacy fp32 (old eager step): warm-up, 1 untimed step(s)"]
+    final = capsys.readouterr()
+    later = "".join(seen[1:]) + final.err
+    assert "train_speed: [1/2] legacy fp32 (old eager step): timing 2 steps" in later
+    assert "train_speed: [2/2] fp32 stage 2 (cotrain): warm-up, 16 steps filling stage 2's queue" in later
+    assert "train_speed: [2/2] fp32 stage 2 (cotrain): " in later and " samples/s, " in later
+    record = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["variant"] for r in record["results"]] == ["legacy fp32 (old eager step)", "fp32 stage 2 (cotrain)"]
+    assert json.loads(final.out.strip().splitlines()[-1]) == record
