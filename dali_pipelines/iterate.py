@@ -8,6 +8,9 @@ them once, into the [B, V, C, T, H, W] layout the model needs (the T <-> C trans
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import cv2
 import numpy as np
 
@@ -73,6 +76,25 @@ def stack_clips(views, dtype, t: int, b: int, *rest: int):
     return out
 
 
+@contextlib.contextmanager
+def frozen_heap(forking: bool):
+    """Around a pipeline build that forks its source workers: they inherit this process's heap,
+    garbage not yet collected included (a loader held in a reference cycle, as an exception's
+    traceback makes one). A worker that collects an inherited DALI pipeline runs its `__del__`,
+    which shuts down native state of this process: the worker dies with a segfault and the
+    loader fails with "Worker data receiving interrupted". So the garbage is collected here first,
+    and what is left is frozen while the workers fork (gc.freeze: a child never collects it)."""
+    if not forking:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class DaliStream:
     """A built pipeline and its iterator; `next()` returns {output name: tensor view}."""
 
@@ -87,7 +109,8 @@ class DaliStream:
             if self.iterator is None:
                 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-                self.pipeline.build()
+                with frozen_heap(self.pipeline.py_start_method == "fork"):
+                    self.pipeline.build()  # starts the source's worker processes
                 self.iterator = DALIGenericIterator([self.pipeline], self.names, size=-1, auto_reset=False)
             return next(self.iterator)[0]
         except StopIteration:

@@ -1,0 +1,55 @@
+"""dali_pipelines/iterate.py: running DALI pipelines from torch (what the loaders' tests do not reach)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A loader left in a reference cycle (as an exception's traceback leaves one), then a new loader
+# whose source workers fork. The source collects garbage in the worker, as any worker may at
+# its next allocation: before the fix the worker collected the inherited pipeline, its __del__
+# shut down the parent's native state and the worker died (segfault), and the new loader
+# failed with "Worker data receiving interrupted".
+SCRIPT = textwrap.dedent('''
+    import gc
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+    from dali_pipelines.iterate import DaliStream, pipeline_kwargs
+
+    class Source:
+        def __call__(self, info):
+            gc.collect()
+            return [np.full((2,), info.iteration, np.int32)] * 2
+
+    @pipeline_def
+    def graph():
+        return fn.external_source(source=Source(), batch=True, parallel=True, batch_info=True)
+
+    def stream():
+        kwargs = pipeline_kwargs(batch_size=2, device="cpu", device_id=None, num_threads=1, num_workers=1)
+        assert kwargs["py_start_method"] == "fork"
+        return DaliStream(graph(**kwargs), ["x"])
+
+    gc.disable()  # the cycle stays garbage until a collection, as between two of Python's own
+    old = stream()
+    old.next(lambda: "old")
+    cycle = [old]
+    cycle.append(cycle)
+    del old, cycle
+    batches = [stream().next(lambda: "new")["x"].tolist() for _ in range(2)]
+    assert gc.isenabled() is False and not gc.get_freeze_count(), "the heap was left frozen"
+    print(batches)
+''')
+
+
+@pytest.mark.multiprocess
+def test_forked_workers_never_collect_an_inherited_pipeline():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[[[0, 0], [0, 0]], [[0, 0], [0, 0]]]"
