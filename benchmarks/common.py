@@ -74,6 +74,17 @@ def check_device(device: str, flag: str = "--device", auto: bool = False) -> Non
                          f"cuda:{torch.cuda.device_count() - 1})")
 
 
+def peak_memory_bandwidth(device=None) -> float | None:
+    """The GPU's peak memory bandwidth in bytes/s, from its properties (two transfers per memory
+    clock over the whole bus: 3.35e12 on an H100 SXM), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 or None
+
+
 def parse_size(text: str, flag: str) -> tuple[int, int]:
     """'HxW' -> (H, W), both positive; anything else a UsageError naming the flag."""
     try:

@@ -39,10 +39,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_name, parse_size  # noqa: E402
+from benchmarks.common import cpu_name, parse_size, peak_memory_bandwidth  # noqa: E402
 from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
+from preprocess.flow_torch import ITERATION_BYTES  # noqa: E402
 from preprocess.flow_workers import PairBatcher  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
 
@@ -119,15 +120,32 @@ def warm_up(backend, gray: np.ndarray, first: np.ndarray) -> None:
         solve_batched(backend, gray, first[:backend.batch])
 
 
+def work_info(pixel_iterations: int, pairs: int, seconds: float, cuda: bool) -> dict:
+    """The inner iterations a tvl1-torch row ran (pixels x iterations per pair, frozen and padding
+    rows included) and, on a GPU, the least memory traffic of that work per second against the
+    GPU's peak bandwidth: near 1, only fewer bytes per iteration would go faster; far below, the
+    time goes elsewhere (launches, host reads, small batches)."""
+    info = {"pixel_iterations_per_pair": pixel_iterations / pairs}
+    if cuda:
+        rate = pixel_iterations * ITERATION_BYTES / seconds
+        info["floor_traffic_gb_per_s"] = rate / 1e9
+        peak = peak_memory_bandwidth()
+        if peak:
+            info["of_peak_bandwidth"] = rate / peak
+    return info
+
+
 def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray, dict]:
     start = time.perf_counter()
     warm_up(backend, gray, first)
     warm_up_s = time.perf_counter() - start  # the first mix's: the compile (the process's first) and captures
+    before = backend.work.pixel_iterations
     start = time.perf_counter()
     flow = solve_batched(backend, gray, first)  # returns host numpy: the device work is finished
     seconds = time.perf_counter() - start
     graphs = backend.graphs
-    info = {"warm_up_s": warm_up_s}
+    info = {"warm_up_s": warm_up_s,
+            **work_info(backend.work.pixel_iterations - before, len(first), seconds, backend.device.type == "cuda")}
     if graphs is not None:
         info["cuda_graphs"] = {"captured": len(graphs.graphs), "error": graphs.error}
     return seconds, flow, info
@@ -150,9 +168,10 @@ def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
         _barrier.abort()  # the other processes stop waiting for this one (BrokenBarrierError) instead of hanging
         raise
     _barrier.wait()  # every process starts timing together
+    before = backend.work.pixel_iterations
     start = time.perf_counter()
     flow = solve_batched(backend, gray, first)
-    return time.perf_counter() - start, flow
+    return time.perf_counter() - start, flow, backend.work.pixel_iterations - before
 
 
 def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batch) -> tuple[float, np.ndarray, dict]:
@@ -162,7 +181,9 @@ def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batc
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_gpu_init,
                              initargs=(ctx.Barrier(processes),)) as pool:
         results = list(pool.map(_gpu_process, [(gray, first, batch)] * processes))
-    return max(seconds for seconds, _ in results) / processes, results[0][1], {}
+    seconds = max(seconds for seconds, *_ in results)
+    work = sum(pixel_iterations for *_, pixel_iterations in results)
+    return seconds / processes, results[0][1], work_info(work, processes * len(first), seconds, cuda=True)
 
 
 def plan_runs(args, cuda: bool) -> list[tuple]:
@@ -230,23 +251,33 @@ def public(row: dict) -> dict:
     return {**row, **{mix: {k: v for k, v in row[mix].items() if k not in ("flow", "true")} for mix in MIXES}}
 
 
+def work_cell(cell: dict) -> str:
+    """A tvl1-torch row's work per pair with cuts, and on a GPU the share of its peak bandwidth
+    that work's least traffic takes."""
+    if "pixel_iterations_per_pair" not in cell:
+        return "-"
+    text = f"{cell['pixel_iterations_per_pair'] / 1e6:.3g}M"
+    return text + (f" {cell['of_peak_bandwidth']:.0%}" if "of_peak_bandwidth" in cell else "")
+
+
 def print_table(rows: list[dict]) -> None:
-    table = Table(title="TV-L1 flow: pairs/s without and with scene cuts (1 in 9), end-point error (px)")
+    table = Table(title="TV-L1 flow: pairs/s without and with scene cuts (1 in 9), end-point error (px); work: "
+                        "pixel-iterations per pair with cuts, and (GPU) their least traffic / peak bandwidth")
     columns = ("size", "backend", "device", "pairs", "no cuts /s", "cuts /s", "x OpenCV x1", "EPE truth",
-               "EPE vs OpenCV", "UCF101 h")
+               "EPE vs OpenCV", "UCF101 h", "work")
     for column in columns:
         table.add_column(column, justify="left" if column in ("backend", "device") else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), r["error"][:60], *["-"] * 5)
+            table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), r["error"][:60], *["-"] * 6)
             continue
         fast, cut = r["no cuts"], r["cuts"]
         ratio = "/".join(f"{c['speedup_vs_opencv_x1']:.1f}" for c in (fast, cut) if "speedup_vs_opencv_x1" in c)
         table.add_row(r["size"], r["backend"], r["device"], str(r["pairs"]), f"{fast['pairs_per_s']:.2f}",
                       f"{cut['pairs_per_s']:.2f}", ratio or "-", f"{fast['epe_truth']:.3f}",
                       f"{fast.get('epe_vs_opencv', float('nan')):.4f}",
-                      "{:.1f}-{:.1f}".format(*r["ucf101_hours"]))
-    Console(width=140).print(table)
+                      "{:.1f}-{:.1f}".format(*r["ucf101_hours"]), work_cell(cut))
+    Console(width=150).print(table)
 
 
 SKIPPABLE = ("pool", "torch-cpu", "eager-cuda")

@@ -114,6 +114,11 @@ def flow_checks(flow: dict | None) -> tuple[list[Check], dict]:
         _compare("flow: best GPU row, EPE vs OpenCV (px)", best and best["no cuts"].get("epe_vs_opencv"), FLOW_EPE,
                  fmt=".4f", at_most=True),
     ]
+    if "of_peak_bandwidth" in cut:  # how far the time is from the bytes the iterations must move
+        checks.append(Check("flow: best GPU row, least traffic of its iterations / peak bandwidth",
+                            f"{cut['of_peak_bandwidth']:.0%} ({cut['floor_traffic_gb_per_s']:.0f} GB/s, "
+                            f"{cut['pixel_iterations_per_pair'] / 1e6:.0f}M pixel-iterations a pair)",
+                            "near 100%: bound by bytes", "INFO"))
     for r in gpu:
         graphs = r["cuts"].get("cuda_graphs")
         if graphs is not None:

@@ -32,6 +32,8 @@ moves (0.02-0.03 px) when one pixel of each frame changes by one grey level
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -62,6 +64,23 @@ DEFAULTS = {
     "gamma": 0.0,
     "median_filtering": 5,
 }
+
+
+# The least memory traffic of one inner iteration per pixel (float32): its ten input planes (u1,
+# u2, the four p, I1wx, I1wy, grad, rho_c) read once and its six output planes written once, the
+# stencils' neighbours served from cache.
+ITERATION_BYTES = (10 + 6) * 4
+
+
+@dataclass
+class Work:
+    """What a solver ran, counted on the host from the working shapes (no synchronisation): inner
+    iterations times the pixels of the rows they ran on (frozen and padding rows included, as
+    they cost the same), and the pairs asked for. `ITERATION_BYTES` per pixel-iteration is the
+    least memory traffic of that work, which benchmarks/flow_speed.py sets against the GPU's."""
+
+    pixel_iterations: int = 0
+    pairs: int = 0
 
 
 class _Level:
@@ -122,9 +141,10 @@ class _Warp:
 
 
 def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync_every: int,
-                path: str = "eager", graphs: ChunkGraphs | None = None):
+                path: str = "eager", graphs: ChunkGraphs | None = None, work: Work | None = None):
     """All warps at one level (OpenCV's procOneScale); u1, u2: [B, H, W] updated and returned.
-    graphs: run the chunks as CUDA graphs (the bucketed fast path only: its few working shapes)."""
+    graphs: run the chunks as CUDA graphs (the bucketed fast path only: its few working shapes);
+    work: counts the inner iterations run."""
     run = kernels(path)
     chunk = graphs if graphs is not None and run.bucketed else run_chunk
     h, w = u1.shape[-2:]
@@ -151,6 +171,8 @@ def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync
                 n = min(sync_every, p["inner_iterations"] - done)
                 *warp.state, warp.active = chunk(run.iterate(n), [*warp.state, warp.active], [*warp.data, threshold],
                                                  consts)
+                if work is not None:
+                    work.pixel_iterations += n * warp.state[0].numel()
                 done += n
                 if done < p["inner_iterations"] and not warp.running():
                     break
@@ -159,7 +181,8 @@ def solve_level(level: _Level, u1: torch.Tensor, u2: torch.Tensor, p: dict, sync
 
 
 def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = "eager",
-               first: torch.Tensor | None = None, graphs: ChunkGraphs | None = None) -> torch.Tensor:
+               first: torch.Tensor | None = None, graphs: ChunkGraphs | None = None,
+               work: Work | None = None) -> torch.Tensor:
     """frames: [N, H, W] float (0..255) -> flow [P, 2, H, W] (x, y) from frame i to i + 1 for
     each i of `first` ([P] long; default every i < N - 1).
 
@@ -168,7 +191,7 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = 
     n, h, w = frames.shape
     if path != "eager" and (n == 2 if first is None else len(first) == 1):  # see flow_kernels: no batch of one
         pair = torch.zeros(2, dtype=torch.long, device=frames.device) + (0 if first is None else first[0])
-        return tvl1_pairs(frames, p, sync_every, path, first=pair, graphs=graphs)[:1]
+        return tvl1_pairs(frames, p, sync_every, path, first=pair, graphs=graphs, work=work)[:1]
     if graphs is not None:
         graphs.begin()
     sizes = pyramid_sizes(h, w, p["nscales"], p["scale_step"])
@@ -192,7 +215,7 @@ def tvl1_pairs(frames: torch.Tensor, p: dict, sync_every: int = 10, path: str = 
             level = _Level(levels[k][:-1], levels[k][1:])
         else:
             level = _Level(levels[k].index_select(0, first), levels[k].index_select(0, first + 1))
-        u1, u2 = solve_level(level, u1, u2, p, sync_every, path, graphs)
+        u1, u2 = solve_level(level, u1, u2, p, sync_every, path, graphs, work)
     return torch.stack((u1, u2), dim=1)
 
 
@@ -246,6 +269,11 @@ class TorchTVL1:
             raise ValueError("tvl1-torch runs CUDA graphs on a CUDA device with path=compiled only, "
                              f"not on {device} with path={self.path}")
         self.graphs: ChunkGraphs | None = ChunkGraphs() if graphs else None  # no CUDA call until a capture
+        self.work = Work()  # what this backend has solved so far (benchmarks/flow_speed.py reads it)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def params(self) -> dict:
         """The algorithm's settings. Device and batch size change the result only by float
@@ -279,8 +307,10 @@ class TorchTVL1:
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         for start in range(0, n - 1, self.batch):
             stop = min(start + self.batch, n - 1)
-            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.path, graphs=self.graphs)
+            flow = tvl1_pairs(frames[start:stop + 1], self._params, self.sync_every, self.path, graphs=self.graphs,
+                              work=self.work)
             out[start:stop] = flow.permute(0, 2, 3, 1).cpu().numpy()
+        self.work.pairs += n - 1
         return out
 
     @torch.no_grad()
@@ -292,7 +322,9 @@ class TorchTVL1:
         self._setup()
         frames = torch.from_numpy(np.ascontiguousarray(gray)).to(self._device).float()
         index = torch.from_numpy(np.asarray(first, dtype=np.int64)).to(self._device)
-        flow = tvl1_pairs(frames, self._params, self.sync_every, self.path, first=index, graphs=self.graphs)
+        flow = tvl1_pairs(frames, self._params, self.sync_every, self.path, first=index, graphs=self.graphs,
+                          work=self.work)
+        self.work.pairs += len(first)
         return flow.permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -68,6 +68,28 @@ def test_no_chunk_runs_once_every_pair_has_converged(uncompiled, path, monkeypat
     assert entered and all(entered), f"{entered.count(False)} of {len(entered)} chunks had no live pair"
 
 
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_work_counts_the_rows_each_chunk_ran(uncompiled, path):
+    """Work.pixel_iterations, which flow_speed turns into memory traffic, is the pixels of the
+    working rows times the iterations each chunk ran. epsilon 0: a still pair (its update is
+    exactly zero) stops in its first chunk, a moving pair never. Per warp (3 outer x 4 inner,
+    chunks of 2): eager drops the still pair at the first read (2 rows x 2, then 1 row x 10);
+    the fast path keeps it frozen in its smallest bucket, 2 rows (2 x 12)."""
+    params = dict(warps=2, outer_iterations=3, inner_iterations=4, epsilon=0.0)
+    still, _ = synthetic_video(2, 24, 32, seed=2)
+    moving, _ = synthetic_video(2, 24, 32, seed=3)
+    gray = np.concatenate((still[:1], still[:1], moving))
+    backend = TorchTVL1(device="cpu", batch=2, path=path, sync_every=2, **params)
+    backend.compute_pairs(gray, np.array([0, 2]))
+    pixels = sum(h * w for h, w in flow_torch.pyramid_sizes(24, 32, 5, 0.8))
+    per_warp = 2 * 2 + 1 * 10 if path == "eager" else 2 * 12
+    assert backend.work == flow_torch.Work(pixel_iterations=pixels * 2 * per_warp, pairs=2)
+    # alone, the still pair costs a chunk per warp (the fast path: next to a copy of itself)
+    alone = TorchTVL1(device="cpu", batch=2, path=path, sync_every=2, **params)
+    alone.compute(gray[:2])
+    assert alone.work == flow_torch.Work(pixel_iterations=pixels * 2 * 2 * (1 if path == "eager" else 2), pairs=1)
+
+
 def test_fast_path_within_opencv_limits(uncompiled, video_with_cut):
     from preprocess.flow import OpenCVTVL1
 

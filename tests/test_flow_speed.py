@@ -28,7 +28,13 @@ def test_flow_speed_smoke_reports_both_mixes_side_by_side(tmp_path):
         assert all(row[mix]["epe_vs_opencv"] <= 0.05 for mix in ("no cuts", "cuts"))
         assert row["no cuts"]["epe_truth"] < 0.5
         assert len(row["ucf101_hours"]) == 2 and all(h > 0 for h in row["ucf101_hours"])
-    assert all(rows[("tvl1-torch eager", "cpu 1 thread(s)")][mix]["warm_up_s"] > 0 for mix in ("no cuts", "cuts"))
+    torch_row = rows[("tvl1-torch eager", "cpu 1 thread(s)")]
+    assert all(torch_row[mix]["warm_up_s"] > 0 for mix in ("no cuts", "cuts"))
+    # the pair across the cut runs every inner iteration: more work per pair with cuts; the GPU's
+    # bandwidth figures are for CUDA rows only
+    assert torch_row["cuts"]["pixel_iterations_per_pair"] > torch_row["no cuts"]["pixel_iterations_per_pair"] > 0
+    assert "of_peak_bandwidth" not in torch_row["cuts"] and "pixel_iterations_per_pair" not in rows[
+        ("opencv-tvl1", "cpu 1 proc")]["cuts"]
     assert "UCF101 h" in proc.stdout  # the table
 
 
@@ -130,3 +136,25 @@ def test_gpu_rows_skipped_without_cuda_are_named_with_the_reason(tmp_path, monke
     flow_speed.main(["--sizes", "24x32", "--cpu-pairs", "3", "--skip", "pool,torch-cpu,eager-cuda", "--compile", "none",
                      "--json", str(out)])
     assert "skipped" not in json.loads(out.read_text()) and "note: " not in capsys.readouterr().err
+
+
+def test_gpu_work_is_set_against_the_peak_bandwidth(monkeypatch):
+    """On a GPU a row's pixel-iterations become the least traffic they need per second, and its
+    share of the device's peak bandwidth (from the memory clock and bus width)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+    import torch
+
+    import benchmarks.common as common
+
+    class Props:  # an H100 SXM's: 2619 MHz, 5120 bits
+        memory_clock_rate, memory_bus_width = 2_619_000, 5120
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    assert common.peak_memory_bandwidth() == pytest.approx(3.35232e12)
+    info = flow_speed.work_info(pixel_iterations=10 * 5_000_000, pairs=10, seconds=0.5, cuda=True)
+    assert info["pixel_iterations_per_pair"] == 5_000_000
+    assert info["floor_traffic_gb_per_s"] == pytest.approx(50e6 * 64 / 0.5 / 1e9)
+    assert info["of_peak_bandwidth"] == pytest.approx(6.4e9 / 3.35232e12)
+    assert set(flow_speed.work_info(10, 2, 1.0, cuda=False)) == {"pixel_iterations_per_pair"}

@@ -46,9 +46,12 @@ def test_a_run_that_meets_every_target(tmp_path, capsys):
                   _row("bf16 stage 2 (cotrain) compile=graph", 560, stage="cotrain")],
            compiled=[_row("bf16 compile=step", 700, compile_setting="step")],
            flow=[_flow_row("cuda", 260, speedup=560, cuda_graphs={"captured": 30, "error": None}),
-                 _flow_row("cuda, 2 processes", 310, speedup=660),
+                 _flow_row("cuda, 2 processes", 310, speedup=660, pixel_iterations_per_pair=5.3e7,
+                           floor_traffic_gb_per_s=1052.0, of_peak_bandwidth=0.314),
                  _flow_row("cpu 1 proc", 0.46, speedup=1.0, epe=0.0, backend="opencv-tvl1")])
     statuses, checks, out = _statuses(tmp_path, capsys)
+    bandwidth = next(c for c in checks["checks"] if c["target"].startswith("flow: best GPU row, least traffic"))
+    assert bandwidth["status"] == "INFO" and bandwidth["value"] == "31% (1052 GB/s, 53M pixel-iterations a pair)"
     assert statuses["step: stage 1 bf16, best row (samples/s)"] == "PASS"
     assert statuses["step: best stage 1 / legacy fp32"] == "PASS"  # 820 / 110
     assert statuses["flow: best GPU row / one OpenCV process, with cuts"] == "PASS"
