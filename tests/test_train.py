@@ -264,6 +264,41 @@ def test_torchrun_two_ranks_share_one_queue(dataset, tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_two_nodes_train_as_one_node_of_two_processes(dataset, tmp_path):
+    """The README's launch on several nodes (torchrun's c10d rendezvous), as two nodes of one
+    process each on this machine, writing to one run directory as to a shared file system:
+    LOCAL_RANK is 0 on both nodes and RANK tells them apart, so a process that split the data or
+    wrote files by LOCAL_RANK would not give one node's result. Same checkpoint bitwise, and the
+    files written once."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = tmp_path / "nodes"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-id", "two-nodes", "--rdzv-endpoint", f"127.0.0.1:{port}", FAKE_TRAIN,
+               *_args(dataset, nodes, "run.max_steps=2", "run.log_every=1")]
+    agents = [subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        logs = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(out + err for out, err in logs)
+    one = tmp_path / "one-node"
+    _torchrun_two_ranks(dataset, one, "run.max_steps=2", "run.log_every=1")
+    got, expected = (load_checkpoint(latest_checkpoint(d)) for d in (nodes, one))
+    assert got["world_size"] == expected["world_size"] == 2
+    assert got["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(got["model"][k], expected["model"][k]) for k in expected["model"])
+    assert _losses(nodes) == _losses(one) and [r["step"] for r in read_metrics(nodes / "metrics.jsonl")] == [1, 2]
+    assert len((nodes / "launches.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.multiprocess
 def test_torchrun_with_compiled_encoders_trains_as_the_eager_encoders(dataset, tmp_path):
     """run.compile=encoder under DDP (two ranks; no fullgraph there, DDP's hooks sit outside the
     compiled code): the same weights, queue and BN statistics as the eager run, bitwise, as the
