@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,36 @@ def peak_memory_bandwidth(device=None) -> float | None:
         return None
     props = torch.cuda.get_device_properties(device)
     return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 or None
+
+
+def profile_kernels(run: Callable[[], Any], repeats: int, synchronize: Callable[[], Any], per: str = "step") -> dict:
+    """`run()` (a `per`: a step, a batch) `repeats` times under torch.profiler: the top-20 CUDA
+    kernels by total time, the fraction of the wall time the GPU was busy, and kernels per `per`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    import torch
+
+    return summarize_kernels([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA],
+                             wall_us, repeats, per)
+
+
+def summarize_kernels(kernels: list, wall_us: float, repeats: int, per: str = "step") -> dict:
+    """Profiler kernel events (`name`, `device_time` in us) -> kernels per repeat, the GPU busy
+    fraction of `wall_us` (kernels of one stream do not overlap) and the top 20 by total time."""
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name, []).append(event.device_time)
+    busy_us = sum(sum(times) for times in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    return {f"kernels_per_{per}": len(kernels) / repeats, "gpu_busy_fraction": busy_us / wall_us,
+            "top_kernels": [{"name": n[:120], "total_ms": sum(t) / 1000, "calls": len(t)} for n, t in top]}
 
 
 def parse_size(text: str, flag: str) -> tuple[int, int]:

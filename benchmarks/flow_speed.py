@@ -11,6 +11,9 @@ CPU and, when CUDA is present, on the GPU. For each row: pairs/s per mix, the ra
 process, end-point errors, and how long UCF101's ~2.5 M pairs would take at that rate (GPU rows:
 every GPU of the machine). With --gpu-processes, rows of k flow-worker processes sharing one GPU:
 the measurement behind packing's --flow-workers-per-gpu default (preprocess/flow_workers.py).
+tvl1-torch rows also give the pixel-iterations they ran per pair and, on a GPU, the least memory
+traffic of those against the peak bandwidth; --profile adds, per CUDA row and mix, one batch under
+torch.profiler (top kernels, GPU busy fraction, kernels per batch).
 Without a CUDA device the GPU rows are skipped: a note on stderr names them and why (`skipped` in
 the JSON). Prints a table and one JSON line naming the devices and versions.
 
@@ -39,7 +42,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_name, parse_size, peak_memory_bandwidth  # noqa: E402
+from benchmarks.common import cpu_name, parse_size, peak_memory_bandwidth, profile_kernels  # noqa: E402
 from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
@@ -135,7 +138,18 @@ def work_info(pixel_iterations: int, pairs: int, seconds: float, cuda: bool) -> 
     return info
 
 
-def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.ndarray, dict]:
+def profile_batch(backend, gray: np.ndarray, first: np.ndarray) -> dict:
+    """The mix's first batch once more under torch.profiler (a cut among its pairs in the cuts
+    mix): the top kernels, the GPU busy fraction and kernels per batch. The profiler (CUPTI) may
+    misplace kernels replayed from CUDA graphs: compare with the no-graphs row."""
+    try:
+        return profile_kernels(lambda: solve_batched(backend, gray, first[:backend.batch]), 1,
+                               lambda: torch.cuda.synchronize(backend.device), per="batch")
+    except Exception as err:  # the profiler failing: the row's timing stands
+        return {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+
+
+def time_torch(backend, gray: np.ndarray, first: np.ndarray, profile: bool = False) -> tuple[float, np.ndarray, dict]:
     start = time.perf_counter()
     warm_up(backend, gray, first)
     warm_up_s = time.perf_counter() - start  # the first mix's: the compile (the process's first) and captures
@@ -148,6 +162,8 @@ def time_torch(backend, gray: np.ndarray, first: np.ndarray) -> tuple[float, np.
             **work_info(backend.work.pixel_iterations - before, len(first), seconds, backend.device.type == "cuda")}
     if graphs is not None:
         info["cuda_graphs"] = {"captured": len(graphs.graphs), "error": graphs.error}
+    if profile and backend.device.type == "cuda":  # run by main() once every row is written
+        info["profile_later"] = lambda: profile_batch(backend, gray, first)
     return seconds, flow, info
 
 
@@ -198,7 +214,7 @@ def plan_runs(args, cuda: bool) -> list[tuple]:
                          + ((("eager", None),) if "eager-cuda" not in args.skip else ())) if cuda else ():
         name = f"tvl1-torch {path}" + (", no graphs" if graphs is False else "")
         runs.append((name, "cuda", args.gpu_pairs,
-                     lambda g, f, p=path, c=graphs: time_torch(torch_backend("cuda", p, graphs=c), g, f)))
+                     lambda g, f, p=path, c=graphs: time_torch(torch_backend("cuda", p, graphs=c), g, f, args.profile)))
     for processes in args.gpu_processes if cuda and args.compile != "none" else ():
         runs.append(("tvl1-torch compiled", f"cuda, {processes} processes", args.gpu_pairs,
                      lambda g, f, k=processes: time_gpu_processes(g, f, k, args.batch)))
@@ -296,6 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-processes", default="",
                     help="comma list of flow workers per GPU to time side by side (e.g. 2,3): how many to run")
     ap.add_argument("--skip", default="", help=f"comma list of runs to leave out: {', '.join(SKIPPABLE)}")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA rows: one batch per mix under torch.profiler (top kernels, GPU busy fraction)")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args(argv)
@@ -311,6 +329,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         ap.error(f"--gpu-processes: a comma list of whole numbers, got {args.gpu_processes!r}")
     return args
+
+
+def publish(record: dict, rows: list[dict], path: Path | None, row: dict) -> None:
+    """The rows so far into the record, `row` (new or updated) printed; with --json, written as
+    incomplete: a time limit may stop the run, and what is done so far stays."""
+    record["results"] = [public(r) for r in rows]
+    print(json.dumps(public(row)), flush=True)
+    if path:
+        write_json_atomic(path, {**record, "error": "incomplete: the run stopped before its end"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped = skipped_gpu_rows(args, cuda)
     if skipped:  # said once more after the table, where the rows are missing
         record["skipped"] = skipped
-    rows = []
+    rows, profiles = [], []
     for h, w in args.shapes:
         gray, truth = make_video(max(pairs for *_, pairs, _ in runs), h, w)
         for backend, where, pairs, run in runs:
@@ -339,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
                 for mix in MIXES:
                     first = mix_pairs(truth[:pairs], mix)
                     seconds, flow, info = run(gray, first)
+                    if "profile_later" in info:
+                        profiles.append((row, mix, info.pop("profile_later")))
                     keep = ~np.isnan(truth[first, 0, 0, 0])
                     row[mix] = {"pairs_per_s": len(first) / seconds, "flow": flow, "true": keep,
                                 "epe_truth": end_point_error(flow[keep], truth[first][keep]), **info}
@@ -348,11 +377,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{backend} on {where}: {row['error']}", file=sys.stderr, flush=True)
             rows.append(row)
             compare([r for r in rows if "error" not in r], gpus)
-            record["results"] = [public(r) for r in rows]
-            print(json.dumps(record["results"][-1]), flush=True)
-            # A time limit may stop the run: what is done so far stays, marked as incomplete.
-            if args.json:
-                write_json_atomic(args.json, {**record, "error": "incomplete: the run stopped before its end"})
+            publish(record, rows, args.json, row)
+    # Profiles last: every timing is written before the profiler (CUPTI, under CUDA graphs too) runs.
+    for row, mix, profile in profiles:
+        if any(r is row for r in rows):  # not a row that failed in its other mix
+            row[mix]["profile"] = profile()
+            publish(record, rows, args.json, row)
 
     failed = [f"{r['backend']} on {r['device']}" for r in rows if "error" in r]
     if failed:

@@ -166,9 +166,10 @@ if [ $DEVICE = cuda ] && [ $PROFILE = all ]; then
   # issue 7) are measured off the GPU budget
   FLOW=(--sizes 240x320 --cpu-pairs 2 --gpu-pairs 144 --compile cuda --skip pool,torch-cpu,eager-cuda); FLOW_S=60
 elif [ $DEVICE = cuda ]; then
-  # perf: 9 OpenCV pairs (one spans a cut), 256 GPU pairs, and 2 flow workers sharing the GPU
+  # perf: 9 OpenCV pairs (one spans a cut), 256 GPU pairs, 2 flow workers sharing the GPU, and a
+  # profile of one batch per mix and row (seconds)
   FLOW=(--sizes 240x320 --cpu-pairs 9 --gpu-pairs 256 --compile cuda --skip pool,torch-cpu,eager-cuda
-        --gpu-processes 2); FLOW_S=150
+        --gpu-processes 2 --profile); FLOW_S=150
 else
   FLOW=(--sizes 32x40 --cpu-pairs 2 --pool-pairs 2 --workers 1); FLOW_S=60
 fi

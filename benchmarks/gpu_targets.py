@@ -120,6 +120,16 @@ def flow_checks(flow: dict | None) -> tuple[list[Check], dict]:
                             f"{cut['pixel_iterations_per_pair'] / 1e6:.0f}M pixel-iterations a pair)",
                             "near 100%: bound by bytes", "INFO"))
     for r in gpu:
+        profile = r["cuts"].get("profile")
+        if profile and "error" in profile:
+            checks.append(Check(f"flow profile: {r['backend']} on {r['device']}", profile["error"][:80],
+                                "busy near 100%", "MISSING"))
+        elif profile:
+            checks.append(Check(f"flow profile: {r['backend']} on {r['device']}",
+                                f"GPU busy {profile['gpu_busy_fraction']:.0%}, {profile['kernels_per_batch']:.0f} "
+                                f"kernels a batch, top: {profile['top_kernels'][0]['name'][:40] if profile['top_kernels'] else '-'}",
+                                "busy near 100%", "INFO"))
+    for r in gpu:
         graphs = r["cuts"].get("cuda_graphs")
         if graphs is not None:
             status = "FAIL" if graphs.get("error") else "INFO"

@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import check_device, run_script, write_toy_shards  # noqa: E402
+from benchmarks.common import check_device, profile_kernels, run_script, write_toy_shards  # noqa: E402
 from cvtcl import engine, graphed  # noqa: E402
 from cvtcl.config import COMPILE_MODES, apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
@@ -239,23 +239,7 @@ def compare_with_eager(config, dist, batch, start: dict, values: list[dict], tra
 
 def profile_steps(ctx, batch, device, steps=3) -> dict:
     """Top-20 CUDA kernels by total time, GPU busy fraction of the wall time and kernels per step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    synchronize(device)
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.train_step(ctx, batch, 0, 0)
-        synchronize(device)
-    wall_us = (time.perf_counter() - start) * 1e6
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time)
-    busy_us = sum(sum(times) for times in by_name.values())  # kernels on one stream do not overlap
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
-    return {"kernels_per_step": len(kernels) / steps, "gpu_busy_fraction": busy_us / wall_us,
-            "top_kernels": [{"name": n[:120], "total_ms": sum(t) / 1000, "calls": len(t)} for n, t in top]}
+    return profile_kernels(lambda: engine.train_step(ctx, batch, 0, 0), steps, lambda: synchronize(device))
 
 
 def launches_per_step(args) -> dict:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +159,40 @@ def test_gpu_work_is_set_against_the_peak_bandwidth(monkeypatch):
     assert info["floor_traffic_gb_per_s"] == pytest.approx(50e6 * 64 / 0.5 / 1e9)
     assert info["of_peak_bandwidth"] == pytest.approx(6.4e9 / 3.35232e12)
     assert set(flow_speed.work_info(10, 2, 1.0, cuda=False)) == {"pixel_iterations_per_pair"}
+
+
+def test_profiles_run_once_every_row_is_written(tmp_path, monkeypatch):
+    """--profile: a profiler that crashes (CUPTI under CUDA graphs) must not take the timings with
+    it, so each row's profiles run after the last row is written; a row that failed in its second
+    mix is not profiled. Stand-in runs replace the backends."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+
+    out = tmp_path / "flow_speed.json"
+    profiled = []
+
+    def profile(name, mix):
+        def run():
+            written = json.loads(out.read_text())["results"]
+            profiled.append((name, mix, [r["backend"] for r in written]))
+            return {"gpu_busy_fraction": 0.5, "kernels_per_batch": 7.0, "top_kernels": []}
+        return run
+
+    def stand_in(name, fail_in=None):
+        def run(gray, first):
+            mix = "cuts" if len(first) == len(gray) - 1 else "no cuts"
+            if mix == fail_in:
+                raise RuntimeError("CUDA out of memory")
+            return 1.0, np.zeros((len(first), *gray.shape[1:], 2), np.float32), {"profile_later": profile(name, mix)}
+        return run
+
+    monkeypatch.setattr(flow_speed, "plan_runs", lambda args, cuda: [
+        ("fast", "stand-in", 9, stand_in("fast")), ("failing", "stand-in", 9, stand_in("failing", fail_in="cuts")),
+        ("last", "cpu 1 proc", 9, stand_in("last"))])
+    flow_speed.main(["--sizes", "24x32", "--profile", "--json", str(out)])
+    every = ["fast", "failing", "last"]
+    assert profiled == [("fast", "no cuts", every), ("fast", "cuts", every), ("last", "no cuts", every),
+                        ("last", "cuts", every)]
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["fast"]["cuts"]["profile"]["kernels_per_batch"] == 7.0 and "error" in rows["failing"]
+    assert "profile_later" not in rows["fast"]["no cuts"]

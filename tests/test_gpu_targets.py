@@ -97,3 +97,26 @@ def test_a_directory_without_results_is_refused(tmp_path):
         gpu_targets.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a directory"):
         gpu_targets.main([str(tmp_path / "missing")])
+
+
+def test_kernel_summaries_and_the_flow_profile_line(tmp_path, capsys):
+    """benchmarks.common.summarize_kernels (the profiler's events of train_speed and flow_speed):
+    kernels per repeat, busy fraction, top kernels by total time; gpu_targets shows a flow row's
+    profile as INFO."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import summarize_kernels
+
+    events = [SimpleNamespace(name=n, device_time=t) for n, t in
+              (("triton_red_fused_iteration", 30.0), ("triton_poi_fused_dual", 20.0), ("triton_red_fused_iteration", 30.0))]
+    summary = summarize_kernels(events, wall_us=200.0, repeats=2, per="batch")
+    assert summary["kernels_per_batch"] == 1.5 and summary["gpu_busy_fraction"] == pytest.approx(0.4)
+    assert summary["top_kernels"] == [{"name": "triton_red_fused_iteration", "total_ms": 0.06, "calls": 2},
+                                      {"name": "triton_poi_fused_dual", "total_ms": 0.02, "calls": 1}]
+    _write(tmp_path, flow=[_flow_row("cuda", 150, profile=summary),
+                           _flow_row("cuda", 140, backend="tvl1-torch compiled, no graphs",
+                                     profile={"error": "RuntimeError: CUPTI_ERROR_INVALID_DEVICE"})])
+    statuses, checks, out = _statuses(tmp_path, capsys)
+    line = next(c for c in checks["checks"] if c["target"] == "flow profile: tvl1-torch compiled on cuda")
+    assert line["status"] == "INFO" and line["value"].startswith("GPU busy 40%, 2 kernels a batch, top: triton_red")
+    assert statuses["flow profile: tvl1-torch compiled, no graphs on cuda"] == "MISSING"
