@@ -381,19 +381,43 @@ def ddp_data(tmp_path_factory):
     return data
 
 
-def _torchrun_eval(data, out, protocol="finetune", processes=2):
+def _eval_launch(data, out, protocol):
+    """(cvtcl.eval's arguments, environment, repository root) of a small CPU evaluation."""
     import os
-    import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes else []
-    command = [sys.executable, *launch, "-m", "cvtcl.eval", protocol, "--random-init", "rgb", "--backbone", "tiny",
+    program = ["-m", "cvtcl.eval", protocol, "--random-init", "rgb", "--backbone", "tiny",
                "--dataset", "synthetic", "--shards", str(data), "--backend", "baseline", "--device", "cpu",
                "--frames-per-clip", "8", "--window-stride", "8", "--crop-size", "32", "--epochs", "2",
                "--batch-size", "4", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    return program, {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, root
+
+
+def _torchrun_eval(data, out, protocol="finetune", processes=2):
+    import subprocess
+
+    program, env, root = _eval_launch(data, out, protocol)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes else []
+    return subprocess.run([sys.executable, *launch, *program], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.multiprocess
+def test_retrieval_on_two_nodes_equals_one_process(ddp_data, tmp_path):
+    """README.md's launch on several nodes, as two nodes of one process each on this machine
+    (LOCAL_RANK 0 on both, RANK 0 and 1): the features are split and gathered by RANK, so the
+    results are one process's, printed and written once, into an --out both nodes share."""
+    from trainer_fakes import two_nodes
+
+    one = _torchrun_eval(ddp_data, tmp_path / "one", "retrieval", processes=0)
+    assert one.returncode == 0, one.stderr
+    done = two_nodes(*_eval_launch(ddp_data, tmp_path / "nodes", "retrieval"))
+    assert [status for status, _ in done] == [0, 0], "\n".join(log for _, log in done)
+    assert sum(log.count("results: ") for _, log in done) == 1
+    assert sum("features rgb train (process 1 of 2): 18 videos in " in log for _, log in done) == 1  # of 36
+    results = [json.loads(next((tmp_path / d).glob("eval-*.json")).read_text())["results"] for d in ("one", "nodes")]
+    assert results[0] == results[1] and len(list((tmp_path / "nodes").glob("eval-*.json"))) == 1
 
 
 @pytest.mark.multiprocess

@@ -16,7 +16,7 @@ from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, lo
 from cvtcl.metrics import read_metrics
 from cvtcl.train import cli, main
 from preprocess.schema import LayoutError
-from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args  # noqa: F401 (autouse fixture)
+from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args, two_nodes  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TRAIN = str(ROOT / "tests" / "trainer_fakes.py")
@@ -270,24 +270,9 @@ def test_two_nodes_train_as_one_node_of_two_processes(dataset, tmp_path):
     LOCAL_RANK is 0 on both nodes and RANK tells them apart, so a process that split the data or
     wrote files by LOCAL_RANK would not give one node's result. Same checkpoint bitwise, and the
     files written once."""
-    import socket
-
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     nodes = tmp_path / "nodes"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-id", "two-nodes", "--rdzv-endpoint", f"127.0.0.1:{port}", FAKE_TRAIN,
-               *_args(dataset, nodes, "run.max_steps=2", "run.log_every=1")]
-    agents = [subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
-    try:
-        logs = [agent.communicate(timeout=300) for agent in agents]
-    finally:
-        for agent in agents:
-            agent.kill()
-            agent.wait()
-    assert [a.returncode for a in agents] == [0, 0], "\n".join(out + err for out, err in logs)
+    done = two_nodes([FAKE_TRAIN, *_args(dataset, nodes, "run.max_steps=2", "run.log_every=1")], _env(), ROOT)
+    assert [status for status, _ in done] == [0, 0], "\n".join(log for _, log in done)
     one = tmp_path / "one-node"
     _torchrun_two_ranks(dataset, one, "run.max_steps=2", "run.log_every=1")
     got, expected = (load_checkpoint(latest_checkpoint(d)) for d in (nodes, one))

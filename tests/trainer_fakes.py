@@ -201,6 +201,28 @@ def torchrun_check(check: str, out_dir) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
 
 
+def two_nodes(program: list[str], env: dict, cwd) -> list[tuple[int, str]]:
+    """`program` (a script or `-m module`, with its arguments) launched as two nodes of one process
+    each on this machine, as README.md launches several nodes (torchrun's c10d rendezvous): the
+    two processes get LOCAL_RANK 0 and RANK 0 and 1. -> (exit status, stdout + stderr) per node."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-id", "two-nodes", "--rdzv-endpoint", f"127.0.0.1:{port}", *program]
+    agents = [subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        logs = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+    return [(agent.returncode, out + err) for agent, (out, err) in zip(agents, logs)]
+
+
 def smoke_args(dataset, out_dir, *extra) -> list[str]:
     """cvtcl.train arguments of a small smoke run on a fake dataset (the trainer tests' common base)."""
     return ["--preset", "smoke", f"data.root={dataset}", f"run.out_dir={out_dir}", "loss.queue_size=16",
