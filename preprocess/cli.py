@@ -38,7 +38,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports 128 + SIGINT
 def _pack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="dataset directory (shards + manifest.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
-    parser.add_argument("--videos-per-shard", type=int, default=64)
+    parser.add_argument("--videos-per-shard", type=int, default=64,
+                        help="videos per HDF5 shard (default 64: UCF101 in 209 shards); a shard is the "
+                             "unit of resuming and of --part")
     parser.add_argument("--short-side", type=int, default=None, help="resize so the shorter side is N px (default: native)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="RGB JPEG quality (default 90)")
     parser.add_argument("--flow-jpeg-quality", type=int, default=95,
