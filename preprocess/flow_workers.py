@@ -236,6 +236,21 @@ def workers_per_gpu(gpu_bytes: int, batch: int, cpu_cores: int, gpus: int) -> in
     return max(1, min(MAX_WORKERS_PER_GPU, by_memory, by_cores))
 
 
+def describe_flow_workers(flow: str, devices: tuple[str, ...], flow_options: dict) -> str:
+    """The line packing prints as its flow workers start: how many on which devices, and, for
+    tvl1-torch's fast path on a GPU (the default there), that each worker compiles it before its
+    first batch: the first videos take minutes on a new machine (inductor's cache on disk makes
+    later runs start in seconds), which is not a stall."""
+    counts = {d: devices.count(d) for d in dict.fromkeys(devices)}
+    where = ", ".join(f"{d} x{n}" if n > 1 else d for d, n in counts.items())
+    line = f"flow: {len(devices)} {flow} worker(s) on {where}"
+    if flow == "tvl1-torch" and flow_options.get("path") in (None, "compiled") and any(
+            d.startswith("cuda") for d in devices):
+        line += ("; each compiles the fast path before its first batch (minutes on a new machine, seconds "
+                 "once inductor's cache holds it): the first videos finish late")
+    return line
+
+
 def resolve_flow_devices(flow: str, device: str | None, devices: str | None, per_gpu: int | None,
                          batch: int | None) -> tuple[str, ...]:
     """The flow workers' devices for the CLI: --flow-device cuda -> every visible GPU,

@@ -37,7 +37,7 @@ import numpy as np
 
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
-from preprocess.flow_workers import run_with_flow_workers
+from preprocess.flow_workers import describe_flow_workers, run_with_flow_workers
 from preprocess.hygiene import OutputDirError, die_with_parent, exclusive_dir
 from preprocess.progress import Progress
 from preprocess.schema import (
@@ -322,6 +322,7 @@ def _pack_shards(index: DatasetIndex, options: PackOptions, out: Path, owns: Cal
     with_flow = options.flow != "none"
     if with_flow and options.flow_devices and tasks:
         # CPU workers decode and encode RGB; flow workers batch pairs across videos on the devices
+        progress.log(describe_flow_workers(options.flow, options.flow_devices, options.flow_options))
         pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, ("none", {}, True))
         results = run_with_flow_workers(tasks, options, _decode_work, pool)
     elif options.workers == 1 or len(tasks) <= 1:

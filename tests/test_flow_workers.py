@@ -139,5 +139,16 @@ def test_a_failing_flow_worker_stops_the_run_with_one_line_and_exit_1(tmp_path, 
     lines = [line for line in err.splitlines() if "error" in line]
     assert status == 1, err
     assert len(lines) == 1 and lines[0].startswith("cvtcl-preprocess synthetic: error: flow worker on cuda:7: "), err
+    # said as the workers start: the fast path's compile makes the first videos late, not stuck
+    assert "flow: 1 tvl1-torch worker(s) on cuda:7; each compiles the fast path before its first batch" in err
     assert lines[0].endswith("the finished shards are kept: rerun the same command to resume")
     assert "Traceback" not in err
+
+
+def test_the_flow_workers_line():
+    from preprocess.flow_workers import describe_flow_workers
+
+    line = describe_flow_workers("tvl1-torch", ("cuda:0", "cuda:1", "cuda:0", "cuda:1"), {"batch": 64})
+    assert line.startswith("flow: 4 tvl1-torch worker(s) on cuda:0 x2, cuda:1 x2; each compiles the fast path")
+    assert describe_flow_workers("tvl1-torch", ("cpu", "cpu"), {"device": "cpu"}) == "flow: 2 tvl1-torch worker(s) on cpu x2"
+    assert "compiles" not in describe_flow_workers("tvl1-torch", ("cuda:0",), {"path": "eager"})
