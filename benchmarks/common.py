@@ -89,6 +89,7 @@ def peak_memory_bandwidth(device=None) -> float | None:
 def profile_kernels(run: Callable[[], Any], repeats: int, synchronize: Callable[[], Any], per: str = "step") -> dict:
     """`run()` (a `per`: a step, a batch) `repeats` times under torch.profiler: the top-20 CUDA
     kernels by total time, the fraction of the wall time the GPU was busy, and kernels per `per`."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     synchronize()
@@ -98,8 +99,6 @@ def profile_kernels(run: Callable[[], Any], repeats: int, synchronize: Callable[
             run()
         synchronize()
     wall_us = (time.perf_counter() - start) * 1e6
-    import torch
-
     return summarize_kernels([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA],
                              wall_us, repeats, per)
 
