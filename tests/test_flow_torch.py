@@ -194,7 +194,7 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.slow
 def test_compiled_kernels_match_eager(flows):
-    """The fast path compiled by inductor (~5 min to compile on a loaded 2-core CPU). Measured
+    """The fast path compiled by inductor (a minute or more to compile on a 2-core CPU). Measured
     bitwise equal to eager on CPU; allowed 1e-3 px because the compiler may contract a multiply
     and an add into an FMA, and one ulp can move a pair's stop by an iteration."""
     gray, _, reference, eager = flows[SIZES[1], SEEDS[0]]
