@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import queue
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -87,10 +88,21 @@ class PairBatcher:
         return done
 
 
-def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox, outbox) -> None:
+def compile_threads(flow_workers: int, cpus: int | None = None) -> int:
+    """inductor's compile processes for each of `flow_workers` workers that compile at once: the
+    machine's cores shared among them. Each would start min(32, cores) by default: 16 workers of
+    an 8-GPU box with 32 cores, 512 processes of a few hundred MB each, beside the decoders."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(32, cpus // max(flow_workers, 1)))
+
+
+def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox, outbox, threads: int = 0) -> None:
     """One flow worker process: (key, grey) from `inbox` until None -> (key, encoded flow), or
-    (None, None, error text) once on `outbox` when it fails."""
+    (None, None, error text) once on `outbox` when it fails. `threads`: inductor's compile
+    processes (compile_threads; a value the user set in TORCHINDUCTOR_COMPILE_THREADS stays)."""
     die_with_parent_if_child()  # a killed run must not leave a process holding GPU memory
+    if threads:  # before torch is imported here: inductor reads it once
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
 
     def fail(err: Exception) -> None:
         outbox.put((None, None, worker_error(device, err, flow_options)))
@@ -155,7 +167,8 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
     for device in options.flow_devices:
         inbox = ctx.Queue()
         proc = ctx.Process(target=flow_worker, daemon=True, args=(
-            device, options.flow, options.flow_options, options.flow_jpeg_quality, inbox, outbox))
+            device, options.flow, options.flow_options, options.flow_jpeg_quality, inbox, outbox,
+            compile_threads(len(options.flow_devices))))
         proc.start()
         slots.append([inbox, proc, 0])  # queue, process, pairs queued
     window = WINDOW_PER_WORKER * (options.workers + len(slots))
@@ -256,8 +269,6 @@ def resolve_flow_devices(flow: str, device: str | None, devices: str | None, per
     """The flow workers' devices for the CLI: --flow-device cuda -> every visible GPU,
     cuda:i -> that one, --flow-devices 0,2 -> those; each repeated per_gpu times. Empty for the
     CPU (each CPU worker computes its own videos' flow, as before). ValueError says what to do."""
-    import os
-
     if devices is None and (device is None or not device.startswith("cuda")):
         if per_gpu is not None:
             raise ValueError("--flow-workers-per-gpu needs --flow-device cuda or --flow-devices")

@@ -152,3 +152,31 @@ def test_the_flow_workers_line():
     assert line.startswith("flow: 4 tvl1-torch worker(s) on cuda:0 x2, cuda:1 x2; each compiles the fast path")
     assert describe_flow_workers("tvl1-torch", ("cpu", "cpu"), {"device": "cpu"}) == "flow: 2 tvl1-torch worker(s) on cpu x2"
     assert "compiles" not in describe_flow_workers("tvl1-torch", ("cuda:0",), {"path": "eager"})
+
+
+def test_each_flow_worker_compiles_with_its_share_of_the_cores(monkeypatch):
+    """Every flow worker compiles the fast path at its start, all at once; inductor would give
+    each min(32, cores) compile processes. Each gets its share of the cores instead, set before
+    torch is imported in the worker; a value the user set stays."""
+    import os
+    import queue
+
+    from preprocess import flow_workers
+
+    assert flow_workers.compile_threads(16, cpus=32) == 2 and flow_workers.compile_threads(1, cpus=64) == 32
+    assert flow_workers.compile_threads(40, cpus=16) == 1
+    seen = []
+
+    def make_backend(flow, **options):
+        seen.append(os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(flow_workers, "make_backend", make_backend)
+    monkeypatch.setattr(flow_workers, "die_with_parent_if_child", lambda: None)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # restored after the test
+    outbox = queue.Queue()
+    flow_workers.flow_worker("cuda:0", "tvl1-torch", {}, 95, queue.Queue(), outbox, threads=4)
+    assert seen == ["4"] and outbox.get_nowait()[2] == "flow worker on cuda:0: RuntimeError: stop here"
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+    flow_workers.flow_worker("cuda:0", "tvl1-torch", {}, 95, queue.Queue(), outbox, threads=4)
+    assert seen == ["4", "8"]
