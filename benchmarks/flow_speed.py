@@ -47,7 +47,7 @@ from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
 from preprocess.flow_torch import ITERATION_BYTES  # noqa: E402
-from preprocess.flow_workers import PairBatcher  # noqa: E402
+from preprocess.flow_workers import PairBatcher, compile_threads  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
 
 SEGMENT = 9  # frames per generated shot; pairs across two shots are cuts without ground truth
@@ -170,9 +170,11 @@ def time_torch(backend, gray: np.ndarray, first: np.ndarray, profile: bool = Fal
 _barrier = None
 
 
-def _gpu_init(barrier) -> None:
+def _gpu_init(barrier, threads: int) -> None:
+    """A spawned flow-worker process, set up as packing sets up its own (flow_workers.flow_worker)."""
     global _barrier
     _barrier = barrier
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
 
 
 def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
@@ -195,7 +197,7 @@ def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batc
     --flow-workers-per-gpu of them: -> (seconds per mix's worth of pairs, one worker's flow)."""
     ctx = get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_gpu_init,
-                             initargs=(ctx.Barrier(processes),)) as pool:
+                             initargs=(ctx.Barrier(processes), compile_threads(processes))) as pool:
         results = list(pool.map(_gpu_process, [(gray, first, batch)] * processes))
     seconds = max(seconds for seconds, *_ in results)
     work = sum(pixel_iterations for *_, pixel_iterations in results)

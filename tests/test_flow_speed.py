@@ -196,3 +196,18 @@ def test_profiles_run_once_every_row_is_written(tmp_path, monkeypatch):
     rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["fast"]["cuts"]["profile"]["kernels_per_batch"] == 7.0 and "error" in rows["failing"]
     assert "profile_later" not in rows["fast"]["no cuts"]
+
+
+def test_gpu_processes_compile_as_packing_flow_workers_do(monkeypatch):
+    """--gpu-processes k: each spawned process gets its share of the cores for inductor's compile
+    processes, as packing's flow workers do (the row measures packing's setting)."""
+    import os
+    import threading
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # restored after the test
+    monkeypatch.setattr(flow_speed, "_barrier", None)
+    flow_speed._gpu_init(threading.Barrier(1), flow_speed.compile_threads(2, cpus=16))
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "8"
