@@ -43,11 +43,12 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import cpu_name, parse_size, peak_memory_bandwidth, profile_kernels  # noqa: E402
+from cvtcl.capture import compile_threads  # noqa: E402
 from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
 from preprocess.flow_torch import ITERATION_BYTES  # noqa: E402
-from preprocess.flow_workers import PairBatcher, compile_threads  # noqa: E402
+from preprocess.flow_workers import PairBatcher  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
 
 SEGMENT = 9  # frames per generated shot; pairs across two shots are cuts without ground truth

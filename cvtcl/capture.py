@@ -16,11 +16,14 @@ preprocess/flow_kernels.py (TV-L1 chunks); limits: ops that bypass aten dispatch
 kernels) are not recorded, so the compiled paths are checked with their compiler off.
 
 `inductor_unsupported(device)` says whether torch.compile, which both compiled paths put inside
-their graphs, can make kernels for a GPU at all.
+their graphs, can make kernels for a GPU at all; `share_compile_threads(processes)` gives each of
+several processes that compile at once its share of the cores for inductor's compile processes.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +46,27 @@ def inductor_unsupported(device: torch.device) -> str | None:
         return None
     capability = torch.cuda.get_device_capability(device)
     return None if capability >= INDUCTOR_MIN_CAPABILITY else ".".join(map(str, capability))
+
+
+def compile_threads(processes: int, cpus: int | None = None) -> int:
+    """inductor's compile processes for each of `processes` that compile at once: the machine's
+    cores shared among them (inductor's own default, min(32, cores), in every process: 16 flow
+    workers or 8 trainer processes on one box would start hundreds beside the data workers)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(32, cpus // max(processes, 1)))
+
+
+def share_compile_threads(processes: int) -> None:
+    """Set this process's share (compile_threads) unless the user set TORCHINDUCTOR_COMPILE_THREADS:
+    in the environment, which inductor reads when its config is imported, and in that config when
+    it already is (it is read again when the first compile starts its pool)."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    threads = compile_threads(processes)
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None:
+        config.compile_threads = threads
 
 
 def cuda_capture(body: Body, pool=None):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from cvtcl import augment, distributed, losses, mining
-from cvtcl.capture import inductor_unsupported
+from cvtcl.capture import inductor_unsupported, share_compile_threads
 from cvtcl.config import OptimConfig, TrainConfig
 from cvtcl.moco import MomentumContrast, Permutation, to_device_async
 
@@ -87,6 +88,9 @@ def compile_encoders(model: MomentumContrast, setting: str, device: torch.device
         raise ValueError(f"run.compile={setting} needs a GPU of compute capability 7.0 or newer (inductor's "
                          f"kernels are Triton's); this one is {too_old}: use run.compile=graph or none")
     torch._dynamo.reset()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's: this node's processes
+    if local > 1:  # they compile at once
+        share_compile_threads(local)
     for encoder in (model.query, model.key):
         encoder.compile(fullgraph=world_size == 1, dynamic=False)
 

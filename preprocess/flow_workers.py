@@ -88,20 +88,12 @@ class PairBatcher:
         return done
 
 
-def compile_threads(flow_workers: int, cpus: int | None = None) -> int:
-    """inductor's compile processes for each of `flow_workers` workers that compile at once: the
-    machine's cores shared among them. Each would start min(32, cores) by default: 16 workers of
-    an 8-GPU box with 32 cores, 512 processes of a few hundred MB each, beside the decoders."""
-    cpus = cpus or os.cpu_count() or 1
-    return max(1, min(32, cpus // max(flow_workers, 1)))
-
-
 def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox, outbox, threads: int = 0) -> None:
     """One flow worker process: (key, grey) from `inbox` until None -> (key, encoded flow), or
     (None, None, error text) once on `outbox` when it fails. `threads`: inductor's compile
     processes (compile_threads; a value the user set in TORCHINDUCTOR_COMPILE_THREADS stays)."""
     die_with_parent_if_child()  # a killed run must not leave a process holding GPU memory
-    if threads:  # before torch is imported here: inductor reads it once
+    if threads:  # before the backend imports torch: inductor reads it once
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
 
     def fail(err: Exception) -> None:
@@ -161,6 +153,7 @@ def worker_error(device: str, err: Exception, flow_options: dict) -> str:
 def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Iterator:
     """Results of `tasks` in order: decode(task) runs on `pool` and returns (EncodedVideo
     without flow, grey [N, H, W]) or a FailedVideo; the flow workers fill in the flow."""
+    from cvtcl.capture import compile_threads  # imports torch, which packing on the CPU never needs
     ctx = multiprocessing.get_context("spawn")
     outbox = ctx.Queue()
     slots = []
@@ -168,7 +161,7 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
         inbox = ctx.Queue()
         proc = ctx.Process(target=flow_worker, daemon=True, args=(
             device, options.flow, options.flow_options, options.flow_jpeg_quality, inbox, outbox,
-            compile_threads(len(options.flow_devices))))
+            compile_threads(len(options.flow_devices))))  # they all compile at once
         proc.start()
         slots.append([inbox, proc, 0])  # queue, process, pairs queued
     window = WINDOW_PER_WORKER * (options.workers + len(slots))

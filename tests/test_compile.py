@@ -66,3 +66,28 @@ def test_the_whole_schedule_compiles_in_one_process(tmp_path, monkeypatch):
             "run.progress=none", "run.keep_checkpoints=0", "run.compile=encoder"]
     assert main(args, build_loader=FakePretrainLoader) == 0
     assert all(is_complete(tmp_path / "run" / stage.name) for stage in cvtcl_schedule(2))
+
+
+def test_processes_that_compile_at_once_share_the_cores(monkeypatch):
+    """Under torchrun every process of a node compiles its encoders at once; each gets its share of
+    the cores for inductor's compile processes (min(32, cores) each by default), in the environment
+    and in inductor's config, which the trainer has imported already; the user's own value stays."""
+    import os
+
+    import torch._inductor.config as inductor_config
+
+    from cvtcl import capture, engine
+
+    assert capture.compile_threads(16, cpus=32) == 2 and capture.compile_threads(1, cpus=64) == 32
+    assert capture.compile_threads(40, cpus=16) == 1
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # these three restored after the test
+    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    model = MomentumContrast(Encoder("rgb", "tiny", embed_dim=16), queue_size=8)
+    engine.compile_encoders(model, "encoder", torch.device("cpu"), world_size=16)  # two nodes of 8
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "8" and inductor_config.compile_threads == 8
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    capture.share_compile_threads(4)
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3" and inductor_config.compile_threads == 8
+    torch._dynamo.reset()  # the encoders compiled lazily here were never called: nothing to keep

@@ -163,8 +163,6 @@ def test_each_flow_worker_compiles_with_its_share_of_the_cores(monkeypatch):
 
     from preprocess import flow_workers
 
-    assert flow_workers.compile_threads(16, cpus=32) == 2 and flow_workers.compile_threads(1, cpus=64) == 32
-    assert flow_workers.compile_threads(40, cpus=16) == 1
     seen = []
 
     def make_backend(flow, **options):
