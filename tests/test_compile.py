@@ -80,14 +80,15 @@ def test_processes_that_compile_at_once_share_the_cores(monkeypatch):
 
     assert capture.compile_threads(16, cpus=32) == 2 and capture.compile_threads(1, cpus=64) == 32
     assert capture.compile_threads(40, cpus=16) == 1
-    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # these three restored after the test
-    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # restored after the test
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    model = MomentumContrast(Encoder("rgb", "tiny", embed_dim=16), queue_size=8)
-    engine.compile_encoders(model, "encoder", torch.device("cpu"), world_size=16)  # two nodes of 8
-    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "8" and inductor_config.compile_threads == 8
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
-    capture.share_compile_threads(4)
-    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3" and inductor_config.compile_threads == 8
+    # inductor's config is patched through its own patch(): monkeypatch's undo would delete the key
+    with inductor_config.patch(compile_threads=inductor_config.compile_threads):
+        model = MomentumContrast(Encoder("rgb", "tiny", embed_dim=16), queue_size=8)
+        engine.compile_encoders(model, "encoder", torch.device("cpu"), world_size=16)  # two nodes of 8
+        assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "8" and inductor_config.compile_threads == 8
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+        capture.share_compile_threads(4)
+        assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3" and inductor_config.compile_threads == 8
     torch._dynamo.reset()  # the encoders compiled lazily here were never called: nothing to keep
