@@ -43,7 +43,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import cpu_name, parse_size, peak_memory_bandwidth, profile_kernels  # noqa: E402
-from cvtcl.capture import compile_threads  # noqa: E402
+from cvtcl.capture import share_compile_threads  # noqa: E402
 from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
 from preprocess.flow_check import end_point_error, synthetic_video  # noqa: E402
@@ -171,11 +171,11 @@ def time_torch(backend, gray: np.ndarray, first: np.ndarray, profile: bool = Fal
 _barrier = None
 
 
-def _gpu_init(barrier, threads: int) -> None:
+def _gpu_init(barrier, processes: int) -> None:
     """A spawned flow-worker process, set up as packing sets up its own (flow_workers.flow_worker)."""
     global _barrier
     _barrier = barrier
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    share_compile_threads(processes)
 
 
 def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
@@ -198,7 +198,7 @@ def time_gpu_processes(gray: np.ndarray, first: np.ndarray, processes: int, batc
     --flow-workers-per-gpu of them: -> (seconds per mix's worth of pairs, one worker's flow)."""
     ctx = get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_gpu_init,
-                             initargs=(ctx.Barrier(processes), compile_threads(processes))) as pool:
+                             initargs=(ctx.Barrier(processes), processes)) as pool:
         results = list(pool.map(_gpu_process, [(gray, first, batch)] * processes))
     seconds = max(seconds for seconds, *_ in results)
     work = sum(pixel_iterations for *_, pixel_iterations in results)

@@ -88,13 +88,15 @@ class PairBatcher:
         return done
 
 
-def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox, outbox, threads: int = 0) -> None:
+def flow_worker(device: str, flow: str, flow_options: dict, quality: int, inbox, outbox, compiling: int = 0) -> None:
     """One flow worker process: (key, grey) from `inbox` until None -> (key, encoded flow), or
-    (None, None, error text) once on `outbox` when it fails. `threads`: inductor's compile
-    processes (compile_threads; a value the user set in TORCHINDUCTOR_COMPILE_THREADS stays)."""
+    (None, None, error text) once on `outbox` when it fails. `compiling`: how many flow workers
+    compile at once, among which inductor's compile processes share the cores."""
     die_with_parent_if_child()  # a killed run must not leave a process holding GPU memory
-    if threads:  # before the backend imports torch: inductor reads it once
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    if compiling:  # before the backend's first compile
+        from cvtcl.capture import share_compile_threads
+
+        share_compile_threads(compiling)
 
     def fail(err: Exception) -> None:
         outbox.put((None, None, worker_error(device, err, flow_options)))
@@ -153,7 +155,6 @@ def worker_error(device: str, err: Exception, flow_options: dict) -> str:
 def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Iterator:
     """Results of `tasks` in order: decode(task) runs on `pool` and returns (EncodedVideo
     without flow, grey [N, H, W]) or a FailedVideo; the flow workers fill in the flow."""
-    from cvtcl.capture import compile_threads  # imports torch, which packing on the CPU never needs
     ctx = multiprocessing.get_context("spawn")
     outbox = ctx.Queue()
     slots = []
@@ -161,7 +162,7 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
         inbox = ctx.Queue()
         proc = ctx.Process(target=flow_worker, daemon=True, args=(
             device, options.flow, options.flow_options, options.flow_jpeg_quality, inbox, outbox,
-            compile_threads(len(options.flow_devices))))  # they all compile at once
+            len(options.flow_devices)))  # they all compile at once
         proc.start()
         slots.append([inbox, proc, 0])  # queue, process, pairs queued
     window = WINDOW_PER_WORKER * (options.workers + len(slots))

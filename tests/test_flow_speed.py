@@ -209,5 +209,6 @@ def test_gpu_processes_compile_as_packing_flow_workers_do(monkeypatch):
 
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # restored after the test
     monkeypatch.setattr(flow_speed, "_barrier", None)
-    flow_speed._gpu_init(threading.Barrier(1), flow_speed.compile_threads(2, cpus=16))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    flow_speed._gpu_init(threading.Barrier(1), 2)
     assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "8"

@@ -172,9 +172,10 @@ def test_each_flow_worker_compiles_with_its_share_of_the_cores(monkeypatch):
     monkeypatch.setattr(flow_workers, "make_backend", make_backend)
     monkeypatch.setattr(flow_workers, "die_with_parent_if_child", lambda: None)
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)  # restored after the test
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     outbox = queue.Queue()
-    flow_workers.flow_worker("cuda:0", "tvl1-torch", {}, 95, queue.Queue(), outbox, threads=4)
+    flow_workers.flow_worker("cuda:0", "tvl1-torch", {}, 95, queue.Queue(), outbox, compiling=4)
     assert seen == ["4"] and outbox.get_nowait()[2] == "flow worker on cuda:0: RuntimeError: stop here"
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
-    flow_workers.flow_worker("cuda:0", "tvl1-torch", {}, 95, queue.Queue(), outbox, threads=4)
+    flow_workers.flow_worker("cuda:0", "tvl1-torch", {}, 95, queue.Queue(), outbox, compiling=4)
     assert seen == ["4", "8"]
