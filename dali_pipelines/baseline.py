@@ -11,6 +11,7 @@ layout of the DALI loaders, so trainers cannot tell the two apart except by spee
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Iterator
 
 import cv2
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dali_pipelines.iterate import frozen_heap
 from dali_pipelines.sampling import (
     CopyAugment,
     SamplingConfig,
@@ -108,6 +110,16 @@ class PretrainDataset(Dataset):
         return item
 
 
+def start_workers(loader: DataLoader) -> Iterator:
+    """iter(loader), which forks the loader's worker processes: under `frozen_heap`, as DALI's
+    workers are, so a DALI pipeline left as garbage in this process (a DALI loader held in a
+    reference cycle) is never collected in a worker, where its `__del__` hangs the worker and so
+    the loader, for good."""
+    context = loader.multiprocessing_context or multiprocessing
+    with frozen_heap(loader.num_workers > 0 and context.get_start_method() == "fork"):
+        return iter(loader)
+
+
 class BaselinePretrainLoader:
     """`cvtcl.data.PretrainLoader` on a torch DataLoader; same plans and layout as the DALI loader."""
 
@@ -125,7 +137,7 @@ class BaselinePretrainLoader:
                                   self.world_size, self.steps_per_epoch * b)
         loader = DataLoader(dataset, batch_size=b, sampler=range(start_step * b, self.steps_per_epoch * b),
                             num_workers=self.num_workers, drop_last=True, pin_memory=self.device == "cuda")
-        for step, batch in enumerate(loader, start=start_step):
+        for step, batch in enumerate(start_workers(loader), start=start_step):
             out = {k: torch.as_tensor(a) for k, a in batch_meta(
                 self.videos, self.reader.group_ids, self.cfg.seed, epoch, step, b, self.rank, self.world_size).items()}
             out.update({k: v.to(self.device, self.dtype, non_blocking=True) for k, v in batch.items()})
@@ -166,6 +178,6 @@ class BaselineEvalLoader:
         loader = DataLoader(EvalDataset(self.source, self.crop_size), batch_size=self.source.batch_size,
                             num_workers=self.num_workers, pin_memory=self.device == "cuda")
         m = self.source.modality
-        for batch in loader:
+        for batch in start_workers(loader):
             batch[m] = batch[m].to(self.device, self.dtype, non_blocking=True)
             yield batch

@@ -81,9 +81,10 @@ def frozen_heap(forking: bool):
     """Around a pipeline build that forks its source workers: they inherit this process's heap,
     garbage not yet collected included (a loader held in a reference cycle, as an exception's
     traceback makes one). A worker that collects an inherited DALI pipeline runs its `__del__`,
-    which shuts down native state of this process: the worker dies with a segfault and the
-    loader fails with "Worker data receiving interrupted". So the garbage is collected here first,
-    and what is left is frozen while the workers fork (gc.freeze: a child never collects it)."""
+    which shuts down native state of this process: a DALI worker dies with a segfault and the
+    loader fails with "Worker data receiving interrupted"; a torch DataLoader worker hangs, and
+    its loader with it (dali_pipelines.baseline.start_workers). So the garbage is collected here
+    first, and what is left is frozen while the workers fork (gc.freeze: a child never collects it)."""
     if not forking:
         yield
         return

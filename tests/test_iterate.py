@@ -10,12 +10,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A loader left in a reference cycle (as an exception's traceback leaves one), then a new loader
-# whose source workers fork. The source collects garbage in the worker, as any worker may at
-# its next allocation: before the fix the worker collected the inherited pipeline, its __del__
-# shut down the parent's native state and the worker died (segfault), and the new loader
-# failed with "Worker data receiving interrupted".
-SCRIPT = textwrap.dedent('''
+# A DALI loader left in a reference cycle (as an exception's traceback leaves one); then the
+# script's new loader forks its workers, and a worker collects garbage, as any worker may at its
+# next allocation. Before the fix the worker collected the inherited pipeline and its __del__
+# shut down the parent's native state.
+GARBAGE = textwrap.dedent('''
     import gc
     import numpy as np
     from nvidia.dali import fn, pipeline_def
@@ -41,15 +40,42 @@ SCRIPT = textwrap.dedent('''
     cycle = [old]
     cycle.append(cycle)
     del old, cycle
+''')
+
+# DALI's source workers: the worker died (segfault) and the new loader failed with "Worker data
+# receiving interrupted".
+DALI_AFTER = GARBAGE + textwrap.dedent('''
     batches = [stream().next(lambda: "new")["x"].tolist() for _ in range(2)]
+    assert gc.isenabled() is False and not gc.get_freeze_count(), "the heap was left frozen"
+    print(batches)
+''')
+
+# The baseline loader's torch DataLoader workers: the worker hung, and the loader waited for it
+# for good (the timeout makes that an error here).
+BASELINE_AFTER = GARBAGE + textwrap.dedent('''
+    from torch.utils.data import DataLoader, Dataset
+    from dali_pipelines.baseline import start_workers
+
+    class Items(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            gc.collect()
+            return i
+
+    loader = DataLoader(Items(), batch_size=2, num_workers=1, timeout=30)
+    batches = [b.tolist() for b in start_workers(loader)]
     assert gc.isenabled() is False and not gc.get_freeze_count(), "the heap was left frozen"
     print(batches)
 ''')
 
 
 @pytest.mark.multiprocess
-def test_forked_workers_never_collect_an_inherited_pipeline():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120,
+@pytest.mark.parametrize("script, printed", [(DALI_AFTER, "[[[0, 0], [0, 0]], [[0, 0], [0, 0]]]"),
+                                             (BASELINE_AFTER, "[[0, 1], [2, 3]]")], ids=["dali", "baseline"])
+def test_forked_workers_never_collect_an_inherited_pipeline(script, printed):
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "[[[0, 0], [0, 0]], [[0, 0], [0, 0]]]"
+    assert proc.stdout.strip() == printed
