@@ -26,8 +26,8 @@ import importlib.util
 
 import torch
 
-from dali_pipelines.sampling import SamplingConfig
-from dali_pipelines.source import EvalSource
+from dali_pipelines.sampling import SamplingConfig, steps_per_epoch
+from dali_pipelines.source import EvalSource, select_videos
 from preprocess.shards import ShardReader
 
 BACKENDS = ("dali", "baseline")
@@ -54,17 +54,25 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
                           frames_per_clip=32, frame_stride=1, crop_size=128, pair_mode="same",
                           segments="quarters", num_segments=4, seed=0, rank=0, world_size=1, device="cpu",
                           device_id=None, num_threads=2, backend="dali", dtype=torch.float32,
-                          num_workers=2, colour=True, hw_decoder_load=0.65, augment="standard", crop_scale_min=0.2):
+                          num_workers=2, colour=True, hw_decoder_load=0.65, augment="standard", crop_scale_min=0.2,
+                          videos=None):
     """A PretrainLoader; see the module docstring. `colour=False` keeps only crop and flip;
     `augment`: "standard" | "weak" | "coclr" per-copy strength (dali_pipelines.sampling);
     `crop_scale_min`: smallest area fraction of the random resized crop;
-    `hw_decoder_load`: share of JPEGs sent to the GPU's hardware decoder (DALI on cuda only)."""
+    `hw_decoder_load`: share of JPEGs sent to the GPU's hardware decoder (DALI on cuda only);
+    `videos` (an addition, optional): names or indices of the subset's videos to sample from, as
+    for `build_eval_loader` (the fine-tune trains on the train subset less its held-out videos)."""
     cfg = SamplingConfig(frames_per_clip=frames_per_clip, frame_stride=frame_stride, pair_mode=pair_mode,
                          segments=segments, num_segments=num_segments, seed=seed, colour=colour,
                          augment=augment, crop_scale_min=crop_scale_min)
     reader = ShardReader(root, split=split, subset=subset)
+    if videos is not None:
+        reader.videos = select_videos(reader, videos)
     modalities = tuple(modalities)
     _check(backend, device, modalities, reader)
+    if steps_per_epoch(len(reader.videos), batch_size, world_size) == 0:
+        raise ValueError(f"{reader.root}: split {split} {subset}: {len(reader.videos)} videos give no full batch of "
+                         f"{batch_size} per process with {world_size} process(es); lower the batch size")
     common = dict(batch_size=batch_size, crop_size=crop_size, modalities=modalities, rank=rank,
                   world_size=world_size, device=device, num_workers=num_workers, dtype=dtype)
     if backend == "baseline":

@@ -78,7 +78,7 @@ def init(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
-_host_group = None  # gloo over the same ranks, for small agreements between hosts (any_rank, gather_objects)
+_host_group = None  # gloo over the same ranks, for small agreements between hosts (gather_objects)
 
 
 def shutdown() -> None:
@@ -95,15 +95,6 @@ def host_group():
     if _host_group is None:
         _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return _host_group
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on any (every rank must call it at the same point)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
-    return bool(t.item())
 
 
 def gather_objects(obj) -> list:

@@ -63,8 +63,11 @@ def split_features(
         for subset, out in features.items():
             whole = make_loader(subset, modality, "center")
             # a loader builds its pipeline when iterated: asking for its videos is free
-            loader = whole if world == 1 else make_loader(subset, modality, "center",
-                                                          videos=[v.name for v in whole.videos[rank::world]])
+            mine = whole.videos[rank::world]
+            if not mine:  # more processes than videos: the last ones have none to encode
+                out[modality] = gathered(None, whole.videos)
+                continue
+            loader = whole if world == 1 else make_loader(subset, modality, "center", videos=[v.name for v in mine])
             share = f" (process 1 of {world})" if world > 1 else ""  # only the first one prints
             part = extract_features(encoder, loader, modality=modality, device=device, bn_mode=bn_mode,
                                     label=f"features {modality} {subset}{share}", log=log)
@@ -72,13 +75,15 @@ def split_features(
     return features["train"], features["test"]
 
 
-def gathered(part: VideoFeatures, videos: list) -> VideoFeatures:
-    """Every process's features of its every-world-th videos, back in the subset's order."""
-    parts = distributed.gather_objects(part.features)  # CPU tensors, through the host (gloo) group
-    world = len(parts)
-    rows = torch.empty(len(videos), part.features.shape[1], dtype=part.features.dtype)
+def gathered(part: VideoFeatures | None, videos: list) -> VideoFeatures:
+    """Every process's features of its every-world-th videos, back in the subset's order (None:
+    this process had no video)."""
+    parts = distributed.gather_objects(None if part is None else part.features)  # CPU tensors, through gloo
+    world, first = len(parts), parts[0]  # the first process always has a video
+    rows = torch.empty(len(videos), first.shape[1], dtype=first.dtype)
     for rank, features in enumerate(parts):
-        rows[rank::world] = features
+        if features is not None:
+            rows[rank::world] = features
     return VideoFeatures(rows, torch.tensor([v.label for v in videos], dtype=torch.int64), list(videos))
 
 
@@ -105,7 +110,7 @@ def run_linear(
 def run_finetune(
     encoders: dict[str, nn.Module],
     make_loader: LoaderFactory,
-    make_train_loader: Callable[[str], Any],
+    make_train_loader: Callable[[str, Sequence[str]], Any],
     num_classes: int,
     *,
     device: str = "cpu",
@@ -114,13 +119,15 @@ def run_finetune(
     resume: dict[str, ResumeFile] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fine-tune each encoder (in place), then score ten-crop test top-1 per stream (+ two-stream).
+    make_train_loader(modality, videos): augmented clips of those train videos (the fit part);
     `resume`: per modality, the file its fine-tune continues from and saves to after every epoch."""
     config = config or FinetuneConfig()
     models, info = {}, {}
     for modality, encoder in encoders.items():
-        train_loader = make_train_loader(modality)
-        _, held = heldout_split(train_loader.videos, heldout_fraction, config.seed)
-        held_names = [train_loader.videos[i].name for i in held]
+        train = make_loader("train", modality, "center").videos  # a loader's videos cost no decoding
+        fit, held = heldout_split(train, heldout_fraction, config.seed)
+        held_names = [train[i].name for i in held]
+        train_loader = make_train_loader(modality, [train[i].name for i in fit])
         # only the held-out videos are decoded for scoring, not the whole train subset
         heldout_loader = make_loader("train", modality, "center", videos=held_names)
         outcome = finetune(encoder, num_classes, train_loader, heldout_loader, held_names,
@@ -183,6 +190,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')}={value}: must be at least 1")
     if not 0.0 < args.heldout_fraction < 1.0:
         raise UsageError(f"--heldout-fraction={args.heldout_fraction}: must be between 0 and 1 (default 0.1)")
+    if args.protocol == "finetune" and args.batch_size < 2:
+        raise UsageError(f"--batch-size={args.batch_size}: the fine-tune trains batch norm on batch statistics, "
+                         "which needs at least 2 clips per process and step")
     if args.checkpoint_flow and not args.checkpoint:
         raise UsageError("--checkpoint-flow needs an RGB --checkpoint (two-stream); evaluate a flow checkpoint "
                          "alone with --checkpoint FLOW.pt")
@@ -213,7 +223,10 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
         from cvtcl.models import Encoder
 
         torch.manual_seed(args.seed)
-        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: "random-init"}, []
+        # the source names the backbone: the results say what was evaluated, and a fine-tune's resume
+        # file (named by a hash of its sources) is never another backbone's
+        source = f"random-init {args.backbone}"
+        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: source}, []
     try:
         from cvtcl.checkpoint import load_encoder
     except ImportError as err:
@@ -275,6 +288,17 @@ def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[
                          "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")
 
 
+def check_heldout(args: argparse.Namespace, manifest: Any) -> None:
+    """The linear probe and the fine-tune choose their epoch on held-out train groups: that there
+    are some is known from the manifest, before any feature pass or training."""
+    names = set(manifest.splits[args.split]["train"])
+    try:
+        heldout_split([v for v in manifest.videos if v.name in names], args.heldout_fraction, args.seed)
+    except ValueError as err:
+        raise UsageError(f"--shards {args.shards} --split {args.split}: {err}; use retrieval, which selects "
+                         "nothing, or a dataset whose classes have several source groups") from None
+
+
 def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path | None]:
     """(results, neighbours) paths in out_dir that do not exist yet: a rerun adds -2, -3, ... rather
     than overwrite an earlier evaluation. Only the files this protocol writes count: retrieval
@@ -309,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Next to the checkpoint by default: the evaluation belongs to the run that trained it.
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
     results_file, neighbours_file = output_paths(out_dir, args.protocol, args.dataset, args.split)
+    if args.protocol in ("linear", "finetune"):
+        check_heldout(args, manifest)
     device = torch.device(args.device)
     if distributed.env_world()[2] > 1:  # under torchrun: LOCAL_RANK picks the GPU
         device = distributed.init(device.type).device
@@ -322,10 +348,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return build_eval_loader(args.shards, subset=subset, modality=modality, crops=crops, videos=videos,
                                  window_stride=args.window_stride, batch_size=args.batch_size, **common)
 
-    def make_train(modality: str) -> Any:  # fine-tune: augmented clips of the train subset
-        return build_pretrain_loader(args.shards, subset="train", modalities=(modality,), batch_size=args.batch_size,
-                                     pair_mode="same", seed=args.seed, augment=FinetuneConfig.augment,
-                                     rank=distributed.rank(), world_size=distributed.world_size(), **common)
+    def make_train(modality: str, videos: Sequence[str]) -> Any:  # fine-tune: augmented clips of those train videos
+        world = distributed.world_size()
+        if len(videos) < args.batch_size * world:
+            raise UsageError(f"--batch-size {args.batch_size}: the fine-tune trains on {len(videos)} videos of split "
+                             f"{args.split} (its train videos less the held-out ones), fewer than one step of "
+                             f"{args.batch_size} clips on each of {world} process(es); lower --batch-size")
+        return build_pretrain_loader(args.shards, subset="train", videos=videos, modalities=(modality,),
+                                     batch_size=args.batch_size, pair_mode="same", seed=args.seed,
+                                     augment=FinetuneConfig.augment, rank=distributed.rank(), world_size=world, **common)
 
     payload: dict[str, Any] = {"protocol": args.protocol, "dataset": args.dataset, "split": args.split,
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
@@ -399,7 +430,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
-                 make_train: Callable[[str], Any], manifest: Any, neighbours_file: Path | None,
+                 make_train: Callable[[str, Sequence[str]], Any], manifest: Any, neighbours_file: Path | None,
                  resume: dict[str, ResumeFile]) -> dict[str, Any]:
     """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe.
     The encoders run under --amp's autocast (an ambient setting: every forward inside it)."""

@@ -7,8 +7,9 @@ starts from nothing), weight decay 1e-3. The epoch is selected on held-out train
 weights and ten crops (4 corners + centre, x 2 flips), the softmax averaged over every sliding
 window and crop of a video. Two-stream: the mean of the two streams' video probabilities.
 
-Training clips come from the pretraining loader (`build_pretrain_loader`; copy 0 of each pair),
-its held-out videos masked out of each batch, with `FinetuneConfig.augment` = "weak": random
+Training clips come from the pretraining loader (`build_pretrain_loader`; copy 0 of each pair) over
+the train videos less the held-out ones, so every step has its full batch, with
+`FinetuneConfig.augment` = "weak": random
 resized crop and flip, no colour jitter, grayscale or blur. CoCLR fine-tunes with a weaker
 augmentation than it pretrains with (crop, flip, colour jitter with p 0.3, no grayscale or blur);
 the loader has no jitter-at-p-0.3 strength, so "weak" is the closest it offers, and "standard"
@@ -157,8 +158,9 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `encoder` (in place) with a new head; return the classifier at the selected epoch.
 
-    train_loader: `.videos` and `.epoch(e)` yielding {modality: clips, "label", "video_index"};
-    videos named in `heldout_names` are masked out of every batch. heldout_loader: a centre-crop
+    train_loader: `.videos`, `.steps_per_epoch` and `.epoch(e)` yielding {modality: clips, "label"},
+    over the train videos that are not held out (`build_pretrain_loader(..., videos=...)`); at
+    least two clips a step, as batch norm trains on batch statistics. heldout_loader: a centre-crop
     `EvalLoader` whose `.videos` include the held-out videos (others are ignored when scoring;
     `build_eval_loader(..., videos=heldout_names)` decodes the held-out videos alone).
     `resume`: continue from, and save after every epoch to, this file. `log`: one line per epoch.
@@ -180,7 +182,13 @@ def finetune(
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
 
     held = set(heldout_names)
-    excluded = torch.tensor([v.name in held for v in train_loader.videos])  # by train video_index
+    trained_on = [v.name for v in train_loader.videos if v.name in held]
+    if trained_on:
+        raise ValueError(f"the fine-tune's train loader holds {len(trained_on)} held-out video(s) ({trained_on[0]}, ...); "
+                         "build it on the other train videos")
+    if train_loader.steps_per_epoch < 1 or train_loader.batch_size < 2:
+        raise ValueError(f"the fine-tune's train loader gives {train_loader.steps_per_epoch} step(s) of "
+                         f"{train_loader.batch_size} clip(s) an epoch; it needs steps of at least 2 (batch norm)")
     scored = torch.tensor([i for i, v in enumerate(heldout_loader.videos) if v.name in held])
     if len(scored) != len(held):
         raise ValueError(f"{len(held) - len(scored)} held-out videos are missing from the held-out loader")
@@ -202,14 +210,8 @@ def finetune(
         net.train()  # the DDP wrapper too, where there is one
         loss_sum, steps = torch.zeros((), device=device), 0
         for batch in train_loader.epoch(epoch):
-            # rows to train on, chosen on the host: a boolean mask on the GPU would wait for it (nonzero)
-            keep = (~excluded[batch["video_index"].cpu()]).nonzero().squeeze(1)
-            # BN needs two clips; under torchrun every rank skips the step or none does
-            if distributed.any_rank(len(keep) < 2):
-                continue
-            clips = training_clips(batch, modality)
-            clips = clips.index_select(0, keep.to(clips.device, non_blocking=True)).to(device)
-            labels = batch["label"].index_select(0, keep.to(batch["label"].device)).to(device)
+            clips = training_clips(batch, modality).to(device)
+            labels = batch["label"].to(device, non_blocking=True)
             loss = nn.functional.cross_entropy(net(clips).float(), labels)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -71,12 +71,7 @@ class DaliPretrainLoader:
         self.device, self.device_id, self.dtype = device, device_id, dtype
         self.num_threads, self.num_workers, self.hw_decoder_load = num_threads, num_workers, hw_decoder_load
         self.videos = reader.videos
-        self.steps_per_epoch = steps_per_epoch(len(self.videos), batch_size, world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{reader.root}: {len(self.videos)} videos give no full batch of {batch_size} per rank "
-                f"with world_size={world_size}; lower batch_size"
-            )
+        self.steps_per_epoch = steps_per_epoch(len(self.videos), batch_size, world_size)  # >= 1: cvtcl.data checks
         self._stream: DaliStream | None = None
         self._source: PretrainSource | None = None
         self._consumed = 0  # batches taken from the stream: it yields (epoch, step) source.position(_consumed) next

@@ -13,6 +13,7 @@ from cvtcl.errors import UsageError
 from cvtcl.finetune import FinetuneConfig
 from cvtcl.linear_probe import LinearProbeConfig
 from cvtcl.report import neighbours_path, results_path
+from cvtcl.selection import heldout_split
 from eval_fakes import FakeEvalLoader, FakePretrainLoader, TinyEncoder, make_videos
 from preprocess.schema import Manifest, write_json_atomic
 
@@ -44,12 +45,23 @@ def test_retrieval_and_linear_with_model_objects():
     assert linear["two-stream"]["top1"] > 90.0
 
 
+def train_loader_of(names, modality="rgb"):
+    by_name = {v.name: v for v in TRAIN}
+    return FakePretrainLoader([by_name[name] for name in names], modality, batch_size=6, noise=0.3)
+
+
 def test_finetune_with_model_objects(capsys):
-    """Results name the selected epoch as the progress lines do, counted from 1 ("best ... after
-    epoch N"); the two-stream row has none."""
-    make_train = lambda modality: FakePretrainLoader(TRAIN, modality, batch_size=6, noise=0.3)
+    """The fine-tune trains on the train videos less the held-out ones (whole batches, no held-out
+    clip); results name the selected epoch as the progress lines do, counted from 1 ("best ...
+    after epoch N"); the two-stream row has none."""
+    trained_on = {}
+    make_train = lambda modality, videos: trained_on.setdefault(modality, train_loader_of(videos, modality))
     config = FinetuneConfig(epochs=2, eval_every=1, dropout=0.2)
     results = cvtcl_eval.run_finetune(encoders(), fake_factory, make_train, 3, config=config)
+    fit, held = heldout_split(TRAIN, 0.1, config.seed)
+    for loader in trained_on.values():
+        assert [v.name for v in loader.videos] == [TRAIN[i].name for i in fit] and held
+        assert len(loader.seen) == 2 * loader.steps_per_epoch * loader.batch_size  # every step trained
     assert set(results) == {"rgb", "flow", "two-stream"}
     assert results["rgb"]["epoch"] in (1, 2) and "heldout_top1" in results["flow"]
     assert "epoch" not in results["two-stream"]
@@ -105,7 +117,7 @@ def test_cli_linear_random_init(fake_project, monkeypatch):
     monkeypatch.setitem(sys.modules, "cvtcl.models", types.SimpleNamespace(Encoder=lambda m, b: TinyEncoder(m)))
     payload = cvtcl_eval.main(["linear", "--random-init", "flow", "--bn-mode", "batch", "--epochs", "3",
                                "--dataset", "synthetic", "--shards", str(root), "--out", str(root)])
-    assert set(payload["results"]) == {"flow"} and payload["encoders"] == {"flow": "random-init"}
+    assert set(payload["results"]) == {"flow"} and payload["encoders"] == {"flow": "random-init s3d"}
     assert payload["bn_mode"] == "batch"
 
 
@@ -188,6 +200,79 @@ def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
                          "--dataset", "synthetic", "--shards", str(root)])
 
 
+def test_cli_finetune_batch_checks_come_before_any_work(fake_project, monkeypatch):
+    """Batch norm trains on at least 2 clips, and the train videos less the held-out ones must make
+    one step: both are refused naming --batch-size, before any loader exists."""
+    root, calls = fake_project
+    built = []
+    monkeypatch.setattr(sys.modules["cvtcl.data"], "build_pretrain_loader", lambda *a, **kw: built.append(kw))
+    argv = ["finetune", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root),
+            "--out", str(root / "ft")]
+    with pytest.raises(UsageError, match="--batch-size=1: the fine-tune trains batch norm"):
+        cvtcl_eval.main([*argv, "--batch-size", "1"])
+    fit = len(heldout_split(TRAIN, 0.1, 0)[0])
+    with pytest.raises(UsageError, match=rf"--batch-size {fit + 1}: the fine-tune trains on {fit} videos"):
+        cvtcl_eval.main([*argv, "--batch-size", str(fit + 1)])
+    assert not built and all(c[3].get("videos") is None for c in calls)  # listed, never decoded
+
+
+def test_cli_without_heldout_groups_stops_before_the_feature_passes(tmp_path, monkeypatch):
+    """A dataset whose classes have one source group each leaves the linear probe nothing to select
+    its epoch on: an error naming --shards and --split before any feature is computed."""
+    videos = make_videos(num_classes=2, per_class=3, groups_per_class=1, prefix="train") + TEST
+    train = [v.name for v in videos if v.name.startswith("train")]
+    manifest = Manifest("synthetic", {}, ["C0", "C1", "C2"], [], videos,
+                        {"1": {"train": train, "test": [v.name for v in TEST]}})
+    write_json_atomic(tmp_path / "manifest.json", manifest.to_dict())
+    monkeypatch.setitem(sys.modules, "cvtcl.models", types.SimpleNamespace(Encoder=lambda m, b: TinyEncoder(m)))
+    monkeypatch.setattr(cvtcl_eval, "split_features", mock.Mock(side_effect=AssertionError("features computed")))
+    with pytest.raises(UsageError, match=rf"--shards {tmp_path} --split 1: no held-out video"):
+        cvtcl_eval.main(["linear", "--random-init", "rgb", "--dataset", "synthetic", "--shards", str(tmp_path),
+                         "--out", str(tmp_path / "out")])
+
+
+def test_resume_file_names_the_random_init_backbone(fake_project, monkeypatch):
+    """Two fine-tunes of untrained encoders that differ only in --backbone never share a resume
+    file (a rerun with the other backbone would load weights of the wrong shape)."""
+    root, _ = fake_project
+    monkeypatch.setitem(sys.modules, "cvtcl.models", types.SimpleNamespace(Encoder=lambda m, b: TinyEncoder(m)))
+    paths = []
+    for backbone in ("tiny", "s3d", "tiny"):
+        args = cvtcl_eval._parser().parse_args(["finetune", "--random-init", "rgb", "--backbone", backbone,
+                                                "--dataset", "synthetic", "--shards", str(root)])
+        _, sources, _ = cvtcl_eval.load_encoders(args)
+        paths.append(cvtcl_eval.resume_files(args, root, sources, torch.device("cpu"))["rgb"].path)
+    assert paths[0] == paths[2] != paths[1]
+
+
+def test_more_processes_than_videos_gather_one_process_features(monkeypatch):
+    """Under torchrun with more processes than a subset has videos, the processes without a video
+    encode nothing and the gathered features are still one process's."""
+    from cvtcl import distributed
+
+    alone, alone_test = cvtcl_eval.split_features({"rgb": TinyEncoder("rgb")}, fake_factory)
+    world = len(TRAIN) + 3
+    parts = [alone["rgb"].features[r::world] if r < len(TRAIN) else None for r in range(world)]
+    test_parts = lambda world: [alone_test["rgb"].features[r::world] for r in range(world)]
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    for rank in (0, world - 1):  # one process with videos in both subsets, one with none in either
+        gathered = {"train": parts, "test": [alone_test if r < len(TEST) else None
+                                             for r, alone_test in enumerate(test_parts(world))]}
+        given = []
+
+        def gather_objects(obj, rank=rank):  # this process's part in its place, the others' as computed alone
+            given.append(obj)
+            subset = "train" if len(given) == 1 else "test"
+            return [obj if r == rank else part for r, part in enumerate(gathered[subset])]
+
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(distributed, "gather_objects", gather_objects)
+        train, test = cvtcl_eval.split_features({"rgb": TinyEncoder("rgb")}, fake_factory)
+        assert (given[0] is None) == (rank >= len(TRAIN)) and (given[1] is None) == (rank >= len(TEST))
+        assert torch.allclose(train["rgb"].features, alone["rgb"].features, atol=1e-6)
+        assert train["rgb"].names == [v.name for v in TRAIN] and test["rgb"].names == [v.name for v in TEST]
+
+
 def test_trainer_monitor_then_eval_and_plot_on_real_shards(synthetic_dataset, tmp_path):
     """Real loaders, trainer and checkpoint: the kNN monitor lands in metrics.jsonl at epoch ends,
     the checkpoint evaluates through the CLI, and cvtcl-plot draws both figures."""
@@ -243,7 +328,8 @@ def spy_loaders(monkeypatch):
 def real_cli(protocol, dataset, checkpoint, out):
     return cvtcl_eval.main([protocol, "--checkpoint", str(checkpoint), "--dataset", "synthetic", "--shards",
                             str(dataset), "--backend", "dali", "--device", "cpu", "--frames-per-clip", "8",
-                            "--window-stride", "8", "--crop-size", "32", "--epochs", "3", "--out", str(out)])
+                            "--window-stride", "8", "--crop-size", "32", "--epochs", "3", "--batch-size", "3",
+                            "--out", str(out)])  # the fine-tune: 2 steps an epoch of the 6 train videos not held out
 
 
 def sane(row, epochs):
@@ -271,16 +357,25 @@ def test_cli_linear_on_real_dali_loaders_selects_on_heldout_train(trained_run, t
 def test_cli_finetune_on_real_dali_loaders_selects_on_heldout_train(trained_run, tmp_path, monkeypatch):
     from preprocess.schema import load_manifest
 
+    import cvtcl.data
+
     dataset, checkpoint = trained_run
     split = load_manifest(dataset).splits["1"]
     calls = spy_loaders(monkeypatch)
+    trained_on, real_train = [], cvtcl.data.build_pretrain_loader
+    monkeypatch.setattr(cvtcl.data, "build_pretrain_loader",
+                        lambda root, **kw: trained_on.append(kw["videos"]) or real_train(root, **kw))
     payload = real_cli("finetune", dataset, checkpoint, tmp_path)
     saved = json.loads(results_path(tmp_path, "finetune", "synthetic", "1").read_text())
     assert saved["results"] == payload["results"] and set(saved["results"]) == {"rgb"}
     assert sane(saved["results"]["rgb"], 3)
-    (held_subset, held_crops, held), test_call = calls  # held-out scoring first, the test split once at the end
+    # the train videos listed (nothing decoded), held-out scoring, the test split once at the end
+    listing, (held_subset, held_crops, held), test_call = calls
+    assert listing == ("train", "center", None)
     assert (held_subset, held_crops) == ("train", "center") and test_call == ("test", "ten", None)
     assert held and set(held) <= set(split["train"]) and not set(held) & set(split["test"])
+    (fit,) = trained_on
+    assert len(fit) == len(set(fit)) and set(fit) == set(split["train"]) - set(held)
 
 
 def test_cli_finetune_rerun_resumes_and_gives_the_uninterrupted_result(trained_run, tmp_path, monkeypatch, capsys):
@@ -318,8 +413,8 @@ def test_ctrl_c_says_a_rerun_resumes_only_where_it_does(fake_project, monkeypatc
     root, _ = fake_project
     stop_in = {"epoch": 0}
 
-    def build_pretrain_loader(root, *, subset, modalities, batch_size, **kwargs):
-        loader = FakePretrainLoader(TRAIN, modalities[0], batch_size=6, noise=0.3)
+    def build_pretrain_loader(root, *, subset, modalities, batch_size, videos, **kwargs):
+        loader = train_loader_of(videos, modalities[0])
         epoch = loader.epoch
         loader.epoch = lambda e, *a: (_ for _ in ()).throw(KeyboardInterrupt) if e == stop_in["epoch"] else epoch(e, *a)
         return loader

@@ -1,4 +1,4 @@
-"""Fine-tuning: ten-crop/window softmax averaging, two-stream fusion, held-out masking, lr groups."""
+"""Fine-tuning: ten-crop/window softmax averaging, two-stream fusion, held-out videos kept out, lr groups."""
 
 import pytest
 import torch
@@ -59,19 +59,23 @@ def test_parameter_groups_use_head_and_backbone_rates():
         FinetuneConfig(dropout=1.0)
 
 
-def test_finetune_masks_heldout_videos_and_learns():
+def test_finetune_refuses_heldout_videos_in_training_and_learns():
+    """A train loader that holds a held-out video, or whose steps are under 2 clips, is refused before
+    any step; on the other videos the fine-tune learns, every step a full batch."""
     videos = make_videos(num_classes=3, per_class=8, groups_per_class=4)
     heldout = [v.name for v in videos if v.group.endswith("g00")]
-    train = FakePretrainLoader(videos, batch_size=6, noise=0.3)
-    held_index = {i for i, v in enumerate(videos) if v.name in heldout}
-    clean_clip = train.source.clip
-    # held-out clips are NaN in the training loader: one of them in a training step poisons the weights
-    train.source.clip = lambda i, s: clean_clip(i, s) * (float("nan") if i in held_index else 1.0)
     held_loader = FakeEvalLoader(videos, noise=0.3)
     config = FinetuneConfig(epochs=6, eval_every=2, dropout=0.2, lr_head=1e-2, lr_backbone=1e-2)
+    fit = [v for v in videos if v.name not in heldout]
+    for loader, refusal in ((FakePretrainLoader(videos, batch_size=6), "holds 6 held-out video"),
+                            (FakePretrainLoader(fit, batch_size=1), "1 clip"),
+                            (FakePretrainLoader(fit[:3], batch_size=4), "0 step")):
+        with pytest.raises(ValueError, match=refusal):
+            finetune(TinyEncoder(), 3, loader, held_loader, heldout, modality="rgb", config=config)
+        assert not loader.seen
+    train = FakePretrainLoader(fit, batch_size=6, noise=0.3)
     outcome = finetune(TinyEncoder(), 3, train, held_loader, heldout, modality="rgb", config=config)
-    assert held_index & set(train.seen)  # the loader did yield held-out clips ...
-    assert all(torch.isfinite(p).all() for p in outcome.model.parameters())  # ... never trained on
+    assert len(train.seen) == 6 * train.steps_per_epoch * 6 and train.steps_per_epoch == 3
     assert [e for e, _ in outcome.history] == [1, 3, 5]
     assert outcome.heldout_top1 == max(s for _, s in outcome.history)
     test_loader = FakeEvalLoader(make_videos(num_classes=3, per_class=3, prefix="te"), crops="ten", noise=0.3)
@@ -91,7 +95,8 @@ def test_heldout_only_loader_gives_the_same_finetune(tmp_path):
     only = build_eval_loader(root, subset="train", videos=heldout, **kw)
     assert len(list(only)) < len(list(full))
     config = FinetuneConfig(epochs=4, eval_every=1, dropout=0.2, lr_head=1e-2, lr_backbone=1e-2)
-    outcomes = [finetune(TinyEncoder(), 3, FakePretrainLoader(full.videos, batch_size=3), loader, heldout,
+    fit = [v for v in full.videos if v.name not in heldout]
+    outcomes = [finetune(TinyEncoder(), 3, FakePretrainLoader(fit, batch_size=2), loader, heldout,
                          modality="rgb", config=config) for loader in (full, only)]
     assert outcomes[0].history == outcomes[1].history and outcomes[0].selected_epoch == outcomes[1].selected_epoch
     for a, b in zip(outcomes[0].model.state_dict().values(), outcomes[1].model.state_dict().values()):
@@ -108,7 +113,7 @@ def _resume_case():
     config = FinetuneConfig(epochs=6, eval_every=2, dropout=0.5, lr_head=1e-2, lr_backbone=1e-2)
 
     def run(resume=None, stop_after=None, lines=None):
-        train = FakePretrainLoader(videos, batch_size=6, noise=0.3)
+        train = FakePretrainLoader([v for v in videos if v.name not in heldout], batch_size=6, noise=0.3)
         if stop_after is not None:  # a kill during the epoch after `stop_after` (its state is not saved)
             epoch = train.epoch
             train.epoch = lambda e, *a: (_ for _ in ()).throw(_Stop()) if e == stop_after else epoch(e, *a)
