@@ -21,13 +21,14 @@ import sys
 import threading
 from pathlib import Path
 
+from cvtcl.errors import one_line
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
 from preprocess.flow import backend_names
 from preprocess.flow_workers import FlowWorkerError, resolve_flow_devices
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, locked_out, pack
-from preprocess.parts import Part, merge, pack_part
-from preprocess.schema import LayoutError
+from preprocess.parts import Part, marker_path, merge, pack_part
+from preprocess.schema import LayoutError, shard_name
 from preprocess.synthetic import SyntheticConfig, generate_raw
 from preprocess.verify import verify
 
@@ -158,14 +159,27 @@ def _summary(where: str, shards: list, records: list, failed: list) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def _retry_hint(index: DatasetIndex, options: PackOptions, failed: list, record: str) -> None:
+    """Which shards to delete so that a rerun packs the failed videos once they are fixed (a rerun
+    keeps a complete shard, its failed videos with it)."""
+    if not failed:
+        return
+    position = {v.name: i for i, v in enumerate(index.videos)}  # the shard plan: name order
+    shards = sorted({shard_name(position[f.name] // options.videos_per_shard) for f in failed})
+    print(f"the reasons are in {record} (\"failed\"); a rerun keeps them failed: to pack them "
+          f"once fixed, delete {', '.join(shards[:8])}{' …' if len(shards) > 8 else ''} and rerun", file=sys.stderr)
+
+
 def _pack(index: DatasetIndex, options: PackOptions, part: Part | None = None) -> int:
     if part is None:
         manifest = pack(index, options)
+        _retry_hint(index, options, manifest.failed, f"{options.out}/manifest.json")
         return _summary(options.out, manifest.shards, manifest.videos, manifest.failed)
     done = pack_part(index, options, part)
     print(f"part {part} complete; once every part is, run: cvtcl-preprocess merge {options.out}", file=sys.stderr)
-    return _summary(f"{options.out} part {part}", list(done), [r for recs, _ in done.values() for r in recs],
-                    [f for _, fails in done.values() for f in fails])
+    failed = [f for _, fails in done.values() for f in fails]
+    _retry_hint(index, options, failed, str(marker_path(options.out, part)))
+    return _summary(f"{options.out} part {part}", list(done), [r for recs, _ in done.values() for r in recs], failed)
 
 
 def _exit_on_sigterm(signum, frame):
@@ -202,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, LayoutError, ValueError, OSError) as err:
         if getattr(args, "debug", False):
             raise
-        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
-        print(f"cvtcl-preprocess {args.command}: error: {' '.join(text.split())}", file=sys.stderr)
+        print(f"cvtcl-preprocess {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_CONFIG
     except FlowWorkerError as err:  # the run started: finished shards are kept
         if getattr(args, "debug", False):

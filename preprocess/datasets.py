@@ -61,6 +61,23 @@ class DatasetIndex:
         dupes = sorted(n for n, k in Counter(v.name for v in self.videos).items() if k > 1)
         if dupes:
             raise DatasetError(f"{self.root}: video names must be unique, these repeat: {dupes[:5]}")
+        for split, members in self.splits.items():  # a video on both sides would leak test into train
+            seen: dict[str, str] = {}
+            for subset, names in members.items():
+                for name in names:
+                    if name in seen:
+                        where = f"twice in {subset}" if seen[name] == subset else f"in both {seen[name]} and {subset}"
+                        raise DatasetError(f"{self.root}: split {split} lists {name} {where}; fix the split files")
+                    seen[name] = subset
+
+
+def _add(videos: dict[str, SourceVideo], video: SourceVideo) -> None:
+    """videos[video.name] = video, unless another file already has that name: the manifest, the
+    splits and the shards know a video by its name, so two would silently become one."""
+    known = videos.setdefault(video.name, video)
+    if known.path != video.path:
+        raise DatasetError(f"{known.path} and {video.path}: two videos named {video.name}; names must be unique "
+                           "across class folders: rename or remove one (and its split file lines)")
 
 
 def _require(path: Path, what: str) -> Path:
@@ -100,7 +117,9 @@ def index_ucf101(root: str | Path, dataset: str = "ucf101") -> DatasetIndex:
             raise DatasetError(f"{videos_dir / rel}: name is not v_<Class>_gXX_cYY")
         return SourceVideo(stem, str(videos_dir / rel), class_name, ids[class_name], f"{class_name}_g{match[1]}")
 
-    found = {p.stem: source(f"{p.parent.name}/{p.name}") for p in sorted(videos_dir.glob("*/*.avi"))}
+    found: dict[str, SourceVideo] = {}
+    for path in sorted(videos_dir.glob("*/*.avi")):
+        _add(found, source(f"{path.parent.name}/{path.name}"))
     splits = {}
     for k in SPLIT_IDS:
         train, test = lists / f"trainlist0{k}.txt", lists / f"testlist0{k}.txt"
@@ -111,7 +130,7 @@ def index_ucf101(root: str | Path, dataset: str = "ucf101") -> DatasetIndex:
             members[subset] = []
             for fields in _lines(path):
                 video = source(fields[0])
-                found.setdefault(video.name, video)  # listed but absent: packing records it as failed
+                _add(found, video)  # listed but absent: packing records it as failed
                 members[subset].append(video.name)
         splits[k] = {s: sorted(n) for s, n in members.items()}
     if not splits:
@@ -132,7 +151,7 @@ def index_hmdb51(root: str | Path, splits_dir: str | Path) -> DatasetIndex:
     videos = {}
     for label, class_name in enumerate(classes):
         for path in sorted((root / class_name).glob("*.avi")):
-            videos[path.stem] = SourceVideo(path.stem, str(path), class_name, label, path.stem)
+            _add(videos, SourceVideo(path.stem, str(path), class_name, label, path.stem))
 
     splits = {}
     for k in SPLIT_IDS:
@@ -145,9 +164,9 @@ def index_hmdb51(root: str | Path, splits_dir: str | Path) -> DatasetIndex:
                 if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
                     raise DatasetError(f"{path}: expected lines '<video>.avi 0|1|2', got {' '.join(fields)!r}")
                 stem = Path(fields[0]).stem
-                if stem not in videos:  # listed but absent: packing records it as failed
-                    missing = root / class_name / fields[0]
-                    videos[stem] = SourceVideo(stem, str(missing), class_name, classes.index(class_name), stem)
+                # listed but absent: packing records it as failed; listed by another class: an error
+                _add(videos, SourceVideo(stem, str(root / class_name / fields[0]), class_name,
+                                         classes.index(class_name), stem))
                 if fields[1] != "0":
                     members["train" if fields[1] == "1" else "test"].append(stem)
         splits[k] = {s: sorted(n) for s, n in members.items()}

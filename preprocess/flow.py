@@ -8,6 +8,7 @@ the CoCLR and I3D pipelines extract UCF101/HMDB51 flow); faster backends registe
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol
 
 import numpy as np
@@ -113,10 +114,20 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
+# the CLI's flags for the backends' options, to name them in an error
+_OPTION_FLAGS = {"device": "--flow-device", "batch": "--flow-batch"}
+
+
 def make_backend(name: str, **options) -> FlowBackend:
     if name not in _BACKENDS:
         raise ValueError(f"unknown flow backend {name!r}; choose one of {backend_names()}")
-    return _BACKENDS[name](**options)
+    factory = _BACKENDS[name]
+    taken = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in taken.values()):
+        unknown = [_OPTION_FLAGS.get(key, key) for key in options if key not in taken]
+        if unknown:
+            raise ValueError(f"--flow {name} takes no {' or '.join(unknown)} (options of --flow tvl1-torch)")
+    return factory(**options)
 
 
 def encode_flow(flow: np.ndarray, quality: int) -> list[tuple[bytes, bytes]]:

@@ -289,7 +289,7 @@ def resolve_flow_devices(flow: str, device: str | None, devices: str | None, per
     else:
         try:
             indices = [int(device.split(":", 1)[1])]
-        except ValueError:
+        except (ValueError, IndexError):  # cuda:x, or cuda0
             raise ValueError(f"--flow-device must be cpu, cuda or cuda:N; got {device!r}") from None
     bad = [i for i in indices if not 0 <= i < visible]
     if bad or len(set(indices)) != len(indices):

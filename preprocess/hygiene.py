@@ -60,7 +60,7 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise OutputDirError(f"cannot write to the output directory {lock.parent}: {err.strerror}") from None
+        raise _unwritable(lock.parent, err) from None
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -70,8 +70,11 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
                 f"{lock.parent} is in use by another {what} (pid {holder}); wait for it to finish, "
                 "or choose another output directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:  # a full disk: the lock's few bytes are the first write of a run
+            raise _unwritable(lock.parent, err) from None
         _held[lock] = 1
         try:
             yield
@@ -80,6 +83,10 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
             os.ftruncate(fd, 0)  # an empty file once released: a finished output is the same on every run
     finally:
         os.close(fd)  # releases the flock
+
+
+def _unwritable(directory: Path, err: OSError) -> OutputDirError:
+    return OutputDirError(f"cannot write to the output directory {directory}: {err.strerror}")
 
 
 _prctl = None

@@ -48,6 +48,7 @@ from preprocess.schema import (
     VideoRecord,
     load_manifest,
     manifest_path,
+    read_json,
     shard_name,
     write_json_atomic,
 )
@@ -113,6 +114,7 @@ class PackOptions:
             raise ConfigError("--workers and --videos-per-shard must be >= 1")
         if self.short_side is not None and self.short_side < 8:
             raise ConfigError(f"--short-side must be >= 8 pixels, got {self.short_side}")
+        _flow_params(self)  # the flow options too, before the output directory is touched
 
 
 def _flow_params(options: PackOptions) -> dict[str, Any]:
@@ -150,7 +152,8 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
         # a shard seen here implies a params.json seen below
         finished = manifest_path(out).exists() or any(out.glob("shard-*.h5"))
         if recorded.exists():
-            old = json.loads(recorded.read_text())
+            old = read_json(recorded, "it records the parameters this output was packed with: restore it, "
+                                      "or choose another --out")
             if old != params:
                 changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
                 raise ConfigError(

@@ -30,7 +30,7 @@ from preprocess.pack import (
     write_manifest,
 )
 from preprocess.progress import Progress
-from preprocess.schema import FailedVideo, Manifest, VideoRecord, shard_name, write_json_atomic
+from preprocess.schema import FailedVideo, Manifest, VideoRecord, read_json, shard_name, write_json_atomic
 
 PARTS_DIR = "parts"
 INDEX_NAME = "index.json"
@@ -75,8 +75,11 @@ def marker_path(out: str | Path, part: Part) -> Path:
 
 
 def _write_if_changed(path: Path, data: Any) -> None:
-    if path.is_file() and json.loads(path.read_text()) == data:
-        return  # another part wrote it already
+    try:
+        if json.loads(path.read_text()) == data:
+            return  # another part wrote it already
+    except (OSError, ValueError):  # not there yet, or damaged: written anew
+        pass
     write_json_atomic(path, data)
 
 
@@ -116,7 +119,7 @@ def read_params(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{out}: no {PARAMS_NAME}; not a cvtcl-preprocess output "
                           f"(run the parts with --out {out} first)")
-    return json.loads(path.read_text())
+    return read_json(path, "restore it, or pack into a new --out")
 
 
 def read_marker(out: Path, part: Part, params: dict[str, Any]) -> dict[int, tuple[dict[str, Any], ShardContent]]:
@@ -125,7 +128,7 @@ def read_marker(out: Path, part: Part, params: dict[str, Any]) -> dict[int, tupl
     if not path.is_file():
         raise ConfigError(f"part {part} is not complete: no {path}; run (or resume) it with the same "
                           f"command and --part {part}")
-    marker = json.loads(path.read_text())
+    marker = read_json(path, f"delete it and rerun part {part} with the same command (its finished shards are kept)")
     if marker["params"] != params:
         raise ConfigError(f"{path} was written with other parameters than {out / PARAMS_NAME}; "
                           f"delete it and rerun part {part}")
@@ -166,7 +169,7 @@ def _merge(out: Path) -> Manifest:
         path = out / shard_name(i)
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             raise ConfigError(f"{path}: missing or not the size its part recorded; rerun part {i % count}/{count}")
-    saved = json.loads((out / PARTS_DIR / INDEX_NAME).read_text())
+    saved = read_json(out / PARTS_DIR / INDEX_NAME, "rerun any part with the same command: it writes the file again")
     index = DatasetIndex(saved["dataset"], saved["root"], saved["classes"], [], saved["splits"])
     entries = [shards[i][0] for i in range(total)]
     write_json_atomic(out / PACKED_NAME, {e["file"]: e["sha256"] for e in entries})  # as a one-process run's

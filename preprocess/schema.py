@@ -243,11 +243,16 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
             "(ucf101 | hmdb51 | kinetics400 | synthetic) with --out pointing there; an interrupted run resumes "
             "when the same command is run again; after a run split with --part, `cvtcl-preprocess merge`."
         )
+    return Manifest.from_dict(read_json(path, "re-run the preprocessing command"), where=str(path))
+
+
+def read_json(path: str | os.PathLike, advice: str) -> Any:
+    """A JSON file this project wrote; one that does not parse (damaged outside it: the project
+    writes each atomically) is a LayoutError naming the file and what to do."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LayoutError(f"{path} is not valid JSON ({err}); re-run the preprocessing command") from None
-    return Manifest.from_dict(data, where=str(path))
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LayoutError(f"{path} is not valid JSON ({err}); {advice}") from None
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -22,7 +22,6 @@ Deterministic for a seed: every clip draws from its own generator keyed by (seed
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from preprocess.schema import TEMP_SUFFIX, write_json_atomic
+from preprocess.schema import TEMP_SUFFIX, read_json, write_json_atomic
 
 Profile = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -96,6 +95,10 @@ class SyntheticConfig:
             raise ValueError("--frames must be >= 4 and --height/--width >= 16")
         if self.groups < 2 or self.clips_per_group < 1:
             raise ValueError("need at least two source groups per class: raise --videos-per-class or lower --clips-per-group")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"--fps must be a positive number of frames per second, got {self.fps}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if not 1 <= self.test_groups_per_split < self.groups:
             raise ValueError(f"--test-groups must be 1..{self.groups - 1} (train groups must remain), got {self.test_groups}")
 
@@ -265,7 +268,7 @@ def generate_raw(config: SyntheticConfig, raw_dir: str | os.PathLike) -> Path:
     videos_dir, lists = raw / "UCF-101", raw / "ucfTrainTestlist"
     record = raw / "synthetic.json"
     params = dataclasses.asdict(config)
-    if record.exists() and json.loads(record.read_text()) != params:
+    if record.exists() and read_json(record, f"delete {raw} and run the command again") != params:
         raise ValueError(
             f"{raw} holds a synthetic dataset made with other parameters ({record}); "
             "use another --out or delete that folder"

@@ -25,7 +25,8 @@ def test_flow_options_are_passed_only_when_given(tmp_path):
     parser = build_parser()
     plain = parser.parse_args(["ucf101", "--root", "r", "--out", str(tmp_path)])
     assert pack_options(plain).flow_options == {} and pack_options(plain).flow == "tvl1"
-    given = parser.parse_args(["ucf101", "--root", "r", "--out", str(tmp_path), "--flow-device", "cpu", "--flow-batch", "8"])
+    given = parser.parse_args(["ucf101", "--root", "r", "--out", str(tmp_path), "--flow", "tvl1-torch",
+                               "--flow-device", "cpu", "--flow-batch", "8"])
     assert pack_options(given).flow_options == {"device": "cpu", "batch": 8}
     assert {"none", "tvl1"} <= set(backend_names())
 
@@ -35,11 +36,14 @@ def test_flow_options_are_passed_only_when_given(tmp_path):
     (["hmdb51", "--root", "{tmp}", "--splits", "{tmp}/nosplits"], "nosplits"),
     (["synthetic", "--classes", "99"], "--classes"),
     (["ucf101", "--root", "{tmp}", "--jpeg-quality", "101"], "jpeg-quality"),
+    (["ucf101", "--root", "{tmp}", "--flow-batch", "4"], "--flow tvl1 takes no --flow-batch (options of --flow tvl1-torch)"),
+    (["ucf101", "--root", "{tmp}", "--flow", "none", "--flow-device", "cpu"], "--flow none takes no --flow-device"),
 ])
 def test_configuration_errors_exit_2_naming_the_cause(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "out")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the output directory (and its lock) is made
 
 
 def test_unknown_flow_backend_is_a_usage_error(tmp_path):

@@ -98,3 +98,30 @@ def test_hmdb51_missing_split_file_and_root_are_named(hmdb, tmp_path):
         index_hmdb51(tmp_path / "nowhere", splits)
     with pytest.raises(DatasetError, match="nosplits"):
         index_hmdb51(root, tmp_path / "nosplits")
+
+
+def test_hmdb51_one_name_in_two_class_folders_is_an_error_naming_both(hmdb):
+    """Two files of one name would become one video (the manifest, splits and shards know a video by
+    name), and one class's train line and the other's test line would put it on both sides."""
+    root, splits = hmdb
+    _touch(root / "wave" / "d_brush.avi")
+    with open(splits / "wave_test_split1.txt", "a") as fh:
+        fh.write("d_brush.avi 1\n")
+    with pytest.raises(DatasetError, match=r"brush_hair/d_brush.avi and .*wave/d_brush.avi: two videos named d_brush"):
+        index_hmdb51(root, splits)
+
+
+def test_ucf101_one_name_in_two_class_folders_is_an_error(ucf_root):
+    _touch(ucf_root / "UCF-101" / "HandstandPushups" / "v_ApplyEyeMakeup_g01_c01.avi")
+    with pytest.raises(DatasetError, match="two videos named v_ApplyEyeMakeup_g01_c01"):
+        index_ucf101(ucf_root)
+
+
+@pytest.mark.parametrize("line, where", [("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1", "in both train and test"),
+                                         ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1", "twice in train")])
+def test_a_split_listing_a_video_twice_or_on_both_sides_is_an_error(ucf_root, line, where):
+    with open(ucf_root / "ucfTrainTestlist" / "trainlist01.txt", "a") as fh:
+        fh.write(line + "\r\n")
+    name = line.split("/")[1].split(".")[0]
+    with pytest.raises(DatasetError, match=f"split 1 lists {name} {where}; fix the split files"):
+        index_ucf101(ucf_root)

@@ -310,6 +310,19 @@ def test_full_disk_is_one_error_then_the_rerun_resumes(synthetic_dataset, small_
     kept = json.loads((out / "packed.json").read_text())
     assert kept and not list(out.glob("*.tmp"))
     mtimes = {name: (out / name).stat().st_mtime_ns for name in kept}
+    # not a byte left: the rerun's first write is its lock's pid, an OSError that names no file
+    filler = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    for chunk in (65536, 4096, 1):
+        try:
+            while os.write(filler, b"\0" * chunk):
+                pass
+        except OSError:
+            pass
+    os.close(filler)
+    stuck = subprocess.run(_pack_command(synthetic_dataset / "raw", out), env=_env(), capture_output=True, text=True)
+    assert stuck.returncode == 2, stuck.stderr
+    assert stuck.stderr.strip().endswith(f"cannot write to the output directory {out}: No space left on device")
+    (small_disk / "filler").unlink()
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
     again = subprocess.run(_pack_command(synthetic_dataset / "raw", out), env=_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

@@ -87,6 +87,8 @@ def test_flow_device_cuda_spreads_workers_over_every_gpu(gpus):
     for args, match in [(("tvl1", "cuda", None, None, None), "needs --flow tvl1-torch"),
                         (("tvl1-torch", None, "0,3", None, None), "sees 3 GPU"),
                         (("tvl1-torch", None, "0,x", None, None), "GPU indices"),
+                        (("tvl1-torch", "cuda0", None, None, None), "must be cpu, cuda or cuda:N; got 'cuda0'"),
+                        (("tvl1-torch", "cuda:x", None, None, None), "must be cpu, cuda or cuda:N; got 'cuda:x'"),
                         (("tvl1-torch", "cpu", None, 2, None), "needs --flow-device cuda")]:
         with pytest.raises(ValueError, match=match):
             resolve_flow_devices(*args)

@@ -127,6 +127,8 @@ def test_corrupt_and_empty_videos_are_recorded_not_fatal(tmp_path, capsys):
     # above a summary of 3 videos
     assert "shard-00002.h5 written: 5/5 videos processed (3 packed, 2 failed)" in err, err
     assert "3 videos packed in 3 shard(s)" in err and "2 failed" in err.splitlines()[-1], err
+    # the shard that holds the failed videos' slots (name order, 2 a shard: they are the 3rd and 4th of 5)
+    assert err.splitlines()[-2].endswith("a rerun keeps them failed: to pack them once fixed, delete shard-00001.h5 and rerun")
     manifest = load_manifest(tmp_path / "out")
     failed = {f.name: f.reason for f in manifest.failed}
     assert sorted(failed) == ["v_ConstantSpeed_g03_c01", "v_MoveThenReverse_g01_c01"]
@@ -144,6 +146,17 @@ def test_corrupt_and_empty_videos_are_recorded_not_fatal(tmp_path, capsys):
     assert before == [(p.name, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out").glob("shard-*.h5"))]
     assert main(args + ["--jpeg-quality", "80"]) == 2
     assert "jpeg_quality" in capsys.readouterr().err
+    # fixed, and its shard deleted as the run said: the rerun packs it and keeps the other shards
+    empty = raw / "UCF-101" / "ConstantSpeed" / "v_ConstantSpeed_g03_c01.avi"
+    empty.write_bytes((raw / "UCF-101" / "ConstantSpeed" / "v_ConstantSpeed_g01_c01.avi").read_bytes())
+    (tmp_path / "out" / "shard-00001.h5").unlink()
+    assert main(args) == 3
+    assert [f.name for f in load_manifest(tmp_path / "out").failed] == ["v_MoveThenReverse_g01_c01"]
+    after = [(p.name, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out").glob("shard-*.h5"))]
+    assert [before[0], before[2]] == [after[0], after[2]] and len(load_manifest(tmp_path / "out").videos) == 4
+    params = tmp_path / "out" / "params.json"  # damaged outside the tool: named, not a bare JSON error
+    params.write_text(params.read_text()[:30])
+    assert main(args) == 2 and f"{params} is not valid JSON" in capsys.readouterr().err
 
 
 def test_unusable_output_is_refused_before_any_work(tmp_path, capsys):

@@ -85,3 +85,8 @@ def test_merge_without_parts_and_with_a_damaged_shard(tmp_path, capsys):
     assert main(["merge", str(out)]) == 2 and "rerun part 1/2" in capsys.readouterr().err
     assert main(args + ["--part", "1/2"]) == 3  # the shard no longer reads back as complete: redone
     assert main(["merge", str(out)]) == 3 and verify(out) == []
+    marker = out / "parts" / Part(1, 2).marker_name  # damaged outside the tool: named, with what to do
+    marker.write_text(marker.read_text()[:40])
+    capsys.readouterr()
+    assert main(["merge", str(out)]) == 2
+    assert f"{marker} is not valid JSON" in capsys.readouterr().err

@@ -41,6 +41,13 @@ def test_ucf101_test_group_rule_scales():
         SyntheticConfig(videos_per_class=4, clips_per_group=2, test_groups=2)
 
 
+@pytest.mark.parametrize("flag, value", [("fps", 0.0), ("fps", -1.0), ("fps", float("nan")), ("seed", -1)])
+def test_refuses_a_frame_rate_or_seed_it_cannot_use(flag, value):
+    """Before: OpenCV refused the writer ("is the folder writable?", exit 1) or numpy the seed."""
+    with pytest.raises(ValueError, match=f"--{flag} must be"):
+        SyntheticConfig(**{flag: value})
+
+
 def test_deterministic_for_a_seed_and_refuses_other_parameters(tmp_path):
     def frames(seed, where):
         raw = generate_raw(SyntheticConfig(**SMALL, seed=seed), tmp_path / where)
