@@ -142,6 +142,7 @@ def merge(out: str | Path) -> Manifest:
     out = Path(out)
     if not out.is_dir():
         raise ConfigError(f"{out} is not a directory; give the --out of the parts")
+    read_params(out)  # not a packing output: said before its lock file is made there
     with locked_out(out):  # exclusive: no part still writing
         return _merge(out)
 

@@ -130,7 +130,7 @@ def verify(root: str | Path, workers: int = 1, part: Part | None = None) -> list
     if part is not None and not manifest_path(root).exists():
         try:
             return _run(_part_tasks(root, part), workers)
-        except ConfigError as err:
+        except (ConfigError, LayoutError) as err:  # not complete, or its marker damaged: a problem found
             return [str(err)]
     try:
         manifest = load_manifest(root)

@@ -9,7 +9,7 @@ import pytest
 
 from kinetics_fakes import write_kinetics_tree
 from preprocess.cli import main
-from preprocess.parts import Part, merge
+from preprocess.parts import Part, marker_path, merge
 from preprocess.pack import ConfigError
 from preprocess.verify import verify
 
@@ -56,6 +56,13 @@ def test_three_parts_and_merge_equal_one_run(tmp_path):
         merge(split)
     assert verify(split, part=Part(1, 3)) == []
     assert "part 0/3 is not complete" in verify(split, part=Part(0, 3))[0]
+    marker = marker_path(split, Part(1, 3))
+    intact = marker.read_bytes()
+    marker.write_bytes(intact[:50])  # damaged outside the tool: a problem found (exit 1), naming it
+    (problem,) = verify(split, part=Part(1, 3))
+    assert problem.startswith(f"{marker} is not valid JSON") and problem.endswith(
+        "delete it and rerun part 1/3 with the same command (its finished shards are kept)")
+    marker.write_bytes(intact)
 
     # the other two at once, as a scheduler runs them
     procs = [subprocess.Popen(_cli(*common, "--out", split, "--part", f"{i}/3"), env=env,
@@ -73,6 +80,7 @@ def test_three_parts_and_merge_equal_one_run(tmp_path):
 
 def test_merge_without_parts_and_with_a_damaged_shard(tmp_path, capsys):
     assert main(["merge", str(tmp_path)]) == 2 and "no params.json" in capsys.readouterr().err
+    assert not (tmp_path / ".lock").exists()  # a directory that is not an output is left as it was
     root, annotations = write_kinetics_tree(tmp_path, clips_per_class=1)
     out = tmp_path / "out"
     args = ["kinetics400", "--root", str(root), "--annotations", str(annotations), "--out", str(out),
