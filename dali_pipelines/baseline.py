@@ -33,16 +33,15 @@ from dali_pipelines.source import FLOW_MEAN, FLOW_STD, RGB_MEAN, RGB_STD, ClipRe
 
 def decode(clips: ClipReader, modality: str, video, frames: np.ndarray) -> np.ndarray:
     """[T, H, W, C] uint8: RGB (3 channels) or flow (x, y)."""
-    planes = clips.planes(modality, video, frames)
     decoded = {}
-    for plane, bufs in planes.items():
+    for plane, bufs in clips.described(modality, video, frames).items():
         flag = cv2.IMREAD_COLOR if plane == "rgb" else cv2.IMREAD_GRAYSCALE
         images = []
-        for f, buf in zip(frames, bufs):
+        for description, buf in bufs:
             image = cv2.imdecode(buf, flag)
             if image is None:
-                raise CorruptFrameError(f"{clips.reader.root}: video {video.name} {plane} frame {int(f)} "
-                                        "cannot be decoded; run `cvtcl-preprocess verify`")
+                raise CorruptFrameError(f"{clips.reader.root}: {description} cannot be decoded; "
+                                        "run `cvtcl-preprocess verify`")
             images.append(image[..., ::-1] if plane == "rgb" else image[..., None])
         decoded[plane] = np.stack(images)
     return decoded["rgb"] if modality == "rgb" else np.concatenate([decoded["flowx"], decoded["flowy"]], -1)

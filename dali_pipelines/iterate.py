@@ -147,9 +147,8 @@ def locate_undecodable(clips, modalities, windows, first: int, num_workers: int)
     for iteration in range(first, first + in_flight(num_workers) + 2):
         for video, frames in windows(iteration):
             for modality in modalities:
-                for plane, bufs in clips.planes(modality, video, frames).items():
-                    found = first_undecodable(
-                        (f"video {video.name} {plane} frame {f}", buf) for f, buf in zip(frames, bufs))
+                for described in clips.described(modality, video, frames).values():
+                    found = first_undecodable(described)
                     if found:
                         return found
     return None

@@ -74,6 +74,16 @@ class ClipReader:
         xs, ys = self.flow(video, frames)
         return {"flowx": xs, "flowy": ys}
 
+    def described(self, modality: str, video, frames: np.ndarray) -> dict[str, list[tuple[str, np.ndarray]]]:
+        """`planes`, each buffer with its name for an error: "video V flow-x frame F", F the stored
+        frame (for flow the clamped index sampling.flow_indices reads, not the RGB frame asked for)."""
+        stored = frames if modality == "rgb" else flow_indices(frames, video.num_frames)
+        return {plane: [(f"video {video.name} {_PLANE_NAMES[plane]} frame {int(f)}", buf) for f, buf in zip(stored, bufs)]
+                for plane, bufs in self.planes(modality, video, frames).items()}
+
+
+_PLANE_NAMES = {"rgb": "rgb", "flowx": "flow-x", "flowy": "flow-y"}  # as the checks above name them
+
 
 @dataclass(frozen=True)
 class PretrainLayout:

@@ -137,6 +137,20 @@ def _corrupt(frame_bytes):
     return mutate
 
 
+@pytest.mark.parametrize("backend", ["dali", "baseline"])
+def test_corrupt_flow_frame_is_named_by_the_frame_stored(tmp_path, backend):
+    """A clip's last RGB frame reads flow frame n - 2 (there is no flow after the last frame): the
+    error names that flow frame, not the RGB index it was read for (n - 1, which has no flow)."""
+    def damage_last_flow_x(encoded):
+        for video in encoded:
+            x, y = video.flow[-1]
+            video.flow[-1] = (x[:2] + b"\x00" * 64 + x[-2:], y)  # markers intact: only the decoder sees it
+
+    root = write_toy_dataset(tmp_path, num_videos=4, num_frames=8, mutate=damage_last_flow_x)
+    with pytest.raises((CorruptFrameError, RuntimeError), match=r"video v_class\d_g\d\d_c\d\d flow-x frame 6\b"):
+        _batches(root, backend=backend, modalities=("flow",), frames_per_clip=2, frame_stride=7, num_segments=1)
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage_inside_markers"])
 @pytest.mark.parametrize("backend", ["dali", "baseline"])
 def test_corrupt_jpeg_names_video_and_frame(tmp_path, how, backend):
