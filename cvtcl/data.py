@@ -70,9 +70,11 @@ def build_pretrain_loader(root, *, split="1", subset="train", modalities=("rgb",
         reader.videos = select_videos(reader, videos)
     modalities = tuple(modalities)
     _check(backend, device, modalities, reader)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} outside 0..{world_size - 1} (world_size={world_size})")
     if steps_per_epoch(len(reader.videos), batch_size, world_size) == 0:
         raise ValueError(f"{reader.root}: split {split} {subset}: {len(reader.videos)} videos give no full batch of "
-                         f"{batch_size} per process with {world_size} process(es); lower the batch size")
+                         f"{batch_size} per process with {world_size} process(es); lower the batch size or the processes")
     common = dict(batch_size=batch_size, crop_size=crop_size, modalities=modalities, rank=rank,
                   world_size=world_size, device=device, num_workers=num_workers, dtype=dtype)
     if backend == "baseline":

@@ -35,6 +35,14 @@ def test_contract_shapes_and_dtype(root):
     assert batch["video_index"].dtype == torch.long and batch["group"].shape == (2,)
 
 
+@pytest.mark.parametrize("backend", ["dali", "baseline"])
+def test_rank_and_batch_are_checked_when_the_loader_is_built(root, backend):
+    with pytest.raises(ValueError, match=r"rank=2 outside 0\.\.1"):
+        build_pretrain_loader(root, **{**KW, "backend": backend, "rank": 2, "world_size": 2})
+    with pytest.raises(ValueError, match="8 videos give no full batch of 2 per process with 8 process"):
+        build_pretrain_loader(root, **{**KW, "backend": backend, "world_size": 8})
+
+
 def test_static_video_stays_static_and_clips_differ(root):
     seen_static = 0
     for batch in _batches(root, epoch=0) + _batches(root, epoch=1):
