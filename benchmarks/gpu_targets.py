@@ -6,7 +6,7 @@ target and PASS / FAIL / MISSING (MISSING: the check did not reach that row), th
 configurations, which set the defaults (`model.channels_last_3d`, `run.compile`, the batch, flow
 workers per GPU). Ratios are taken within one check run, on one device.
 
-    python benchmarks/gpu_targets.py benchmarks/results/2026-12-05-h200          # a committed run
+    python benchmarks/gpu_targets.py benchmarks/results/<date>-<device>          # a committed run
     python benchmarks/gpu_targets.py OUTDIR --json targets.json                  # also as JSON
 """
 

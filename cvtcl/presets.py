@@ -9,7 +9,8 @@ is our choice ("auto": bf16/fp16 where the GPU has tensor cores); the paper trai
 
 Batch size: the paper trains on 8 GPUs and does not state the per-GPU batch in the text we follow;
 its released code silently used 8 per GPU. We use 16 clips per GPU (global 128 on 8 GPUs, which
-divides K = 2048), the largest S3D 32x128 stage-1 batch that fits a 12 GB TITAN Xp in fp32.
+divides K = 2048), our estimate of the largest S3D 32x128 stage-1 batch that fits a 12 GB TITAN Xp
+in fp32 (not measured on that card: docs/hardware.md).
 """
 
 from __future__ import annotations
