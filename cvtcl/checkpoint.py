@@ -75,25 +75,27 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def latest_loadable(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False,
                     log: Callable[[str], Any] | None = None) -> tuple[Path | None, dict[str, Any] | None]:
     """(path, state) of the newest checkpoint in `run_dir` that loads, (None, None) when none does.
-    Each newer one that does not load is named through `log`. A checkpoint of another format is
+    Each newer one that does not load is named, with why, through `log`. A checkpoint of another format is
     an error, not skipped: an older cvtcl must not resume behind a newer one's back."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path, map_location, mmap)
         except (RuntimeError, OSError) as err:
             if log is not None:
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                log(f"{reason}: skipped, resuming from an older one")
+                log(str(err).splitlines()[0] if str(err) else f"checkpoint {path}: {type(err).__name__}")
     return None, None
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int = 3) -> Path:
     """Write `state` as checkpoint-<state['step']>.pt via a temporary file and a rename, then delete
-    all but the newest `keep` checkpoints (0 = keep all). A kill at any moment leaves either the
-    previous checkpoint or the new one, never half a file under a checkpoint name."""
+    all but the newest `keep` checkpoints up to this one (0 = keep all). A kill at any moment leaves
+    either the previous checkpoint or the new one, never half a file under a checkpoint name.
+    Checkpoints of later steps are not this run's (a run resumed past a damaged newer one, which
+    its own checkpoint of that step will replace): they neither count nor go."""
     path = save_atomic(checkpoint_path(run_dir, int(state["step"])), state)
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+        found = list_checkpoints(run_dir)
+        for old in found[: found.index(path) + 1][:-keep]:
             old.unlink(missing_ok=True)
     return path
 

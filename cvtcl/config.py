@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +30,8 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{name}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
 @dataclass
@@ -57,6 +59,8 @@ class DataConfig:
         _choice("data.augment", self.augment, ("standard", "weak", "coclr"))
         for name in ("frames_per_clip", "frame_stride", "crop_size", "num_segments", "batch_size", "num_threads"):
             _positive(f"data.{name}", getattr(self, name))
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError(f"data.crop_scale_min={self.crop_scale_min} must be in (0, 1] (an area fraction)")
         if self.frames_per_clip % self.num_segments:
             raise ValueError(
                 f"data.frames_per_clip={self.frames_per_clip} must be divisible by data.num_segments="
@@ -140,6 +144,7 @@ class OptimConfig:
         _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
         _positive("optim.epochs", self.epochs)
+        _positive("optim.lr_gamma", self.lr_gamma)
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise ValueError(f"optim.lr_milestones={self.lr_milestones} must be increasing")
         _choice("optim.amp", self.amp, ("auto", "bf16", "fp16", "fp32"))
@@ -167,7 +172,10 @@ class RunConfig:
     legacy_step: bool = False  # the old eager step: a host sync per step, two key-encoder calls (benchmark baseline)
 
     def __post_init__(self):
-        _choice("run.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"run.device={self.device!r}: choose auto, cpu, cuda or cuda:N")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"run.seed={self.seed} must be in 0 .. 2**63 - 1")
         _choice("run.progress", self.progress, ("auto", "rich", "plain", "none"))
         _positive("run.log_every", self.log_every)
         _positive("run.checkpoint_every", self.checkpoint_every)
@@ -228,6 +236,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
+        if self.loss.instance_weight == 0 and self.loss.ltcl_weight == 0:
+            raise ValueError("loss.instance_weight=0 and loss.ltcl_weight=0 leave no loss to train on; set one > 0")
         if self.data.segments == "spread" and self.stage.kind == "instance" and self.loss.ltcl_weight == 0:
             raise ValueError("data.segments=spread only feeds L_LTCL; with loss.ltcl_weight=0 use segments=quarters")
         min_frames, min_size = MIN_INPUT[self.model.backbone]
@@ -336,7 +346,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file; give a YAML or JSON file, or a run's config.json")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not a text file ({err.reason} at byte {err.start}); "
+                         "give a YAML or JSON file") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)

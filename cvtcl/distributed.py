@@ -36,13 +36,14 @@ class DistInfo:
 def env_world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without torchrun."""
     try:
-        return (
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)),
-        )
+        rank, local_rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                                   int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as err:
-        raise RuntimeError(f"RANK/LOCAL_RANK/WORLD_SIZE must be integers ({err}); launch with torchrun") from None
+        raise ValueError(f"RANK/LOCAL_RANK/WORLD_SIZE must be integers ({err}); launch with torchrun") from None
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local_rank}: the world needs at least one "
+                         "process and ranks 0..WORLD_SIZE-1; launch with torchrun")
+    return rank, local_rank, world
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -105,7 +105,8 @@ def check_stage_checkpoints(config: TrainConfig) -> None:
         if not path:
             continue
         if not Path(path).is_file():
-            raise FileNotFoundError(f"stage.{name}={path} does not exist")
+            what = "is a directory; give one of its checkpoint-*.pt files" if Path(path).is_dir() else "does not exist"
+            raise FileNotFoundError(f"stage.{name}={path} {what}")
         try:
             encoder = load_checkpoint(path, mmap=True)["encoder"]
         except (CheckpointLoadError, ValueError, KeyError) as err:
@@ -114,6 +115,14 @@ def check_stage_checkpoints(config: TrainConfig) -> None:
                              "give a checkpoint-*.pt file of a training run") from None
         if name == "sampler_checkpoint":
             check_sampler(encoder, config)
+        else:  # its weights start this run's encoder: the same architecture
+            wanted = {"modality": config.stage.modality, "backbone": config.model.backbone,
+                      "embed_dim": config.model.embed_dim}
+            differ = [f"{key} {encoder.get(key)} (this run: {value})" for key, value in wanted.items()
+                      if encoder.get(key) != value]
+            if differ:
+                raise ValueError(f"stage.init_checkpoint={path} holds another encoder: {', '.join(differ)}; give a "
+                                 "checkpoint of this modality and model, or change stage.modality / model.*")
 
 
 def check_device(config: TrainConfig) -> None:
@@ -158,18 +167,37 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
             f"{path} was written by {state['world_size']} processes, this run has {world_size}: the global "
             "batch and the data order would change mid-run. Relaunch with the same number of processes"
         )
-    saved, current = state["config"], config.to_dict()
+    saved, current, defaults = state["config"], config.to_dict(), TrainConfig().to_dict()
     changed = [
         f"{section}.{key}"
         for section, values in current.items()
         for key, value in values.items()
-        if saved.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
+        # a key the saved config lacks came with a later version: the run had its default's behaviour
+        if saved.get(section, {}).get(key, defaults[section][key]) != value
+        and f"{section}.{key}" not in RESUMABLE_CHANGES
+        and not _same_stage_source(saved, current, section, key)
     ]
     if changed:
         raise ValueError(
             f"{path} was written with a different config ({', '.join(changed)}); resuming would mix two runs. "
             "Use a new run.out_dir, or restore those values"
         )
+
+
+def _same_stage_source(saved: dict, current: dict, section: str, key: str) -> bool:
+    """A co-training sub-stage's init and sampler checkpoints are the schedule's own earlier
+    sub-stages, under the schedule's directory (the parent of run.out_dir): the same file relative
+    to it, when the schedule directory was moved or named by another path (relative, absolute)."""
+    if (section, key) not in (("stage", "init_checkpoint"), ("stage", "sampler_checkpoint")):
+        return False
+    old, new = saved.get(section, {}).get(key), current[section][key]
+    if not old or not new:
+        return False
+    roots = Path(saved["run"]["out_dir"]).parent, Path(current["run"]["out_dir"]).parent
+    try:
+        return Path(old).relative_to(roots[0]) == Path(new).relative_to(roots[1])
+    except ValueError:  # not under the schedule's directory: a checkpoint the user named
+        return False
 
 
 def plan(config: TrainConfig, world_size: int, sub_stages: list[tuple[str, TrainConfig]]) -> str:
@@ -182,7 +210,9 @@ def plan(config: TrainConfig, world_size: int, sub_stages: list[tuple[str, Train
     for name, stage in sub_stages:
         per_epoch = epoch_steps(stage, world_size)
         if stage.stage.kind == "cotrain":
-            check_queue_fills(stage.loss.queue_size, global_batch, per_epoch, stage.optim.epochs, "optim.epochs")
+            # in a schedule, a co-training sub-stage's epochs are schedule.cotrain_epochs
+            key = "schedule.cotrain_epochs" if config.schedule.cycles else "optim.epochs"
+            check_queue_fills(stage.loss.queue_size, global_batch, per_epoch, stage.optim.epochs, key)
         steps = stage.optim.epochs * per_epoch
         if stage.run.max_steps:
             steps = min(steps, stage.run.max_steps)

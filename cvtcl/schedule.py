@@ -113,12 +113,14 @@ def run_schedule(
     final_checkpoint: Callable[[Path], Path],
     only: str | None = None,
     log: Callable[[str], None] = print,
+    resume_advice: Callable[[], str] = lambda: "rerun the same command to resume",
 ) -> list[StageRun]:
     """Run every incomplete sub-stage in order (or only `only`), resuming the interrupted one.
 
     run_one(StageRun): trains one sub-stage to completion, auto-resuming from `run_dir`.
     is_complete(run_dir): whether that run finished all its epochs.
     final_checkpoint(run_dir): the checkpoint a finished run leaves (init and sampler source).
+    resume_advice(): what to do when a sub-stage stopped before its end (after the run that stopped).
     A sub-stage whose dependencies are incomplete fails with the sub-stage to run first, which
     only happens with `--stage` (in order, dependencies always run first).
     Returns the StageRun of every sub-stage that ran (completed ones are skipped); the last one
@@ -152,6 +154,6 @@ def run_schedule(
         ran.append(run)
         if not is_complete(run_dir):
             # A stop request (SIGTERM) made the trainer checkpoint and return early: stop here too.
-            log(f"[schedule] {stage.name}: stopped before its last epoch; rerun the same command to resume")
+            log(f"[schedule] {stage.name}: stopped before its last epoch; {resume_advice()}")
             break
     return ran

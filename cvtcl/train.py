@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
                 run_one=lambda run: stopped_by.append(train(stage_config(config, run), build_loader)),
                 is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
                 log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
+                # a rerun with the same run.max_steps would stop at once again
+                resume_advice=lambda: "rerun the same command to resume" if stopped_by[-1] is not None or
+                not config.run.max_steps else f"run.max_steps={config.run.max_steps} ended it: raise or drop "
+                "run.max_steps, then rerun to go on",
             )
     distributed.shutdown()
     return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
@@ -258,7 +262,7 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
         provenance.record_launch(run_dir, launch)
         logger.message(provenance.summary(launch))
     for text in skipped:
-        logger.message(text)
+        logger.message(f"{text}: skipped, resuming from an older one")
     if latest is not None:
         logger.message(f"resumed from {latest} (step {ctx.step}, epoch {epoch}, batch {epoch_step})")
 
@@ -295,7 +299,10 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
                 "data_s": window.data_seconds / window.steps, "compute_s": window.compute_seconds / window.steps,
                 "data_wait_fraction": window.data_seconds / seconds, "peak_memory_gib": peak_memory_gib(dist.device),
             })
-            window = Window()
+            if ctx.step % config.run.log_every == 0:
+                # a line at the run's last step only (run.max_steps) keeps its window for the
+                # checkpoint: a resumed run's next line averages what an uninterrupted run's does
+                window = Window()
         # One process reads its own flag; under torchrun the ranks agree on it at log steps only
         # (a collective every step would make each step wait for the others and the GPU).
         asked = stop_signals.received is not None
@@ -319,13 +326,21 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
                            "rerun the same command to resume")
         return stop or finished
 
+    if latest is not None and ctx.step >= epochs_total and trained and not state.get("complete"):
+        # optim.epochs lowered to where the run already stands: every epoch it asks for is trained
+        if dist.is_main:
+            save_checkpoint(run_dir, {**checkpoint_state(ctx, epoch, epoch_step, complete=True),
+                                      "metrics_window": state.get("metrics_window")}, config.run.keep_checkpoints)
+        distributed.barrier()
+        logger.message(f"step {ctx.step} is at or past the end of optim.epochs={config.optim.epochs} "
+                       f"({epochs_total} steps): the run is complete")
     try:
         while ctx.step < total:
             batches = loader.epoch(epoch, epoch_step)
             if train_one_epoch(ctx, batches, epoch, epoch_step, on_step):
                 break
             epoch, epoch_step = epoch + 1, 0
-        if stop_signals.received is None:  # a signal's own line already said where the run stopped
+        if stop_signals.received is None and ctx.step <= total:  # a signal's own line said where it stopped
             logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     except torch.OutOfMemoryError:
         raise out_of_memory(config, ctx, dist.world_size, run_dir) from None

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cvtcl.checkpoint import CheckpointLoadError, latest_checkpoint, list_checkpoints, load_checkpoint, load_encoder, save_checkpoint
+from cvtcl.checkpoint import (CheckpointLoadError, latest_checkpoint, latest_loadable, list_checkpoints, load_checkpoint,
+                              load_encoder, save_checkpoint)
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import get_preset
@@ -29,6 +30,21 @@ def test_save_keep_last_and_load_weights_only(tmp_path):
     state = load_checkpoint(latest_checkpoint(tmp_path))  # weights_only=True inside
     assert state["step"] == 30 and state["config"]["stage"]["modality"] == "rgb"
     assert set(state["optimizer"]) == {"state", "param_groups"}
+
+
+def test_a_run_resumed_past_a_damaged_checkpoint_keeps_its_own(tmp_path):
+    """keep=1, the newest checkpoint (step 32) damaged: the run resumes from 28 and writes 30. Pruning
+    by name alone left only the damaged 32, and the next start found nothing to load."""
+    torch.manual_seed(0)
+    model = MomentumContrast(Encoder("rgb", "tiny", embed_dim=8), queue_size=4)
+    for step in (24, 28, 32):
+        save_checkpoint(tmp_path, _state(step, model), keep=0)
+    (tmp_path / "checkpoint-00000032.pt").write_bytes(b"torn")
+    save_checkpoint(tmp_path, _state(30, model), keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000030.pt", "checkpoint-00000032.pt"]
+    assert latest_loadable(tmp_path)[1]["step"] == 30
+    save_checkpoint(tmp_path, _state(32, model), keep=1)  # its own step 32 replaces the damaged file
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000032.pt"]
 
 
 def test_load_encoder_rebuilds_query_and_key(tmp_path):

@@ -68,10 +68,24 @@ def test_bad_preset_suggests_the_closest():
     ("data.batch_size=two", "cannot read 'two' as int"),
     ("model.channels_last_3d=maybe", "expected true or false"),
     ("optim.lr", "not key=value"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number > 0"),
+    ("loss.tau=inf", "loss.tau=inf must be a finite number > 0"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf must be a finite number >= 0"),
+    ("optim.grad_clip=nan", "optim.grad_clip=nan must be a finite number >= 0"),
+    ("optim.lr_gamma=-1", "optim.lr_gamma=-1.0 must be a finite number > 0"),
+    ("data.crop_scale_min=0", r"data.crop_scale_min=0.0 must be in \(0, 1\]"),
+    ("run.seed=-1", r"run.seed=-1 must be in 0 .. 2\*\*63 - 1"),
+    ("run.device=cpu:abc", "run.device='cpu:abc': choose auto, cpu, cuda or cuda:N"),
 ])
 def test_invalid_values_are_refused(override, message):
     with pytest.raises((ValueError, KeyError), match=message):
         apply_overrides(get_preset("smoke"), [override])
+
+
+def test_a_config_without_any_loss_is_refused():
+    assert apply_overrides(get_preset("smoke"), ["loss.instance_weight=0"]).loss.ltcl_weight > 0  # an ablation
+    with pytest.raises(ValueError, match="leave no loss to train on"):
+        apply_overrides(get_preset("smoke"), ["loss.instance_weight=0", "loss.ltcl_weight=0"])
 
 
 def test_describe_lists_every_key_with_a_reason():

@@ -159,6 +159,27 @@ def _schedule_args(dataset, out, *extra):
             "run.progress=plain", "run.keep_checkpoints=0", *extra]
 
 
+def test_a_schedule_stopped_by_max_steps_says_to_raise_it(dataset, tmp_path, capsys):
+    """A rerun of the same command would stop at once again: the line says which key ended it."""
+    assert main(_schedule_args(dataset, tmp_path, "run.max_steps=1"), build_loader=FakePretrainLoader) == 0
+    assert ("[schedule] stage1-rgb: stopped before its last epoch; run.max_steps=1 ended it: raise or drop "
+            "run.max_steps, then rerun to go on") in capsys.readouterr().out
+
+
+def test_a_moved_schedule_directory_resumes_a_co_training_sub_stage(dataset, tmp_path):
+    """A sub-stage's init and sampler checkpoints are paths under the schedule's directory; moved
+    (or named by another path), the same files are found there, and the sub-stage resumes. Before,
+    the changed paths were a changed config and the run was refused."""
+    assert main(_schedule_args(dataset, tmp_path / "run"), build_loader=FakePretrainLoader) == 0
+    moved = (tmp_path / "run").rename(tmp_path / "moved")
+    latest_checkpoint(moved / "cycle2-rgb").unlink()  # its last epoch to do again, from the new place
+    assert not is_complete(moved / "cycle2-rgb")
+    assert main(_schedule_args(dataset, moved), build_loader=FakePretrainLoader) == 0
+    assert is_complete(moved / "cycle2-rgb")
+    saved = json.loads((moved / "cycle2-rgb" / "config.json").read_text())["stage"]
+    assert saved["init_checkpoint"] == str(latest_checkpoint(moved / "cycle1-rgb"))
+
+
 def test_whole_schedule_in_one_command(dataset, tmp_path):
     assert main(_schedule_args(dataset, tmp_path), build_loader=FakePretrainLoader) == 0
     assert all(is_complete(tmp_path / name) for name in SUB_STAGES)

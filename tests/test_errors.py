@@ -97,6 +97,7 @@ def paths(tmp_path_factory, synthetic_dataset):
     (tmp / "typo.yaml").write_text("optim:\n  lrr: 0.1\n")
     (tmp / "wrong-type.yaml").write_text("optim:\n  lr: [1, 2]\n")
     (tmp / "flat.yaml").write_text("lr: 0.1\n")
+    (tmp / "binary.yaml").write_bytes(b"optim:\n  lr: \xff\xfe\n")
     return {"tmp": tmp, "data": data, "rgb_only": rgb_only, "missing_shard": missing_shard,
             "bad_manifest": bad_manifest, "damaged": damaged, "run": run, "rgb": rgb, "flow": flow,
             "nowhere": tmp / "nowhere", "text": tmp / "text.pt", "module": tmp / "module.pt", "file": tmp / "file",
@@ -133,7 +134,7 @@ CASES = [
     ("train", [*TRAIN, "optim.lrr=1"], 2, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("train", [*TRAIN, "optim.lr=abc"], 2, "config key 'optim.lr': cannot read 'abc' as float"),
     ("train", [*TRAIN, "optim.lr"], 2, "override 'optim.lr' is not key=value"),
-    ("train", [*TRAIN, "optim.lr=-1"], 2, "optim.lr=-1.0 must be > 0"),
+    ("train", [*TRAIN, "optim.lr=-1"], 2, "optim.lr=-1.0 must be a finite number > 0"),
     ("train", [*TRAIN, "loss.queue_size=18"], 2, "queue_size=18 is not divisible by the global batch 4"),
     ("train", [*TRAIN, "data.root={nowhere}"], 2, "no manifest.json in"),
     ("train", [*TRAIN, "data.root={bad_manifest}"], 2, "is not valid JSON"),
@@ -160,6 +161,7 @@ CASES = [
     ("train", ["--config", "{tmp}/typo.yaml"], 2, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("train", ["--config", "{tmp}/wrong-type.yaml"], 2, "config key 'optim.lr': expected float, got [1, 2]"),
     ("train", ["--config", "{tmp}/flat.yaml"], 2, "expected sections of key: value"),
+    ("train", ["--config", "{tmp}/binary.yaml"], 2, "binary.yaml: not a text file"),
     ("train", ["--preset", "smoke", "--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
     ("train-nan", [*TRAIN, "run.out_dir={tmp}/nan"], 1, "non-finite loss at step 1"),
     ("train-oom", [*TRAIN, "run.out_dir={tmp}/oom"], 1, "out of cpu memory after 2 steps with data.batch_size=4"),

@@ -404,6 +404,22 @@ def test_metrics_window_after_resume_equals_the_uninterrupted_run(fake_data, tmp
         assert split[1][name] == pytest.approx(whole[1][name], rel=1e-6), name
 
 
+def test_metrics_window_after_a_max_steps_stop_equals_the_uninterrupted_run(fake_data, tmp_path):
+    """Stopped by run.max_steps=3 (a line at step 3), then resumed to 8 with log_every=4: the step-4
+    line averages steps 1..4 as the uninterrupted run's does, not step 4 alone."""
+    common = ("run.log_every=4", "run.keep_checkpoints=0")
+    assert train_main(_train_args(fake_data, tmp_path / "whole", "run.max_steps=8", *common),
+                      build_loader=FakePretrainLoader) == 0
+    assert train_main(_train_args(fake_data, tmp_path / "split", "run.max_steps=3", *common),
+                      build_loader=FakePretrainLoader) == 0
+    assert train_main(_train_args(fake_data, tmp_path / "split", "run.max_steps=8", *common),
+                      build_loader=FakePretrainLoader) == 0
+    whole, split = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("whole", "split"))
+    assert [r["step"] for r in split] == [3, 4, 8] and [r["step"] for r in whole] == [4, 8]
+    for name in ("loss", "loss_instance", "top1_instance"):
+        assert split[1][name] == pytest.approx(whole[0][name], rel=1e-6), name
+
+
 @pytest.mark.multiprocess
 def test_sigkilled_trainer_leaves_no_process_behind(synthetic_dataset, tmp_path):
     """A killed trainer's DALI workers (~0.45 GB each, deaf to SIGTERM) used to run until reboot."""

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder
+from cvtcl.checkpoint import is_complete, latest_checkpoint, load_checkpoint, load_encoder, save_atomic
 from cvtcl.metrics import read_metrics
+from cvtcl.models import Encoder
 from cvtcl.train import cli, main
 from preprocess.schema import LayoutError
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread, smoke_args, two_nodes  # noqa: F401 (autouse fixture)
@@ -63,6 +64,21 @@ def test_run_writes_metrics_config_checkpoints_and_resumes(dataset, tmp_path):
         main(_args(dataset, out, "run.max_steps=12"), build_loader=_never_called)
 
 
+def test_a_checkpoint_without_a_key_added_since_resumes_at_its_default(dataset, tmp_path):
+    """A key added in a later version is absent from older checkpoints' configs: the run had its
+    default's behaviour, so it resumes when the value is still the default and is refused otherwise."""
+    out = tmp_path / "run"
+    assert main(_args(dataset, out, "run.max_steps=2"), build_loader=FakePretrainLoader) == 0
+    state = load_checkpoint(latest_checkpoint(out))
+    for key in ("crop_scale_min", "dihedral"):
+        del state["config"]["data"][key]
+    torch.save(state, latest_checkpoint(out))
+    with pytest.raises(ValueError, match=r"different config \(data.dihedral\)"):
+        main(_args(dataset, out, "run.max_steps=3", "data.dihedral=true"), build_loader=_never_called)
+    assert main(_args(dataset, out, "run.max_steps=3"), build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(out))["step"] == 3
+
+
 def test_a_moved_run_directory_resumes(dataset, tmp_path):
     """run.out_dir is where the run is found, not what it computes: a run directory moved elsewhere
     resumes there, and a refusal lists only the keys that matter."""
@@ -81,6 +97,17 @@ def test_complete_after_all_epochs(dataset, tmp_path):
     assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
     assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0  # nothing left
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [4]
+
+
+def test_epochs_lowered_below_where_a_run_stands_complete_it(dataset, tmp_path, capsys):
+    """optim.epochs may change on resume; lowered to where the run already is, the run is complete
+    (it said "stopped at step 6 of 4" and stayed incomplete, and a schedule reran it for good)."""
+    assert main(_args(dataset, tmp_path, "optim.epochs=3", "run.max_steps=6"), build_loader=FakePretrainLoader) == 0
+    assert not is_complete(tmp_path)
+    capsys.readouterr()
+    assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0
+    assert "step 6 is at or past the end of optim.epochs=1 (4 steps): the run is complete" in capsys.readouterr().out
+    assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 6
 
 
 @pytest.mark.parametrize("progress,expected", [("rich", "train"), ("plain", "step 2 epoch 0 loss=")])
@@ -115,6 +142,9 @@ def flip_index_byte(shard: Path) -> None:
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
     (["data.root={damaged}"], LayoutError, r"shard-00000.h5: its index .* is damaged.*cvtcl-preprocess verify"),
     (["stage.init_checkpoint={text}"], ValueError, r"stage.init_checkpoint=.*text.pt: not a checkpoint of cvtcl.train"),
+    (["stage.init_checkpoint={flow}"], ValueError, r"flow.pt holds another encoder: modality flow \(this run: rgb\), "
+                                                   r"embed_dim 8 \(this run: 128\)"),
+    (["stage.init_checkpoint={tmp}"], FileNotFoundError, "is a directory; give one of its checkpoint-"),
 ])
 def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
     """Refused before the loader is built and before run.out_dir exists: nothing is written."""
@@ -124,8 +154,9 @@ def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
     damaged = make_dataset(tmp_path / "damaged")
     flip_index_byte(damaged / "shard-00000.h5")
     (tmp_path / "text.pt").write_text("this is not a checkpoint\n")
+    save_atomic(tmp_path / "flow.pt", {"step": 1, "encoder": Encoder("flow", "tiny", embed_dim=8).config()})
     paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere", "damaged": damaged,
-             "text": tmp_path / "text.pt"}
+             "text": tmp_path / "text.pt", "flow": tmp_path / "flow.pt", "tmp": tmp_path}
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
         main(_args(dataset, out, *[e.format(**paths) for e in extra]), build_loader=_never_called)
@@ -373,3 +404,10 @@ def test_plan_prints_every_sub_stage_and_writes_nothing(tmp_path, capsys, monkey
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="loss.queue_size=15 is not divisible"):
         main([*args[:-1], "loss.queue_size=15", "--plan"])
+    # a co-training queue that does not fill: the key to raise is the schedule's, not optim.epochs
+    with pytest.raises(ValueError, match="schedule.cotrain_epochs"):
+        main([*args[:-1], "loss.queue_size=512", "--plan"])
+    for world, problem in (("abc", "must be integers"), ("0", "at least one process")):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(ValueError, match=problem):
+            main(args)
