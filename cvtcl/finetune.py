@@ -9,11 +9,10 @@ window and crop of a video. Two-stream: the mean of the two streams' video proba
 
 Training clips come from the pretraining loader (`build_pretrain_loader`; copy 0 of each pair) over
 the train videos less the held-out ones, so every step has its full batch, with
-`FinetuneConfig.augment` = "weak": random
-resized crop and flip, no colour jitter, grayscale or blur. CoCLR fine-tunes with a weaker
-augmentation than it pretrains with (crop, flip, colour jitter with p 0.3, no grayscale or blur);
-the loader has no jitter-at-p-0.3 strength, so "weak" is the closest it offers, and "standard"
-(the pretraining list) is the other choice.
+`FinetuneConfig.augment` = "weak": random resized crop and flip, no colour jitter, grayscale or
+blur. CoCLR fine-tunes with a weaker augmentation than it pretrains with (crop, flip, colour
+jitter with p 0.3, no grayscale or blur); the loader has no jitter-at-p-0.3 strength, so "weak" is
+the closest it offers, and "standard" (the pretraining list) is the other choice.
 """
 
 from __future__ import annotations
