@@ -114,7 +114,9 @@ class StopSignals:
 
     Installed before the loader exists: DALI and DataLoader workers forked later inherit this
     handler instead of Python's default one and ignore the signal, so Ctrl-C prints no traceback
-    from every worker."""
+    from every worker. torch's DataLoader workers put their own SIGTERM handler in its place (they
+    die of a SIGTERM their parent did not send, as torchrun's and many schedulers' to the whole
+    process group), so the baseline loader's workers ignore SIGTERM (dali_pipelines/baseline.py)."""
 
     def __init__(self):
         self.received: int | None = None

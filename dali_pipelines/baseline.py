@@ -12,6 +12,7 @@ layout of the DALI loaders, so trainers cannot tell the two apart except by spee
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from typing import Iterator
 
 import cv2
@@ -109,6 +110,14 @@ class PretrainDataset(Dataset):
         return item
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's init: torch's worker dies of a SIGTERM that its parent did not send, and
+    a scheduler's or torchrun's SIGTERM goes to the whole process group, so the worker died under
+    the trainer before it could checkpoint. The parent decides and shuts its workers down; they die
+    with it in any case (preprocess/hygiene.py)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def start_workers(loader: DataLoader) -> Iterator:
     """iter(loader), which forks the loader's worker processes: under `frozen_heap`, as DALI's
     workers are, so a DALI pipeline left as garbage in this process (a DALI loader held in a
@@ -135,7 +144,8 @@ class BaselinePretrainLoader:
         dataset = PretrainDataset(self.reader, self.cfg, self.crop_size, self.modalities, epoch, self.rank,
                                   self.world_size, self.steps_per_epoch * b)
         loader = DataLoader(dataset, batch_size=b, sampler=range(start_step * b, self.steps_per_epoch * b),
-                            num_workers=self.num_workers, drop_last=True, pin_memory=self.device == "cuda")
+                            num_workers=self.num_workers, drop_last=True, pin_memory=self.device == "cuda",
+                            worker_init_fn=_ignore_stop_signals)
         for step, batch in enumerate(start_workers(loader), start=start_step):
             out = {k: torch.as_tensor(a) for k, a in batch_meta(
                 self.videos, self.reader.group_ids, self.cfg.seed, epoch, step, b, self.rank, self.world_size).items()}
@@ -175,7 +185,8 @@ class BaselineEvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(EvalDataset(self.source, self.crop_size), batch_size=self.source.batch_size,
-                            num_workers=self.num_workers, pin_memory=self.device == "cuda")
+                            num_workers=self.num_workers, pin_memory=self.device == "cuda",
+                            worker_init_fn=_ignore_stop_signals)
         m = self.source.modality
         for batch in start_workers(loader):
             batch[m] = batch[m].to(self.device, self.dtype, non_blocking=True)

@@ -445,6 +445,37 @@ def test_sigkilled_trainer_leaves_no_process_behind(synthetic_dataset, tmp_path)
     assert not survivors, f"{len(survivors)} of the trainer's {len(workers)} children outlived it"
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("backend", ["baseline", "dali"])
+def test_sigterm_to_the_process_group_still_checkpoints(synthetic_dataset, tmp_path, backend):
+    """torchrun, like many schedulers, sends SIGTERM to the trainer's whole process group, its loader
+    workers included: torch's DataLoader workers died of it, and the trainer with a RuntimeError
+    before its checkpoint. The workers leave it to the trainer."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "cvtcl.train", "--preset", "smoke", f"data.root={synthetic_dataset}",
+               f"run.out_dir={out}", "optim.epochs=1000", "run.progress=plain", "loss.queue_size=8",
+               "run.log_every=1", f"data.backend={backend}"]
+    trainer = subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(read_metrics(out / "metrics.jsonl")) < 2:  # the workers are up
+            assert trainer.poll() is None, trainer.stdout.read()
+            assert time.time() < deadline, "timed out waiting for the logged steps"
+            time.sleep(0.1)
+        assert descendants(trainer.pid)  # the loader's workers, in the same process group
+        os.killpg(trainer.pid, signal.SIGTERM)
+        assert trainer.wait(timeout=120) == 0, trainer.stdout.read()
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait()
+    printed = trainer.stdout.read()
+    step = load_checkpoint(latest_checkpoint(out))["step"]
+    assert f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume" in printed, printed
+    assert "Traceback" not in printed and "RuntimeError" not in printed, printed
+
+
 def test_damaged_frame_stops_training_naming_video_and_frame(synthetic_dataset, tmp_path):
     """The real trainer on the DALI CPU loader: exit 2 and one line naming video and frame."""
     root = tmp_path / "data"
