@@ -114,7 +114,7 @@ def save_atomic(path: Path, state: dict[str, Any]) -> Path:
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
         # torch's message is its stream writer's, without errno: the free space says what happened
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else brief(err)
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         raise CheckpointWriteError(
             f"cannot write checkpoint {path} ({reason}; {free} bytes free there); the previous checkpoints are "

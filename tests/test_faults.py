@@ -344,6 +344,13 @@ def test_checkpoint_write_failure_keeps_the_previous_ones(tmp_path, monkeypatch)
         checkpoint.save_checkpoint(tmp_path, {**state, "step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-00000001.pt"]
 
+    def interrupted(*args, **kwargs):  # not the disk: the message says what it was, not just its type
+        raise RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"\(RuntimeError: DataLoader worker \(pid 7\) is killed"):
+        checkpoint.save_checkpoint(tmp_path, {**state, "step": 2})
+
 
 # ---- training: torn checkpoints, metrics after resume, killed trainers -------------------------
 
