@@ -116,7 +116,7 @@ class StopSignals:
     handler instead of Python's default one and ignore the signal, so Ctrl-C prints no traceback
     from every worker. torch's DataLoader workers put their own SIGTERM handler in its place (they
     die of a SIGTERM their parent did not send, as torchrun's and many schedulers' to the whole
-    process group), so the baseline loader's workers ignore SIGTERM (dali_pipelines/baseline.py)."""
+    process group), so the baseline loader's workers leave that group (dali_pipelines/baseline.py)."""
 
     def __init__(self):
         self.received: int | None = None

@@ -12,7 +12,7 @@ layout of the DALI loaders, so trainers cannot tell the two apart except by spee
 from __future__ import annotations
 
 import multiprocessing
-import signal
+import os
 from typing import Iterator
 
 import cv2
@@ -110,12 +110,14 @@ class PretrainDataset(Dataset):
         return item
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's init: torch's worker dies of a SIGTERM that its parent did not send, and
-    a scheduler's or torchrun's SIGTERM goes to the whole process group, so the worker died under
-    the trainer before it could checkpoint. The parent decides and shuts its workers down; they die
-    with it in any case (preprocess/hygiene.py)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _own_process_group(worker_id: int) -> None:
+    """A DataLoader worker's init: leave the trainer's process group. torch's worker dies of a SIGTERM
+    that its parent did not send, and torchrun's or a scheduler's SIGTERM goes to the whole process
+    group, so the workers died under the trainer before it could checkpoint. Out of the group, only
+    their parent signals them (its shutdown's terminate() still works, which ignoring SIGTERM would
+    break: a worker that did not stop would hang the interpreter's exit), and they die with it in
+    any case (preprocess/hygiene.py)."""
+    os.setpgid(0, 0)
 
 
 def start_workers(loader: DataLoader) -> Iterator:
@@ -145,7 +147,7 @@ class BaselinePretrainLoader:
                                   self.world_size, self.steps_per_epoch * b)
         loader = DataLoader(dataset, batch_size=b, sampler=range(start_step * b, self.steps_per_epoch * b),
                             num_workers=self.num_workers, drop_last=True, pin_memory=self.device == "cuda",
-                            worker_init_fn=_ignore_stop_signals)
+                            worker_init_fn=_own_process_group)
         for step, batch in enumerate(start_workers(loader), start=start_step):
             out = {k: torch.as_tensor(a) for k, a in batch_meta(
                 self.videos, self.reader.group_ids, self.cfg.seed, epoch, step, b, self.rank, self.world_size).items()}
@@ -186,7 +188,7 @@ class BaselineEvalLoader:
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(EvalDataset(self.source, self.crop_size), batch_size=self.source.batch_size,
                             num_workers=self.num_workers, pin_memory=self.device == "cuda",
-                            worker_init_fn=_ignore_stop_signals)
+                            worker_init_fn=_own_process_group)
         m = self.source.modality
         for batch in start_workers(loader):
             batch[m] = batch[m].to(self.device, self.dtype, non_blocking=True)

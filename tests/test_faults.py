@@ -452,6 +452,25 @@ def test_sigkilled_trainer_leaves_no_process_behind(synthetic_dataset, tmp_path)
     assert not survivors, f"{len(survivors)} of the trainer's {len(workers)} children outlived it"
 
 
+def test_baseline_loader_workers_leave_the_process_group():
+    """Out of the trainer's process group, a SIGTERM to the group (torchrun's, a scheduler's) does not
+    reach the DataLoader workers, which torch makes die of a SIGTERM their parent did not send."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from dali_pipelines.baseline import _own_process_group
+
+    class Groups(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return os.getpid(), os.getpgid(0)
+
+    loader = DataLoader(Groups(), batch_size=2, num_workers=1, worker_init_fn=_own_process_group, timeout=60)
+    pids, groups = (b.tolist() for b in next(iter(loader)))
+    assert pids[0] != os.getpid() and groups == pids and groups[0] != os.getpgid(0)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["baseline", "dali"])
 def test_sigterm_to_the_process_group_still_checkpoints(synthetic_dataset, tmp_path, backend):
@@ -466,11 +485,11 @@ def test_sigterm_to_the_process_group_still_checkpoints(synthetic_dataset, tmp_p
                                text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while len(read_metrics(out / "metrics.jsonl")) < 2:  # the workers are up
+        # a few steps logged, and the loader's workers up (the baseline's start anew each epoch)
+        while len(read_metrics(out / "metrics.jsonl")) < 2 or not descendants(trainer.pid):
             assert trainer.poll() is None, trainer.stdout.read()
             assert time.time() < deadline, "timed out waiting for the logged steps"
-            time.sleep(0.1)
-        assert descendants(trainer.pid)  # the loader's workers, in the same process group
+            time.sleep(0.02)
         os.killpg(trainer.pid, signal.SIGTERM)
         assert trainer.wait(timeout=120) == 0, trainer.stdout.read()
     finally:
