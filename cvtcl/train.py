@@ -283,6 +283,13 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
         window.compute_seconds += time.perf_counter() - started  # the host waited for the GPU to catch up
         pending.clear()
 
+    def write_checkpoint(epoch: int, epoch_step: int, complete: bool, window_state) -> None:
+        """Rank 0 writes the checkpoint (with the metrics window since the last line); all wait."""
+        if dist.is_main:
+            save_checkpoint(run_dir, {**checkpoint_state(ctx, epoch, epoch_step, complete=complete),
+                                      "metrics_window": window_state}, config.run.keep_checkpoints)
+        distributed.barrier()
+
     def on_step(epoch: int, epoch_step: int, terms: StepTerms, data_s: float, compute_s: float) -> bool:
         nonlocal window
         pending.append((terms, data_s, compute_s))
@@ -311,11 +318,7 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
             absorb()  # a checkpoint never holds a non-finite step
             window_state = window.state_dict(lambda sums: distributed.all_reduce_mean(sums, dist.device))
-            if dist.is_main:
-                complete = ctx.step >= epochs_total and trained
-                save_checkpoint(run_dir, {**checkpoint_state(ctx, *position, complete=complete),
-                                          "metrics_window": window_state}, config.run.keep_checkpoints)
-            distributed.barrier()
+            write_checkpoint(*position, ctx.step >= epochs_total and trained, window_state)
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
             if dist.is_main:
                 logger.show("kNN monitor: retrieval of the test split ...")
@@ -328,10 +331,7 @@ def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_si
 
     if latest is not None and ctx.step >= epochs_total and trained and not state.get("complete"):
         # optim.epochs lowered to where the run already stands: every epoch it asks for is trained
-        if dist.is_main:
-            save_checkpoint(run_dir, {**checkpoint_state(ctx, epoch, epoch_step, complete=True),
-                                      "metrics_window": state.get("metrics_window")}, config.run.keep_checkpoints)
-        distributed.barrier()
+        write_checkpoint(epoch, epoch_step, True, state.get("metrics_window"))
         logger.message(f"step {ctx.step} is at or past the end of optim.epochs={config.optim.epochs} "
                        f"({epochs_total} steps): the run is complete")
     try:
