@@ -76,6 +76,10 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if world_size > 1 and config.run.graph_scope == "step" and config.run.captures_step:
         raise ValueError(f"run.graph_scope=step captures the whole step, which under torchrun (WORLD_SIZE={world_size}) "
                          "would hold its collectives: use run.graph_scope=auto, which graphs each encoder call there")
+    if world_size == 1 and config.loss.bn_groups > config.data.batch_size:  # chunks would make fewer groups
+        raise ValueError(f"loss.bn_groups={config.loss.bn_groups} is more than data.batch_size={config.data.batch_size}: "
+                         "one process splits its keys into that many shuffle-BN groups of at least one clip each; "
+                         "lower loss.bn_groups")
     global_batch = config.data.batch_size * world_size
     check_queue_size(config.loss.queue_size, global_batch)
     check_device(config)

@@ -138,6 +138,7 @@ def flip_index_byte(shard: Path) -> None:
     (["data.root={missing}"], FileNotFoundError, "shard.*missing.*shard-00000.h5"),
     (["data.root={nowhere}"], FileNotFoundError, "no manifest.json"),
     (["run.expect_world_size=8"], ValueError, "laid out for 8 processes, got WORLD_SIZE=1"),
+    (["loss.bn_groups=5"], ValueError, "loss.bn_groups=5 is more than data.batch_size=4: .*lower loss.bn_groups"),
     (["data.batch_size=32", "loss.queue_size=64"], ValueError, "fewer than one global batch"),
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
     (["data.root={damaged}"], LayoutError, r"shard-00000.h5: its index .* is damaged.*cvtcl-preprocess verify"),
