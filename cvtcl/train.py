@@ -210,13 +210,18 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
     (SIGTERM, SIGINT), or None."""
     _, _, world_size = distributed.env_world()
     validate(config, world_size)
-    with run_dir_lock(config.run.out_dir), StopSignals() as stop_signals:
-        _train(config, build_loader, stop_signals)
+    with run_dir_lock(config.run.out_dir):
+        # Joined before the handlers are in place: a SIGTERM while this rank waits for the others
+        # (torchrun's, after another rank stopped, e.g. at a busy run.out_dir) ends it at once
+        # instead of leaving it blocked until torchrun's grace of 30 s runs out; nothing is lost.
+        dist = distributed.init(config.run.device)
+        with StopSignals() as stop_signals:
+            _train(config, dist, build_loader, stop_signals)
     return stop_signals.received
 
 
-def _train(config: TrainConfig, build_loader: Callable[..., Any] | None, stop_signals: StopSignals) -> None:
-    dist = distributed.init(config.run.device)
+def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callable[..., Any] | None,
+           stop_signals: StopSignals) -> None:
     torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
     run_dir = Path(config.run.out_dir)
     if dist.is_main:

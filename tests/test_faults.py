@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -500,6 +501,31 @@ def test_sigterm_to_the_process_group_still_checkpoints(synthetic_dataset, tmp_p
     step = load_checkpoint(latest_checkpoint(out))["step"]
     assert f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume" in printed, printed
     assert "Traceback" not in printed and "RuntimeError" not in printed, printed
+
+
+@pytest.mark.multiprocess
+def test_sigterm_while_waiting_for_the_other_ranks_ends_the_rank(synthetic_dataset, tmp_path):
+    """A rank whose rank 0 stopped before joining (at a busy run.out_dir) waits in
+    init_process_group; torchrun's SIGTERM to it then only set the stop flag, and the rank hung on
+    until torchrun's grace ran out. It joins before the stop handlers are in place, so it ends."""
+    with socket.create_server(("127.0.0.1", 0)) as store:  # rank 0's store address, never answering
+        env = {**_env(), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(store.getsockname()[1])}
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "cvtcl.train", "--preset", "smoke", f"data.root={synthetic_dataset}",
+             f"run.out_dir={tmp_path / 'run'}", "data.batch_size=2", "loss.queue_size=4", "run.device=cpu"],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            store.settimeout(240)
+            connection, _ = store.accept()  # the rank is inside init_process_group, its checks passed
+            trainer.send_signal(signal.SIGTERM)
+            status = trainer.wait(timeout=60)
+            connection.close()
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait()
+    assert status == -signal.SIGTERM, trainer.stdout.read()
 
 
 def test_damaged_frame_stops_training_naming_video_and_frame(synthetic_dataset, tmp_path):
