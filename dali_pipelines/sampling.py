@@ -285,8 +285,9 @@ EVAL_CROP_FRACTION = 224 / 240  # the paper's centre 224 of a 240-pixel-high fra
 
 
 def eval_windows(videos, frames_per_clip: int, window_stride: int) -> list[tuple[int, np.ndarray]]:
-    """(video index, [T] frame indices) of every sliding window of every video, in order; a video
-    shorter than one window gives one front-padded window."""
+    """(video index, [T] frame indices) of every sliding window of every video, in order: starts
+    0, stride, 2*stride, ... while a whole window fits (the last < stride frames may be in none);
+    a video shorter than one window gives one front-padded window."""
     out = []
     for vi, video in enumerate(videos):
         n = video.num_frames
