@@ -189,6 +189,14 @@ class MetricsLogger:
         elif self.mode != "none":
             print(text, flush=True)
 
+    def warn(self, text: str) -> None:
+        """A line that must be seen whatever the progress mode and on whichever rank met it: stderr
+        (above the bar on rank 0 when it shows one)."""
+        if self.bar is not None:
+            self.bar.console.print(text, style="yellow")
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if not self.enabled:
             return

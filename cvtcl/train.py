@@ -279,6 +279,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
     monitor = knn_monitor(config, dist) if config.run.knn_every else None
 
     pending: list[tuple[StepTerms, float, float]] = []  # steps whose terms are still on the device
+    graph_failure_said = False  # a failed CUDA graph capture is said once, by the rank it failed on
 
     def absorb() -> None:
         """Read the pending steps' terms (one device read; raises on a non-finite loss) into the window."""
@@ -296,8 +297,13 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         distributed.barrier()
 
     def on_step(epoch: int, epoch_step: int, terms: StepTerms, data_s: float, compute_s: float) -> bool:
-        nonlocal window
+        nonlocal window, graph_failure_said
         pending.append((terms, data_s, compute_s))
+        if ctx.graph is not None and ctx.graph.error is not None and not graph_failure_said:
+            graph_failure_said = True
+            where = f"rank {dist.rank}: " if dist.world_size > 1 else ""
+            logger.warn(f"{where}run.compile={config.run.compile}: the CUDA graph capture failed at step {ctx.step} "
+                        f"({ctx.graph.error}); training goes on with the eager step, slower")
         logger.tick(ctx.step)
         position = (epoch, epoch_step) if epoch_step < steps_per_epoch else (epoch + 1, 0)
         log_step = ctx.step % config.run.log_every == 0 or ctx.step == total

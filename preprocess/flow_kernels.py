@@ -33,6 +33,7 @@ pair is solved next to a copy of itself.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -178,6 +179,8 @@ class ChunkGraphs:
                 graph = self.graphs[key] = self._capture(iterate, state, data, consts)
             except Exception as err:  # any failure: solve without graphs, and say why
                 self.error = f"{type(err).__name__}: {err}"[:500]
+                warnings.warn(f"tvl1-torch: capturing CUDA graphs failed ({self.error}); this process computes "
+                              "flow without them from here on (the same flow, slower)", RuntimeWarning, stacklevel=2)
                 return run_chunk(iterate, state, data, consts)
             if len(self.graphs) > self.MAX_GRAPHS:
                 self.graphs.popitem(last=False)

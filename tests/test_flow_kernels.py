@@ -152,7 +152,9 @@ def test_a_failed_capture_leaves_the_chunks_running_directly(uncompiled, video_w
     direct = TorchTVL1(device="cpu", batch=7, path="compiled", sync_every=6, **SHORT).compute(video_with_cut)
     backend = _graphed(7, failing)
     np.testing.assert_array_equal(backend.compute(video_with_cut), direct)
-    np.testing.assert_array_equal(backend.compute(video_with_cut), direct)  # the batch that tries to capture
+    with pytest.warns(RuntimeWarning, match=r"tvl1-torch: capturing CUDA graphs failed \(RuntimeError: operation "
+                      r"not permitted when stream is capturing\); this process computes flow without them"):
+        np.testing.assert_array_equal(backend.compute(video_with_cut), direct)  # the batch that tries to capture
     assert backend.graphs.error == "RuntimeError: operation not permitted when stream is capturing"
     assert not backend.graphs.graphs
 

@@ -189,6 +189,27 @@ def test_a_host_read_in_the_step_fails_the_capture_and_training_goes_on_eagerly(
     assert replayed == eager and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
 
 
+@pytest.mark.parametrize("scope", ["step", "calls"])
+def test_a_capture_that_fails_in_a_training_run_is_said_once(tmp_path, monkeypatch, capsys, scope):
+    """The loop went on eagerly after a failed capture and said nothing: the user saw a slow run."""
+    from cvtcl.train import main
+    from trainer_fakes import FakePretrainLoader, graphs_on_cpu, make_dataset, smoke_args
+
+    graphs_on_cpu(monkeypatch)
+
+    def fails(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed.GraphedStep if scope == "step" else graphed.CallGraph, "__init__", fails)
+    args = smoke_args(make_dataset(tmp_path / "data"), tmp_path / "run", "run.max_steps=7", "run.compile=graph",
+                      f"run.graph_scope={scope}", "run.progress=none")
+    assert main(args, build_loader=FakePretrainLoader) == 0
+    said = capsys.readouterr().err
+    assert said.count("the CUDA graph capture failed") == 1, said
+    assert (f"run.compile=graph: the CUDA graph capture failed at step {graphed.WARMUP_STEPS + 1} (RuntimeError: "
+            "operation not permitted when stream is capturing); training goes on with the eager step") in said, said
+
+
 def test_replayed_s3d_step_equals_the_eager_step():
     """The real backbone (S3D at 16x32x32: its BatchNorms update running statistics in place)."""
     overrides = ["model.backbone=s3d", "loss.queue_size=8"]
