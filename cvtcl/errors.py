@@ -101,7 +101,7 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return EXIT_FAILED
     except USAGE_ERRORS + RUN_ERRORS as err:
-        if "--debug" in argv:
+        if any(len(arg) > 2 and "--debug".startswith(arg) for arg in argv):  # argparse takes --deb for --debug
             raise
         status = EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)

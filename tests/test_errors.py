@@ -293,6 +293,8 @@ def test_the_table_is_large_enough():
 def test_debug_shows_the_traceback(paths):
     with pytest.raises(KeyError, match="smokey"):
         train.cli(["--preset", "smokey", "--debug"])
+    with pytest.raises(KeyError, match="smokey"):  # as argparse reads it
+        train.cli(["--preset", "smokey", "--deb"])
     with pytest.raises(Exception, match="does not exist"):
         cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["nowhere"]), "--dataset", "synthetic", "--shards",
                         str(paths["data"]), "--debug"])
