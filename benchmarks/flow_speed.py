@@ -178,7 +178,7 @@ def _gpu_init(barrier, processes: int) -> None:
     share_compile_threads(processes)
 
 
-def _gpu_process(task: tuple) -> tuple[float, np.ndarray]:
+def _gpu_process(task: tuple) -> tuple[float, np.ndarray, int]:
     gray, first, batch = task
     try:
         backend = make_backend("tvl1-torch", device="cuda", path="compiled", batch=batch)

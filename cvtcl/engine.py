@@ -12,8 +12,8 @@ closure that enqueues this step's keys, and whether to update the weights at all
 lists the random numbers it takes from `draws`, in order. Stage 1 is `instance_step` below;
 stage 2 (co-training) registers "cotrain" with its own step function (sampler forward, mined
 positives, its own queue, no update until that queue is full) and the loop, checkpoints and
-metrics stay as they are. Stage-specific modules (the frozen sampler, a cross-view queue) belong
-on `ctx.model` (`add_module`), so checkpoints and resume include them.
+metrics stay as they are. Stage 2's queue is part of `ctx.model` (checkpointed, resumed); its
+frozen sampler is `ctx.sampler`, loaded again from stage.sampler_checkpoint at every (re)start.
 
 An ordinary step never makes the host wait for the GPU (tests/test_step_audit.py counts it on the
 meta device): its logged terms stay on the device as one row (`StepTerms`) until a log step

@@ -106,10 +106,6 @@ _BACKENDS: dict[str, Callable[..., FlowBackend]] = {
 }
 
 
-def register_backend(name: str, factory: Callable[..., FlowBackend]) -> None:
-    _BACKENDS[name] = factory
-
-
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 

@@ -333,7 +333,7 @@ def test_torchrun_with_compiled_encoders_trains_as_the_eager_encoders(dataset, t
 
 def _real_loader_or_skip():
     pytest.importorskip("nvidia.dali", reason="the real loader runs DALI's CPU-only mode")
-    return pytest.importorskip("cvtcl.data", reason="cvtcl.data (the DALI loader) is not on this branch yet")
+    return pytest.importorskip("cvtcl.data")
 
 
 def test_real_loader_feeds_the_trainer(request, tmp_path):
