@@ -18,7 +18,7 @@ learning rate (the milestones) or the stage-2 queue turning full, each time afte
 state at stage 2's first update, must exist before a capture, or the graph would re-create it at
 every replay). It is not used where it cannot hold: fp16 (the GradScaler's host logic),
 run.legacy_step, devices other than CUDA. A capture that fails leaves the eager step for the rest
-of the run, the reason in `ctx.graph.error` (benchmarks/train_speed.py reports it).
+of the run, the reason in `ctx.graph.error` (cvtcl.train warns once; train_speed.py records it).
 
 Under torchrun (run.graph_scope=auto) the step's collectives (shuffle-BN's all_to_all and
 all_gather, DDP's gradient all-reduce) stay outside any graph: `CallGraphs` captures each encoder
