@@ -1,8 +1,10 @@
 """Stage-1 contrastive losses of CVTCL (paper §2.1 eq. 1, §2.3 eqs. 6-8) and their accuracies.
 
-Pure functions of unit-norm embeddings and the queue: no state, no modules. Inputs are cast to
-fp32 first, so the losses are computed in fp32 whatever precision the encoders ran in (logits of
-0.07-temperature softmaxes over 2048 negatives are outside what fp16/bf16 resolve well).
+Pure functions of unit-norm embeddings and the queue: no state, no modules. Each runs with
+autocast off (`fp32`) on inputs cast to fp32, so the losses are computed in fp32 whatever precision
+the encoders ran in: logits of 0.07-temperature softmaxes over 2048 negatives are outside what
+bf16/fp16 resolve (a bf16 logit near 1/0.07 has steps of 0.06), and autocast would run their
+matmuls in bf16/fp16 even on fp32 inputs.
 
 Shapes (docs/algorithm.md notation): B batch, M local segments, Mq query segments (1 for
 local_queries="first", M for "all"), D embedding dim, K queue length.
@@ -10,12 +12,33 @@ local_queries="first", M for "all"), D embedding dim, K queue length.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 import torch.nn.functional as F
 
 LOCAL_QUERIES = ("first", "all")
+F32 = TypeVar("F32", bound=Callable)
 
 
+def fp32(loss: F32) -> F32:
+    """Run `loss` with autocast off on its tensors' device (cpu or cuda: the meta device that
+    cvtcl.step_audit counts on has no autocast), so its matmuls and reductions stay in fp32."""
+
+    @functools.wraps(loss)
+    def in_fp32(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return loss(*args, **kwargs)
+        return loss(*args, **kwargs)
+
+    return in_fp32  # type: ignore[return-value]
+
+
+
+@fp32
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
     """Logits of eq. 1: column 0 is the positive z.z+, columns 1..K the queue.
 
@@ -35,11 +58,13 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) 
     return positive_first_nce(contrastive_logits(q, k, queue, tau))
 
 
+@fp32
 def positive_first_nce(logits: torch.Tensor) -> torch.Tensor:
     """CE of [N, C] logits whose column 0 is the positive (eq. 1 given `contrastive_logits`)."""
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
+@fp32
 def local_loss(q_segments: torch.Tensor, k_segments: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
     """L_local (eq. 6): every key segment is a positive with its own softmax against the queue.
 
@@ -57,6 +82,7 @@ def local_loss(q_segments: torch.Tensor, k_segments: torch.Tensor, queue: torch.
     return (denominator - positives).mean()
 
 
+@fp32
 def temporal_logits(q_segments: torch.Tensor, k_segments: torch.Tensor, tau: float) -> torch.Tensor:
     """Logits of eq. 7: query segment i against the M segments of the same video's key copy.
 
@@ -71,6 +97,7 @@ def _segment_targets(q_segments: torch.Tensor) -> torch.Tensor:
     return torch.arange(mq, device=q_segments.device).expand(b, mq)
 
 
+@fp32
 def local_temporal_loss(q_segments: torch.Tensor, k_segments: torch.Tensor, tau: float) -> torch.Tensor:
     """L_LT (eq. 7): one softmax over the M key segments; positive = the same segment.
 

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cvtcl.losses import fp32
+
 NO_ID = -1  # video / group / label of a queue slot that was never filled (cvtcl.moco.Queue)
 
 
@@ -40,6 +42,7 @@ def source_mask(query_video: Tensor, query_group: Tensor, queue_video: Tensor, q
     return same_video | same_group
 
 
+@fp32
 def mine_topk(sampler_query: Tensor, queue_sampler: Tensor, exclude: Tensor, topk: int) -> Tensor:
     """The top-K queue entries by sampler similarity s · queue_o, never an excluded one (eqs. 3/5).
 
@@ -94,6 +97,7 @@ def positive_mask(
     return Positives(torch.cat([own, source | mined], dim=1), mined)
 
 
+@fp32
 def multi_positive_nce(logits: Tensor, mask: Tensor) -> Tensor:
     """L_RF (eq. 2) / L_FR (eq. 4): mean over rows of −log(Σ_{p∈P} exp ℓ_p / Σ_all exp ℓ).
 
@@ -153,6 +157,7 @@ def chance_precision(query_label: Tensor, queue_label: Tensor, exclude: Tensor) 
     return same_class.sum().float() / admissible.sum().clamp(min=1).float()
 
 
+@fp32
 def cross_view_nce(
     q: Tensor,
     k: Tensor,

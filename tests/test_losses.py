@@ -106,3 +106,17 @@ def test_query_segments_and_bad_choice():
     assert losses.query_segments(segments, "all").shape == (2, 4, 1)
     with pytest.raises(ValueError, match="first, all|'first', 'all'"):
         losses.query_segments(segments, "middle")
+
+
+def test_losses_stay_fp32_under_autocast():
+    """autocast ran the losses' matmuls in bf16 even on fp32 inputs (a bf16 logit near 1/0.07 has
+    steps of 0.06: a local loss of 1e-5 came out 0): under it they give the fp32 values, bitwise."""
+    q, k, queue = (_unit(16, 128, seed=s).detach().float() for s in (20, 21, 22))
+    zq, zk = (_unit(16, m, 128, seed=s).detach().float() for m, s in ((1, 23), (4, 24)))
+    for name, args in {"contrastive_logits": (q, k, queue, TAU), "info_nce": (q, k, queue, TAU),
+                       "local_loss": (zq, zk, queue, TAU), "local_temporal_loss": (zq, zk, TAU),
+                       "ltcl_loss": (zq, zk, queue, TAU), "temporal_logits": (zq, zk, TAU)}.items():
+        expected = getattr(losses, name)(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = getattr(losses, name)(*args)
+        assert got.dtype == torch.float32 and torch.equal(got, expected), name

@@ -228,3 +228,25 @@ def test_cross_view_nce_warm_up_then_mining():
     assert float(stats["positives"]) == 3.0  # own key + top-2, no shared groups
     assert float(stats["mining_precision"]) == 1.0  # each query's top-2 are its own sampler view, queued twice
     assert float(stats["mining_chance"]) == pytest.approx(0.5)  # half of the queue shares each class
+
+
+def test_mining_and_its_loss_stay_fp32_under_autocast():
+    """Under bf16 autocast the sampler similarities were bf16 (ties at the top-K boundary: another
+    set mined than in fp32 from the same embeddings); now the fp32 results, bitwise."""
+    dim, size = 128, 64
+    queue = Queue(size, dim, cross_view=True)
+    video, group, label = torch.arange(8), torch.arange(8), torch.arange(8) % 3
+    for i in range(size // 8):
+        queue.enqueue(_unit(8, dim, seed=40 + i), video + 10 * (i + 1), group + 10 * (i + 1),
+                      sampler=_unit(8, dim, seed=60 + i), label=label)
+    q, k, s = _unit(8, dim, seed=30), _unit(8, dim, seed=31), _unit(8, dim, seed=32)
+    exclude = torch.zeros(8, size, dtype=torch.bool)
+
+    def run():
+        loss, stats = cross_view_nce(q, k, s, queue, video, group, label, tau=0.07, topk=5, drop=torch.tensor(False))
+        return mine_topk(s, queue.sampler, exclude, 5), loss, stats["top1"]
+
+    expected = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, expected))
