@@ -297,13 +297,18 @@ def read_terms(steps: list[StepTerms]) -> list[dict[str, float]]:
     rows = torch.stack([s.row for s in steps]).tolist()  # the one sync of a log window
     values = [dict(zip(s.names, row)) for s, row in zip(steps, rows)]
     for s, v in zip(steps, values):
-        if not math.isfinite(v["loss"]):
+        grads_nonfinite = v.pop(GRADS_NONFINITE)
+        if not math.isfinite(v["loss"]) or grads_nonfinite:
+            what = "loss" if not math.isfinite(v["loss"]) else "gradient (the loss is finite)"
             raise FloatingPointError(
-                f"non-finite loss at step {s.step} (epoch {s.epoch}, batch {s.epoch_step}): {v}. "
+                f"non-finite {what} at step {s.step} (epoch {s.epoch}, batch {s.epoch_step}): {v}. "
                 "Its update was skipped and the run stops without saving; resume restarts from the last "
                 "checkpoint. Try a lower optim.lr, optim.amp=fp32, or check the input data."
             )
     return values
+
+
+GRADS_NONFINITE = "grads_nonfinite"  # the last entry of a step's row: 1 where non-finite gradients skipped its update
 
 
 def train_step(ctx: Context, batch: dict[str, torch.Tensor], epoch: int, epoch_step: int) -> StepTerms:
@@ -340,34 +345,45 @@ def step_body(ctx: Context, batch: dict[str, torch.Tensor], draws: StepDraws,
     ctx.model.momentum_update(config.loss.momentum)  # before the keys of this step are computed
     with autocast(ctx):
         out = STEPS[config.stage.kind](ctx, batch, draws)
-    row = torch.stack(list(out.terms.values())).float()
+    grads_nonfinite = None
     if out.optimize:
         ctx.optimizer.zero_grad(set_to_none=grads_to_none)
         ctx.scaler.scale(out.loss).backward()
+        norm = None  # fp16: the GradScaler checks the gradients
         if config.optim.grad_clip > 0:
             ctx.scaler.unscale_(ctx.optimizer)
-            nn.utils.clip_grad_norm_(ctx.model.query.parameters(), config.optim.grad_clip)
-        optimizer_step(ctx, out.loss.detach())
+            norm = nn.utils.clip_grad_norm_(ctx.model.query.parameters(), config.optim.grad_clip)
+        elif not ctx.scaler.is_enabled():  # one read of every gradient, on the device
+            norm = nn.utils.get_total_norm([p.grad for p in ctx.model.query.parameters() if p.grad is not None])
+        grads_nonfinite = optimizer_step(ctx, out.loss.detach(), norm)
+    if grads_nonfinite is None:
+        grads_nonfinite = torch.zeros((), device=out.loss.device)
+    row = torch.stack([*out.terms.values(), grads_nonfinite]).float()
     out.enqueue()  # after backward: the graph saved the queue buffer, an earlier in-place write would break it
-    return list(out.terms), row, out.optimize
+    return [*out.terms, GRADS_NONFINITE], row, out.optimize
 
 
-def optimizer_step(ctx: Context, loss: torch.Tensor) -> None:
-    """The optimizer step, skipped when `loss` is not finite. Fused Adam (CUDA) takes that decision
-    on the device from `found_inf`, as it does for the GradScaler; elsewhere a host read decides
-    (free on the CPU). In fp16 the GradScaler's own found_inf (non-finite gradients, which a
-    non-finite loss gives) skips the step."""
+def optimizer_step(ctx: Context, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor | None:
+    """The optimizer step, skipped when `loss` or the gradients' norm is not finite (a finite loss
+    can still give an inf or NaN gradient). Fused Adam (CUDA) takes that decision on the device
+    from `found_inf`, as it does for the GradScaler; elsewhere a host read decides (free on the
+    CPU). Returns 1.0 where the gradients were not finite, else 0.0 (on the device), or None in
+    fp16, where the GradScaler's own found_inf skips a step of non-finite gradients: a routine
+    event while it finds its scale, not a reason to stop."""
     if ctx.scaler.is_enabled():
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
-    elif ctx.optimizer.defaults.get("fused"):
-        ctx.optimizer.found_inf = (~torch.isfinite(loss)).float()
+        return None
+    finite = torch.isfinite(loss + grad_norm)  # inf or NaN in either (two huge finite values: not a step to take)
+    if ctx.optimizer.defaults.get("fused"):
+        ctx.optimizer.found_inf = (~finite).float()
         try:
             ctx.optimizer.step()
         finally:
             del ctx.optimizer.found_inf
-    elif bool(torch.isfinite(loss)):
+    elif bool(finite):
         ctx.optimizer.step()
+    return (~torch.isfinite(grad_norm)).float()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ call of the step instead, the forward and, where it trains, the backward (an aut
 that replays them; DDP's hooks fire on the gradients it returns, as they do for the eager
 encoder). The query's clip and local segments are one call (`engine.encode_queries`), so their
 gradients are summed inside its backward graph. Counted on the meta device
-(tests/test_step_audit.py), S3D's stage-1 step goes from 1,975 launches to 120 and 4 replays;
+(tests/test_step_audit.py), S3D's stage-1 step goes from 1,985 launches to 130 and 4 replays;
 the losses, Adam, the EMA and the collectives stay eager. Nothing a call graph fixes changes
 between steps (no learning rate or queue inside), so each call is captured once.
 run.compile=step under torchrun compiles the encoders without graphs.

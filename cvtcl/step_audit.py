@@ -167,15 +167,21 @@ def replay_counting_capture(body: Callable[[], Any], pool=None):
 @contextmanager
 def fused_on_meta() -> Iterator[None]:
     """Let torch.optim build fused optimizers for meta parameters (the CUDA path: fused Adam with
-    its device-side skip); torch lists meta as unsupported only because it computes nothing."""
+    its device-side skip), and torch.nn.utils' gradient norms use the foreach kernels (as on
+    CUDA: a few launches, not one per parameter); torch lists meta as unsupported for both only
+    because it computes nothing."""
     from torch.optim import optimizer
+    from torch.utils import _foreach_utils
 
     supported = optimizer._get_fused_kernels_supported_devices
+    foreach = _foreach_utils._get_foreach_kernels_supported_devices
     optimizer._get_fused_kernels_supported_devices = lambda: [*supported(), "meta"]
+    _foreach_utils._get_foreach_kernels_supported_devices = lambda: [*foreach(), "meta"]
     try:
         yield
     finally:
         optimizer._get_fused_kernels_supported_devices = supported
+        _foreach_utils._get_foreach_kernels_supported_devices = foreach
 
 
 def meta_context(config):

@@ -111,6 +111,27 @@ def test_non_finite_step_skips_its_update_and_is_named_when_read(fused):
         read_terms([first, bad])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("clip", ["0", "1.0"])
+def test_non_finite_gradients_of_a_finite_loss_skip_the_update_and_are_named(fused, clip):
+    """A finite loss can give an inf or NaN gradient (bf16's conv3d backward on some CPUs did): its
+    update was taken and checkpointed, and the run stopped a step later naming that step."""
+    ctx = _context(f"optim.grad_clip={clip}")
+    ctx.optimizer = torch.optim.Adam(ctx.model.query.parameters(), lr=1e-3, fused=fused)
+    first = train_step(ctx, _batch(), epoch=0, epoch_step=0)
+    before = [p.clone() for p in ctx.model.query.parameters()]
+    weight = next(ctx.model.query.parameters())
+    hook = weight.register_hook(lambda grad: grad * float("inf"))
+    bad = train_step(ctx, _batch(), epoch=0, epoch_step=1)
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, ctx.model.query.parameters()))  # update skipped
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient \(the loss is finite\) at step 2 \(epoch 0, "
+                                                 r"batch 1\): \{'loss_instance': [0-9.]+"):
+        read_terms([first, bad])
+    assert _values(first).keys() == {"loss", "loss_instance", "top1_instance", "loss_local", "loss_temporal",
+                                     "top1_temporal"}  # the flag is not a logged term
+
+
 def test_legacy_step_stops_at_once():
     ctx = _context("run.legacy_step=true")
     batch = _batch()
