@@ -34,6 +34,9 @@ def _positive(name: str, value: float, zero_ok: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
+MIN_TAU = 1e-3  # loss.tau below this makes logits of unit vectors exceed +-1000
+
+
 @dataclass
 class DataConfig:
     root: str = "data/ucf101"  # dataset directory written by `cvtcl-preprocess` (manifest.json + shards)
@@ -116,6 +119,9 @@ class LossConfig:
 
     def __post_init__(self):
         _positive("loss.tau", self.tau)
+        if self.tau < MIN_TAU:  # cosines / tau: 1e-20 trained on losses of 1e18, 1e-39 gave NaN
+            raise ValueError(f"loss.tau={self.tau!r} is below {MIN_TAU}: the logits (cosines / tau) would be "
+                             "beyond what a softmax resolves; contrastive temperatures are 0.05-1 (CoCLR: 0.07)")
         _positive("loss.queue_size", self.queue_size)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"loss.momentum={self.momentum} must be in [0, 1)")

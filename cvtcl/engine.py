@@ -303,7 +303,7 @@ def read_terms(steps: list[StepTerms]) -> list[dict[str, float]]:
             raise FloatingPointError(
                 f"non-finite {what} at step {s.step} (epoch {s.epoch}, batch {s.epoch_step}): {v}. "
                 "Its update was skipped and the run stops without saving; resume restarts from the last "
-                "checkpoint. Try a lower optim.lr, optim.amp=fp32, or check the input data."
+                "checkpoint. Try a lower optim.lr or check the input data; a bf16/fp16 run may also try optim.amp=fp32."
             )
     return values
 

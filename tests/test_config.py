@@ -70,6 +70,7 @@ def test_bad_preset_suggests_the_closest():
     ("optim.lr", "not key=value"),
     ("optim.lr=nan", "optim.lr=nan must be a finite number > 0"),
     ("loss.tau=inf", "loss.tau=inf must be a finite number > 0"),
+    ("loss.tau=1e-20", "loss.tau=1e-20 is below 0.001"),
     ("optim.weight_decay=inf", "optim.weight_decay=inf must be a finite number >= 0"),
     ("optim.grad_clip=nan", "optim.grad_clip=nan must be a finite number >= 0"),
     ("optim.lr_gamma=-1", "optim.lr_gamma=-1.0 must be a finite number > 0"),
