@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,14 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     mmap: bool = False) -> dict[str, Any]:
-    """Load a checkpoint dict with weights_only=True and check its format (`mmap`: tensors stay in
-    the file until touched)."""
+    """Load a checkpoint dict with weights_only=True and check its format and, unless `mmap` (tensors
+    stay in the file until touched, to read a flag), the CRC-32 of every member of its zip archive:
+    torch.load does not, so a flipped bit in a weight loaded silently."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
+    if not mmap:
+        check_crc(path)
     try:
         with warnings.catch_warnings():  # a pickle not written by torch.save: the error below says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -147,6 +151,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {found!r}, this cvtcl reads format {CHECKPOINT_FORMAT}")
     return state
+
+
+def check_crc(path: Path) -> None:
+    """CheckpointLoadError naming the first archive member whose bytes fail their CRC-32 (one read of
+    the file). A file that is no zip archive is left to torch.load's own error."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+    except Exception as err:  # a damaged local header (zipfile raises what it meets)
+        raise CheckpointLoadError(path, brief(err)) from None
+    if damaged is not None:
+        raise CheckpointLoadError(path, f"{damaged} fails its CRC-32: the file is damaged")
 
 
 def load_encoder(

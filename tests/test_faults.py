@@ -383,6 +383,34 @@ def test_resume_skips_a_torn_checkpoint_and_names_it(fake_data, tmp_path, capsys
         train_main(_train_args(fake_data, out, "run.max_steps=8", *args), build_loader=FakePretrainLoader)
 
 
+def _flip_a_bit_of_a_weight(checkpoint: Path) -> str:
+    """Flip one bit in the middle of the largest tensor's bytes (a zip member) of `checkpoint`."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as archive:
+        member = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+    content = bytearray(checkpoint.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", content[member.header_offset + 26: member.header_offset + 30])
+    content[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0x40
+    checkpoint.write_bytes(bytes(content))
+    return member.filename
+
+
+def test_resume_skips_a_checkpoint_with_a_flipped_bit_and_names_it(fake_data, tmp_path, capsys):
+    """torch.load does not check its zip's CRCs: a weight changed by up to 5e36 loaded silently and trained on."""
+    out = tmp_path / "run"
+    args = ("run.checkpoint_every=2", "run.keep_checkpoints=0", "run.log_every=1")
+    assert train_main(_train_args(fake_data, out, "run.max_steps=4", *args), build_loader=FakePretrainLoader) == 0
+    damaged = latest_checkpoint(out)
+    member = _flip_a_bit_of_a_weight(damaged)
+    capsys.readouterr()
+    assert train_main(_train_args(fake_data, out, "run.max_steps=6", *args), build_loader=FakePretrainLoader) == 0
+    printed = capsys.readouterr().out
+    assert f"checkpoint {damaged} cannot be loaded ({member} fails its CRC-32: the file is damaged): skipped" in printed
+    assert "(step 2, " in printed and load_checkpoint(latest_checkpoint(out))["step"] == 6
+
+
 class _Killed(Exception):
     pass
 
