@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -46,12 +47,21 @@ USAGE_ERRORS = (UsageError, LayoutError, OutputDirError, ValueError, KeyError, F
 RUN_ERRORS = (FloatingPointError, OSError, RunFailed)
 
 
+# torch's DataLoader raises a worker's error again in the parent with the whole traceback as its
+# text; its last line is the error's own message
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\s+Original Traceback \(most recent "
+                           r"call last\):.*^(?:[\w.]*\.)?\1: (.*)\Z", re.S | re.M)
+
+
 def one_line(err: BaseException) -> str:
-    """The message of `err` on one line: ours as written, the OS's as 'path: reason'."""
+    """The message of `err` on one line: ours as written, the OS's as 'path: reason', a DataLoader
+    worker's without the traceback torch wraps it in."""
     if isinstance(err, OSError) and err.strerror:
         text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     else:
         text = str(err.args[0]) if err.args else type(err).__name__
+        if worker := _WORKER_ERROR.search(text):
+            text = worker.group(2)
     return " ".join(text.split())
 
 

@@ -24,6 +24,7 @@ from cvtcl.checkpoint import save_checkpoint
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
 from preprocess import cli as preprocess_cli
+from preprocess.schema import CorruptFrameError
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +284,28 @@ def test_gpu_memory_report(monkeypatch, reserved_gib, fragmented):
     assert report.startswith(f"GPU X: 80.0 GiB, 0.5 GiB free, tensors peaked at 70.0 GiB, the allocator holds "
                              f"{reserved_gib}.0 GiB"), report
     assert ("expandable_segments:True" in report) == fragmented
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("a video of 1 frame(s) has no flow:\ndrop it"),
+    CorruptFrameError("video v_a rgb frame 3 (shard 0) fails its checksum"),
+])
+def test_a_dataloader_workers_error_is_its_own_message(error):
+    """torch's DataLoader raises a worker's error in the parent with the whole traceback as its text:
+    the one line was 1,300 characters of frames before the message."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        try:
+            raise KeyError("inner")  # a chained error before it: the message is the last one's
+        except KeyError:
+            raise error
+    except type(error):
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(type(error)) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert errors.one_line(raised.value) == " ".join(str(error).split())
 
 
 def test_the_table_is_large_enough():
