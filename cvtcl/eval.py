@@ -286,6 +286,8 @@ def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[
     if "flow" in modalities and not manifest.has_flow:
         raise UsageError(f"{args.shards} was preprocessed without flow, and a flow encoder was given; evaluate "
                          "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")
+    if "flow" in modalities:
+        manifest.check_flow_frames(set(subsets["train"]) | set(subsets["test"]), args.shards)
 
 
 def check_heldout(args: argparse.Namespace, manifest: Any) -> None:

@@ -61,6 +61,8 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
     read = set(videos)
     if config.run.knn_every:  # the kNN monitor queries with the test subset
         read.update(split.get("test", ()))
+    if "flow" in modalities:
+        manifest.check_flow_frames(read, root)
     advice = f"run `cvtcl-preprocess verify {root}` and re-run preprocessing"
     for shard in sorted({v.shard for v in manifest.videos if v.name in read}):
         check_shard_index(manifest, root, root / shard_name(shard), advice)

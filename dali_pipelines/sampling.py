@@ -273,10 +273,10 @@ def plan_batch(videos, cfg: SamplingConfig, epoch: int, step: int, batch_size: i
     return [plan_sample(videos, cfg, epoch, rank, world_size, step * batch_size + i) for i in range(batch_size)]
 
 
-def flow_indices(frames: np.ndarray, num_frames: int) -> np.ndarray:
+def flow_indices(frames: np.ndarray, num_frames: int, name: str = "") -> np.ndarray:
     """Flow frame of each RGB frame index: the same index, the last frame clamped to n - 2."""
-    if num_frames < 2:
-        raise ValueError(f"a video of {num_frames} frame(s) has no flow; drop it from the flow dataset")
+    if num_frames < 2:  # the training and evaluation checks refuse such videos before any work
+        raise ValueError(f"video {name} has {num_frames} frame(s), so no flow; drop it from the flow dataset")
     return np.minimum(frames, num_frames - 2)
 
 

@@ -61,7 +61,7 @@ class ClipReader:
 
     def flow(self, video, frames: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(x planes, y planes) of the flow at the given RGB frame indices (sampling.flow_indices)."""
-        idx = flow_indices(frames, video.num_frames)
+        idx = flow_indices(frames, video.num_frames, video.name)
         lo, hi = int(idx.min()), int(idx.max())
         chunk = self.reader.read_flow(video, lo, hi - lo + 1)
         xs = [self._check(chunk[f - lo][0], video, int(f), "flow-x") for f in idx]
@@ -77,7 +77,7 @@ class ClipReader:
     def described(self, modality: str, video, frames: np.ndarray) -> dict[str, list[tuple[str, np.ndarray]]]:
         """`planes`, each buffer with its name for an error: "video V flow-x frame F", F the stored
         frame (for flow the clamped index sampling.flow_indices reads, not the RGB frame asked for)."""
-        stored = frames if modality == "rgb" else flow_indices(frames, video.num_frames)
+        stored = frames if modality == "rgb" else flow_indices(frames, video.num_frames, video.name)
         return {plane: [(f"video {video.name} {_PLANE_NAMES[plane]} frame {int(f)}", buf) for f, buf in zip(stored, bufs)]
                 for plane, bufs in self.planes(modality, video, frames).items()}
 

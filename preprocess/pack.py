@@ -213,6 +213,8 @@ def encode_video(src: SourceVideo, options: PackOptions, backend: FlowBackend | 
             gray_sink.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
     if backend is not None:
         flush(keep_last=False)
+    if (backend is not None or gray_sink is not None) and len(rgb) == 1:
+        raise VideoDecodeError(f"{src.path}: a single frame decoded, so it has no optical flow (flow needs two)")
     record = VideoRecord(src.name, src.class_name, src.label, src.group, len(rgb), fps, height, width)
     return EncodedVideo(record, rgb, flow if backend is not None else None)
 

@@ -158,6 +158,14 @@ class Manifest:
     def has_flow(self) -> bool:
         return self.params.get("flow", {}).get("backend", "none") != "none"
 
+    def check_flow_frames(self, names: set[str], root: str | os.PathLike) -> None:
+        """LayoutError naming the videos of `names` with a single frame: they have no flow (an
+        output of a cvtcl-preprocess that packed them; it records them as failed now)."""
+        single = sorted(v.name for v in self.videos if v.name in names and v.num_frames < 2)
+        if single:
+            raise LayoutError(f"{root}: {len(single)} video(s) of a single frame have no flow (first: {single[0]}); "
+                              "re-run this cvtcl-preprocess, which records them as failed, or use the rgb modality")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layout_version": self.layout_version,

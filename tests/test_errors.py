@@ -23,6 +23,7 @@ from cvtcl import eval as cvtcl_eval
 from cvtcl.checkpoint import save_checkpoint
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
+from dali_pipelines.toy_shards import write_toy_dataset
 from preprocess import cli as preprocess_cli
 from preprocess.schema import CorruptFrameError
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
@@ -73,6 +74,8 @@ def paths(tmp_path_factory, synthetic_dataset):
     tmp = tmp_path_factory.mktemp("errors")
     data = _as_dataset(make_dataset(tmp / "data"), "synthetic")
     rgb_only = _as_dataset(make_dataset(tmp / "rgb-only", num_videos=8, with_flow=False), "synthetic")
+    single = _as_dataset(write_toy_dataset(tmp / "single", num_videos=8, num_short=1, short_frames=1, height=16,
+                                           width=16), "synthetic")
     missing_shard = make_dataset(tmp / "missing-shard", num_videos=4)
     (missing_shard / "shard-00000.h5").unlink()
     bad_manifest = tmp / "bad-manifest"
@@ -100,7 +103,7 @@ def paths(tmp_path_factory, synthetic_dataset):
     (tmp / "flat.yaml").write_text("lr: 0.1\n")
     (tmp / "binary.yaml").write_bytes(b"optim:\n  lr: \xff\xfe\n")
     return {"tmp": tmp, "data": data, "rgb_only": rgb_only, "missing_shard": missing_shard,
-            "bad_manifest": bad_manifest, "damaged": damaged, "run": run, "rgb": rgb, "flow": flow,
+            "bad_manifest": bad_manifest, "single": single, "damaged": damaged, "run": run, "rgb": rgb, "flow": flow,
             "nowhere": tmp / "nowhere", "text": tmp / "text.pt", "module": tmp / "module.pt", "file": tmp / "file",
             "empty": tmp / "empty"}
 
@@ -186,6 +189,8 @@ CASES = [
     ("eval", ["retrieval", "--random-init", "rgb", "--backbone", "s3d", "--crop-size", "16", *EVAL], 2,
      "needs >= 5 frames and >= 32 pixels"),
     ("eval", ["retrieval", "--checkpoint", "{flow}", *EVAL, "--shards", "{rgb_only}"], 2, "without flow"),
+    ("eval", ["retrieval", "--checkpoint", "{flow}", *EVAL, "--shards", "{single}"], 2,
+     "1 video(s) of a single frame have no flow (first: v_class1_g03_c01)"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--dataset", "ucf101"], 2, "holds dataset 'synthetic'"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", "--checkpoint-flow", "{rgb}", *EVAL], 2, "second rgb encoder"),
     ("eval", ["retrieval", "--random-init", "rgb", "--checkpoint-flow", "{flow}", *EVAL], 2,

@@ -159,6 +159,24 @@ def test_corrupt_and_empty_videos_are_recorded_not_fatal(tmp_path, capsys):
     assert main(args) == 2 and f"{params} is not valid JSON" in capsys.readouterr().err
 
 
+def test_a_single_frame_video_fails_where_flow_is_packed(tmp_path, capsys):
+    """It was packed with no flow frame, and flow training crashed on it at a random step."""
+    raw = _raw(tmp_path)
+    video = raw / "UCF-101" / "ConstantSpeed" / "v_ConstantSpeed_g01_c01.avi"
+    ok, frame = cv2.VideoCapture(str(video)).read()
+    assert ok
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, frame.shape[1::-1])
+    writer.write(frame)
+    writer.release()
+    common = ["--root", str(raw), "--workers", "1"]
+    assert main(["ucf101", *common, "--out", str(tmp_path / "flow"), "--flow", "tvl1"]) == 3
+    failed = {f.name: f.reason for f in load_manifest(tmp_path / "flow").failed}
+    assert failed == {"v_ConstantSpeed_g01_c01": f"{video}: a single frame decoded, so it has no optical flow "
+                                                 "(flow needs two)"}
+    assert main(["ucf101", *common, "--out", str(tmp_path / "rgb"), "--flow", "none"]) == 0  # rgb needs one
+    assert {v.name: v.num_frames for v in load_manifest(tmp_path / "rgb").videos}["v_ConstantSpeed_g01_c01"] == 1
+
+
 def test_unusable_output_is_refused_before_any_work(tmp_path, capsys):
     raw = _raw(tmp_path, frames=4)
     (tmp_path / "file").write_text("not a directory")

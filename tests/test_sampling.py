@@ -114,8 +114,8 @@ def test_crop_scale_min_bounds_every_copy():
 
 def test_flow_indices_clamp_last_frame():
     assert flow_indices(np.array([7, 8, 9]), 10).tolist() == [7, 8, 8]
-    with pytest.raises(ValueError, match="no flow"):
-        flow_indices(np.array([0]), 1)
+    with pytest.raises(ValueError, match="video v_a has 1 frame.s., so no flow"):
+        flow_indices(np.array([0]), 1, "v_a")
 
 
 def test_eval_windows_and_crops():
