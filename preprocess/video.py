@@ -65,7 +65,7 @@ def open_video(path: str | os.PathLike, short_side: int | None = None) -> tuple[
     as `iter_frames` yields them). Raises VideoDecodeError at once when the file does not open."""
     path = Path(path)
     capture, fps = _open(path)
-    return fps, _frames(capture, path, short_side)
+    return fps, _frames(capture, path, short_side, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
 
 
 def iter_frames(path: str | os.PathLike, short_side: int | None = None) -> Iterator[np.ndarray]:
@@ -77,7 +77,12 @@ def iter_frames(path: str | os.PathLike, short_side: int | None = None) -> Itera
     yield from open_video(path, short_side)[1]
 
 
-def _frames(capture: cv2.VideoCapture, path: Path, short_side: int | None) -> Iterator[np.ndarray]:
+# fewer decoded frames than this share of the count the container states: a truncated or damaged
+# file (a stated count is an estimate in some containers, hence the margin)
+MIN_DECODED_SHARE = 0.9
+
+
+def _frames(capture: cv2.VideoCapture, path: Path, short_side: int | None, stated: int) -> Iterator[np.ndarray]:
     count, shape = 0, None
     try:
         while True:
@@ -96,6 +101,9 @@ def _frames(capture: cv2.VideoCapture, path: Path, short_side: int | None) -> It
         capture.release()
     if count == 0:
         raise VideoDecodeError(f"{path}: no frame could be decoded (zero frames or a corrupt stream)")
+    if count < MIN_DECODED_SHARE * stated:
+        raise VideoDecodeError(f"{path}: {count} of the {stated} frames its container states could be decoded; "
+                               "the file is truncated or damaged: download or re-encode it")
 
 
 def read_video(path: str | os.PathLike, short_side: int | None = None) -> DecodedVideo:

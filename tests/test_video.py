@@ -40,3 +40,15 @@ def test_bad_files_raise_a_clear_error(tmp_path, content, reason):
     with pytest.raises(VideoDecodeError, match=reason) as err:
         read_video(path)
     assert str(path) in str(err.value)
+
+
+def test_a_truncated_file_that_still_decodes_some_frames_is_an_error(tmp_path):
+    """Cut to 60% of its bytes, a 20-frame file decoded a few frames and was packed as a short video."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "cut.avi"
+    write_avi(path, rng.integers(0, 256, (20, 32, 40, 3), dtype=np.uint8), fps=25.0)
+    assert len(read_video(path).frames) == 20
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.6)])
+    with pytest.raises(VideoDecodeError, match=rf"{path}: \d+ of the 20 frames its container states could be "
+                                               "decoded; the file is truncated or damaged"):
+        read_video(path)
