@@ -90,6 +90,17 @@ def _lines(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
 
+def _split_lines(path: Path) -> list[tuple[str, str, str | None]]:
+    """('FILE:LINE', video file, the line's number or None) per non-empty line of a split file: the
+    number is the last field when it is one, the file all before it (a file name may hold spaces)."""
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line := line.strip():
+            fields = re.fullmatch(r"(.+?)\s+(\d+)", line)
+            out.append((f"{path}:{number}", *(fields.groups() if fields else (line, None))))
+    return out
+
+
 def index_ucf101(root: str | Path, dataset: str = "ucf101") -> DatasetIndex:
     """Index an official UCF101 tree (see the module docstring)."""
     root = Path(root)
@@ -128,8 +139,11 @@ def index_ucf101(root: str | Path, dataset: str = "ucf101") -> DatasetIndex:
         members = {}
         for subset, path in (("train", _require(train, "UCF101 split file")), ("test", _require(test, "UCF101 split file"))):
             members[subset] = []
-            for fields in _lines(path):
-                video = source(fields[0])
+            for where, file, _ in _split_lines(path):
+                try:
+                    video = source(file)
+                except DatasetError as err:
+                    raise DatasetError(f"{where}: {err}") from None
                 _add(found, video)  # listed but absent: packing records it as failed
                 members[subset].append(video.name)
         splits[k] = {s: sorted(n) for s, n in members.items()}
@@ -160,15 +174,16 @@ def index_hmdb51(root: str | Path, splits_dir: str | Path) -> DatasetIndex:
             continue
         members = {"train": [], "test": []}
         for class_name, path in zip(classes, files):
-            for fields in _lines(_require(path, f"HMDB51 split {k} file")):
-                if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-                    raise DatasetError(f"{path}: expected lines '<video>.avi 0|1|2', got {' '.join(fields)!r}")
-                stem = Path(fields[0]).stem
+            for where, file, use in _split_lines(_require(path, f"HMDB51 split {k} file")):
+                if use not in ("0", "1", "2"):
+                    raise DatasetError(f"{where}: expected lines '<video>.avi 0|1|2', got {file!r} "
+                                       f"{'and no number' if use is None else use}")
+                stem = Path(file).stem
                 # listed but absent: packing records it as failed; listed by another class: an error
-                _add(videos, SourceVideo(stem, str(root / class_name / fields[0]), class_name,
+                _add(videos, SourceVideo(stem, str(root / class_name / file), class_name,
                                          classes.index(class_name), stem))
-                if fields[1] != "0":
-                    members["train" if fields[1] == "1" else "test"].append(stem)
+                if use != "0":
+                    members["train" if use == "1" else "test"].append(stem)
         splits[k] = {s: sorted(n) for s, n in members.items()}
     if not splits:
         raise DatasetError(f"no split files in {splits_dir}: expected <class>_test_split1.txt for each class")

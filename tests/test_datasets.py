@@ -125,3 +125,28 @@ def test_a_split_listing_a_video_twice_or_on_both_sides_is_an_error(ucf_root, li
     name = line.split("/")[1].split(".")[0]
     with pytest.raises(DatasetError, match=f"split 1 lists {name} {where}; fix the split files"):
         index_ucf101(ucf_root)
+
+
+def test_a_file_name_with_spaces_in_the_split_files(ucf_root, hmdb):
+    """A split line was split at every space: 'v_Beta x_g03_c01.avi 2' read as the file 'v_Beta', an
+    error naming a path that does not exist; a bad line is named by its file and line number."""
+    _touch(ucf_root / "UCF-101" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup x_g02_c01.avi")
+    lists = ucf_root / "ucfTrainTestlist"
+    with open(lists / "trainlist01.txt", "a") as fh:
+        fh.write("ApplyEyeMakeup/v_ApplyEyeMakeup x_g02_c01.avi 1\r\n")
+    assert "v_ApplyEyeMakeup x_g02_c01" in index_ucf101(ucf_root).splits["1"]["train"]
+    with open(lists / "testlist01.txt", "a") as fh:
+        fh.write("ApplyEyeMakeup/v_ApplyEyeMakeup x.avi\r\n")
+    with pytest.raises(DatasetError, match=rf"{lists / 'testlist01.txt'}:4: .*v_ApplyEyeMakeup x.avi: name is not "
+                                           "v_<Class>_gXX_cYY"):
+        index_ucf101(ucf_root)
+    root, splits = hmdb
+    _touch(root / "wave" / "e wave.avi")
+    with open(splits / "wave_test_split1.txt", "a") as fh:
+        fh.write("e wave.avi 1\n")
+    assert "e wave" in index_hmdb51(root, splits).splits["1"]["train"]
+    with open(splits / "wave_test_split1.txt", "a") as fh:
+        fh.write("f wave.avi\n")
+    with pytest.raises(DatasetError, match=rf"wave_test_split1.txt:4: expected lines '<video>.avi 0\|1\|2', got "
+                                           "'f wave.avi' and no number"):
+        index_hmdb51(root, splits)
