@@ -147,6 +147,6 @@ def test_a_file_name_with_spaces_in_the_split_files(ucf_root, hmdb):
     assert "e wave" in index_hmdb51(root, splits).splits["1"]["train"]
     with open(splits / "wave_test_split1.txt", "a") as fh:
         fh.write("f wave.avi\n")
-    with pytest.raises(DatasetError, match=rf"wave_test_split1.txt:4: expected lines '<video>.avi 0\|1\|2', got "
+    with pytest.raises(DatasetError, match=r"wave_test_split1.txt:4: expected lines '<video>.avi 0\|1\|2', got "
                                            "'f wave.avi' and no number"):
         index_hmdb51(root, splits)
