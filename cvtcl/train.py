@@ -43,7 +43,7 @@ from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import StageRun, check_queue_fills, cvtcl_schedule, run_schedule, select, warmup_steps
-from preprocess.hygiene import OutputDirError, exclusive_dir
+from preprocess.hygiene import OutputDirError, exclusive_dir, remove_temporaries
 from preprocess.schema import write_json_atomic
 
 # BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
@@ -230,6 +230,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         except OSError as err:
             raise PermissionError(f"run.out_dir={run_dir}: cannot create it ({err.strerror}); "
                                   "choose a writable run.out_dir") from None
+        remove_temporaries(run_dir, ("checkpoint-*.pt.tmp", "metrics.jsonl.tmp"))  # a killed run's
         try:
             write_json_atomic(run_dir / "config.json", config.to_dict())
         except OSError as err:  # a full disk: one line (exit 2), not a traceback

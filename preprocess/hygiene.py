@@ -25,7 +25,9 @@ import ctypes
 import fcntl
 import multiprocessing
 import os
+import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -41,6 +43,33 @@ class OutputDirError(RuntimeError):
 
 class DirectoryBusyError(OutputDirError):
     """Another live process writes the same output directory."""
+
+
+def remove_temporaries(directory: str | os.PathLike, owned: tuple[str, ...] = ()) -> None:
+    """Delete what killed writers left in `directory`: the files matching the glob patterns `owned`
+    (temporaries only the caller, holding the directory's lock, writes) and each
+    `NAME.HOST-PID.tmp` of `schema.write_json_atomic` whose writer on this host is gone. A rerun
+    does not overwrite the latter (a new pid), nor a checkpoint's of a step it never saves again."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    stale = [p for pattern in owned for p in directory.glob(pattern)]
+    host = re.escape(socket.gethostname())
+    for path in directory.glob("*.tmp"):
+        if (writer := re.fullmatch(rf".+\.{host}-(\d+)\.tmp", path.name)) and not _alive(int(writer[1])):
+            stale.append(path)
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ import numpy as np
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
 from preprocess.flow_workers import describe_flow_workers, run_with_flow_workers
-from preprocess.hygiene import OutputDirError, die_with_parent, exclusive_dir
+from preprocess.hygiene import OutputDirError, die_with_parent, exclusive_dir, remove_temporaries
 from preprocess.progress import Progress
 from preprocess.schema import (
     LAYOUT_VERSION,
@@ -83,6 +83,8 @@ def locked_out(out: str | Path, part_lock: str | None = None):
                 stack.enter_context(exclusive_dir(out, "cvtcl-preprocess run of this part", name=part_lock))
         except OutputDirError as err:  # busy, unwritable, a file in the way, a read-only mount
             raise ConfigError(str(err)) from None
+        # a whole run (or merge) is the only writer: a killed run's shard temporaries go too
+        remove_temporaries(out, ("shard-*.h5.tmp",) if part_lock is None else ())
         yield
 
 

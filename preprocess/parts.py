@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.datasets import DatasetIndex
+from preprocess.hygiene import remove_temporaries
 from preprocess.pack import (
     PACKED_NAME, PARAMS_NAME, ConfigError, PackOptions, ShardContent, locked_out, pack_shards, prepare_out, run_params, shard_entry,
     write_manifest,
@@ -89,6 +90,7 @@ def pack_part(index: DatasetIndex, options: PackOptions, part: Part,
     label = part.marker_name.removesuffix(".json")
     # parts run side by side, the same part twice does not; each records its shards' sha256 in its own file
     with locked_out(options.out, f"{PARTS_DIR}/.lock-{label}"):
+        remove_temporaries(Path(options.out) / PARTS_DIR)  # the JSON of killed parts (their pid gone)
         prepare_out(Path(options.out), run_params(index, options))  # refuses other params before the next line
         # a marker from an earlier run of this part must not let `merge` go ahead while it runs again
         marker_path(options.out, part).unlink(missing_ok=True)
@@ -144,6 +146,7 @@ def merge(out: str | Path) -> Manifest:
         raise ConfigError(f"{out} is not a directory; give the --out of the parts")
     read_params(out)  # not a packing output: said before its lock file is made there
     with locked_out(out):  # exclusive: no part still writing
+        remove_temporaries(out / PARTS_DIR)
         return _merge(out)
 
 

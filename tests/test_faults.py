@@ -370,8 +370,17 @@ def test_resume_skips_a_torn_checkpoint_and_names_it(fake_data, tmp_path, capsys
     assert train_main(_train_args(fake_data, out, "run.max_steps=4", *args), build_loader=FakePretrainLoader) == 0
     torn = latest_checkpoint(out)
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    # what kills during writes leave: a checkpoint of a step the run will not save again (a SIGTERM's),
+    # a JSON of a writer that is gone; one whose writer is alive (an evaluation's) stays
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left = [out / "checkpoint-00000003.pt.tmp", out / f"config.json.{host}-{int(gone.stdout)}.tmp"]
+    alive = out / f"eval-retrieval.json.{host}-{os.getpid()}.tmp"
+    for path in (*left, alive):
+        path.write_bytes(b"half")
     capsys.readouterr()
     assert train_main(_train_args(fake_data, out, "run.max_steps=6", *args), build_loader=FakePretrainLoader) == 0
+    assert not any(path.exists() for path in left) and alive.exists()
     printed = capsys.readouterr().out
     assert f"checkpoint {torn} cannot be loaded (RuntimeError: " in printed and "skipped" in printed
     assert "(step 2, " in printed

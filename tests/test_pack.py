@@ -4,6 +4,7 @@ parameter changes refused; a SIGKILLed run resumed to the same bytes as an unint
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,6 +207,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert first.exists() and not (tmp_path / "killed" / "manifest.json").exists(), "the run was not cut short"
     kept = first.stat().st_mtime_ns
+    # what a kill during a write leaves (a rerun has another pid: it never overwrote these)
+    for name in (f"packed.json.{socket.gethostname()}-{proc.pid}.tmp", "shard-00004.h5.tmp"):
+        (tmp_path / "killed" / name).write_bytes(b"half")
 
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert first.stat().st_mtime_ns == kept  # resumed, not redone
