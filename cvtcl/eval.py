@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -322,6 +323,24 @@ def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tupl
         n += 1
 
 
+def claim_output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path | None]:
+    """`output_paths`, each file created empty and exclusively when the results are ready: an
+    evaluation that started earlier into the same directory and finished a moment before has
+    taken its names (numbered when it started, both would write the same file, the last one winning)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        paths = output_paths(out_dir, protocol, dataset, split)
+        claimed = []
+        try:
+            for path in filter(None, paths):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                claimed.append(path)
+            return paths
+        except FileExistsError:  # taken since output_paths looked: the next number
+            for path in claimed:
+                path.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     check_arguments(args)
@@ -334,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clip_shape(args, trained, encoders)
     # Next to the checkpoint by default: the evaluation belongs to the run that trained it.
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
-    results_file, neighbours_file = output_paths(out_dir, args.protocol, args.dataset, args.split)
+    output_paths(out_dir, args.protocol, args.dataset, args.split)  # a bad --out or --split: said before any work
     if args.protocol in ("linear", "finetune"):
         check_heldout(args, manifest)
     device = torch.device(args.device)
@@ -370,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "device": provenance.device_info(device), "versions": provenance.versions()}
     resume = resume_files(args, out_dir, sources, device) if args.protocol == "finetune" else {}
     try:
-        payload["results"] = run_protocol(args, encoders, make_loader, make_train, manifest, neighbours_file, resume)
+        payload["results"], neighbours = run_protocol(args, encoders, make_loader, make_train, manifest, resume)
     except torch.OutOfMemoryError:
         raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
                         f"({memory_report(device)}): lower --batch-size") from None
@@ -387,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         distributed.shutdown()
     if rank != 0:  # the first process writes the results
         return payload
+    results_file, neighbours_file = claim_output_paths(out_dir, args.protocol, args.dataset, args.split)
+    if neighbours is not None:
+        report.write_results(neighbours_file, neighbours)
     path = report.write_results(results_file, payload)
     for file in resume.values():  # the results hold everything now
         file.remove()
@@ -432,30 +454,31 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def run_protocol(args: argparse.Namespace, encoders: dict[str, nn.Module], make_loader: Callable[..., Any],
-                 make_train: Callable[[str, Sequence[str]], Any], manifest: Any, neighbours_file: Path | None,
-                 resume: dict[str, ResumeFile]) -> dict[str, Any]:
-    """The protocol's results: fine-tune, or features of both subsets then retrieval or the probe.
-    The encoders run under --amp's autocast (an ambient setting: every forward inside it)."""
+                 make_train: Callable[[str, Sequence[str]], Any], manifest: Any,
+                 resume: dict[str, ResumeFile]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the protocol's results, retrieval's neighbours to write or None): fine-tune, or features of
+    both subsets then retrieval or the probe. The encoders run under --amp's autocast (an ambient
+    setting: every forward inside it)."""
     device = torch.device(args.device)
     dtype = autocast_dtype(args.amp, device)
     mixed = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     if args.protocol == "finetune":
         with mixed:
             return run_finetune(encoders, make_loader, make_train, len(manifest.classes), device=args.device,
-                                config=finetune_config(args), heldout_fraction=args.heldout_fraction, resume=resume)
+                                config=finetune_config(args), heldout_fraction=args.heldout_fraction,
+                                resume=resume), None
     with mixed:
         train, test = split_features(encoders, make_loader, device=args.device, bn_mode=args.bn_mode, log=say)
     if distributed.rank() != 0:  # under torchrun the first process evaluates the features and writes
-        return {}
+        return {}, None
     if args.protocol == "retrieval":
         results, tops = run_retrieval(train, test)
         any_modality = next(iter(train))
-        report.write_results(neighbours_file, report.neighbours_payload(
-            args.shards, manifest.classes, test[any_modality], train[any_modality], tops))
-        return results
+        return results, report.neighbours_payload(args.shards, manifest.classes, test[any_modality],
+                                                  train[any_modality], tops)
     config = LinearProbeConfig(seed=args.seed, optimizer=args.probe_optimizer, lr=PROBE_LR[args.probe_optimizer],
                                **({"epochs": args.epochs} if args.epochs else {}))
-    return run_linear(train, test, len(manifest.classes), config, args.heldout_fraction)
+    return run_linear(train, test, len(manifest.classes), config, args.heldout_fraction), None
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

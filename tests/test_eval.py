@@ -162,6 +162,29 @@ def test_each_protocol_numbers_only_the_files_it_writes(fake_project):
         out / "eval-retrieval-synthetic-split1-2.json", out / "retrieval-neighbours-synthetic-split1-2.json")
 
 
+def test_an_evaluation_finishing_during_another_keeps_its_results(fake_project, monkeypatch):
+    """Two evaluations into one directory at once (the default --out is the checkpoint's): the names
+    were numbered when each started, so the one finishing last overwrote the other's results."""
+    root, _ = fake_project
+    out = root / "run"
+    argv = ["retrieval", "--checkpoint", str(root / "rgb.pt"), "--dataset", "synthetic", "--shards", str(root),
+            "--out", str(out), "--device", "cpu"]
+    real = cvtcl_eval.run_protocol
+    started = []
+
+    def with_another_one_meanwhile(*args, **kwargs):
+        started.append(1)
+        if len(started) == 1:  # the first evaluation is at work: a second one runs start to finish
+            cvtcl_eval.main([*argv, "--seed", "1"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cvtcl_eval, "run_protocol", with_another_one_meanwhile)
+    cvtcl_eval.main(argv)
+    seeds = {p.name: json.loads(p.read_text())["seed"] for p in out.glob("eval-*.json")}
+    assert seeds == {"eval-retrieval-synthetic-split1.json": 1, "eval-retrieval-synthetic-split1-2.json": 0}
+    assert (out / "retrieval-neighbours-synthetic-split1-2.json").stat().st_size > 0
+
+
 def test_results_never_leave_the_output_directory(tmp_path):
     with pytest.raises(UsageError, match="would write outside"):
         cvtcl_eval.output_paths(tmp_path, "linear", "synthetic", "1/../../elsewhere")
