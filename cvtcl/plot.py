@@ -136,8 +136,9 @@ def pick_queries(labels: Sequence[int], count: int) -> list[int]:
 
 
 def plot_retrieval(neighbours_file: str | os.PathLike, out_path: str | os.PathLike,
-                   shards: str | os.PathLike | None = None, num_queries: int = 6) -> Path:
-    """Rows = queries; columns = the query, then its top-3 neighbours for each stream."""
+                   shards: str | os.PathLike | None = None, num_queries: int = 6, title: str | None = None) -> Path:
+    """Rows = queries; columns = the query, then its top-3 neighbours for each stream. `title`: what
+    names the file in the figure (default: its name)."""
     plt = _pyplot()
     try:
         data = json.loads(Path(neighbours_file).read_text())
@@ -171,7 +172,7 @@ def plot_retrieval(neighbours_file: str | os.PathLike, out_path: str | os.PathLi
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(3 if col else 1)
             ax.set_title(f"{heading}\n{classes[video['label']][:16]}", fontsize=7, color=colour)
-    fig.suptitle(f"{Path(neighbours_file).name}: test queries and their top-{k} train neighbours", fontsize=9)
+    fig.suptitle(f"{title or Path(neighbours_file).name}: test queries and their top-{k} train neighbours", fontsize=9)
     path = _save(fig, Path(out_path))
     plt.close(fig)
     return path
@@ -192,8 +193,11 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         stem = "-".join(metrics.parent.relative_to(run_dir).parts) or "run"
         written.append(plot_curves(metrics, out_dir / f"curves-{stem}.png", title=str(metrics.relative_to(run_dir))))
     for neighbours in sorted(run_dir.rglob(f"{NEIGHBOURS_PREFIX}*.json")):
-        stem = neighbours.stem.replace(NEIGHBOURS_PREFIX, "retrieval-")
-        written.append(plot_retrieval(neighbours, out_dir / f"{stem}.png", shards, num_queries))
+        # the sub-directory in the name, as for the curves: each sub-stage's evaluation its own figure
+        where = "-".join(["retrieval", *neighbours.parent.relative_to(run_dir).parts])
+        stem = neighbours.stem.replace(NEIGHBOURS_PREFIX, f"{where}-")
+        written.append(plot_retrieval(neighbours, out_dir / f"{stem}.png", shards, num_queries,
+                                      title=str(neighbours.relative_to(run_dir))))
     if not written:
         raise UsageError(f"{run_dir}: no metrics.jsonl and no {NEIGHBOURS_PREFIX}*.json below it; nothing to plot "
                          "(give the run.out_dir of a training run, or the --out of an evaluation)")

@@ -79,6 +79,11 @@ def test_retrieval_figure(tmp_path):
     write_results(neighbours_path(tmp_path / "eval", "synthetic", "1"), payload)
     written = plot.plot_run(tmp_path / "eval", num_queries=3)
     assert [p.name for p in written] == ["retrieval-synthetic-split1.png"]
+    # a schedule's sub-stages evaluated alike: one figure each (they wrote one name, the last one kept)
+    for stage in ("stage1-rgb", "cycle2-rgb"):
+        write_results(neighbours_path(tmp_path / "runs" / stage, "synthetic", "1"), payload)
+    assert [p.name for p in plot.plot_run(tmp_path / "runs", num_queries=3)] == [
+        "retrieval-cycle2-rgb-synthetic-split1.png", "retrieval-stage1-rgb-synthetic-split1.png"]
     assert written[0].read_bytes().startswith(PNG_MAGIC) and written[0].stat().st_size > 10_000
     assert plot.pick_queries([0, 0, 1, 2, 2, 3], 3) == [0, 3, 5]
     assert plot.pick_queries([0, 0, 1, 2, 2], 6) == [0, 2, 3]  # more rows asked than classes
