@@ -243,8 +243,10 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
             raise UsageError(f"{flag} {path}: not a cvtcl checkpoint ({reason}); "
                              "give a checkpoint-*.pt file of cvtcl.train") from None
         modality = getattr(encoder, "modality", None)
-        if modality in encoders:
-            raise UsageError(f"{path}: a second {modality} encoder; --checkpoint-flow must be a flow checkpoint")
+        wanted = {"--checkpoint": "rgb", "--checkpoint-flow": "flow"}[flag] if args.checkpoint_flow else modality
+        if modality != wanted:  # with both flags, each its own modality (the results go next to the RGB one)
+            raise UsageError(f"{flag} {path} holds a {modality} encoder; two-stream takes an RGB --checkpoint and "
+                             "a flow --checkpoint-flow")
         encoders[modality], sources[modality] = encoder, str(path)
         configs.append(config or {})
     if args.checkpoint_flow and set(encoders) != {"rgb", "flow"}:

@@ -192,7 +192,12 @@ CASES = [
     ("eval", ["retrieval", "--checkpoint", "{flow}", *EVAL, "--shards", "{single}"], 2,
      "1 video(s) of a single frame have no flow (first: v_class1_g03_c01)"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--dataset", "ucf101"], 2, "holds dataset 'synthetic'"),
-    ("eval", ["retrieval", "--checkpoint", "{rgb}", "--checkpoint-flow", "{rgb}", *EVAL], 2, "second rgb encoder"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", "--checkpoint-flow", "{rgb}", *EVAL], 2,
+     "--checkpoint-flow {rgb} holds a rgb encoder; two-stream takes an RGB --checkpoint and a flow --checkpoint-flow"),
+    ("eval", ["retrieval", "--checkpoint", "{flow}", "--checkpoint-flow", "{flow}", *EVAL], 2,
+     "--checkpoint {flow} holds a flow encoder"),
+    ("eval", ["retrieval", "--checkpoint", "{flow}", "--checkpoint-flow", "{rgb}", *EVAL], 2,  # swapped: was taken
+     "--checkpoint {flow} holds a flow encoder"),
     ("eval", ["retrieval", "--random-init", "rgb", "--checkpoint-flow", "{flow}", *EVAL], 2,
      "--checkpoint-flow needs an RGB --checkpoint"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--out", "{file}"], 2, "is a file; give a directory"),

@@ -218,7 +218,7 @@ def test_cli_refuses_wrong_dataset_and_two_rgb_checkpoints(fake_project):
     root, _ = fake_project
     with pytest.raises(UsageError, match="synthetic"):
         cvtcl_eval.main(["retrieval", "--checkpoint", f"{root}/rgb.pt", "--dataset", "ucf101", "--shards", str(root)])
-    with pytest.raises(UsageError, match="second rgb"):
+    with pytest.raises(UsageError, match="--checkpoint-flow .*rgb2.pt holds a rgb encoder"):
         cvtcl_eval.main(["retrieval", "--checkpoint", f"{root}/rgb.pt", "--checkpoint-flow", f"{root}/rgb2.pt",
                          "--dataset", "synthetic", "--shards", str(root)])
 
