@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from cvtcl.moco import to_device_async
+
 CLIP_KEYS = ("rgb", "flow", "rgb_segments", "flow_segments")
 
 
@@ -62,7 +64,8 @@ def dihedral_(batch: dict[str, torch.Tensor], generator: torch.Generator) -> Non
     if not keys:
         return
     b, v = batch[keys[0]].shape[:2]
-    elements = draw_elements(b, v, generator).to(batch[keys[0]].device)  # one copy to the device per step
+    # one copy to the device per step, non-blocking: a pageable one made the host wait for the GPU
+    elements = to_device_async(draw_elements(b, v, generator), batch[keys[0]].device)
     for key in keys:
         if batch[key].shape[:2] != (b, v):
             raise ValueError(f"data.dihedral: batch[{key!r}] starts with {tuple(batch[key].shape[:2])}, "

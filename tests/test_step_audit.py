@@ -46,8 +46,10 @@ STAGE2 = ["stage.kind=cotrain", "stage.sampler_checkpoint=unused.pt", "loss.queu
 
 
 @pytest.mark.parametrize("backbone", [S3D, TINY], ids=["s3d", "tiny"])
-@pytest.mark.parametrize("stage", [[], STAGE2], ids=["stage1", "stage2"])
+@pytest.mark.parametrize("stage", [[], STAGE2, ["data.dihedral=true"], [*STAGE2, "data.dihedral=true"]],
+                         ids=["stage1", "stage2", "stage1-dihedral", "stage2-dihedral"])
 def test_ordinary_steps_do_not_sync_and_a_log_step_reads_once(backbone, stage):
+    """data.dihedral's per-step draw was a blocking copy (every step waited for the GPU)."""
     ctx = _meta_context([*backbone, "loss.queue_size=2048", *stage])
     audits, terms = _audit_steps(ctx)
     assert [a.sync_count for a in audits] == [0, 0, 0], [dict(a.syncs) for a in audits]
