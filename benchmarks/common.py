@@ -1,6 +1,7 @@
-"""Helpers shared by the benchmark scripts: the CPU's name (cvtcl.provenance's, as training records
-it), the toy shards they time loaders on, and their error boundary (`run_script`: input the user
-can fix is one line and exit 2, as for the console commands).
+"""Helpers shared by the benchmark scripts: the device's name and the versions their JSON line
+records (cvtcl.provenance's, as training records them), the toy shards they time loaders on, and
+their error boundary (`run_script`: input the user can fix is one line and exit 2, as for the
+console commands), with the parser and argument types that check flags before any work.
 
 Imported as `benchmarks.common`: every script has the repository root on sys.path (PYTHONPATH, or
 its own sys.path insert), whether it runs as `python benchmarks/x.py` or a test imports it.
@@ -8,7 +9,10 @@ its own sys.path insert), whether it runs as `python benchmarks/x.py` or a test 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +20,67 @@ from pathlib import Path
 from typing import Any
 
 from cvtcl.errors import EXIT_USAGE, UsageError, one_line
-from cvtcl.provenance import cpu_name  # noqa: F401 (the benchmarks import it from here)
+from cvtcl.provenance import cpu_name, versions
+
+
+def device_name(device) -> str:
+    """The device a benchmark's JSON line names: the GPU's name, or 'CPU <model> (N cores)'."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_name() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def header(benchmark: str, device) -> dict:
+    """The start of a benchmark's JSON line: what ran, on which device, with which versions (those
+    that decide the arithmetic; DALI's and OpenCV's when the script imported them)."""
+    return {"benchmark": benchmark, "device": device_name(device), "versions": versions()}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a flag's type or choices refusing a value, an unknown flag)
+    are a UsageError: one line and exit 2 through `run_script`, as the scripts' own checks are,
+    instead of the usage and then the line."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"a whole number >= {least}, got {text!r}")
+        return value
+
+    return whole_number
+
+
+# argparse types: a count or size that 0 or less would turn into a division by zero or an error
+# row after minutes of work (steps, batch, pixels), and one that may be 0 (warm-up steps).
+positive_int = _at_least(1)
+non_negative_int = _at_least(0)
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma list of whole numbers >= 1 ("2,3")."""
+    return [positive_int(item) for item in text.split(",") if item]
+
+
+def json_path(text: str) -> Path:
+    """argparse type: a file a script writes its JSON to, at the end of minutes of timing: its
+    folder must exist now, not when the results are ready."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name in it, e.g. {path / 'out.json'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {path.parent} does not exist; create it or write elsewhere")
+    return path
 
 
 def write_toy_shards(root: str | Path, *, size: str, num_videos: int, frames: int, with_flow: bool = False) -> Path:

@@ -35,7 +35,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -46,10 +45,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import check_device, profile_kernels, run_script, write_toy_shards  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ArgumentParser,
+    check_device,
+    header,
+    json_path,
+    non_negative_int,
+    parse_size,
+    positive_int,
+    profile_kernels,
+    run_script,
+    user_input,
+    write_toy_shards,
+)
 from cvtcl import engine, graphed  # noqa: E402
 from cvtcl.config import COMPILE_MODES, apply_overrides  # noqa: E402
 from cvtcl.distributed import DistInfo, resolve_device  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from cvtcl.presets import get_preset  # noqa: E402
 from cvtcl.train import build_context, loader_arguments  # noqa: E402
 from preprocess.schema import write_json_atomic  # noqa: E402
@@ -68,34 +80,54 @@ DEFAULT_VARIANTS = ("legacy,fp32,fp32+graph,bf16,bf16+graph,bf16+step,channels_l
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="s3d", choices=("s3d", "tiny"))
-    parser.add_argument("--batch", type=int, default=16, help="clips per step (one process)")
-    parser.add_argument("--big-batch", type=int, default=64, help="clips per step of the batch64 variant")
-    parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=16, help="clips per step (one process)")
+    parser.add_argument("--big-batch", type=positive_int, default=64, help="clips per step of the batch64 variant")
+    parser.add_argument("--frames", type=positive_int, default=32)
+    parser.add_argument("--crop", type=positive_int, default=128)
     parser.add_argument("--modality", default="rgb", choices=("rgb", "flow"))
-    parser.add_argument("--queue", type=int, default=2048, help="negatives K (the paper's 2048; stage 2 fills it first)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (cuDNN autotune, compile)")
+    parser.add_argument("--queue", type=positive_int, default=2048,
+                        help="negatives K (the paper's 2048; stage 2 fills it first)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed steps per variant (cuDNN autotune, compile)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--loader", action="store_true", help="also time the real loader feeding the step")
     parser.add_argument("--data", default=None, help="dataset root for --loader (default: write toy shards)")
     parser.add_argument("--gen-size", default="240x320", help="HxW of the toy shards' frames (UCF101's size)")
     parser.add_argument("--data-backend", default="dali", choices=("dali", "baseline"))
-    parser.add_argument("--threads", type=int, default=4, help="DALI threads for --data")
+    parser.add_argument("--threads", type=positive_int, default=4, help="DALI threads for --data")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma list of NAME or NAME+COMPILE; names {','.join(VARIANTS)}, compile "
                              f"{','.join(COMPILE[1:])}; each costs a cuDNN autotune (and a compile) on the GPU")
     parser.add_argument("--profile", action="store_true", help="kernels, GPU busy fraction, launches per step")
     parser.add_argument("--smoke", action="store_true", help="tiny backbone, 8x32x32 clips, 2 steps: checks the script")
-    parser.add_argument("--json", default=None, help="also write the JSON result here")
+    parser.add_argument("--json", type=json_path, default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbone, args.batch, args.frames, args.crop, args.steps, args.warmup = "tiny", 4, 8, 32, 2, 1
         args.gen_size, args.threads, args.big_batch, args.queue = "24x32", 1, 8, 64
+    parse_size(args.gen_size, "--gen-size")
     args.loader = args.loader or args.data is not None
     return args
+
+
+def check_loader_steps(args) -> None:
+    """--data: an epoch (the loader's timing stops at its end) must hold more steps than the
+    untimed --warmup, or no step is timed. Checked from the manifest before any row is timed."""
+    from dali_pipelines.sampling import steps_per_epoch
+    from preprocess.schema import LayoutError, load_manifest
+
+    data = make_config(args, "fp32", False, args.data).data
+    with user_input(FileNotFoundError, LayoutError):  # says what --data must hold
+        splits = load_manifest(args.data).splits
+    videos = len(splits.get(data.split, {}).get(data.subset, []))
+    steps = steps_per_epoch(videos, args.batch, 1)
+    if steps <= args.warmup:
+        raise UsageError(f"--data {args.data}: its {videos} {data.subset} videos (split {data.split}) make {steps} "
+                         f"step(s) of --batch {args.batch} an epoch, not more than --warmup {args.warmup}: no step "
+                         "would be timed; lower --warmup or --batch")
 
 
 def make_config(args, amp: str, channels_last: bool, data_root: str = "unused", batch: int | None = None,
@@ -288,7 +320,7 @@ def variant_specs(args, device) -> list[tuple]:
         name, _, compile_setting = item.partition("+")
         compile_setting = compile_setting or "none"
         if name not in VARIANTS or compile_setting not in COMPILE:
-            raise SystemExit(f"--variants: unknown {item!r}; names {','.join(VARIANTS)}, compile {','.join(COMPILE[1:])}")
+            raise UsageError(f"--variants: unknown {item!r}; names {','.join(VARIANTS)}, compile {','.join(COMPILE[1:])}")
         if name in ("bf16", "fp16") and not cuda:
             continue  # CPU: fp16 autocast is CUDA-only; CPU bf16 conv3d backward is broken (engine.amp_dtype)
         suffix = {"none": "", "calls": " graphs per call"}.get(compile_setting, f" compile={compile_setting}")
@@ -307,19 +339,24 @@ def time_loader(args, dist, amp, root):
     config = make_config(args, amp, False, root)
     ctx = build_context(config, dist)
     loader = build_pretrain_loader(**loader_arguments(config, dist))
-    steps = min(args.warmup + args.steps, loader.steps_per_epoch)
+    steps = min(args.warmup + args.steps, loader.steps_per_epoch)  # more than --warmup: check_loader_steps
     waits, started = [], []
+
+    def start_clock():  # the step no longer synchronises: time the window wall to wall
+        synchronize(dist.device)
+        started.append(time.perf_counter())
 
     def on_step(epoch, epoch_step, terms, data_s, compute_s):
         waits.append(data_s)
-        if len(waits) == args.warmup:  # the step no longer synchronises: time the window wall to wall
-            synchronize(dist.device)
-            started.append(time.perf_counter())
+        if len(waits) == args.warmup:
+            start_clock()
         return len(waits) >= steps
 
+    if args.warmup == 0:  # the window starts with the first step
+        start_clock()
     engine.train_one_epoch(ctx, loader.epoch(0), 0, 0, on_step)
     synchronize(dist.device)
-    total = time.perf_counter() - (started[0] if started else 0.0)
+    total = time.perf_counter() - started[0]
     waits = waits[args.warmup :]
     return {"variant": f"loader {args.data_backend} + step ({amp})", "amp": amp, "steps": len(waits),
             "samples_per_s": args.batch * len(waits) / total, "data_wait_fraction": sum(waits) / total}
@@ -328,6 +365,8 @@ def time_loader(args, dist, amp, root):
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_device(args.device, auto=True)
+    if args.data is not None:
+        check_loader_steps(args)
     device = resolve_device(args.device)
     dist = DistInfo(0, 0, 1, device)
     if device.type == "cuda":
@@ -341,8 +380,7 @@ def main(argv=None) -> int:
         + (f" ({', '.join(cuda_only)} skipped: CUDA only)" if cuda_only else "")
         + (", then the loader" if args.loader else "") + (", then launches per step" if args.profile else ""))
     record = {
-        "benchmark": "train_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(), "backbone": args.backbone,
+        **header("train_speed", device), "device_type": device.type, "torch": torch.__version__, "backbone": args.backbone,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "batch": args.batch, "frames": args.frames, "crop": args.crop, "modality": args.modality, "results": [],
     }

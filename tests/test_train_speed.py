@@ -2,13 +2,18 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import train_speed  # noqa: E402
+from benchmarks.common import write_toy_shards  # noqa: E402
+from cvtcl.distributed import DistInfo  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from trainer_fakes import bake_a_host_value_into_the_step, graphs_on_cpu, one_thread  # noqa: E402, F401 (autouse fixture)
 
 
@@ -45,9 +50,44 @@ def test_variants_option_picks_and_rejects(tmp_path):
                              "--json", str(tmp_path / "speed.json")]) == 0
     record = json.loads((tmp_path / "speed.json").read_text())
     assert [r["variant"] for r in record["results"]] == ["fp32", "legacy fp32 (old eager step)"]
-    for bad in ("fp32,int8", "fp32+jit"):
-        with pytest.raises(SystemExit, match="unknown"):
+    for bad in ("fp32,int8", "fp32+jit"):  # a usage error: exit 2 through run_script, before any row
+        with pytest.raises(UsageError, match="unknown"):
             train_speed.main(["--smoke", "--device", "cpu", "--variants", bad])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "argument --batch: a whole number >= 1, got '0'"),
+    (["--steps", "0"], "argument --steps: a whole number >= 1"),
+    (["--crop", "0"], "argument --crop: a whole number >= 1"),
+    (["--warmup", "-3"], "argument --warmup: a whole number >= 0, got '-3'"),
+    (["--gen-size", "0x5"], "--gen-size: sizes are HxW"),
+    (["--json", "{tmp}/missing/speed.json"], "the folder {tmp}/missing does not exist"),
+])
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(UsageError, match=message.format(tmp=tmp_path)):
+        train_speed.main(["--device", "cpu", "--variants", "fp32", *argv])
+
+
+def test_the_loader_row_without_warmup_times_its_own_steps(tmp_path):
+    """--warmup 0: the loader's window starts with its first step (it was timed from perf_counter's
+    zero, which gave ~0 samples/s)."""
+    args = train_speed.parse_args(["--smoke", "--device", "cpu", "--data-backend", "baseline"])
+    args.warmup = 0  # --smoke sets 1
+    root = write_toy_shards(tmp_path / "shards", size=args.gen_size, num_videos=args.batch * args.steps,
+                            frames=args.frames)
+    start = time.perf_counter()
+    row = train_speed.time_loader(args, DistInfo(0, 0, 1, torch.device("cpu")), "fp32", root)
+    elapsed = time.perf_counter() - start
+    assert row["steps"] == args.steps
+    assert args.batch * row["steps"] / row["samples_per_s"] <= elapsed, row  # the window lies inside the call
+
+
+def test_data_with_no_step_past_the_warmup_is_refused(tmp_path):
+    """An epoch of --data no longer than --warmup leaves no timed step: refused before the rows."""
+    root = write_toy_shards(tmp_path / "shards", size="24x32", num_videos=8, frames=8)  # 2 steps of 4
+    with pytest.raises(UsageError, match="make 2 step\\(s\\) of --batch 4 an epoch, not more than --warmup 2"):
+        train_speed.main(["--device", "cpu", "--data", str(root), "--batch", "4", "--warmup", "2"])
 
 
 def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
