@@ -19,11 +19,9 @@ a rich table and one JSON line naming device and versions.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -32,10 +30,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import check_device, cpu_name, run_script, user_input, write_toy_shards  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ArgumentParser,
+    check_device,
+    header,
+    json_path,
+    non_negative_int,
+    parse_size,
+    positive_int,
+    run_script,
+    user_input,
+    write_toy_shards,
+)
+from cvtcl.errors import UsageError  # noqa: E402
+
+BACKENDS = ("baseline", "dali")  # for --backends
 
 FRAMES_PER_SAMPLE = 2 * 32  # stage 1: two copies of a 32-frame clip
 PAPER_SAMPLES_PER_S = 8 * 25  # 8 TITAN Xp at ~25 stage-1 samples/s each (docs/design.md)
@@ -64,26 +75,6 @@ def cpu_seconds() -> float:
         if p == me and pid != me:
             live += used
     return total + live
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU {cpu_name()} ({os.cpu_count()} cores)"
-
-
-def versions() -> dict:
-    import cv2
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "opencv": cv2.__version__}
-    try:
-        import nvidia.dali as dali
-
-        out["dali"] = dali.__version__
-    except ImportError:
-        out["dali"] = None
-    return out
 
 
 def run_loader(backend: str, args, root) -> dict:
@@ -152,24 +143,29 @@ def consumption(step_rate: float | None) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", help="packed dataset directory (default: write synthetic shards)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
-    parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--segments", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2, help="DALI CPU threads")
+    parser.add_argument("--frames", type=positive_int, default=32)
+    parser.add_argument("--crop", type=positive_int, default=128)
+    parser.add_argument("--segments", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--gen-size", default="240x320", help="HxW of synthetic frames")
-    parser.add_argument("--gen-videos", type=int, default=0, help="synthetic videos (default: enough for one pass)")
+    parser.add_argument("--gen-videos", type=non_negative_int, default=0,
+                        help="synthetic videos (default: enough for one pass)")
     parser.add_argument("--hw-decoder-load", type=float, default=0.65, help="share of JPEGs for the HW decoder")
     parser.add_argument("--step-rate", type=float, default=None, help="measured trainer samples/s on this GPU")
-    parser.add_argument("--backends", default="baseline,dali")
-    parser.add_argument("--json", help="also write the JSON line to this file")
+    parser.add_argument("--backends", default="baseline,dali", help=f"comma list of {', '.join(BACKENDS)}")
+    parser.add_argument("--json", type=json_path, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
+    parse_size(args.gen_size, "--gen-size")
+    backends = args.backends.split(",")
+    if not set(backends) <= set(BACKENDS) or len(set(backends)) < len(backends):
+        raise UsageError(f"--backends {args.backends}: a comma list of {' and/or '.join(BACKENDS)}, each once")
     check_device(args.device)  # the loaders would record torch's error and the report then raise it
     if args.shards is not None:
         from preprocess.schema import LayoutError, load_manifest
@@ -183,7 +179,7 @@ def main(argv=None) -> dict:
             root = write_toy_shards(Path(tmp) / "shards", size=args.gen_size, frames=args.frames,
                                     num_videos=args.gen_videos or args.batch * (args.steps + args.warmup))
         results = {}
-        for backend in args.backends.split(","):
+        for backend in backends:
             try:
                 results[backend] = run_loader(backend, args, root)
             except Exception as err:  # fail soft: report which loader failed and why, keep the other
@@ -199,7 +195,7 @@ def main(argv=None) -> dict:
             res["headroom_present_gpu"] = res["frames_per_s"] / need["present_gpu_frames_per_s"]
     ok = all("frames_per_s" in results.get(b, {}) for b in ("dali", "baseline"))
     report = {
-        "benchmark": "loader_speed", "device": device_name(args.device), "versions": versions(),
+        **header("loader_speed", args.device),
         "config": {k: v for k, v in vars(args).items() if k != "json"} | {"shards": str(args.shards or "synthetic")},
         "results": results, "consumption": need, "integrity_check": integrity,
         "ratio_dali_over_baseline": results["dali"]["frames_per_s"] / results["baseline"]["frames_per_s"] if ok else None,
