@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,7 +41,19 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_name, parse_size, peak_memory_bandwidth, profile_kernels  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ArgumentParser,
+    cpu_name,
+    header,
+    json_path,
+    non_negative_int,
+    parse_size,
+    peak_memory_bandwidth,
+    positive_int,
+    positive_ints,
+    profile_kernels,
+    run_script,
+)
 from cvtcl.capture import share_compile_threads  # noqa: E402
 from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.flow import make_backend  # noqa: E402
@@ -303,34 +314,31 @@ SKIPPABLE = ("pool", "torch-cpu", "eager-cuda")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128x171,240x320", help="HxW list")
-    ap.add_argument("--cpu-pairs", type=int, default=8, help="pairs for OpenCV (one worker) and torch CPU")
-    ap.add_argument("--pool-pairs", type=int, default=0, help="pairs for the OpenCV pool (default 4 per worker)")
-    ap.add_argument("--gpu-pairs", type=int, default=256, help="pairs for tvl1-torch on CUDA")
-    ap.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per batch (default: 4 CPU, 64 GPU)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="OpenCV pool size (default: all cores)")
+    ap.add_argument("--cpu-pairs", type=positive_int, default=8, help="pairs for OpenCV (one worker) and torch CPU")
+    ap.add_argument("--pool-pairs", type=non_negative_int, default=0,
+                    help="pairs for the OpenCV pool (default 4 per worker)")
+    ap.add_argument("--gpu-pairs", type=positive_int, default=256, help="pairs for tvl1-torch on CUDA")
+    ap.add_argument("--batch", type=positive_int, default=None,
+                    help="tvl1-torch pairs per batch (default: 4 CPU, 64 GPU)")
+    ap.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                    help="OpenCV pool size (default: all cores)")
     ap.add_argument("--compile", choices=("none", "cuda", "all"), default="cuda",
                     help="time the fast path (path=compiled) on these devices (inductor; minutes of warm-up on CPU)")
-    ap.add_argument("--gpu-processes", default="",
+    ap.add_argument("--gpu-processes", type=positive_ints, default=[],
                     help="comma list of flow workers per GPU to time side by side (e.g. 2,3): how many to run")
     ap.add_argument("--skip", default="", help=f"comma list of runs to leave out: {', '.join(SKIPPABLE)}")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA rows: one batch per mix under torch.profiler (top kernels, GPU busy fraction)")
-    ap.add_argument("--json", type=Path, default=None,
+    ap.add_argument("--json", type=json_path, default=None,
                     help="write the JSON record here, after every run (marked incomplete until the end)")
     args = ap.parse_args(argv)
-    try:
-        args.shapes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]  # (H, W) each
-    except UsageError as err:
-        ap.error(str(err))
+    args.shapes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]  # (H, W) each
     args.skip = set(filter(None, args.skip.split(",")))
     if args.skip - set(SKIPPABLE):
-        ap.error(f"--skip: unknown {', '.join(sorted(args.skip - set(SKIPPABLE)))}; choose from {', '.join(SKIPPABLE)}")
-    try:
-        args.gpu_processes = [int(k) for k in args.gpu_processes.split(",") if k]
-    except ValueError:
-        ap.error(f"--gpu-processes: a comma list of whole numbers, got {args.gpu_processes!r}")
+        raise UsageError(f"--skip: unknown {', '.join(sorted(args.skip - set(SKIPPABLE)))}; "
+                         f"choose from {', '.join(SKIPPABLE)}")
     return args
 
 
@@ -343,19 +351,18 @@ def publish(record: dict, rows: list[dict], path: Path | None, row: dict) -> Non
         write_json_atomic(path, {**record, "error": "incomplete: the run stopped before its end"})
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
     record = {
-        "benchmark": "flow_speed",
+        **header("flow_speed", "cuda" if cuda else "cpu"),  # the GPU's name, or the CPU's without one
         "cpu": cpu_name() or "unknown CPU", "cpu_count": os.cpu_count(), "workers": args.workers,
         "gpu": torch.cuda.get_device_name() if cuda else None, "gpus": gpus,
         "load_average_1min": os.getloadavg()[0],  # a shared machine slows the wall-clock rates
-        "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
         "batch": args.batch, "ucf101_pairs": UCF101_PAIRS, "results": []}
+    record["versions"]["opencv"] = cv2.__version__  # in use before the OpenCV rows run
     runs = plan_runs(args, cuda)
     skipped = skipped_gpu_rows(args, cuda)
     if skipped:  # said once more after the table, where the rows are missing
@@ -397,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(record))
     if args.json:
         write_json_atomic(args.json, record)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("flow_speed.py", main))

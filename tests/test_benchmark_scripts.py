@@ -68,9 +68,7 @@ def test_input_errors_are_one_line_and_exit_2(tmp_path, script, argv, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and message in lines[-1], proc.stderr[-2000:]
-    assert lines[-1].startswith(f"{script}: error: ")
-    if script != "flow_speed.py":  # argparse's error (flow_speed checks --sizes there) shows the usage first
-        assert len(lines) == 1, lines
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), lines
 
 
 @NO_CUDA

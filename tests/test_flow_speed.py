@@ -60,6 +60,26 @@ def test_a_failing_run_keeps_the_others(tmp_path, monkeypatch):
     assert record["error"] == "1 of 2 runs failed: opencv-tvl1 on cpu 1 proc (see their rows)"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--cpu-pairs", "0"], "argument --cpu-pairs: a whole number >= 1, got '0'"),
+    (["--cpu-pairs", "-2"], "argument --cpu-pairs: a whole number >= 1, got '-2'"),
+    (["--workers", "0"], "argument --workers: a whole number >= 1"),
+    (["--gpu-processes", "2,0"], "argument --gpu-processes: a whole number >= 1, got '0'"),
+    (["--gpu-processes", "two"], "argument --gpu-processes: a whole number >= 1, got 'two'"),
+    (["--json", "{tmp}/missing/flow_speed.json"], "the folder {tmp}/missing does not exist"),
+])
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, argv, message):
+    """A traceback, or an error row and exit 0 after the timing, before; a usage error (exit 2) now."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flow_speed
+
+    from cvtcl.errors import UsageError
+
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(UsageError, match=message.format(tmp=tmp_path)):
+        flow_speed.main(["--sizes", "24x32", *argv])
+
+
 def test_rows_that_judge_the_targets_run_first():
     """A time limit (gpu_check.sh's) stops the run after some rows: the default fast path and one
     OpenCV process, which every ratio and EPE against OpenCV needs, come before the others."""
