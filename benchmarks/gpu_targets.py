@@ -4,7 +4,10 @@ Reads the JSON files a check wrote (train_speed.json, train_speed_compiled.json,
 and prints, for each target of the training step and of flow extraction, the measured value, the
 target and PASS / FAIL / MISSING (MISSING: the check did not reach that row), then the fastest
 configurations, which set the defaults (`model.channels_last_3d`, `run.compile`, the batch, flow
-workers per GPU). Ratios are taken within one check run, on one device.
+workers per GPU). Ratios are taken on one device: files that name different devices are refused,
+and a ratio of rows from two files (train_speed.json's legacy row, train_speed_compiled.json's
+compiled one) says so. A run that stopped early left `NAME.partial.json` files (a committed
+run's name for them): read when `NAME.json` is missing, and said.
 
     python benchmarks/gpu_targets.py benchmarks/results/<date>-<device>          # a committed run
     python benchmarks/gpu_targets.py OUTDIR --json targets.json                  # also as JSON
@@ -12,11 +15,15 @@ workers per GPU). Ratios are taken within one check run, on one device.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.common import ArgumentParser, json_path, run_script  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 
 STEP_SAMPLES = 600  # stage-1 samples/s, bf16, S3D 32x128x128 (issue: a sync-free, graph-ready step)
 STEP_VS_LEGACY = 5.0  # x the old eager fp32 step of the same run
@@ -35,14 +42,31 @@ class Check:
     status: str  # PASS, FAIL, MISSING, INFO
 
 
-def _load(directory: Path, name: str) -> dict | None:
-    path = directory / f"{name}.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"gpu_targets: {path} is not JSON ({err}); the check may have stopped while writing it")
+def _load(directory: Path, name: str) -> tuple[dict | None, str | None]:
+    """-> (the record, its file name): NAME.json, else NAME.partial.json, else (None, None)."""
+    for file in (f"{name}.json", f"{name}.partial.json"):
+        path = directory / file
+        if path.is_file():
+            try:
+                return json.loads(path.read_text()), file
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path} is not JSON ({err}); the check may have stopped while writing it") from None
+    return None, None
+
+
+def _device(record: dict) -> str | None:
+    """The device a file names: every script's "device"; an older flow_speed.json's GPU, else its CPU."""
+    return record.get("device") or record.get("gpu") or record.get("cpu")
+
+
+def one_device(directory: Path, records: dict[str, dict]) -> str:
+    """The one device the files (by name) were measured on; files naming different ones are refused:
+    a ratio of rows from two devices would claim what neither measured."""
+    named = {file: _device(record) for file, record in records.items() if _device(record)}
+    if len(set(named.values())) > 1:
+        raise UsageError(f"{directory}: the files name different devices ({'; '.join(f'{f}: {d}' for f, d in named.items())}); "
+                         "targets are judged on one device: give the folder of one gpu_check.sh run")
+    return next(iter(named.values()), "unknown device")
 
 
 def _measured(rows: list[dict]) -> list[dict]:
@@ -65,11 +89,14 @@ def step_checks(train: dict | None, compiled: dict | None) -> tuple[list[Check],
     best1 = max(stage1, key=lambda r: r["samples_per_s"], default=None)
     best2 = max(stage2, key=lambda r: r["samples_per_s"], default=None)
     at_16 = max((r for r in stage1 if r.get("batch") == 16), key=lambda r: r["samples_per_s"], default=None)
+    in_train = [id(r) for r in (train or {}).get("results", [])]
+    # one_device has checked the two files name one device; still not one run, side by side
+    two_files = bool(best1 and legacy) and (id(best1) in in_train) != (id(legacy) in in_train)
     checks = [
         _compare("step: stage 1 bf16, best row (samples/s)", best1 and best1["samples_per_s"], STEP_SAMPLES),
         _compare("step: stage 1 bf16 at batch 16 (samples/s)", at_16 and at_16["samples_per_s"], STEP_SAMPLES),
-        _compare("step: best stage 1 / legacy fp32", best1 and legacy and best1["samples_per_s"] / legacy["samples_per_s"],
-                 STEP_VS_LEGACY, "x", ".2f"),
+        _compare("step: best stage 1 / legacy fp32" + (" (rows of two files, one device; not one run)" if two_files else ""),
+                 best1 and legacy and best1["samples_per_s"] / legacy["samples_per_s"], STEP_VS_LEGACY, "x", ".2f"),
         _compare("step: stage 2 (cotrain), best row (samples/s)", best2 and best2["samples_per_s"], COTRAIN_SAMPLES),
     ]
     on_cpu = (train or {}).get("device_type") == "cpu"  # the script's CPU smoke run: graphs are CUDA-only
@@ -151,29 +178,34 @@ def flow_checks(flow: dict | None) -> tuple[list[Check], dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="where gpu_check.sh wrote its JSON files")
-    parser.add_argument("--json", type=Path, default=None, help="also write the checks here")
+    parser.add_argument("--json", type=json_path, default=None, help="also write the checks here")
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
-        raise SystemExit(f"gpu_targets: {args.directory} is not a directory (give the OUTDIR of gpu_check.sh)")
-    train, compiled, flow = (_load(args.directory, n) for n in ("train_speed", "train_speed_compiled", "flow_speed"))
-    if train is None and compiled is None and flow is None:
-        raise SystemExit(f"gpu_targets: no train_speed.json, train_speed_compiled.json or flow_speed.json in {args.directory}")
-    device = next((d.get("device") or d.get("gpu") for d in (train, compiled, flow) if d), "unknown device")
+        raise UsageError(f"{args.directory} is not a directory (give the OUTDIR of gpu_check.sh)")
+    loaded = [_load(args.directory, n) for n in ("train_speed", "train_speed_compiled", "flow_speed")]
+    (train, _), (compiled, _), (flow, _) = loaded
+    records = {file: record for record, file in loaded if record is not None}
+    if not records:
+        raise UsageError(f"no train_speed.json, train_speed_compiled.json or flow_speed.json in {args.directory}")
+    device = one_device(args.directory, records)
+    partial = [file for file in records if file.endswith(".partial.json")]
     step, best_step = step_checks(train, compiled)
     flows, best_flow = flow_checks(flow)
     checks = step + flows
     width = max(len(c.target) for c in checks)
     print(f"targets on {device} ({args.directory})")
+    if partial:
+        print(f"  a partial run: {', '.join(partial)} (the check stopped before their end; what it reached is below)")
     for c in checks:
         print(f"  {c.status:7} {c.target:{width}}  {c.value:>12}  (target {c.goal})")
     print("fastest:", json.dumps(best_step | best_flow))
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "checks": [asdict(c) for c in checks],
+        args.json.write_text(json.dumps({"device": device, "partial": partial, "checks": [asdict(c) for c in checks],
                                          "fastest": best_step | best_flow}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("gpu_targets.py", main))

@@ -9,6 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_targets  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _row(variant, samples, stage="instance", amp="bf16", compile_setting="graph", batch=16, **extra):
@@ -25,11 +28,12 @@ def _flow_row(device, cuts, no_cuts=None, speedup=None, epe=0.01, backend="tvl1-
     return {"size": "240x320", "backend": backend, "device": device, "no cuts": mix(no_cuts or 2 * cuts), "cuts": mix(cuts)}
 
 
-def _write(directory, train=None, compiled=None, flow=None):
+def _write(directory, train=None, compiled=None, flow=None, devices=()):
+    """The files of a check run; `devices`: {name: device} where a file names another than an H200."""
     for name, rows in (("train_speed", train), ("train_speed_compiled", compiled), ("flow_speed", flow)):
         if rows is not None:
-            (directory / f"{name}.json").write_text(json.dumps({"device": "NVIDIA H200", "gpu": "NVIDIA H200",
-                                                                "results": rows}))
+            device = dict(devices).get(name, "NVIDIA H200")
+            (directory / f"{name}.json").write_text(json.dumps({"device": device, "gpu": device, "results": rows}))
 
 
 def _statuses(directory, capsys):
@@ -93,10 +97,50 @@ def test_a_cpu_smoke_run_reports_graph_rows_as_missing_not_failed(tmp_path, caps
 
 
 def test_a_directory_without_results_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="no train_speed.json"):
+    with pytest.raises(UsageError, match="no train_speed.json"):
         gpu_targets.main([str(tmp_path)])
-    with pytest.raises(SystemExit, match="is not a directory"):
+    with pytest.raises(UsageError, match="is not a directory"):
         gpu_targets.main([str(tmp_path / "missing")])
+    with pytest.raises(UsageError, match="the folder .*missing does not exist"):  # before reading anything
+        gpu_targets.main([str(tmp_path), "--json", str(tmp_path / "missing" / "targets.json")])
+
+
+def test_files_of_two_devices_are_not_mixed(tmp_path, capsys):
+    """The legacy row of one GPU against the compiled row of another is no speed-up: refused,
+    naming each file's device (crafted files naming an H100 and an H200 printed PASS)."""
+    _write(tmp_path, train=[_row("legacy fp32 (old eager step)", 110, amp="fp32", compile_setting="none")],
+           compiled=[_row("bf16 compile=step", 700, compile_setting="step")],
+           devices={"train_speed": "NVIDIA H100 80GB HBM3"})
+    with pytest.raises(UsageError, match="name different devices \\(train_speed.json: NVIDIA H100 80GB HBM3; "
+                                         "train_speed_compiled.json: NVIDIA H200\\)"):
+        gpu_targets.main([str(tmp_path)])
+    # the same device: the ratio stands, and says that its rows come from two files, not one run
+    _write(tmp_path, train=[_row("legacy fp32 (old eager step)", 110, amp="fp32", compile_setting="none")],
+           compiled=[_row("bf16 compile=step", 700, compile_setting="step")])
+    statuses, _, out = _statuses(tmp_path, capsys)
+    assert statuses["step: best stage 1 / legacy fp32 (rows of two files, one device; not one run)"] == "PASS"
+
+
+def test_a_cpu_only_flow_run_names_its_cpu(tmp_path, capsys):
+    """flow_speed.json of a machine without a GPU ("gpu": null) printed 'targets on None'."""
+    record = {"gpu": None, "cpu": "AMD EPYC", "results": [_flow_row("cpu 1 proc", 0.46, speedup=1.0, backend="opencv-tvl1")]}
+    (tmp_path / "flow_speed.json").write_text(json.dumps(record))
+    _, checks, out = _statuses(tmp_path, capsys)
+    assert out.startswith("targets on AMD EPYC (") and checks["device"] == "AMD EPYC"
+    (tmp_path / "flow_speed.json").write_text(json.dumps(record | {"cpu": None}))
+    _, checks, out = _statuses(tmp_path, capsys)
+    assert out.startswith("targets on unknown device (")
+
+
+def test_a_committed_partial_run_is_read_and_said_partial(tmp_path, capsys):
+    """The docstring's example: a committed folder whose check timed out holds *.partial.json (exit 1 before)."""
+    folder = ROOT / "benchmarks" / "results" / "2026-11-26-h100-80gb-hbm3"
+    assert gpu_targets.main([str(folder), "--json", str(tmp_path / "targets.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("targets on NVIDIA H100 80GB HBM3 (")
+    assert "a partial run: train_speed.partial.json, flow_speed.partial.json" in out
+    assert json.loads((tmp_path / "targets.json").read_text())["partial"] == ["train_speed.partial.json",
+                                                                            "flow_speed.partial.json"]
 
 
 def test_kernel_summaries_and_the_flow_profile_line(tmp_path, capsys):
