@@ -13,9 +13,7 @@ baseline (besides chance): what mining gets without any training.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -24,9 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import run_script, user_input  # noqa: E402
+from benchmarks.common import ArgumentParser, header, positive_int, run_script, user_input  # noqa: E402
 from cvtcl.checkpoint import load_encoder  # noqa: E402
 from cvtcl.data import build_eval_loader  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from cvtcl.mining import chance_precision, mine_topk, mining_precision, source_mask  # noqa: E402
 from cvtcl.models import Encoder  # noqa: E402
 
@@ -62,23 +61,25 @@ def mine(embeddings: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="sampler checkpoints (their query encoder is used)")
     parser.add_argument("--data", required=True, help="dataset directory (manifest.json + shards)")
     parser.add_argument("--subset", default="train", help="split-1 subset to mine in (stage 2 trains on train)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per window")
-    parser.add_argument("--crop", type=int, default=32, help="centre-crop size the encoder sees")
-    parser.add_argument("--topk", type=int, default=5, help="positives mined per video (paper: 5)")
+    parser.add_argument("--frames", type=positive_int, default=16, help="frames per window")
+    parser.add_argument("--crop", type=positive_int, default=32, help="centre-crop size the encoder sees")
+    parser.add_argument("--topk", type=positive_int, default=5, help="positives mined per video (paper: 5)")
     parser.add_argument("--features", action="store_true", help="mine with backbone features, not the head")
     parser.add_argument("--backend", default="dali", choices=("dali", "baseline"))
     args = parser.parse_args(argv)
     from preprocess.schema import LayoutError, load_manifest
 
     with user_input(FileNotFoundError, LayoutError):  # each says what the path must hold
-        load_manifest(args.data)
+        subsets = load_manifest(args.data).splits.get("1", {})
         for path in args.checkpoints:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint-*.pt file from a run directory")
+    if args.subset not in subsets:
+        raise UsageError(f"--subset {args.subset}: split 1 of {args.data} has the subsets {', '.join(sorted(subsets))}")
     torch.set_num_threads(1)
     rows, loaders = [], {}  # one loader per modality
     for path in args.checkpoints:
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sampler':<70} {'precision':>9} {'chance':>7}")
     for row in rows:
         print(f"{row['sampler'][-70:]:<70} {row['precision']:9.3f} {row['chance']:7.3f}")
-    print(json.dumps({"benchmark": "mining_quality", "device": f"cpu ({platform.processor() or platform.machine()})",
-                      "torch": torch.__version__, "topk": args.topk, "subset": args.subset, "rows": rows}))
+    print(json.dumps({**header("mining_quality", "cpu"), "topk": args.topk, "subset": args.subset, "rows": rows}))
     return 0
 
 

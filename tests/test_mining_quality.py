@@ -4,13 +4,16 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import mining_quality  # noqa: E402
+from benchmarks.common import write_toy_shards  # noqa: E402
 from cvtcl.checkpoint import save_checkpoint  # noqa: E402
+from cvtcl.errors import UsageError  # noqa: E402
 from cvtcl.models import Encoder  # noqa: E402
 from cvtcl.moco import MomentumContrast  # noqa: E402
 from trainer_fakes import one_thread  # noqa: E402, F401 (autouse fixture)
@@ -36,4 +39,20 @@ def test_command_line_on_the_synthetic_shards(synthetic_dataset, tmp_path, capsy
     assert mining_quality.main([str(path), "--data", str(synthetic_dataset), "--frames", "8", "--topk", "1"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["sampler"] for r in record["rows"]] == [str(path), "untrained flow"]
+    assert record["device"].startswith("CPU ") and record["versions"]["torch"] == torch.__version__
     assert all(0.0 <= r["precision"] <= 1.0 for r in record["rows"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topk", "0"], "argument --topk: a whole number >= 1, got '0'"),  # was NaN, and NaN in the JSON line
+    (["--topk", "-1"], "argument --topk: a whole number >= 1, got '-1'"),
+    (["--crop", "0"], "argument --crop: a whole number >= 1"),
+    (["--frames", "0"], "argument --frames: a whole number >= 1"),  # was a numpy traceback
+    (["--subset", "foo"], "--subset foo: split 1 of .* has the subsets test, train"),  # was a KeyError traceback
+])
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, argv, message):
+    root = write_toy_shards(tmp_path / "shards", size="24x32", num_videos=2, frames=4)
+    checkpoint = tmp_path / "checkpoint-1.pt"
+    checkpoint.touch()  # not read: the flags are refused first
+    with pytest.raises(UsageError, match=message):
+        mining_quality.main([str(checkpoint), "--data", str(root), *argv])
