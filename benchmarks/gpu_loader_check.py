@@ -8,13 +8,14 @@ the same plans: pretraining (rgb + flow, spread segments, colour off and on) and
 evaluation. nvJPEG (and the hardware decoder) may round differently from libjpeg-turbo, so the
 check is a tolerance in 8-bit levels: mean <= 1.5 and max <= 16 (colour off), flow-x sign
 flips exact on the GPU as well. decoder-sweep: DALI loader frames/s at each `hw_decoder_load`
-(the share of JPEGs sent to the A100/H100 hardware JPEG decoder; the rest go to CUDA nvJPEG).
-With --device cpu both run in DALI's CPU-only mode (a smoke run on machines without a GPU).
+(the share of JPEGs sent to the A100/H100 hardware JPEG decoder; the rest go to CUDA nvJPEG):
+each load's `wall_s` is loader_speed's timed window, its `call_s` the whole loader_speed run at
+that load (pipeline build, warm-up, integrity check). With --device cpu both run in DALI's CPU-only
+mode (a smoke run on machines without a GPU). Both name the device and versions in their JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -25,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import write_toy_shards  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ArgumentParser,
+    header,
+    json_path,
+    parse_size,
+    positive_int,
+    run_script,
+    write_toy_shards,
+)
 from preprocess.schema import write_json_atomic  # noqa: E402
 
 LEVELS = {"rgb": 0.225 * 255, "flow": 128.0}  # normalised units -> 8-bit levels
@@ -41,7 +50,7 @@ def parity(args) -> dict:
     from dali_pipelines.toy_shards import write_toy_dataset
 
     h, w = (int(v) for v in args.size.split("x"))
-    out = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "checks": {}}
+    out = {**header("gpu_loader_check", args.device), "checks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = write_toy_dataset(Path(tmp), num_videos=6, num_frames=args.frames + 4, height=h, width=w,
                                  num_static=1, quality=90)
@@ -93,22 +102,24 @@ def decoder_sweep(args) -> dict:
                     "--hw-decoder-load", str(load), "--workers", "2", "--threads", "4"]
             t0 = time.perf_counter()
             report = loader_speed.main(argv)
-            results.append({"hw_decoder_load": load, "wall_s": time.perf_counter() - t0, **report["results"]["dali"]})
-    return {"device": report["device"], "versions": report["versions"], "sweep": results}
+            # the loader's `wall_s` is its timed window; `call_s` the whole run at this load
+            results.append({"hw_decoder_load": load, "call_s": time.perf_counter() - t0, **report["results"]["dali"]})
+    return {"benchmark": "gpu_loader_check", "device": report["device"], "versions": report["versions"], "sweep": results}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("check", choices=("parity", "decoder-sweep"))
-    parser.add_argument("out", help="JSON file to write")
+    parser.add_argument("out", type=json_path, help="JSON file to write")
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     parser.add_argument("--size", default="240x320", help="HxW of the synthetic frames")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--crop", type=int, default=112)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--frames", type=positive_int, default=16)
+    parser.add_argument("--crop", type=positive_int, default=112)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--loads", default="0,0.25,0.5,0.75,1")
     args = parser.parse_args(argv)
+    parse_size(args.size, "--size")
     started = time.time()
     try:
         result = parity(args) if args.check == "parity" else decoder_sweep(args)
@@ -117,7 +128,8 @@ def main(argv=None) -> None:
     result.update(check=args.check, seconds=time.time() - started)
     write_json_atomic(args.out, result)
     print(json.dumps(result, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("gpu_loader_check.py", main))

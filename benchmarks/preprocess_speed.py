@@ -25,11 +25,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import check_device, cpu_name, parse_size, run_script, user_input  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ArgumentParser,
+    check_device,
+    cpu_name,
+    parse_size,
+    positive_int,
+    run_script,
+    user_input,
+)
 from cvtcl.errors import UsageError  # noqa: E402
 from preprocess.datasets import SourceVideo  # noqa: E402
 from preprocess.flow import encode_flow, make_backend  # noqa: E402
-from preprocess.pack import PackOptions, encode_video  # noqa: E402
+from preprocess.pack import ConfigError, PackOptions, encode_video  # noqa: E402
 from preprocess.synthetic import (  # noqa: E402
     PROFILES,
     SyntheticConfig,
@@ -80,16 +88,16 @@ def machine() -> dict:
             "load_average_1min": os.getloadavg()[0]}  # a shared machine slows the wall-clock rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64x80,240x320", help="HxW list (64x80: synthetic; 240x320: UCF101)")
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=2, help="timed calls per measurement")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--flow", default="tvl1")
     parser.add_argument("--flow-device", default=None)
-    parser.add_argument("--flow-batch", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--flow-batch", type=positive_int, default=None)
+    args = parser.parse_args(argv)
     args.flow_options = {k: v for k, v in (("device", args.flow_device), ("batch", args.flow_batch)) if v is not None}
     sizes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]
     if args.flow_device is not None:
@@ -100,6 +108,10 @@ def main() -> None:
     except TypeError as err:  # an option this backend does not take (OpenCV's has no device)
         flags = [f"--flow-{k}" for k in args.flow_options if f"'{k}'" in str(err)] or ["--flow-device/--flow-batch"]
         raise UsageError(f"--flow {args.flow} takes no {' or '.join(flags)}; leave it out for this backend") from None
+    with user_input(ValueError, ConfigError):  # the generator's and the packer's checks: --frames, --jpeg-quality
+        PackOptions(out="-", jpeg_quality=args.jpeg_quality, flow=args.flow, flow_options=args.flow_options)
+        for height, width in sizes:
+            SyntheticConfig(frames=args.frames, height=height, width=width)
     cv2.setNumThreads(1)
 
     results = []

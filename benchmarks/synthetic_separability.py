@@ -9,7 +9,9 @@ R@1 (split-1 test queries against the train gallery, cosine) for:
   speed_profile  mean speed of moving pixels per frame [T-1]  (temporal structure: well above chance)
   quarter_fields the flow field averaged over each quarter of the clip
 
-    python benchmarks/synthetic_separability.py [--classes 5] [--videos-per-class 40]
+    python benchmarks/synthetic_separability.py [--classes 5] [--videos-per-class 40] [--clips-per-group 4]
+
+Prints R@1 per feature and one JSON line naming the device (the CPU: numpy and OpenCV) and versions.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import run_script, user_input  # noqa: E402
+from benchmarks.common import ArgumentParser, header, positive_int, run_script, user_input  # noqa: E402
 from preprocess.datasets import index_ucf101  # noqa: E402
 from preprocess.synthetic import SyntheticConfig, generate_raw  # noqa: E402
 from preprocess.video import read_video  # noqa: E402
@@ -54,14 +56,17 @@ def recall_at_1(gallery: np.ndarray, queries: np.ndarray, g_labels, q_labels, st
     return float(np.mean(np.asarray(g_labels)[nearest] == np.asarray(q_labels)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--videos-per-class", type=int, default=40)
+    parser.add_argument("--clips-per-group", type=positive_int, default=4,
+                        help="clips cut from one source recording (its own group, never its own neighbour)")
     parser.add_argument("--seed", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with user_input(ValueError):  # the config's checks name the flag to change
-        config = SyntheticConfig(classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed)
+        config = SyntheticConfig(classes=args.classes, videos_per_class=args.videos_per_class,
+                                 clips_per_group=args.clips_per_group, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         index = index_ucf101(generate_raw(config, tmp))
         feats = {v.name: features(v.path) for v in index.videos}
@@ -73,7 +78,7 @@ def main() -> None:
         results[kind] = recall_at_1(gallery, queries, [label[n] for n in train], [label[n] for n in test], kind == "avg_stats")
     for kind, value in results.items():
         print(f"{kind:>15}  R@1 {value:.2f}")
-    print(json.dumps({"benchmark": "synthetic_separability", "config": vars(args), "train": len(train),
+    print(json.dumps({**header("synthetic_separability", "cpu"), "config": vars(args), "train": len(train),
                       "test": len(test), "r_at_1": results}))
 
 

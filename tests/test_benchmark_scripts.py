@@ -4,8 +4,10 @@ the test's own venv has the project installed in editable mode, which would hide
 only imports because of it, so each script runs as `python benchmarks/x.py` would, with the
 editable install's import hook removed first."""
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +60,16 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is
     ("preprocess_speed.py", ["--sizes", "16by20"], "--sizes: sizes are HxW"),
     ("preprocess_speed.py", ["--flow", "tvl1", "--flow-device", "cpu"], "--flow tvl1 takes no --flow-device"),
     ("flow_speed.py", ["--sizes", "16by20"], "--sizes: sizes are HxW"),
+    # counts and sizes out of range, a --json whose folder is missing: refused at parsing
+    ("train_speed.py", ["--variants", "fp32,foo"], "--variants: unknown 'foo'"),
+    ("loader_speed.py", ["--device", "cpu", "--batch", "0"], "argument --batch: a whole number >= 1, got '0'"),
+    ("flow_speed.py", ["--cpu-pairs", "0"], "argument --cpu-pairs: a whole number >= 1, got '0'"),
+    ("preprocess_speed.py", ["--repeats", "0"], "argument --repeats: a whole number >= 1, got '0'"),
+    ("preprocess_speed.py", ["--frames", "3"], "--frames must be >= 4"),
+    ("preprocess_speed.py", ["--jpeg-quality", "0"], "--jpeg-quality must be 1..100, got 0"),
+    ("gpu_targets.py", ["{tmp}", "--json", "{tmp}/missing/targets.json"], "/missing does not exist"),
+    ("schedule_check.py", ["--device", "cpu", "--json", "{tmp}/missing/schedule.json"], "/missing does not exist"),
+    ("gpu_loader_check.py", ["parity", "{tmp}/missing/parity.json", "--device", "cpu"], "/missing does not exist"),
 ])
 def test_input_errors_are_one_line_and_exit_2(tmp_path, script, argv, message):
     """Input the user can fix (a GPU this machine lacks, a flag out of range, a path that is not a
@@ -80,3 +92,75 @@ def test_a_check_that_records_its_error_still_does(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--device cuda: torch" in json.loads(out.read_text())["error"]
+
+
+def _script(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_synthetic_separability_names_only_its_own_flags():
+    """Its error told the user to lower --clips-per-group, a flag it did not have."""
+    from cvtcl.errors import UsageError
+
+    script = _script("synthetic_separability")
+    with pytest.raises(UsageError, match="raise --videos-per-class or lower --clips-per-group") as err:
+        script.main(["--classes", "3", "--videos-per-class", "4", "--clips-per-group", "4"])
+    help_text = subprocess.run([sys.executable, "benchmarks/synthetic_separability.py", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120).stdout
+    assert all(flag in help_text for flag in re.findall(r"--[a-z-]+", str(err.value)))
+
+
+def test_schedule_check_prints_one_json_line_naming_device_and_versions(tmp_path, monkeypatch, capsys):
+    """It printed a Python dict (not JSON) with "device" as passed (auto) and no versions. The
+    schedule itself is stood in for: a run that completed nothing."""
+    from benchmarks.common import device_name
+
+    script = _script("schedule_check")
+    monkeypatch.setattr(script, "train", lambda argv: 1)
+    assert script.main(["--device", "auto", "--json", str(tmp_path / "schedule.json")]) == 1
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == json.loads((tmp_path / "schedule.json").read_text())
+    assert line["device"] == device_name("cuda" if torch.cuda.is_available() else "cpu")
+    assert line["versions"]["torch"] == torch.__version__ and "error" in line
+
+
+def test_loader_parity_names_device_and_versions(tmp_path, monkeypatch):
+    """parity wrote "device": "cpu" and no versions. Stand-in loaders (equal zeros) replace DALI's."""
+    import cvtcl.data
+    import dali_pipelines.toy_shards
+    from benchmarks.common import device_name
+
+    class Loader:
+        def epoch(self, epoch):
+            return [{key: torch.zeros(1, 2, 3, 2, 4, 4) for key in ("rgb", "flow", "rgb_segments", "flow_segments")}]
+
+        def __iter__(self):
+            return iter([{key: torch.zeros(1, 10, 3, 2, 4, 4) for key in ("rgb", "flow")}])
+
+    monkeypatch.setattr(cvtcl.data, "build_pretrain_loader", lambda *args, **kwargs: Loader())
+    monkeypatch.setattr(cvtcl.data, "build_eval_loader", lambda *args, **kwargs: Loader())
+    monkeypatch.setattr(dali_pipelines.toy_shards, "write_toy_dataset", lambda root, **kwargs: root)
+    out = tmp_path / "parity.json"
+    assert _script("gpu_loader_check").main(["parity", str(out), "--device", "cpu"]) == 0
+    record = json.loads(out.read_text())
+    assert record["ok"] and record["device"] == device_name("cpu") and record["versions"]["torch"] == torch.__version__
+
+
+def test_decoder_sweep_keeps_the_loaders_window_and_its_own_wall_time(tmp_path, monkeypatch):
+    """Each load's wall time of the whole loader_speed run was overwritten by the loader's timed
+    window (both were `wall_s`). A stand-in loader_speed reports a window of 0.125 s."""
+    import time
+
+    script, loader_speed = _script("gpu_loader_check"), _script("loader_speed")
+
+    def main(argv):
+        time.sleep(0.2)
+        return {"device": "CPU stand-in", "versions": {}, "results": {"dali": {"frames_per_s": 1.0, "wall_s": 0.125}}}
+
+    monkeypatch.setattr(loader_speed, "main", main)
+    monkeypatch.setattr(script, "write_toy_shards", lambda root, **kwargs: root)
+    out = tmp_path / "sweep.json"
+    assert script.main(["decoder-sweep", str(out), "--device", "cpu", "--loads", "0,1"]) == 0
+    sweep = json.loads(out.read_text())["sweep"]
+    assert [row["wall_s"] for row in sweep] == [0.125, 0.125] and all(row["call_s"] >= 0.2 for row in sweep)
