@@ -47,10 +47,16 @@ def clip_name(youtube_id: str, start: int, end: int) -> str:
 
 
 def _find_videos(root: Path) -> dict[str, str]:
-    """stem -> path of every video file below `root` (a clip found twice: see the module docstring)."""
+    """stem -> path of every video file below `root` (a clip found twice: see the module docstring).
+    Linked folders are searched too (a download linked into the tree), each real folder once."""
     found: dict[str, str] = {}
     replacements: dict[str, str] = {}
-    for folder, dirs, files in os.walk(root):
+    searched: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        if (real := os.path.realpath(folder)) in searched:  # a link back up the tree, or two links to one folder
+            dirs.clear()
+            continue
+        searched.add(real)
         dirs.sort()
         chosen = replacements if "replacement" in Path(folder).relative_to(root).as_posix() else found
         for name in sorted(files):
@@ -62,7 +68,7 @@ def _find_videos(root: Path) -> dict[str, str]:
 
 def _read_csv(path: Path, subset: str) -> list[tuple[str, str | None]]:
     """(clip name, label or None) per row of one official CSV; a missing column names the file."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Excel, pandas) is no header
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         needed = COLUMNS + (() if subset == "test" else ("label",))
@@ -117,6 +123,11 @@ def index_kinetics400(root: str | Path, annotations: str | Path) -> DatasetIndex
             path = found.get(name, str(root / f"{name}{VIDEO_SUFFIXES[0]}"))
             videos[name] = SourceVideo(name, path, label, label_of[label], name)
             members[subset].append(name)
+    if videos and not any(name in found for name in videos):  # a wrong or unmounted --root: not a run of failures
+        example = next(iter(videos))
+        raise DatasetError(f"none of the {len(videos)} labelled clips the CSVs list is under --root {root} (such as "
+                           f"{example}{VIDEO_SUFFIXES[0]}, in any folder below it); check the path, or that the "
+                           "download is mounted on this machine")
     del found  # 300 k paths: not needed past this point
     splits = {
         "1": {"train": sorted(members["train"]), "test": sorted(members["validate"])},

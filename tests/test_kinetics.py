@@ -57,6 +57,33 @@ def test_a_clip_found_twice_resolves_to_the_replacement(tree, tmp_path):
     assert index_kinetics400(copy, annotations).videos[1].path == str(copy / "a_duplicates" / f"{other}.mkv")
 
 
+def test_linked_folders_are_searched_and_a_root_without_the_clips_is_refused(tree, tmp_path):
+    """A download linked into --root was not searched (every clip under it 'missing'), and a wrong
+    or unmounted --root packed an empty dataset with exit 3, which batch recipes count as done."""
+    root, annotations = tree
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for folder in ("train", "validate"):
+        (linked / folder).symlink_to(root / folder)
+    (linked / "back").symlink_to(linked)  # a link back up the tree: searched once
+    assert [(v.name, v.label) for v in index_kinetics400(linked, annotations).videos] == [
+        (v.name, v.label) for v in index_kinetics400(root, annotations).videos]
+    assert "/linked/train/" in next(v.path for v in index_kinetics400(linked, annotations).videos
+                                     if v.name.startswith("abs100"))
+    (tmp_path / "unmounted").mkdir()
+    with pytest.raises(DatasetError, match=r"none of the 17 labelled clips the CSVs list is under --root .*unmounted "
+                                           r"\(such as \w+\.mp4, in any folder below it\); check the path"):
+        index_kinetics400(tmp_path / "unmounted", annotations)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_without(tree, tmp_path):
+    """Excel and pandas' utf-8-sig put one first: the header's first column was '\ufefflabel'."""
+    root, annotations = tree
+    copy = shutil.copytree(annotations, tmp_path / "ann")
+    (copy / "train.csv").write_bytes(b"\xef\xbb\xbf" + (annotations / "train.csv").read_bytes())
+    assert index_kinetics400(root, copy).splits == index_kinetics400(root, annotations).splits
+
+
 def test_missing_annotations_and_columns_are_named(tree, tmp_path):
     root, annotations = tree
     copy = tmp_path / "ann"
