@@ -53,6 +53,10 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
     videos = split.get(config.data.subset)
     if videos is None:
         raise KeyError(f"{root}: no split {config.data.split!r} subset {config.data.subset!r}; set data.split/data.subset")
+    if not videos:  # e.g. Kinetics' official test subset: its rows have no labels, nothing is packed
+        there = "; ".join(f"{k}: {', '.join(f'{s} ({len(n)})' for s, n in v.items())}" for k, v in manifest.splits.items())
+        raise ValueError(f"{root}: split {config.data.split} subset {config.data.subset} has no videos; choose another "
+                         f"data.split / data.subset (there: {there})")
     if len(videos) < global_batch:
         raise ValueError(
             f"{root}: split {config.data.split} {config.data.subset} has {len(videos)} videos, fewer than one "

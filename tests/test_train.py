@@ -141,6 +141,9 @@ def flip_index_byte(shard: Path) -> None:
     (["run.expect_world_size=8"], ValueError, "laid out for 8 processes, got WORLD_SIZE=1"),
     (["stage.modality=flow", "data.root={single}"], LayoutError, r"single: 1 video\(s\) of a single frame have no "
                                                                  r"flow \(first: v_class1_g03_c01\); re-run"),
+    (["data.subset=validate", "data.root={empty_subset}"], ValueError,
+     r"split 1 subset validate has no videos; choose another data.split / data.subset \(there: 1: test \(4\), "
+     r"train \(16\), validate \(0\)\)"),
     (["loss.bn_groups=5"], ValueError, "loss.bn_groups=5 is more than data.batch_size=4: .*lower loss.bn_groups"),
     (["data.batch_size=32", "loss.queue_size=64"], ValueError, "fewer than one global batch"),
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
@@ -156,12 +159,17 @@ def test_errors_before_any_work(dataset, tmp_path, extra, error, message):
     missing = make_dataset(tmp_path / "missing", num_videos=4)
     (missing / "shard-00000.h5").unlink()
     damaged = make_dataset(tmp_path / "damaged")
+    empty_subset = make_dataset(tmp_path / "empty-subset")
+    manifest = json.loads((empty_subset / "manifest.json").read_text())
+    manifest["splits"]["1"]["validate"] = []
+    (empty_subset / "manifest.json").write_text(json.dumps(manifest))
     single = write_toy_dataset(tmp_path / "single", num_videos=8, num_short=1, short_frames=1, height=16, width=16)
     flip_index_byte(damaged / "shard-00000.h5")
     (tmp_path / "text.pt").write_text("this is not a checkpoint\n")
     save_atomic(tmp_path / "flow.pt", {"step": 1, "encoder": Encoder("flow", "tiny", embed_dim=8).config()})
     paths = {"nofl": nofl, "missing": missing, "nowhere": tmp_path / "nowhere", "damaged": damaged,
-             "text": tmp_path / "text.pt", "single": single, "flow": tmp_path / "flow.pt", "tmp": tmp_path}
+             "text": tmp_path / "text.pt", "single": single, "empty_subset": empty_subset,
+             "flow": tmp_path / "flow.pt", "tmp": tmp_path}
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
         main(_args(dataset, out, *[e.format(**paths) for e in extra]), build_loader=_never_called)
