@@ -23,7 +23,7 @@ def test_every_window_once_in_order(root):
     assert batches[0]["rgb"].shape == (3, 1, 3, 8, 16, 16)
     assert batches[-1]["rgb"].shape[0] == len(expected) - 3 * (len(batches) - 1)
     again = list(loader)  # a second pass gives the same batches
-    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(batches, again))
+    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(batches, again, strict=True))
 
 
 @pytest.mark.parametrize("modality", ["rgb", "flow"])
@@ -31,7 +31,8 @@ def test_ten_crop_flips_and_baseline_agreement(root, modality):
     dali = list(build_eval_loader(root, modality=modality, crops="ten", **KW))
     base = list(build_eval_loader(root, modality=modality, crops="ten", backend="baseline", **KW))
     scale = 0.225 * 255 if modality == "rgb" else 128
-    for a, b in zip(dali, base):
+    assert sum(len(b["label"]) for b in dali) == len(eval_windows(build_eval_loader(root, **KW).videos, 8, 8))
+    for a, b in zip(dali, base, strict=True):
         x = a[modality]  # [B, 10, C, T, H, W]
         assert x.shape[1] == 10
         mirrored = x[:, :5].flip(-1)
@@ -61,7 +62,7 @@ def test_videos_selects_those_videos_in_the_given_order(root, backend):
     full_index, full_rgb = torch.cat([b["video_index"] for b in whole]), torch.cat([b["rgb"] for b in whole])
     expected = torch.cat([full_rgb[full_index == 2], full_rgb[full_index == 0]])
     assert torch.equal(torch.cat([b["rgb"] for b in picked]), expected)
-    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(picked, by_index))
+    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(picked, by_index, strict=True))
     with pytest.raises(ValueError, match="not in this split"):
         build_eval_loader(root, backend=backend, videos=["v_nope"], **KW)
     with pytest.raises(ValueError, match="twice"):

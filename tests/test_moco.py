@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cvtcl.models import Encoder
+from cvtcl.models import Encoder, running_statistics
 from cvtcl.moco import MomentumContrast, Permutation, Queue, check_queue_size, shuffle_plan, shuffled_encode
 from trainer_fakes import RowStats, torchrun_check
 
@@ -40,9 +40,14 @@ def test_momentum_update_is_an_ema_of_parameters_only():
     with torch.no_grad():
         for p in model.query.parameters():
             p.add_(1.0)
+    model.query(torch.randn(2, 3, 4, 16, 16))  # train mode: the query's BN running statistics move
     model.momentum_update(0.9)
-    for before, p_k, p_q in zip(key_before, model.key.parameters(), model.query.parameters()):
+    for before, p_k, p_q in zip(key_before, model.key.parameters(), model.query.parameters(), strict=True):
         torch.testing.assert_close(p_k, 0.9 * before + 0.1 * p_q)
+    # the key carries the query's running statistics (for eval-mode use, load_encoder which="key")
+    stats = running_statistics(model.query)
+    assert stats and not all(torch.equal(s, torch.zeros_like(s)) for s in stats[0::2])
+    assert all(torch.equal(k, q) for k, q in zip(running_statistics(model.key), stats, strict=True))
 
 
 def _perm(n, seed, groups=0):

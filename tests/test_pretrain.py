@@ -79,7 +79,7 @@ def test_flow_x_negated_exactly_on_flip_and_no_colour_on_flow(root, monkeypatch)
     monkeypatch.undo()
     colourless = _batches(root, modalities=("rgb", "flow"), colour=False)
     plain = _batches(root, modalities=("rgb", "flow"))
-    assert all(torch.equal(a["flow"], b["flow"]) for a, b in zip(plain, colourless))
+    assert all(torch.equal(a["flow"], b["flow"]) for a, b in zip(plain, colourless, strict=True))
 
 
 def test_determinism_resume_and_epochs(root):
@@ -87,9 +87,9 @@ def test_determinism_resume_and_epochs(root):
     again = _batches(root, epoch=3, segments="spread", pair_mode="independent")
     tail = _batches(root, epoch=3, start_step=2, segments="spread", pair_mode="independent")
     assert len(full) == 4 and len(tail) == 2
-    for a, b in zip(full, again):
+    for a, b in zip(full, again, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    for a, b in zip(full[2:], tail):
+    for a, b in zip(full[2:], tail, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
     other = _batches(root, epoch=4, segments="spread", pair_mode="independent")
     assert not torch.equal(full[0]["rgb"], other[0]["rgb"])
@@ -102,7 +102,7 @@ def test_one_pipeline_runs_across_epochs(root):
     second = list(loader.epoch(1))
     assert loader._stream is stream  # continued, not rebuilt
     fresh = _batches(root, epoch=1)
-    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(second, fresh))
+    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(second, fresh, strict=True))
     assert len(first) == loader.steps_per_epoch
 
 
@@ -118,7 +118,9 @@ def test_rank_shards_disjoint_and_equal(root):
 @pytest.mark.parametrize("modalities", [("rgb",), ("flow",)])
 def test_dali_matches_baseline_crop_flip_resize(root, modalities):
     kw = dict(modalities=modalities, colour=False, segments="spread", pair_mode="coclr")
-    for a, b in zip(_batches(root, backend="dali", **kw), _batches(root, backend="baseline", **kw)):
+    dali, baseline = _batches(root, backend="dali", **kw), _batches(root, backend="baseline", **kw)
+    assert len(dali) == 4  # and as many from the baseline (strict zip): one that stopped early passed once
+    for a, b in zip(dali, baseline, strict=True):
         for key in a:
             diff = (a[key].float() - b[key].float()).abs()
             levels = diff * (0.225 * 255 if modalities == ("rgb",) else 128)  # back to 8-bit levels
@@ -129,13 +131,13 @@ def test_dali_matches_baseline_crop_flip_resize(root, modalities):
 def test_weak_augment_is_crop_and_flip_only_and_coclr_mixes(root, backend):
     kw = dict(backend=backend, segments="spread", pair_mode="coclr")
     weak, plain = _batches(root, augment="weak", **kw), _batches(root, colour=False, **kw)
-    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(weak, plain))  # no colour, no blur
+    assert all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(weak, plain, strict=True))  # no colour, no blur
     standard, mixed = _batches(root, **kw), _batches(root, augment="coclr", **kw)
     copies = lambda batches: torch.cat([b["rgb"] for b in batches]).flatten(0, 1)  # [N * 2, 3, T, H, W]
-    same_as = lambda x, y: [torch.equal(a, b) for a, b in zip(copies(x), copies(y))]
+    same_as = lambda x, y: [torch.equal(a, b) for a, b in zip(copies(x), copies(y), strict=True)]
     # every coclr copy is the standard (strong) copy or the weak one, and both kinds occur
     strong, crop_flip = same_as(mixed, standard), same_as(mixed, weak)
-    assert all(s or w for s, w in zip(strong, crop_flip)) and any(strong) and not all(strong)
+    assert all(s or w for s, w in zip(strong, crop_flip, strict=True)) and any(strong) and not all(strong)
 
 
 def _corrupt(frame_bytes):
@@ -174,5 +176,6 @@ def test_corrupt_jpeg_names_video_and_frame(tmp_path, how, backend):
 def test_parallel_workers_give_the_same_batches(root):
     inline = _batches(root, epoch=1, modalities=("rgb", "flow"))
     parallel = _batches(root, epoch=1, modalities=("rgb", "flow"), num_workers=2)
-    for a, b in zip(inline, parallel):
+    assert len(inline) == len(parallel) == 4  # strict zip below: a loader that stopped early passed once
+    for a, b in zip(inline, parallel, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,6 +21,14 @@ def test_heldout_split_keeps_groups_whole_and_every_class_fitted():
     assert heldout_split(videos, 0.3, seed=1) != (fit, held)
 
 
+def test_a_large_fraction_still_leaves_a_group_of_every_class_to_fit():
+    """round(0.9 * 2) = 2 would hold out both groups of each class: one is kept to fit."""
+    videos = make_videos(num_classes=3, per_class=4, groups_per_class=2)
+    fit, held = heldout_split(videos, fraction=0.9, seed=0)
+    assert {videos[i].label for i in fit} == {videos[i].label for i in held} == {0, 1, 2}
+    assert len({videos[i].group for i in held}) == 3  # one group per class
+
+
 def test_heldout_split_needs_two_groups_somewhere():
     with pytest.raises(ValueError, match="single source group"):
         heldout_split(make_videos(groups_per_class=1), 0.2)
