@@ -291,7 +291,8 @@ class StepTerms:
 
 def read_terms(steps: list[StepTerms]) -> list[dict[str, float]]:
     """The terms of `steps` as floats, in one device read; FloatingPointError naming the first
-    step whose loss is not finite (its update was skipped, and no checkpoint has been written since)."""
+    step whose loss or gradients are not finite (its update was skipped, and no checkpoint has been
+    written since)."""
     if not steps:
         return []
     rows = torch.stack([s.row for s in steps]).tolist()  # the one sync of a log window

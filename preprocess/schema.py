@@ -164,7 +164,8 @@ class Manifest:
         single = sorted(v.name for v in self.videos if v.name in names and v.num_frames < 2)
         if single:
             raise LayoutError(f"{root}: {len(single)} video(s) of a single frame have no flow (first: {single[0]}); "
-                              "re-run this cvtcl-preprocess, which records them as failed, or use the rgb modality")
+                              "pack the dataset anew into another --out (this cvtcl-preprocess records them as failed), "
+                              "or train and evaluate the rgb modality")
 
     def to_dict(self) -> dict[str, Any]:
         return {

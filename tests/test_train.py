@@ -140,7 +140,7 @@ def flip_index_byte(shard: Path) -> None:
     (["data.root={nowhere}"], FileNotFoundError, "no manifest.json"),
     (["run.expect_world_size=8"], ValueError, "laid out for 8 processes, got WORLD_SIZE=1"),
     (["stage.modality=flow", "data.root={single}"], LayoutError, r"single: 1 video\(s\) of a single frame have no "
-                                                                 r"flow \(first: v_class1_g03_c01\); re-run"),
+                                                                 r"flow \(first: v_class1_g03_c01\); pack the dataset anew"),
     (["data.subset=validate", "data.root={empty_subset}"], ValueError,
      r"split 1 subset validate has no videos; choose another data.split / data.subset \(there: 1: test \(4\), "
      r"train \(16\), validate \(0\)\)"),
