@@ -105,6 +105,25 @@ def sub_stages(config: TrainConfig, only: str | None = None) -> list[tuple[str, 
             for stage in select(cvtcl_schedule(config.schedule.cycles), only)]
 
 
+def check_finished_sub_stages(config: TrainConfig) -> None:
+    """A finished sub-stage is skipped and the later ones build on it: asked for another length now
+    (schedule.cotrain_epochs, optim.epochs or their milestones), the schedule kept it as it was and
+    trained the rest to the new length, sub-stages of unequal lengths without a word."""
+    root = Path(config.run.out_dir)
+    for name, derived in sub_stages(config):
+        _, state = latest_loadable(root / name, mmap=True)  # a flag and the config: nothing else read
+        if state is None or not state.get("complete"):
+            continue
+        done, asked = state["config"]["optim"], derived.optim
+        if (done["epochs"], list(done["lr_milestones"])) != (asked.epochs, list(asked.lr_milestones)):
+            keys = ("schedule.cotrain_epochs / schedule.cotrain_lr_milestones" if derived.stage.kind == "cotrain"
+                    else "optim.epochs / optim.lr_milestones")
+            raise ValueError(
+                f"{root / name} finished {done['epochs']} epochs (lr milestones {list(done['lr_milestones'])}); this "
+                f"command asks {asked.epochs} ({list(asked.lr_milestones)}) through {keys}, and the sub-stages "
+                f"after it build on it: give {keys} as before, or train the schedule anew in another run.out_dir")
+
+
 def build_context(config: TrainConfig, dist: distributed.DistInfo) -> Context:
     torch.manual_seed(config.run.seed)  # identical initial weights on every rank, and across reruns
     encoder = Encoder(config.stage.modality, config.model.backbone, config.model.embed_dim, config.model.channels_last_3d)
@@ -189,6 +208,7 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         check_dataset(config, ("rgb", "flow"), global_batch)
         check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
                           config.schedule.cotrain_epochs, "schedule.cotrain_epochs")
+        check_finished_sub_stages(config)
         with run_dir_lock(config.run.out_dir):
             run_schedule(
                 cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),

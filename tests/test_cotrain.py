@@ -154,6 +154,10 @@ def test_a_run_without_an_optimizer_step_is_never_complete(dataset, tmp_path, mo
         main(args, build_loader=FakePretrainLoader)
 
 
+def _never_called(**kwargs):
+    raise AssertionError("a loader was built: the command was not refused before any work")
+
+
 def _schedule_args(dataset, out, *extra):
     return ["--preset", "smoke-cvtcl", f"data.root={dataset}", f"run.out_dir={out}", "loss.queue_size=8",
             "run.progress=plain", "run.keep_checkpoints=0", *extra]
@@ -200,6 +204,13 @@ def test_whole_schedule_in_one_command(dataset, tmp_path):
     assert names and all(torch.equal(trained[f"query.{n}"], warm[f"query.{n}"]) for n in names)
     for n in names:  # the key encoder went through two EMA steps of equal weights: equal up to rounding
         torch.testing.assert_close(warm[f"key.{n}"], trained[f"query.{n}"], rtol=1e-6, atol=1e-6)
+    # another length for finished sub-stages: refused before any work (it skipped them and trained
+    # the rest to the new length, silently)
+    with pytest.raises(ValueError, match=r"cycle1-rgb finished 2 epochs \(lr milestones \[1\]\); this command asks 3 "
+                                         r"\(\[1\]\) through schedule.cotrain_epochs"):
+        main(_schedule_args(dataset, tmp_path, "schedule.cotrain_epochs=3"), build_loader=_never_called)
+    with pytest.raises(ValueError, match=r"stage1-rgb finished 2 epochs .* asks 3 .* through optim.epochs"):
+        main(_schedule_args(dataset, tmp_path, "optim.epochs=3"), build_loader=_never_called)
 
 
 def test_stage_option_needs_a_schedule_and_its_dependencies(dataset, tmp_path):
