@@ -105,9 +105,10 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny backbone, 8x32x32 clips, 2 steps: checks the script")
     parser.add_argument("--json", type=json_path, default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.backbone, args.batch, args.frames, args.crop, args.steps, args.warmup = "tiny", 4, 8, 32, 2, 1
-        args.gen_size, args.threads, args.big_batch, args.queue = "24x32", 1, 8, 64
+    if args.smoke:  # its sizes as defaults: a flag given with it keeps its value (they replaced them)
+        parser.set_defaults(backbone="tiny", batch=4, frames=8, crop=32, steps=2, warmup=1, gen_size="24x32",
+                            threads=1, big_batch=8, queue=64)
+        args = parser.parse_args(argv)
     parse_size(args.gen_size, "--gen-size")
     args.loader = args.loader or args.data is not None
     return args

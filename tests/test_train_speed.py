@@ -17,6 +17,12 @@ from cvtcl.errors import UsageError  # noqa: E402
 from trainer_fakes import bake_a_host_value_into_the_step, graphs_on_cpu, one_thread  # noqa: E402, F401 (autouse fixture)
 
 
+def test_smoke_sizes_are_defaults_that_given_flags_override():
+    assert (train_speed.parse_args(["--smoke"]).steps, train_speed.parse_args(["--smoke"]).backbone) == (2, "tiny")
+    given = train_speed.parse_args(["--smoke", "--steps", "5", "--warmup", "0"])
+    assert (given.steps, given.warmup, given.batch) == (5, 0, 4)  # --smoke replaced them with 2, 1
+
+
 def test_smoke_run_reports_every_eager_variant_against_the_legacy_row(tmp_path, capsys):
     variants = "legacy,fp32,bf16,channels_last,batch64,cotrain"
     assert train_speed.main(["--smoke", "--device", "cpu", "--variants", variants, "--profile",
