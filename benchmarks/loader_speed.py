@@ -123,8 +123,8 @@ def integrity_check_cost(root, frames: int, repeats: int = 5) -> dict:
         return min(times) / count * 1e6
 
     def bare(video, n):
-        offsets, _ = reader._tables_of(video.shard, "rgb")
-        return read_frames(reader._file(video.shard)["rgb"]["bytes"], offsets[video.rgb_start : video.rgb_start + n + 1])
+        offsets, _, blob = reader._tables_of(video.shard, "rgb", reader._file(video.shard))
+        return read_frames(blob, offsets[video.rgb_start : video.rgb_start + n + 1])
 
     checked = best(lambda video, n: reader.read_rgb(video, 0, n))
     unchecked = best(bare)

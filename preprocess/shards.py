@@ -252,9 +252,12 @@ class ShardReader:
 
     `reader.videos` lists the videos of the chosen split subset (all videos when `split` is None).
     Reads return JPEG byte strings as numpy uint8 views into one contiguous read. Shards are opened
-    on first read and at most `max_open_files` stay open (least recently used closed first), with
-    their offset tables: a Kinetics-size dataset has 4,000+ shards and 200 M offsets, more than
-    a process's file limit and 1.6 GB of tables.
+    on first read and at most `max_open_files` stay open (least recently used closed first): a
+    Kinetics-size dataset has 4,000+ shards, more than a process's file limit. An epoch visits the
+    videos in random order, so at that size almost every read reopens a shard (98% of them at 64
+    open, replayed): a reopen is only the HDF5 open. Each shard's index is checked against the
+    manifest once per process, each video's record against its shard's once, and a read takes just
+    its clip's slice of the offset and checksum tables (one shard's whole tables are ~0.7 MB).
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None, subset: str = "train",
@@ -279,8 +282,10 @@ class ShardReader:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         self.max_open_files = max_open_files
         self._files: OrderedDict[int, h5py.File] = OrderedDict()  # least recently used first
-        self._tables: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}  # offsets, crc32
-        self._headers: dict[int, dict[str, VideoRecord]] = {}  # each open shard's own records, by name
+        self._checked_shards: set[int] = set()  # index crc32 matched the manifest's (this process)
+        self._checked_videos: set[str] = set()  # record matched its shard's header (this process)
+        self._tables: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, h5py.Dataset]] = {}  # open shards'
+
         kill_forked_children_with_parent()  # DALI / DataLoader workers forked from here die with us
 
     # Handles are per process: never pickled, reopened on first use after unpickling. A loader
@@ -289,8 +294,7 @@ class ShardReader:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_files"] = OrderedDict()
-        state["_tables"] = {}
-        state["_headers"] = {}
+        state["_checked_shards"], state["_checked_videos"], state["_tables"] = set(), set(), {}
         state["manifest"] = replace(self.manifest, videos=[], splits={})
         return state
 
@@ -305,7 +309,6 @@ class ShardReader:
             h5.close()
         self._files.clear()
         self._tables.clear()
-        self._headers.clear()
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -322,54 +325,62 @@ class ShardReader:
             while len(self._files) >= self.max_open_files:
                 evicted, old = self._files.popitem(last=False)
                 old.close()
-                self._headers.pop(evicted, None)
                 for modality in ("rgb", "flow"):
                     self._tables.pop((evicted, modality), None)
             path = self.root / shard_name(shard)
-            advice = f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing"
             try:
-                check_shard_index(self.manifest, self.root, path, advice)  # before HDF5 parses a byte of it
+                if shard not in self._checked_shards:  # before HDF5 parses a byte of it
+                    check_shard_index(self.manifest, self.root, path, self._advice)
+                    self._checked_shards.add(shard)
                 h5 = h5py.File(path, "r")
             except OSError as err:
-                raise LayoutError(f"cannot open shard {path} ({err}); {advice}") from None
+                raise LayoutError(f"cannot open shard {path} ({err}); {self._advice}") from None
             try:
                 check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
-                header = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
-            except (KeyError, ValueError) as err:
-                h5.close()
-                raise LayoutError(f"{path}: header cannot be read ({err}); {advice}") from None
             except LayoutError:
                 h5.close()
                 raise
-            self._headers[shard] = {v.name: v for v in header}
             self._files[shard] = h5
         return h5
 
-    def _check_record(self, video: VideoRecord) -> None:
+    @property
+    def _advice(self) -> str:
+        return f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing"
+
+    def _check_record(self, video: VideoRecord, h5: h5py.File) -> None:
         """The manifest's record of `video` (counts, offsets) is the shard's own: an edited manifest
-        would read shifted frames. One dict lookup per read."""
-        self._file(video.shard)  # opens the shard and reads its header, once
-        own = self._headers[video.shard].get(video.name)
+        would read shifted frames. Parsed from the shard's header the first time the video is read."""
+        if video.name in self._checked_videos:
+            return
+        path = self.root / shard_name(video.shard)
+        try:
+            header = [VideoRecord.from_dict(v, str(path)) for v in json.loads(h5.attrs["videos"])]
+        except (KeyError, ValueError) as err:
+            raise LayoutError(f"{path}: header cannot be read ({err}); {self._advice}") from None
+        own = next((v for v in header if v.name == video.name), None)
         if own != video:
             mismatch = record_mismatch([video], [own] if own else [])
             raise LayoutError(f"{self.root}/manifest.json and {shard_name(video.shard)} disagree: {mismatch}; "
-                              f"run `cvtcl-preprocess verify {self.root}` and re-run preprocessing")
+                              f"{self._advice}")
+        self._checked_videos.add(video.name)
 
-    def _tables_of(self, shard: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    def _tables_of(self, shard: int, modality: str, h5: h5py.File) -> tuple[np.ndarray, np.ndarray, h5py.Dataset]:
+        """(offsets, crc32, bytes) of an open shard's `modality`, read once while it stays open."""
         key = (shard, modality)
         if key not in self._tables:
-            h5 = self._file(shard)
             if modality not in h5:
                 raise LayoutError(f"{self.root}: shard {shard} has no {modality} frames (preprocessed with --flow none?)")
-            self._tables[key] = (h5[modality]["offsets"][()], h5[modality]["crc32"][()])
+            group = h5[modality]
+            self._tables[key] = (group["offsets"][()], group["crc32"][()], group["bytes"])
         return self._tables[key]
 
     def _read_range(self, video: VideoRecord, modality: str, first: int, count: int) -> list[np.ndarray]:
         """`count` entries of the shard's `modality` tables from `first`, each checked against its
         crc32; a mismatch is a CorruptFrameError naming dataset, video, modality and frame."""
-        self._check_record(video)
-        offsets, crcs = self._tables_of(video.shard, modality)
-        frames = read_frames(self._file(video.shard)[modality]["bytes"], offsets[first : first + count + 1])
+        h5 = self._file(video.shard)
+        self._check_record(video, h5)
+        offsets, crcs, blob = self._tables_of(video.shard, modality, h5)
+        frames = read_frames(blob, offsets[first : first + count + 1])
         bad = first_bad_crc(frames, crcs[first : first + count])
         if bad is not None:
             if modality == "rgb":

@@ -111,12 +111,32 @@ def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
         reader.read_rgb(video, 0, 2)
         reader.read_flow(video, 0, 1)
         assert len(reader._files) <= 2 and {s for s, _ in reader._tables} <= set(reader._files)
-        assert set(reader._headers) == set(reader._files)
     assert list(reader._files) == [4, 5]  # the least recently used were closed
     again = reader.read_rgb(reader.videos[0], 0, 2)  # reopened on demand
     assert [a.tobytes() for a in again] == [f.tobytes() for f in first]
     with pytest.raises(ValueError, match="max_open_files"):
         ShardReader(root, max_open_files=0)
+
+
+def test_a_reopened_shard_is_not_checked_again(tmp_path, monkeypatch):
+    """An epoch visits videos in random order: at Kinetics size almost every read reopens a shard,
+    and each reopen read and checksummed its whole index (~0.7 MB) and parsed its header again."""
+    from preprocess import shards
+
+    root = write_toy_dataset(tmp_path / "toy", num_videos=6, num_frames=4, videos_per_shard=2)
+    checked, parsed = [], []
+    real_check, real_record = shards.check_shard_index, shards.VideoRecord.from_dict
+    monkeypatch.setattr(shards, "check_shard_index", lambda m, r, path, a: checked.append(path.name) or
+                        real_check(m, r, path, a))
+    monkeypatch.setattr(shards.VideoRecord, "from_dict", staticmethod(lambda d, where: parsed.append(where) or
+                                                                      real_record(d, where)))
+    reader = ShardReader(root, max_open_files=1)
+    for _ in range(3):  # every read reopens: 3 shards, one open at a time
+        for video in reader.videos:
+            reader.read_rgb(video, 0, 2)
+            reader.read_flow(video, 0, 1)
+    assert sorted(checked) == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    assert len([w for w in parsed if w.endswith(".h5")]) == 6 * 2  # a header of 2 records per video's first read
 
 
 def test_a_pickled_reader_leaves_the_full_video_list_behind(tmp_path):
