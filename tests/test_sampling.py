@@ -127,6 +127,28 @@ def test_eval_windows_and_crops():
     assert ten[0] == (0, 0, 224, 224) and ten[3] == (16, 96, 224, 224) and ten[4] == (8, 48, 224, 224)
 
 
+@pytest.mark.parametrize("frames,stride", [(8, 4), (8, 8), (32, 16), (5, 3)])
+def test_eval_windows_are_every_start_that_fits_and_stay_small(frames, stride):
+    """Written out: starts 0, stride, ... up to n - T (one front-padded window below T frames). At
+    Kinetics size the list of index arrays was 1.6 GB, copied into each spawned loader worker."""
+    import pickle
+
+    lengths = [1, 2, frames - 1, frames, frames + 1, 3 * frames + 2, 57]
+    expected = []
+    for v, n in enumerate(lengths):
+        if n < frames:
+            expected.append((v, [0] * (frames - n) + list(range(n))))
+        start = 0
+        while start + frames <= n:
+            expected.append((v, list(range(start, start + frames))))
+            start += stride
+    windows = eval_windows(_videos(lengths), frames, stride)
+    assert [(v, f.tolist()) for v, f in windows] == expected and len(windows) == len(expected)
+    assert [(v, f.tolist()) for v, f in windows[2:5]] == expected[2:5]
+    many = eval_windows(_videos([300] * 2000), 32, 16)  # 34,000 windows
+    assert len(many) == 2000 * 17 and len(pickle.dumps(many)) < 10 * len(many)  # bytes per window
+
+
 def _no_colour(aug):
     return np.array_equal(aug.colour, np.hstack([np.eye(3), np.zeros((3, 1))]))
 
