@@ -107,7 +107,7 @@ def check_shard_index(manifest: Manifest, root: Path, path: Path, advice: str) -
     """The shard's index (HDF5 metadata, offsets, checksums) is the one the manifest recorded. Every
     reader checks it as it opens a shard; the trainer also checks it before any work, so that a
     damaged index stops a run before it writes anything (cvtcl/preflight.py)."""
-    entry = next((e for e in manifest.shards if e["file"] == path.name), None)
+    entry = manifest.shard_entries.get(path.name)
     if entry is None:
         raise LayoutError(f"{root}/manifest.json lists no shard {path.name}; {advice}")
     found = index_crc32(path, entry["data_regions"])
