@@ -105,7 +105,7 @@ def index_crc32(path: str | os.PathLike, regions: Sequence[Sequence[int]]) -> in
 
 def check_shard_index(manifest: Manifest, root: Path, path: Path, advice: str) -> None:
     """The shard's index (HDF5 metadata, offsets, checksums) is the one the manifest recorded. Every
-    reader checks it as it opens a shard; the trainer also checks it before any work, so that a
+    reader checks it the first time it opens a shard; the trainer also checks it before any work, so that a
     damaged index stops a run before it writes anything (cvtcl/preflight.py)."""
     entry = manifest.shard_entries.get(path.name)
     if entry is None:
@@ -256,8 +256,8 @@ class ShardReader:
     Kinetics-size dataset has 4,000+ shards, more than a process's file limit. An epoch visits the
     videos in random order, so at that size almost every read reopens a shard (98% of them at 64
     open, replayed): a reopen is only the HDF5 open. Each shard's index is checked against the
-    manifest once per process, each video's record against its shard's once, and a read takes just
-    its clip's slice of the offset and checksum tables (one shard's whole tables are ~0.7 MB).
+    manifest once per process and each video's record against its shard's once; what a reopen
+    still costs is the HDF5 open and a read of the modality's offset and checksum tables.
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None, subset: str = "train",
