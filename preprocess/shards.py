@@ -255,9 +255,9 @@ class ShardReader:
     on first read and at most `max_open_files` stay open (least recently used closed first): a
     Kinetics-size dataset has 4,000+ shards, more than a process's file limit. An epoch visits the
     videos in random order, so at that size almost every read reopens a shard (98% of them at 64
-    open, replayed): a reopen is only the HDF5 open. Each shard's index is checked against the
-    manifest once per process and each video's record against its shard's once; what a reopen
-    still costs is the HDF5 open and a read of the modality's offset and checksum tables.
+    open, replayed). So each shard's index is checked against the manifest once per process and
+    each video's record against its shard's once; a reopen costs the HDF5 open and a read of the
+    modality's offset and checksum tables.
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None, subset: str = "train",
