@@ -67,6 +67,28 @@ positive_int = _at_least(1)
 non_negative_int = _at_least(0)
 
 
+def fraction(text: str) -> float:
+    """argparse type: a share between 0 and 1 ("0.65")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a rate above 0 ("350.5")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a number above 0, got {text!r}")
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """argparse type: a comma list of whole numbers >= 1 ("2,3")."""
     return [positive_int(item) for item in text.split(",") if item]

@@ -198,6 +198,9 @@ def main(argv=None) -> int:
     print(f"targets on {device} ({args.directory})")
     if partial:
         print(f"  a partial run: {', '.join(partial)} (the check stopped before their end; what it reached is below)")
+    if all(c.status == "MISSING" for c in checks):
+        print("  none of these files' rows is one the targets read: the run stopped before its first, or an "
+              "older gpu_check.sh wrote it")
     for c in checks:
         print(f"  {c.status:7} {c.target:{width}}  {c.value:>12}  (target {c.goal})")
     print("fastest:", json.dumps(best_step | best_flow))

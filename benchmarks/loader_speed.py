@@ -35,10 +35,12 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ArgumentParser,
     check_device,
+    fraction,
     header,
     json_path,
     non_negative_int,
     parse_size,
+    positive_float,
     positive_int,
     run_script,
     user_input,
@@ -157,8 +159,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--gen-size", default="240x320", help="HxW of synthetic frames")
     parser.add_argument("--gen-videos", type=non_negative_int, default=0,
                         help="synthetic videos (default: enough for one pass)")
-    parser.add_argument("--hw-decoder-load", type=float, default=0.65, help="share of JPEGs for the HW decoder")
-    parser.add_argument("--step-rate", type=float, default=None, help="measured trainer samples/s on this GPU")
+    parser.add_argument("--hw-decoder-load", type=fraction, default=0.65, help="share of JPEGs for the HW decoder")
+    parser.add_argument("--step-rate", type=positive_float, default=None, help="measured trainer samples/s on this GPU")
     parser.add_argument("--backends", default="baseline,dali", help=f"comma list of {', '.join(BACKENDS)}")
     parser.add_argument("--json", type=json_path, help="also write the JSON line to this file")
     args = parser.parse_args(argv)

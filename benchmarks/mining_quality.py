@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.data, subset=args.subset, modality=modality, frames_per_clip=args.frames,
                 window_stride=max(1, args.frames // 2), crop_size=args.crop, batch_size=8, backend=args.backend,
                 num_threads=1)
+            if len({video.group for video in loaders[modality].videos}) < 2:  # precision would be NaN
+                raise UsageError(f"--subset {args.subset} of {args.data}: every video comes from one source group, "
+                                 "and mining skips a video's own group, so nothing can be mined; use a dataset "
+                                 "with several groups")
         embeddings, labels, groups = video_embeddings([trained, untrained], loaders[modality], args.features)
         for name, encoder_embeddings in zip((path, "untrained " + modality), embeddings):
             rows.append({"sampler": name, "modality": modality, **mine(encoder_embeddings, labels, groups, args.topk)})

@@ -39,6 +39,7 @@ from preprocess.datasets import SourceVideo  # noqa: E402
 from preprocess.flow import encode_flow, make_backend  # noqa: E402
 from preprocess.pack import ConfigError, PackOptions, encode_video  # noqa: E402
 from preprocess.synthetic import (  # noqa: E402
+    MIN_SIDE,
     PROFILES,
     SyntheticConfig,
     render_clip,
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.flow_options = {k: v for k, v in (("device", args.flow_device), ("batch", args.flow_batch)) if v is not None}
     sizes = [parse_size(size, "--sizes") for size in args.sizes.split(",")]
+    if min(min(size) for size in sizes) < MIN_SIDE:  # the generator's floor, said in this script's words
+        raise UsageError(f"--sizes {args.sizes}: frames are at least {MIN_SIDE} pixels a side")
     if args.flow_device is not None:
         check_device(args.flow_device, "--flow-device")
     try:

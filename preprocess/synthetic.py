@@ -74,6 +74,9 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+MIN_FRAMES, MIN_SIDE = 4, 16  # the smallest video the generator draws: frames, and pixels a side
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """The generator's parameters; recorded in raw/synthetic.json and the manifest."""
@@ -91,8 +94,9 @@ class SyntheticConfig:
     def __post_init__(self):
         if not 1 <= self.classes <= len(PROFILES):
             raise ValueError(f"--classes must be 1..{len(PROFILES)} (one per motion profile), got {self.classes}")
-        if self.frames < 4 or min(self.height, self.width) < 16:
-            raise ValueError("--frames must be >= 4 and --height/--width >= 16")
+        if self.frames < MIN_FRAMES or min(self.height, self.width) < MIN_SIDE:
+            raise ValueError(f"--frames must be >= {MIN_FRAMES} and --height/--width >= {MIN_SIDE}, "
+                             f"got {self.frames} frames of {self.height}x{self.width}")
         if self.groups < 2 or self.clips_per_group < 1:
             raise ValueError("need at least two source groups per class: raise --videos-per-class or lower --clips-per-group")
         if not (math.isfinite(self.fps) and self.fps > 0):

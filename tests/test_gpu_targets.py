@@ -60,6 +60,7 @@ def test_a_run_that_meets_every_target(tmp_path, capsys):
     assert statuses["step: best stage 1 / legacy fp32"] == "PASS"  # 820 / 110
     assert statuses["flow: best GPU row / one OpenCV process, with cuts"] == "PASS"
     assert "FAIL" not in statuses.values() and "MISSING" not in statuses.values(), out
+    assert "none of these files' rows" not in out
     fastest = checks["fastest"]
     assert fastest["stage1"]["batch"] == 64 and fastest["stage1"]["compile"] == "graph"
     assert fastest["flow"]["device"] == "cuda, 2 processes"
@@ -139,6 +140,7 @@ def test_a_committed_partial_run_is_read_and_said_partial(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("targets on NVIDIA H100 80GB HBM3 (")
     assert "a partial run: train_speed.partial.json, flow_speed.partial.json" in out
+    assert "none of these files' rows is one the targets read" in out  # its rows predate the targets
     assert json.loads((tmp_path / "targets.json").read_text())["partial"] == ["train_speed.partial.json",
                                                                             "flow_speed.partial.json"]
 

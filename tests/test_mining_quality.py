@@ -1,5 +1,6 @@
 """benchmarks/mining_quality.py: the offline mining precision of a sampler, and its command line."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import mining_quality  # noqa: E402
 from benchmarks.common import write_toy_shards  # noqa: E402
+from dali_pipelines.toy_shards import write_toy_dataset  # noqa: E402
 from cvtcl.checkpoint import save_checkpoint  # noqa: E402
 from cvtcl.errors import UsageError  # noqa: E402
 from cvtcl.models import Encoder  # noqa: E402
@@ -56,3 +58,19 @@ def test_flags_out_of_range_are_refused_before_any_work(tmp_path, argv, message)
     checkpoint.touch()  # not read: the flags are refused first
     with pytest.raises(UsageError, match=message):
         mining_quality.main([str(checkpoint), "--data", str(root), *argv])
+
+
+def test_a_subset_of_one_source_group_is_refused_before_mining(tmp_path):
+    """Mining skips a video's own source group: with one group nothing is admissible, and the
+    precision was a bare NaN in the JSON line (not JSON)."""
+    def one_group(encoded):
+        for i, video in enumerate(encoded):
+            encoded[i] = dataclasses.replace(video, record=dataclasses.replace(video.record, group="g"))
+
+    root = write_toy_dataset(tmp_path / "shards", num_videos=3, num_frames=12, with_flow=False, mutate=one_group)
+    encoder = Encoder("rgb", "tiny")
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "model": MomentumContrast(encoder, 8).state_dict(),
+             "optimizer": {}, "scaler": {}, "encoder": encoder.config(), "config": {}, "complete": True}
+    path = save_checkpoint(tmp_path, state)
+    with pytest.raises(UsageError, match="every video comes from one source group"):
+        mining_quality.main([str(path), "--data", str(root), "--frames", "8", "--topk", "1"])
