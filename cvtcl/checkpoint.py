@@ -15,6 +15,8 @@ only, loadable with `torch.load(path, weights_only=True)` by any later cvtcl (no
     world_size    processes that trained it (resume needs the same: global batch and data order)
     metrics_window  cvtcl.metrics.Window state: the steps since the last log line, so the first
                   line after a resume averages the same steps as an uninterrupted run's (optional)
+    dataset       sha256 of the dataset's manifest.json: a resume may read a copy of the same
+                  dataset under another data.root (optional: not in older checkpoints)
 
 Resume takes the newest checkpoint that loads (`latest_loadable`): a damaged one (a torn copy, a
 disk error) is named and skipped. A write that fails (full disk, unwritable directory) removes its

@@ -19,7 +19,7 @@ from cvtcl.engine import STEPS, amp_dtype
 from cvtcl.errors import brief
 from cvtcl.moco import check_queue_size
 from cvtcl.schedule import check_queue_fills
-from preprocess.schema import load_manifest, shard_name
+from preprocess.schema import load_manifest, manifest_digest, shard_name
 from preprocess.shards import check_shard_index
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
@@ -174,8 +174,9 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
     """The run directory's checkpoint was written by this config and this many processes."""
     if state.get("world_size", world_size) != world_size:
         raise ValueError(
-            f"{path} was written by {state['world_size']} processes, this run has {world_size}: the global "
-            "batch and the data order would change mid-run. Relaunch with the same number of processes"
+            f"{path} was written by {_processes(state['world_size'])}, this run has {world_size}: the data order "
+            "(each process reads its own part of an epoch) and the global batch would change mid-run. Relaunch "
+            "with the same number of processes"
         )
     saved, current, defaults = state["config"], config.to_dict(), TrainConfig().to_dict()
     changed = [
@@ -185,7 +186,7 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
         # a key the saved config lacks came with a later version: the run had its default's behaviour
         if saved.get(section, {}).get(key, defaults[section][key]) != value
         and f"{section}.{key}" not in RESUMABLE_CHANGES
-        and not _same_stage_source(saved, current, section, key)
+        and not _same_source(saved, current, section, key, state.get("dataset"))
     ]
     if changed:
         raise ValueError(
@@ -194,20 +195,37 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
         )
 
 
-def _same_stage_source(saved: dict, current: dict, section: str, key: str) -> bool:
-    """A co-training sub-stage's init and sampler checkpoints are the schedule's own earlier
-    sub-stages, under the schedule's directory (the parent of run.out_dir): the same file relative
-    to it, when the schedule directory was moved or named by another path (relative, absolute)."""
+def _same_source(saved: dict, current: dict, section: str, key: str, dataset: str | None) -> bool:
+    """A path the run reads, named another way or moved, with the same content.
+
+    data.root: the same dataset when its manifest's digest is the one the checkpoint recorded (a
+    copy on another disk; checkpoints from before the digest: the same folder). A co-training
+    sub-stage's init and sampler checkpoints are the schedule's own earlier sub-stages, under the
+    schedule's directory (the parent of run.out_dir): the same file relative to it, when the
+    schedule directory was moved or named by another path (relative, absolute)."""
+    old, new = saved.get(section, {}).get(key), current[section][key]
+    if (section, key) == ("data", "root"):
+        return manifest_digest(new) == dataset if dataset else _same_path(old, new)
     if (section, key) not in (("stage", "init_checkpoint"), ("stage", "sampler_checkpoint")):
         return False
-    old, new = saved.get(section, {}).get(key), current[section][key]
     if not old or not new:
         return False
+    if _same_path(old, new):
+        return True
     roots = Path(saved["run"]["out_dir"]).parent, Path(current["run"]["out_dir"]).parent
     try:
         return Path(old).relative_to(roots[0]) == Path(new).relative_to(roots[1])
     except ValueError:  # not under the schedule's directory: a checkpoint the user named
         return False
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def _same_path(old: str | None, new: str) -> bool:
+    """Two spellings of one file or folder (relative ones as seen from here)."""
+    return bool(old) and Path(old).resolve() == Path(new).resolve()
 
 
 def plan(config: TrainConfig, world_size: int, sub_stages: list[tuple[str, TrainConfig]]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import os
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import StageRun, check_queue_fills, cvtcl_schedule, run_schedule, select, warmup_steps
 from preprocess.hygiene import OutputDirError, exclusive_dir, remove_temporaries
-from preprocess.schema import write_json_atomic
+from preprocess.schema import manifest_digest, write_json_atomic
 
 # BN running statistics stay per rank (no broadcast each forward); rank 0's are checkpointed.
 # torch 2.14 renamed the switch and warns at every run about the old name, which older torch
@@ -73,7 +74,8 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
                              "check the dataset, and exit without training")
     parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # intermixed: overrides may come on both sides of an option (`… a=1 --stage cycle1-rgb b=2`)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if not (args.preset or args.config or args.help_config):
         parser.error("give --preset NAME or --config FILE (or both: the file's keys override the preset's)")
     config = get_preset(args.preset) if args.preset else TrainConfig()
@@ -83,6 +85,7 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
     if args.help_config:
         print(describe(config))
         raise SystemExit(0)
+    config = located(config, args.config, args.overrides)
     if args.stage and not config.schedule.cycles:
         raise ValueError(f"--stage {args.stage}: this config runs one stage (schedule.cycles=0); "
                          "use a schedule preset such as ucf101-cvtcl or smoke-cvtcl")
@@ -90,6 +93,23 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
         print(plan(config, distributed.env_world()[2], sub_stages(config, args.stage)))
         raise SystemExit(0)
     return config, args.stage
+
+
+def located(config: TrainConfig, config_file: str | None, overrides: list[str]) -> TrainConfig:
+    """The config with the paths it reads made absolute, so that the run's config.json and
+    checkpoints name them from any working directory; and when `config_file` is a run's own
+    config.json (its folder holds the run's metrics or checkpoints) and no run.out_dir override is
+    given, run.out_dir is that folder: `--config RUN/config.json` resumes RUN from anywhere, moved
+    or not. (run.out_dir itself is kept as given: the messages name it so.)"""
+    data = config.to_dict()
+    for section, key in (("data", "root"), ("stage", "init_checkpoint"), ("stage", "sampler_checkpoint")):
+        if data[section][key]:
+            data[section][key] = os.path.abspath(data[section][key])
+    folder = Path(config_file).parent if config_file and Path(config_file).name == "config.json" else None
+    if folder is not None and not any(item.partition("=")[0].strip() == "run.out_dir" for item in overrides) and (
+            (folder / "metrics.jsonl").exists() or any(folder.glob("checkpoint-*.pt"))):
+        data["run"]["out_dir"] = str(folder)
+    return TrainConfig.from_dict(data)
 
 
 def sub_stages(config: TrainConfig, only: str | None = None) -> list[tuple[str, TrainConfig]]:
@@ -299,6 +319,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
 
     monitor = knn_monitor(config, dist) if config.run.knn_every else None
 
+    dataset = manifest_digest(config.data.root)  # a resume may read a copy of it elsewhere (preflight)
     pending: list[tuple[StepTerms, float, float]] = []  # steps whose terms are still on the device
     graph_failure_said = False  # a failed CUDA graph capture is said once, by the rank it failed on
 
@@ -314,7 +335,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         """Rank 0 writes the checkpoint (with the metrics window since the last line); all wait."""
         if dist.is_main:
             save_checkpoint(run_dir, {**checkpoint_state(ctx, epoch, epoch_step, complete=complete),
-                                      "metrics_window": window_state}, config.run.keep_checkpoints)
+                                      "metrics_window": window_state, "dataset": dataset},
+                            config.run.keep_checkpoints)
         distributed.barrier()
 
     def on_step(epoch: int, epoch_step: int, terms: StepTerms, data_s: float, compute_s: float) -> bool:

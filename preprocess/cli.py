@@ -36,7 +36,7 @@ EXIT_PROBLEMS = EXIT_FAILED = 1  # verify found problems; a run failed after it 
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports 128 + SIGINT
 
 
-def _pack_flags(parser: argparse.ArgumentParser) -> None:
+def _pack_flags(parser: argparse.ArgumentParser, parts: bool = True) -> None:
     parser.add_argument("--out", required=True, type=Path, help="dataset directory (shards + manifest.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
     parser.add_argument("--videos-per-shard", type=int, default=64,
@@ -54,7 +54,8 @@ def _pack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-workers-per-gpu", type=int, default=None,
                         help="flow worker processes per GPU (default: 2, fewer if GPU memory or cores are short)")
     parser.add_argument("--flow-batch", type=int, default=None, help="frame pairs per call for batched backends")
-    _part_flag(parser)
+    if parts:  # not for synthetic: parts would generate the same raw videos at once
+        _part_flag(parser)
     _debug_flag(parser)
 
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--width", type=int, default=defaults.width)
     syn.add_argument("--fps", type=float, default=defaults.fps)
     syn.add_argument("--seed", type=int, default=defaults.seed)
-    _pack_flags(syn)
+    _pack_flags(syn, parts=False)
 
     ver = commands.add_parser("verify", help="re-read every shard, check checksums and counts, decode every frame")
     ver.add_argument("dir", type=Path)
@@ -243,8 +244,6 @@ def _run(args: argparse.Namespace) -> int:
         manifest = merge(args.dir)
         return _summary(str(args.dir), manifest.shards, manifest.videos, manifest.failed)
     if args.command == "synthetic":
-        if args.part is not None:  # parts would generate the same raw videos at once
-            raise ConfigError("synthetic does not take --part: it is small, run it as one process")
         return run_synthetic(synthetic_config(args), pack_options(args))
     options = pack_options(args)
     if args.command == "ucf101":

@@ -156,8 +156,10 @@ def prepare_out(out: Path, params: dict[str, Any]) -> None:
         if recorded.exists():
             old = read_json(recorded, "it records the parameters this output was packed with: restore it, "
                                       "or choose another --out")
-            if old != params:
-                changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+            # a synthetic dataset's source is always OUT/raw: an output moved elsewhere is the same
+            moved = {"source_root"} if params.get("dataset") == "synthetic" else set()
+            changed = sorted(k for k in (set(old) | set(params)) - moved if old.get(k) != params.get(k))
+            if changed:
                 raise ConfigError(
                     f"{out} was packed with other parameters (differing: {', '.join(changed)}; see {recorded}). "
                     "Rerun with the same arguments to resume, or choose another --out."

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import socket
@@ -260,6 +261,15 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
             "when the same command is run again; after a run split with --part, `cvtcl-preprocess merge`."
         )
     return Manifest.from_dict(read_json(path, "re-run the preprocessing command"), where=str(path))
+
+
+def manifest_digest(root: str | os.PathLike) -> str:
+    """The identity of a finished dataset: the sha256 of its manifest (which names every shard's
+    sha256) less the folder its videos were read from. A copy of the dataset elsewhere (a node's
+    local disk), or a synthetic output moved and packed again there, has the same digest."""
+    data = read_json(manifest_path(root), "re-run the preprocessing command")
+    data.get("params", {}).pop("source_root", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def read_json(path: str | os.PathLike, advice: str) -> Any:

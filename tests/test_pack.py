@@ -185,6 +185,29 @@ def test_unusable_output_is_refused_before_any_work(tmp_path, capsys):
     assert "cannot write to the output directory" in capsys.readouterr().err
 
 
+def test_a_moved_synthetic_output_reruns_in_place_and_keeps_its_identity(tmp_path, capsys):
+    """The synthetic dataset's source is its own OUT/raw: moved (`make demo`'s folder, say) and run
+    again there, it is resumed, not refused for another source folder, and its manifest's digest
+    (what a training checkpoint records) is unchanged. Parts are not offered for it."""
+    import shutil
+
+    from preprocess.schema import manifest_digest
+
+    argv = ["--classes", "2", "--videos-per-class", "4", "--clips-per-group", "2", "--frames", "6", "--height",
+            "16", "--width", "16", "--flow", "none", "--workers", "1"]
+    assert main(["synthetic", "--out", str(tmp_path / "a"), *argv]) == 0
+    digest = manifest_digest(tmp_path / "a")
+    moved = shutil.move(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    assert main(["synthetic", "--out", str(moved), *argv]) == 0
+    assert "packing 0 video(s)" in capsys.readouterr().err
+    assert load_manifest(moved).params["source_root"] == str(Path(moved, "raw").resolve())
+    assert manifest_digest(moved) == digest
+    with pytest.raises(SystemExit) as exit_status:
+        main(["synthetic", "--out", str(tmp_path / "c"), "--part", "0/2", *argv])
+    assert exit_status.value.code == 2 and "unrecognized arguments: --part" in capsys.readouterr().err
+
+
 def _preprocess(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return [sys.executable, "-m", "preprocess", *map(str, args)], env

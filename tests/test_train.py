@@ -93,6 +93,66 @@ def test_a_moved_run_directory_resumes(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(moved / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_a_run_resumes_with_its_dataset_named_another_way_or_copied_elsewhere(dataset, tmp_path, monkeypatch):
+    """data.root is compared by what it holds: a relative spelling from another working directory,
+    or a copy of the dataset on another disk (the manifest's digest, recorded in each checkpoint),
+    resumes; another dataset under data.root is refused."""
+    import shutil
+
+    monkeypatch.chdir(dataset.parent)
+    out = tmp_path / "run"
+    assert main(_args(Path(dataset.name), out, "run.max_steps=2"), build_loader=FakePretrainLoader) == 0
+    assert json.loads((out / "config.json").read_text())["data"]["root"] == str(dataset)  # made absolute
+    monkeypatch.chdir(tmp_path)
+    copy = Path(shutil.copytree(dataset, tmp_path / "local" / "copy"))
+    assert main(_args(Path("local/copy"), out, "run.max_steps=3"), build_loader=FakePretrainLoader) == 0
+    state = load_checkpoint(latest_checkpoint(out))
+    assert state["step"] == 3 and state["config"]["data"]["root"] == str(copy)
+    # a checkpoint from before the digest: only the same folder, however it is spelled
+    torch.save({k: v for k, v in state.items() if k != "dataset"}, latest_checkpoint(out))
+    with pytest.raises(ValueError, match=r"different config \(data.root\)"):
+        main(_args(dataset, out, "run.max_steps=4"), build_loader=_never_called)
+    monkeypatch.chdir(copy.parent)
+    assert main(_args(Path("copy"), out, "run.max_steps=4"), build_loader=FakePretrainLoader) == 0
+    other = make_dataset(tmp_path / "other", num_videos=12)
+    with pytest.raises(ValueError, match=r"different config \(data.root\)"):
+        main(_args(other, out, "run.max_steps=5"), build_loader=_never_called)
+
+
+def test_a_runs_config_json_resumes_it_from_any_directory_and_after_a_move(dataset, tmp_path, monkeypatch):
+    """`--config RUN/config.json` resumes RUN (its folder), whatever the working directory and
+    wherever RUN was moved; run.out_dir given with it still wins."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_args(dataset, Path("runs/rgb"), "run.max_steps=2"), build_loader=FakePretrainLoader) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["--config", "../runs/rgb/config.json", "run.max_steps=3"], build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "runs" / "rgb"))["step"] == 3
+    assert not (elsewhere / "runs").exists()  # was: a new run from step 1 in ./runs/rgb
+    moved = (tmp_path / "runs" / "rgb").rename(tmp_path / "moved")
+    assert main(["--config", str(moved / "config.json"), "run.max_steps=4"], build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(moved))["step"] == 4
+    assert main(["--config", str(moved / "config.json"), "run.max_steps=1", f"run.out_dir={tmp_path / 'fresh'}"],
+                build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "fresh"))["step"] == 1
+
+
+def test_overrides_on_both_sides_of_an_option_all_apply(dataset, tmp_path):
+    """`… data.batch_size=2 --stage X run.max_steps=2`: the second block was "unrecognized arguments"."""
+    assert main([*_args(dataset, tmp_path, "run.max_steps=5"), "--debug", "run.max_steps=2"],
+                build_loader=FakePretrainLoader) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 2
+
+
+def test_a_world_size_refusal_counts_processes_in_english():
+    from cvtcl.config import TrainConfig
+    from cvtcl.preflight import check_resumable
+
+    with pytest.raises(ValueError, match="written by 1 process, this run has 2: the data order"):
+        check_resumable(TrainConfig(), 2, {"world_size": 1, "config": {}}, Path("checkpoint-00000004.pt"))
+
+
 def test_complete_after_all_epochs(dataset, tmp_path):
     assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0
     assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
