@@ -204,4 +204,7 @@ class MetricsLogger:
             self.bar.stop()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the line a full disk refused, flushed again: `log` has said so (OutputDirError)
+            pass

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import cvtcl
+from preprocess.hygiene import OutputDirError
 
 LAUNCHES_NAME = "launches.jsonl"
 
@@ -100,5 +101,9 @@ def summary(record: dict[str, Any]) -> str:
 
 def record_launch(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append the launch to run_dir/launches.jsonl (rank 0 calls this)."""
-    with open(Path(run_dir) / LAUNCHES_NAME, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = Path(run_dir) / LAUNCHES_NAME
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk: one line (exit 2) naming the file
+        raise OutputDirError(f"cannot write {path} ({err.strerror}); free space and rerun the same command") from None

@@ -293,8 +293,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError:  # a full disk: leave no half temporary file behind
+    except OSError as err:  # a full disk: leave no half temporary file behind
         tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a write's or fsync's error names no file: name the one meant
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 
 

@@ -22,6 +22,7 @@ Deterministic for a seed: every clip draws from its own generator keyed by (seed
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -246,7 +247,23 @@ def write_avi(path: str | os.PathLike, frames: np.ndarray, fps: float, fourcc: s
     for frame in frames:
         writer.write(frame)
     writer.release()
+    # OpenCV's writer drops write errors: a full disk leaves a short file that a rerun would keep
+    written = _frames_in(tmp)
+    if written != len(frames):
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"OpenCV wrote {written} of its {len(frames)} frames (a full disk or a file-size "
+                      "limit?); free space and run the command again", str(path))
     os.replace(tmp, path)
+
+
+def _frames_in(path: Path) -> int:
+    """Frames a reader finds in the video at `path` (packets, not decoded)."""
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.isOpened() and capture.grab():
+        count += 1
+    capture.release()
+    return count
 
 
 def _clip_counts(config: SyntheticConfig) -> list[int]:
@@ -305,5 +322,9 @@ def generate_raw(config: SyntheticConfig, raw_dir: str | os.PathLike) -> Path:
 
 def _write_text(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + TEMP_SUFFIX)
-    tmp.write_text("".join(line + "\r\n" for line in lines))  # the official lists use CRLF
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(line + "\r\n" for line in lines))  # the official lists use CRLF
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: the file named (a write's error names none), nothing half-written
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"{err.strerror or err}; free space and run the command again", str(path)) from None

@@ -635,3 +635,18 @@ def test_full_disk_while_training_is_one_error_exit_2(fake_data, small_disk, cap
     assert "rerun the same command to resume" in err
     assert len(list_checkpoints(out)) >= 2 and not list(out.glob("*.tmp"))
     assert load_checkpoint(latest_checkpoint(out))["step"] >= 2  # the last one written is whole
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "launches.jsonl"])
+def test_a_log_file_that_cannot_be_written_is_one_error_exit_2(fake_data, tmp_path, capsys, name):
+    """metrics.jsonl's own error (exit 2, the file named) was replaced by a bare "No space left on
+    device" (exit 1) when closing the file flushed the refused line again; launches.jsonl had none."""
+    from cvtcl.train import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to("/dev/full")  # every write: ENOSPC
+    status = cli(_train_args(fake_data, out, "run.max_steps=2", "run.log_every=1"))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"cannot write {out / name} (No space left on device)" in err

@@ -73,3 +73,34 @@ def test_every_profile_has_mean_speed_one_and_uniform_direction(name):
     # directions cover the circle evenly, so a horizontal flip maps the class onto itself
     left = np.mean(np.cos(angles) < 0)
     assert 0.4 < left < 0.6
+
+
+def test_a_full_disk_while_generating_keeps_no_short_video(tmp_path):
+    """OpenCV's video writer drops write errors: under a file-size limit (a full disk's stand-in)
+    a short .avi was renamed into place, and every rerun kept it (packed as failed). Now the
+    command stops naming the video, keeps no part of it, and a rerun finishes as an uninterrupted
+    run would."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "preprocess", "synthetic", "--out", str(out), "--classes", "2",
+            "--videos-per-class", "4", "--clips-per-group", "2", "--frames", "12", "--height", "32", "--width", "40",
+            "--flow", "none", "--workers", "1"]
+
+    def limited():  # the limit's signal ignored: writes past it fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    # no bytecode written under the limit: a cut .pyc would break every later import of the module
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    failed = subprocess.run(argv, env=env, preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr
+    assert ".avi: OpenCV wrote" in failed.stderr and "free space" in failed.stderr
+    assert not list((out / "raw").rglob("*.avi")), "a short video, or its temporary, was kept"
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "8 videos packed in 1 shard(s), 96 frames, 0 failed" in done.stderr, done.stderr
