@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -283,9 +284,13 @@ def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[
         raise UsageError(f"{args.shards}/manifest.json holds dataset {manifest.dataset!r}, not {args.dataset!r}; "
                          f"pass --dataset {manifest.dataset} or the --shards of {args.dataset}")
     subsets = manifest.splits.get(args.split)
-    if not subsets or not subsets.get("train") or not subsets.get("test"):
-        raise UsageError(f"--split {args.split}: {args.shards} has no train and test videos for it; splits there: "
+    if not subsets:
+        raise UsageError(f"--split {args.split}: {args.shards} has no such split; splits there: "
                          f"{', '.join(sorted(manifest.splits)) or 'none'}")
+    if not subsets.get("train") or not subsets.get("test"):
+        counts = " and ".join(f"{len(subsets.get(name, ()))} {name}" for name in ("train", "test"))
+        raise UsageError(f"--split {args.split}: {args.shards} has {counts} videos in it, and evaluation needs both "
+                         "(its split files say which videos are test videos)")
     if "flow" in modalities and not manifest.has_flow:
         raise UsageError(f"{args.shards} was preprocessed without flow, and a flow encoder was given; evaluate "
                          "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")
@@ -325,6 +330,24 @@ def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tupl
         n += 1
 
 
+def check_writable(out_dir: Path, given: bool) -> None:
+    """Results can be written in out_dir, said before any work (a pass takes minutes, a fine-tune
+    hours): a file created and removed there, and the folders made for it removed again (an
+    evaluation refused later leaves nothing)."""
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        where = f"--out {out_dir}" if given else f"{out_dir} (the checkpoint's folder, where results go without --out)"
+        raise UsageError(f"{where}: cannot write there ({err.strerror}); give a writable --out") from None
+    finally:
+        for folder in made:  # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def claim_output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tuple[Path, Path | None]:
     """`output_paths`, each file created empty and exclusively when the results are ready: an
     evaluation that started earlier into the same directory and finished a moment before has
@@ -356,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Next to the checkpoint by default: the evaluation belongs to the run that trained it.
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
     output_paths(out_dir, args.protocol, args.dataset, args.split)  # a bad --out or --split: said before any work
+    check_writable(out_dir, given=bool(args.out))
     if args.protocol in ("linear", "finetune"):
         check_heldout(args, manifest)
     device = torch.device(args.device)
@@ -409,9 +433,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if rank != 0:  # the first process writes the results
         return payload
     results_file, neighbours_file = claim_output_paths(out_dir, args.protocol, args.dataset, args.split)
-    if neighbours is not None:
-        report.write_results(neighbours_file, neighbours)
-    path = report.write_results(results_file, payload)
+    try:
+        if neighbours is not None:
+            report.write_results(neighbours_file, neighbours)
+        path = report.write_results(results_file, payload)
+    except OSError as err:  # a full disk: no empty claimed name left, which a rerun would number past
+        for claimed in filter(None, (results_file, neighbours_file)):
+            claimed.unlink(missing_ok=True)
+        kept = " (the fine-tune's epochs are saved: it resumes)" if resume else ""
+        raise UsageError(f"cannot write {err.filename or results_file} ({err.strerror}); free space and rerun "
+                         f"the same command{kept}") from None
     for file in resume.values():  # the results hold everything now
         file.remove()
     title = f"{args.protocol} on {args.dataset} split {args.split}"

@@ -382,3 +382,49 @@ def test_console_entry_points_in_a_subprocess(paths, argv, message):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
+
+
+def test_an_unwritable_out_is_refused_before_any_pass(paths, capsys, monkeypatch):
+    """Found when the results were written, after every feature pass (a fine-tune: hours). The
+    test runs as root in CI, which any mode bits let write: the refusal is the OS's, stood in for."""
+    monkeypatch.setattr(cvtcl_eval.tempfile, "TemporaryFile", mock.Mock(side_effect=PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(cvtcl_eval, "extract_features", mock.Mock(side_effect=AssertionError("a pass ran")))
+    out = paths["tmp"] / "read-only" / "eval-out"
+    assert cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["rgb"]), *[a.format(**paths) for a in EVAL[:-1]],
+                           str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write there (Permission denied); give a writable --out" in err, err
+    assert not (paths["tmp"] / "read-only").exists()  # the folders made to try are gone
+
+
+def test_results_a_full_disk_refuses_leave_no_empty_file_behind(paths, capsys, monkeypatch):
+    """The result names were claimed (created empty) and stayed so when the write failed; the rerun
+    then wrote -2 files beside them."""
+    real = cvtcl_eval.report.write_results
+    out = paths["tmp"] / "full-disk"
+
+    def full(path, payload):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cvtcl_eval.report, "write_results", full)
+    argv = ["retrieval", "--checkpoint", str(paths["rgb"]), *[a.format(**paths) for a in EVAL[:-1]], str(out)]
+    assert cvtcl_eval.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "retrieval-neighbours-synthetic-split1.json (No space left on device); free space and rerun" in err, err
+    assert not list(out.glob("*.json"))
+    monkeypatch.setattr(cvtcl_eval.report, "write_results", real)
+    assert cvtcl_eval.cli(argv) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["eval-retrieval-synthetic-split1.json",
+                                                         "retrieval-neighbours-synthetic-split1.json"]
+
+
+@pytest.mark.parametrize("splits, message", [
+    ({"1": {"train": ["a", "b"], "test": []}}, "--split 1: D has 2 train and 0 test videos in it, and evaluation needs both"),
+    ({"2": {"train": ["a"], "test": ["b"]}}, "--split 1: D has no such split; splits there: 2"),
+])
+def test_an_evaluation_split_without_test_videos_says_so(splits, message):
+    """It said the split had no train and test videos, then listed that split among those there."""
+    args = SimpleNamespace(dataset="synthetic", split="1", shards="D")
+    manifest = SimpleNamespace(dataset="synthetic", splits=splits, has_flow=False)
+    with pytest.raises(errors.UsageError, match=message):
+        cvtcl_eval.check_dataset(args, manifest, ["rgb"])
