@@ -80,6 +80,18 @@ def _add(videos: dict[str, SourceVideo], video: SourceVideo) -> None:
                            "across class folders: rename or remove one (and its split file lines)")
 
 
+def _check_some_on_disk(videos: dict[str, SourceVideo], folder: Path) -> None:
+    """Packing records a listed but absent video as failed; when not one of them is on disk, the
+    root or the split files are wrong (a disk not mounted, another file extension): an error before
+    any work, not an empty dataset."""
+    if any(Path(v.path).is_file() for v in videos.values()):  # stops at the first one found
+        return
+    first = next(iter(videos.values())).path
+    kinds = sorted({p.suffix for p in folder.glob("*/*") if p.is_file() and p.suffix})
+    hint = f"; its class folders hold {', '.join(kinds)} files: name those in the split files" if kinds else ""
+    raise DatasetError(f"none of the {len(videos)} videos the split files list is under {folder} (first: {first}){hint}")
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise DatasetError(f"{what} not found: {path}")
@@ -151,6 +163,7 @@ def index_ucf101(root: str | Path, dataset: str = "ucf101") -> DatasetIndex:
         raise DatasetError(f"no split files in {lists}: expected trainlist01.txt and testlist01.txt")
     if not found:
         raise DatasetError(f"no videos in {videos_dir}: expected <Class>/v_<Class>_gXX_cYY.avi")
+    _check_some_on_disk(found, videos_dir)
     return DatasetIndex(dataset, str(root), classes, list(found.values()), splits)
 
 
@@ -159,7 +172,8 @@ def index_hmdb51(root: str | Path, splits_dir: str | Path) -> DatasetIndex:
     root, splits_dir = Path(root), Path(splits_dir)
     _require(root, "HMDB51 root (--root)")
     _require(splits_dir, "HMDB51 split folder (--splits)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are no classes
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DatasetError(f"no class folders in {root}: expected <class>/<video>.avi")
     videos = {}
@@ -189,4 +203,5 @@ def index_hmdb51(root: str | Path, splits_dir: str | Path) -> DatasetIndex:
         raise DatasetError(f"no split files in {splits_dir}: expected <class>_test_split1.txt for each class")
     if not videos:
         raise DatasetError(f"no videos in {root}: expected <class>/<video>.avi")
+    _check_some_on_disk(videos, root)
     return DatasetIndex("hmdb51", str(root), classes, list(videos.values()), splits)

@@ -150,3 +150,24 @@ def test_a_file_name_with_spaces_in_the_split_files(ucf_root, hmdb):
     with pytest.raises(DatasetError, match=r"wave_test_split1.txt:4: expected lines '<video>.avi 0\|1\|2', got "
                                            "'f wave.avi' and no number"):
         index_hmdb51(root, splits)
+
+
+def test_a_root_holding_none_of_the_listed_videos_is_an_error_before_any_work(ucf_root, hmdb):
+    """Split files naming .avi over folders of .mp4 (or a disk not mounted) packed an empty dataset,
+    every video "failed", with the exit status of a run where only some did."""
+    for path in list((ucf_root / "UCF-101").rglob("*.avi")):
+        path.rename(path.with_suffix(".mp4"))
+    with pytest.raises(DatasetError, match=r"none of the 6 videos the split files list is under .*UCF-101 \(first: "
+                                           r".*\.avi\); its class folders hold \.mp4 files: name those in the split files"):
+        index_ucf101(ucf_root)
+    root, splits = hmdb
+    for path in list(root.rglob("*.avi")):
+        path.unlink()
+    with pytest.raises(DatasetError, match=r"none of the 4 videos the split files list is under"):
+        index_hmdb51(root, splits)
+
+
+def test_a_hidden_folder_under_the_hmdb51_root_is_no_class(hmdb):
+    root, splits = hmdb
+    (root / ".ipynb_checkpoints").mkdir()
+    assert index_hmdb51(root, splits).classes == ["brush_hair", "wave"]  # was: a split file of that "class" missing
