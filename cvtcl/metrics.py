@@ -8,6 +8,7 @@ may have logged steps it never saved), so the file always describes one consiste
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -123,6 +124,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, progress: str, total_steps: int, start_step: int):
         self.enabled = enabled
+        self.total_steps, self.start_step = total_steps, start_step
         self.path = Path(run_dir) / METRICS_NAME
         self.tensorboard = None
         self.bar = None
@@ -145,6 +147,14 @@ class MetricsLogger:
             self.bar.start()
         self.started = time.time()
 
+    def eta(self, step: int) -> str:
+        """' eta H:MM:SS' at this launch's mean rate so far ('' before its first step)."""
+        done = step - self.start_step
+        if done <= 0:
+            return ""
+        left = (self.total_steps - step) * (time.time() - self.started) / done
+        return f" eta {datetime.timedelta(seconds=round(max(left, 0.0)))}"
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -164,8 +174,9 @@ class MetricsLogger:
         if self.mode == "rich":
             self.show(status)
             self.tick(record["step"])
-        elif self.mode == "plain":
-            print(f"step {record['step']} epoch {record['epoch']} {status}", flush=True)
+        elif self.mode == "plain":  # a job's log: how far, and how long is left, as the bar shows it
+            print(f"step {record['step']}/{self.total_steps} epoch {record['epoch']} {status}{self.eta(record['step'])}",
+                  flush=True)
 
     def tick(self, step: int) -> None:
         """Move the bar to `step` (every step; cheap: rich redraws at its own refresh rate)."""

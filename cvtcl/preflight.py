@@ -72,8 +72,8 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
         check_shard_index(manifest, root, root / shard_name(shard), advice)
 
 
-def validate(config: TrainConfig, world_size: int) -> None:
-    """Every check that needs no work, before any process group, loader or model exists."""
+def check_layout(config: TrainConfig, world_size: int) -> None:
+    """The config against the number of processes: what `--plan` checks too."""
     if config.run.expect_world_size and world_size != config.run.expect_world_size:
         raise ValueError(
             f"this preset is laid out for {config.run.expect_world_size} processes, got WORLD_SIZE={world_size}; "
@@ -86,8 +86,13 @@ def validate(config: TrainConfig, world_size: int) -> None:
         raise ValueError(f"loss.bn_groups={config.loss.bn_groups} is more than data.batch_size={config.data.batch_size}: "
                          "one process splits its keys into that many shuffle-BN groups of at least one clip each; "
                          "lower loss.bn_groups")
+    check_queue_size(config.loss.queue_size, config.data.batch_size * world_size)
+
+
+def validate(config: TrainConfig, world_size: int) -> None:
+    """Every check that needs no work, before any process group, loader or model exists."""
+    check_layout(config, world_size)
     global_batch = config.data.batch_size * world_size
-    check_queue_size(config.loss.queue_size, global_batch)
     check_device(config)
     check_out_dir(config.run.out_dir)
     if config.stage.kind not in STEPS:
@@ -232,7 +237,7 @@ def plan(config: TrainConfig, world_size: int, sub_stages: list[tuple[str, Train
     """What `--plan` prints: per sub-stage (or the one run) its epochs, steps and clips at this
     many processes, and the totals; the dataset is checked, nothing is written."""
     global_batch = config.data.batch_size * world_size
-    check_queue_size(config.loss.queue_size, global_batch)
+    check_layout(config, world_size)
     check_dataset(config, modalities(config) if not config.schedule.cycles else ("rgb", "flow"), global_batch)
     rows, total_steps = [], 0
     for name, stage in sub_stages:

@@ -171,11 +171,15 @@ def test_epochs_lowered_below_where_a_run_stands_complete_it(dataset, tmp_path, 
     assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 6
 
 
-@pytest.mark.parametrize("progress,expected", [("rich", "train"), ("plain", "step 2 epoch 0 loss=")])
+@pytest.mark.parametrize("progress,expected", [("rich", "train"),
+                                               ("plain", r"step 1/2 epoch 0 loss=\S+ .* eta \d+:\d\d:\d\d\n")])
 def test_progress_modes(dataset, tmp_path, capsys, progress, expected):
+    """plain (a job's log): each line says how far of how many steps, and the time left."""
+    import re
+
     args = _args(dataset, tmp_path, "run.max_steps=2", "run.log_every=1", f"run.progress={progress}")
     assert main(args, build_loader=FakePretrainLoader) == 0
-    assert expected in capsys.readouterr().out
+    assert re.search(expected, capsys.readouterr().out)
 
 
 def _never_called(**kwargs):
@@ -477,6 +481,9 @@ def test_plan_prints_every_sub_stage_and_writes_nothing(tmp_path, capsys, monkey
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="loss.queue_size=15 is not divisible"):
         main([*args[:-1], "loss.queue_size=15", "--plan"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="loss.bn_groups=3 is more than data.batch_size=2"):  # --plan said yes
+        main([*args[:-1], "loss.bn_groups=3", "--plan"])
     # a co-training queue that does not fill: the key to raise is the schedule's, not optim.epochs
     with pytest.raises(ValueError, match="schedule.cotrain_epochs"):
         main([*args[:-1], "loss.queue_size=512", "--plan"])
