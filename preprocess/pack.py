@@ -304,6 +304,9 @@ def pack_shards(index: DatasetIndex, options: PackOptions, owns: Callable[[int],
         return (params, *_pack_shards(index, options, out, owns, progress or Progress.auto(), out / record))
     except OSError as err:  # ENOSPC, EACCES, EROFS while writing a shard or a record
         kept = len(_read_packed(out))
+        if err.filename and not Path(err.filename).resolve().is_relative_to(out.resolve()):  # a source video
+            raise OutputError(f"cannot read {err.filename}: {err.strerror or err}; {kept} finished shard(s) kept. "
+                              "Fix its permissions and rerun the same command to resume") from None
         raise OutputError(
             f"cannot write to {out}: {err.strerror or err} ({err.filename or 'shard'}); {kept} finished "
             "shard(s) kept. Free space (or fix permissions) and rerun the same command to resume"

@@ -53,6 +53,7 @@ def _open(path: Path) -> tuple[cv2.VideoCapture, float]:
         raise VideoDecodeError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise VideoDecodeError(f"{path}: the file is empty (0 bytes)")
+    open(path, "rb").close()  # unreadable (permissions): a PermissionError naming it, which OpenCV would hide
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise VideoDecodeError(f"{path}: OpenCV cannot open it as a video (corrupt or unsupported container)")

@@ -160,6 +160,33 @@ def test_corrupt_and_empty_videos_are_recorded_not_fatal(tmp_path, capsys):
     assert main(args) == 2 and f"{params} is not valid JSON" in capsys.readouterr().err
 
 
+def test_an_unreadable_source_video_is_named_as_one_to_read(tmp_path, capsys, monkeypatch):
+    """OpenCV hides a file it may not read as "cannot open it as a video (corrupt ...)", recorded as
+    failed and kept failed by every rerun; a folder it may not read was said as "cannot write to
+    OUT". Now: one error naming the video to fix, finished shards kept, and the rerun completes.
+    (CI runs as root, which mode bits do not stop: the OS's refusal is stood in for.)"""
+    import builtins
+
+    from preprocess import video
+
+    raw = _raw(tmp_path)
+    locked = raw / "UCF-101" / "MoveThenReverse" / "v_MoveThenReverse_g01_c01.avi"
+
+    def guarded(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(video, "open", guarded, raising=False)
+    args = ["ucf101", "--root", str(raw), "--out", str(tmp_path / "out"), "--workers", "1", "--videos-per-shard", "2",
+            "--flow", "none"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"cannot read {locked}: Permission denied; 1 finished shard(s) kept. Fix its permissions" in err, err
+    monkeypatch.undo()
+    assert main(args) == 0 and not load_manifest(tmp_path / "out").failed
+
+
 def test_a_single_frame_video_fails_where_flow_is_packed(tmp_path, capsys):
     """It was packed with no flow frame, and flow training crashed on it at a random step."""
     raw = _raw(tmp_path)
