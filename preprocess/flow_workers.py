@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from preprocess.flow import encode_flow, make_backend
-from preprocess.hygiene import die_with_parent_if_child
+from preprocess.hygiene import children_ignore_ctrl_c, die_with_parent_if_child
 
 WINDOW_PER_WORKER = 4  # videos in flight per CPU or flow worker: enough to keep both busy
 FILL_WAIT_S = 0.5  # a flow worker waits this long for more videos before running a part-full batch
@@ -163,7 +163,8 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
         proc = ctx.Process(target=flow_worker, daemon=True, args=(
             device, options.flow, options.flow_options, options.flow_jpeg_quality, inbox, outbox,
             len(options.flow_devices)))  # they all compile at once
-        proc.start()
+        with children_ignore_ctrl_c():
+            proc.start()
         slots.append([inbox, proc, 0])  # queue, process, pairs queued
     window = WINDOW_PER_WORKER * (options.workers + len(slots))
     decoding: deque = deque()  # (task index, AsyncResult), in task order

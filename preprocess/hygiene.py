@@ -147,6 +147,25 @@ def die_with_parent_if_child() -> None:
         die_with_parent(parent.pid)
 
 
+@contextlib.contextmanager
+def children_ignore_ctrl_c():
+    """Processes spawned inside ignore Ctrl-C, which the terminal sends to its whole process group:
+    the command stops them itself, instead of each printing a traceback from wherever it was (its
+    imports included). A spawned child keeps an ignored SIGINT across exec, and Python then
+    installs no KeyboardInterrupt; a handler would not survive the exec. So for the moment the
+    block takes (starting the processes: milliseconds) this process ignores it too, and a Ctrl-C
+    just then is lost: press it again."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: dispositions are the main thread's to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 _registered = False
 _forking_pid = 0
 

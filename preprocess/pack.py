@@ -38,7 +38,8 @@ import numpy as np
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
 from preprocess.flow_workers import describe_flow_workers, run_with_flow_workers
-from preprocess.hygiene import OutputDirError, die_with_parent, exclusive_dir, remove_temporaries
+from preprocess.hygiene import (OutputDirError, children_ignore_ctrl_c, die_with_parent, exclusive_dir,
+                                remove_temporaries)
 from preprocess.progress import Progress
 from preprocess.schema import (
     LAYOUT_VERSION,
@@ -335,16 +336,18 @@ def _pack_shards(index: DatasetIndex, options: PackOptions, out: Path, owns: Cal
     if with_flow and options.flow_devices and tasks:
         # CPU workers decode and encode RGB; flow workers batch pairs across videos on the devices
         progress.log(describe_flow_workers(options.flow, options.flow_devices, options.flow_options))
-        pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, ("none", {}, True))
+        with children_ignore_ctrl_c():
+            pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, ("none", {}, True))
         results = run_with_flow_workers(tasks, options, _decode_work, pool)
     elif options.workers == 1 or len(tasks) <= 1:
         _init_worker(options.flow, options.flow_options)
         results = map(_work, tasks)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(
-            min(options.workers, len(tasks)), _init_worker, (options.flow, options.flow_options, True)
-        )
+        with children_ignore_ctrl_c():
+            pool = multiprocessing.get_context("spawn").Pool(
+                min(options.workers, len(tasks)), _init_worker, (options.flow, options.flow_options, True)
+            )
         results = pool.imap(_work, tasks, chunksize=1)  # ordered: shards complete in order
     try:
         for i in todo:

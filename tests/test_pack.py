@@ -235,6 +235,29 @@ def test_a_moved_synthetic_output_reruns_in_place_and_keeps_its_identity(tmp_pat
     assert exit_status.value.code == 2 and "unrecognized arguments: --part" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
+def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: spawned workers still importing printed a
+    KeyboardInterrupt traceback each above the command's own line. They ignore it now, and the
+    command stops them."""
+    from processes import children, command_line
+
+    raw = _raw(tmp_path, videos_per_class=4, clips_per_group=2)
+    argv, env = _preprocess("ucf101", "--root", raw, "--out", tmp_path / "out", "--workers", "2", "--flow", "none")
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while sum("multiprocessing.spawn" in command_line(c) for c in children(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.005)
+    time.sleep(0.05)  # past the moment the command starts them, while they import (~0.3 s)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to every process of the group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].endswith("interrupted (Ctrl-C); finished shards are kept, rerun the same "
+                                                 "command to resume")
+
+
 def _preprocess(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return [sys.executable, "-m", "preprocess", *map(str, args)], env
