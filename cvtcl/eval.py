@@ -155,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="encoder checkpoint (cvtcl.checkpoint); RGB when --checkpoint-flow is given")
     source.add_argument("--random-init", choices=("rgb", "flow"), help="evaluate an untrained encoder instead")
     parser.add_argument("--checkpoint-flow", help="flow checkpoint for two-stream evaluation")
-    parser.add_argument("--backbone", default="s3d", choices=("s3d", "tiny"), help="with --random-init")
+    parser.add_argument("--backbone", default=None, choices=("s3d", "tiny"),
+                        help="with --random-init (default s3d); a checkpoint names its own")
     parser.add_argument("--bn-mode", default="eval", choices=("eval", "batch"),
                         help="feature extraction: running (eval) or batch statistics")
     parser.add_argument("--dataset", required=True, choices=("ucf101", "hmdb51", "kinetics400", "synthetic"),
@@ -207,6 +208,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--amp bf16 needs --device cuda (got {args.device}); use --amp fp32 or auto")
     for path in filter(None, (args.checkpoint, args.checkpoint_flow)):
         check_checkpoint_path(Path(path))
+    if args.backbone is not None and not args.random_init:  # was ignored: the checkpoint's encoder is evaluated
+        raise UsageError(f"--backbone {args.backbone} goes with --random-init; a checkpoint's encoder is the backbone "
+                         "it was trained with: leave --backbone out")
 
 
 def check_checkpoint_path(path: Path) -> None:
@@ -227,8 +231,9 @@ def load_encoders(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[
         torch.manual_seed(args.seed)
         # the source names the backbone: the results say what was evaluated, and a fine-tune's resume
         # file (named by a hash of its sources) is never another backbone's
-        source = f"random-init {args.backbone}"
-        return {args.random_init: Encoder(args.random_init, args.backbone)}, {args.random_init: source}, []
+        backbone = args.backbone or "s3d"
+        source = f"random-init {backbone}"
+        return {args.random_init: Encoder(args.random_init, backbone)}, {args.random_init: source}, []
     try:
         from cvtcl.checkpoint import load_encoder
     except ImportError as err:
@@ -271,7 +276,7 @@ def clip_shape(args: argparse.Namespace, trained: list[dict[str, Any]], encoders
     if args.window_stride is None:
         args.window_stride = max(1, args.frames_per_clip // 2)
     for modality, encoder in encoders.items():
-        backbone = getattr(encoder, "backbone_name", args.backbone)
+        backbone = getattr(encoder, "backbone_name", args.backbone or "s3d")
         min_frames, min_size = MIN_INPUT.get(backbone, (1, 1))
         if args.frames_per_clip < min_frames or args.crop_size < min_size:
             raise UsageError(f"the {modality} encoder ({backbone}) needs >= {min_frames} frames and >= {min_size} "

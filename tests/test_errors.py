@@ -202,6 +202,8 @@ CASES = [
      "--checkpoint-flow needs an RGB --checkpoint"),
     ("eval", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--out", "{file}"], 2, "is a file; give a directory"),
     ("eval", ["ranking", "--checkpoint", "{rgb}", *EVAL], 2, "invalid choice: 'ranking'"),
+    ("eval", ["retrieval", "--checkpoint", "{rgb}", "--backbone", "s3d", *EVAL], 2,  # was ignored
+     "--backbone s3d goes with --random-init; a checkpoint's encoder is the backbone it was trained with"),
     # 1: the work started and failed
     ("eval-oom", ["retrieval", "--checkpoint", "{rgb}", *EVAL, "--out", "{tmp}/eval-oom"], 1,
      "out of cpu memory with --batch-size 8 (cpu, process peak"),
