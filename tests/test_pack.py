@@ -258,6 +258,27 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
                                                  "command to resume")
 
 
+def test_own_mp4_videos_packed_in_the_hmdb51_layout(tmp_path):
+    """README's "Your own videos": any container OpenCV reads, in HMDB51's layout, packs."""
+    rng = np.random.default_rng(0)
+    root, splits = tmp_path / "mine", tmp_path / "splits"
+    splits.mkdir()
+    for class_name in ("jump", "run"):
+        lines = []
+        (root / class_name).mkdir(parents=True)
+        for i in range(2):
+            write_avi(root / class_name / f"{class_name}_{i}.mp4", rng.integers(0, 255, (6, 32, 40, 3), np.uint8), 25.0,
+                      fourcc="mp4v")
+            lines.append(f"{class_name}_{i}.mp4 {i + 1}")
+        (splits / f"{class_name}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["hmdb51", "--root", str(root), "--splits", str(splits), "--out", str(out), "--workers", "1",
+                 "--flow", "none"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.classes == ["jump", "run"] and [v.num_frames for v in manifest.videos] == [6, 6, 6, 6]
+    assert manifest.splits["1"] == {"train": ["jump_0", "run_0"], "test": ["jump_1", "run_1"]}
+
+
 def _preprocess(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return [sys.executable, "-m", "preprocess", *map(str, args)], env
