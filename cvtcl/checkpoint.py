@@ -119,9 +119,11 @@ def save_atomic(path: Path, state: dict[str, Any]) -> Path:
         # torch's message is its stream writer's, without errno: the free space says what happened
         reason = err.strerror if isinstance(err, OSError) and err.strerror else brief(err)
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        # with room on the disk, the limit is another: a file-size limit (ulimit -f), a quota
+        room = "; with that much room, a file-size limit (ulimit -f) or a quota?" if free > 2**30 else ""
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path} ({reason}; {free} bytes free there); the previous checkpoints are "
-            "kept: free space (or fix permissions) and rerun the same command to resume"
+            f"cannot write checkpoint {path} ({reason}; {free / 2**30:.2f} GiB free there{room}); the previous "
+            "checkpoints are kept: free space (or fix permissions) and rerun the same command to resume"
         ) from None
     return path
 

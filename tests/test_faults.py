@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -341,9 +342,14 @@ def test_checkpoint_write_failure_keeps_the_previous_ones(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", no_space)
-    with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoint-00000002.pt .No space left.*bytes free"):
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"checkpoint-00000002.pt .No space left.*\d GiB free"):
         checkpoint.save_checkpoint(tmp_path, {**state, "step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-00000001.pt"]
+    # the disk has room (this one has more than a GiB, as the test machines do): another limit
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=50 * 2**30))
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"50.00 GiB free there; with that much room, a "
+                                                              r"file-size limit \(ulimit -f\) or a quota\?\)"):
+        checkpoint.save_checkpoint(tmp_path, {**state, "step": 2})
 
     def interrupted(*args, **kwargs):  # not the disk: the message says what it was, not just its type
         raise RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")
@@ -631,7 +637,7 @@ def test_full_disk_while_training_is_one_error_exit_2(fake_data, small_disk, cap
     status = cli(_train_args(fake_data, out, "run.max_steps=40", *args))
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
-    assert re.search(r"cvtcl.train: error: cannot write (checkpoint .*bytes free there|.*No space left on device)", err)
+    assert re.search(r"cvtcl.train: error: cannot write (checkpoint .*GiB free there|.*No space left on device)", err)
     assert "rerun the same command to resume" in err
     assert len(list_checkpoints(out)) >= 2 and not list(out.glob("*.tmp"))
     assert load_checkpoint(latest_checkpoint(out))["step"] >= 2  # the last one written is whole
