@@ -23,6 +23,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -112,7 +113,7 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
         return EXIT_FAILED
     except USAGE_ERRORS + RUN_ERRORS as err:
         if any(len(arg) > 2 and "--debug".startswith(arg) for arg in argv):  # argparse takes --deb for --debug
-            raise
+            traceback.print_exc()  # then the same line and exit status as without it
         status = EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return status

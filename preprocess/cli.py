@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from cvtcl.errors import one_line
@@ -216,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ConfigError, DatasetError, LayoutError, ValueError, OSError) as err:
         if getattr(args, "debug", False):
-            raise
+            traceback.print_exc()  # then the same line and exit status as without it
         print(f"cvtcl-preprocess {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_CONFIG
     except FlowWorkerError as err:  # the run started: finished shards are kept
         if getattr(args, "debug", False):
-            raise
+            traceback.print_exc()
         print(f"cvtcl-preprocess {args.command}: error: {err}; the finished shards are kept: rerun the same "
               "command to resume", file=sys.stderr)
         return EXIT_FAILED

@@ -325,18 +325,21 @@ def test_the_table_is_large_enough():
         "preprocess", "train", "eval", "plot"}
 
 
-def test_debug_shows_the_traceback(paths):
-    with pytest.raises(KeyError, match="smokey"):
-        train.cli(["--preset", "smokey", "--debug"])
-    with pytest.raises(KeyError, match="smokey"):  # as argparse reads it
-        train.cli(["--preset", "smokey", "--deb"])
-    with pytest.raises(Exception, match="does not exist"):
-        cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["nowhere"]), "--dataset", "synthetic", "--shards",
-                        str(paths["data"]), "--debug"])
-    with pytest.raises(Exception, match="is not a directory"):
-        plot.main([str(paths["nowhere"]), "--debug"])
-    with pytest.raises(Exception, match="is not a directory"):
-        preprocess_cli.main(["verify", str(paths["nowhere"]), "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(paths, capsys):
+    """--debug adds the traceback above the one line; the exit status stays the documented one (it
+    was Python's 1 for an error that exits 2)."""
+    calls = [(lambda argv: train.cli(["--preset", "smokey", *argv]), "smokey"),
+             (lambda argv: train.cli(["--preset", "smokey", *("--deb" for _ in argv)]), "smokey"),  # as argparse reads it
+             (lambda argv: cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["nowhere"]), "--dataset", "synthetic",
+                                           "--shards", str(paths["data"]), *argv]), "does not exist"),
+             (lambda argv: plot.main([str(paths["nowhere"]), *argv]), "is not a directory"),
+             (lambda argv: preprocess_cli.main(["verify", str(paths["nowhere"]), *argv]), "is not a directory")]
+    for call, message in calls:
+        plain = call([])
+        assert "Traceback" not in capsys.readouterr().err
+        assert call(["--debug"]) == plain == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback") and message in err.strip().splitlines()[-1], err
 
 
 def test_ctrl_c_interrupts_the_command_not_its_forked_workers():
