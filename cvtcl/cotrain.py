@@ -129,8 +129,9 @@ def stage_config(base: TrainConfig, run: StageRun) -> TrainConfig:
     data["stage"] = {
         "kind": "cotrain" if stage.is_cotraining else "instance",
         "modality": stage.modality,
-        "init_checkpoint": str(run.init_checkpoint or ""),
-        "sampler_checkpoint": str(run.sampler_checkpoint or ""),
+        # absolute: the sub-stage's config.json names its inputs from any working directory
+        "init_checkpoint": str(Path(run.init_checkpoint).absolute()) if run.init_checkpoint else "",
+        "sampler_checkpoint": str(Path(run.sampler_checkpoint).absolute()) if run.sampler_checkpoint else "",
     }
     if stage.is_cotraining:
         data["optim"]["epochs"] = sched.cotrain_epochs

@@ -183,6 +183,7 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
             "(each process reads its own part of an epoch) and the global batch would change mid-run. Relaunch "
             "with the same number of processes"
         )
+    check_same_dataset(config, state, path)
     saved, current, defaults = state["config"], config.to_dict(), TrainConfig().to_dict()
     changed = [
         f"{section}.{key}"
@@ -200,6 +201,16 @@ def check_resumable(config: TrainConfig, world_size: int, state: dict[str, Any],
         )
 
 
+def check_same_dataset(config: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    """The checkpoint's run trained on the dataset data.root holds now, by the digest of its
+    manifest (which the checkpoint records; older ones do not), whatever the path is called."""
+    if state.get("dataset") and state["dataset"] != manifest_digest(config.data.root):
+        raise ValueError(
+            f"{path} was trained on another dataset than data.root={config.data.root} holds now (their manifests "
+            "differ); resuming would mix two datasets. Point data.root at the dataset the run trained on, or use "
+            "a new run.out_dir")
+
+
 def _same_source(saved: dict, current: dict, section: str, key: str, dataset: str | None) -> bool:
     """A path the run reads, named another way or moved, with the same content.
 
@@ -209,8 +220,8 @@ def _same_source(saved: dict, current: dict, section: str, key: str, dataset: st
     schedule's directory (the parent of run.out_dir): the same file relative to it, when the
     schedule directory was moved or named by another path (relative, absolute)."""
     old, new = saved.get(section, {}).get(key), current[section][key]
-    if (section, key) == ("data", "root"):
-        return manifest_digest(new) == dataset if dataset else _same_path(old, new)
+    if (section, key) == ("data", "root"):  # with a digest, check_same_dataset compared the contents
+        return bool(dataset) or _same_path(old, new)
     if (section, key) not in (("stage", "init_checkpoint"), ("stage", "sampler_checkpoint")):
         return False
     if not old or not new:

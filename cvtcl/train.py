@@ -39,7 +39,7 @@ from cvtcl.engine import (PRECISION, Context, StepTerms, amp_dtype, compile_enco
 from cvtcl.errors import EXIT_INTERRUPTED, RunFailed, StopSignals, run_command
 from cvtcl.metrics import MetricsLogger, Window
 from cvtcl.models import Encoder
-from cvtcl.preflight import check_dataset, epoch_steps, modalities, plan, validate
+from cvtcl.preflight import check_dataset, check_same_dataset, epoch_steps, modalities, plan, validate
 from cvtcl.retrieval import KnnMonitor
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
@@ -134,6 +134,7 @@ def check_finished_sub_stages(config: TrainConfig) -> None:
         _, state = latest_loadable(root / name, mmap=True)  # a flag and the config: nothing else read
         if state is None or not state.get("complete"):
             continue
+        check_same_dataset(derived, state, root / name)  # the sub-stages after it would train on another
         done, asked = state["config"]["optim"], derived.optim
         if (done["epochs"], list(done["lr_milestones"])) != (asked.epochs, list(asked.lr_milestones)):
             keys = ("schedule.cotrain_epochs / schedule.cotrain_lr_milestones" if derived.stage.kind == "cotrain"

@@ -211,6 +211,25 @@ def test_whole_schedule_in_one_command(dataset, tmp_path):
         main(_schedule_args(dataset, tmp_path, "schedule.cotrain_epochs=3"), build_loader=_never_called)
     with pytest.raises(ValueError, match=r"stage1-rgb finished 2 epochs .* asks 3 .* through optim.epochs"):
         main(_schedule_args(dataset, tmp_path, "optim.epochs=3"), build_loader=_never_called)
+    # another dataset: the finished sub-stages were skipped and the rest trained on it, silently
+    other = make_dataset(tmp_path / "other", num_videos=12)
+    with pytest.raises(ValueError, match=r"stage1-rgb was trained on another dataset than data.root=.*other holds"):
+        main(_schedule_args(other, tmp_path), build_loader=_never_called)
+
+
+def test_a_sub_stages_config_json_resumes_it_from_another_directory(dataset, tmp_path, monkeypatch):
+    """A schedule started with a relative run.out_dir: its sub-stages' config.json named their init
+    and sampler checkpoints relative to that directory, and did not resume from another one."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_schedule_args(dataset, Path("sched")), build_loader=FakePretrainLoader) == 0
+    stage = json.loads((tmp_path / "sched" / "cycle2-flow" / "config.json").read_text())["stage"]
+    assert stage["init_checkpoint"] == str(latest_checkpoint(tmp_path / "sched" / "cycle1-flow"))
+    assert stage["sampler_checkpoint"] == str(latest_checkpoint(tmp_path / "sched" / "cycle2-rgb"))
+    latest_checkpoint(tmp_path / "sched" / "cycle2-flow").unlink()  # its last epoch to do again
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["--config", "../sched/cycle2-flow/config.json"], build_loader=FakePretrainLoader) == 0
+    assert is_complete(tmp_path / "sched" / "cycle2-flow")
 
 
 def test_stage_option_needs_a_schedule_and_its_dependencies(dataset, tmp_path):

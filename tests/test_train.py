@@ -114,9 +114,14 @@ def test_a_run_resumes_with_its_dataset_named_another_way_or_copied_elsewhere(da
         main(_args(dataset, out, "run.max_steps=4"), build_loader=_never_called)
     monkeypatch.chdir(copy.parent)
     assert main(_args(Path("copy"), out, "run.max_steps=4"), build_loader=FakePretrainLoader) == 0
+    # with the digest again: another dataset is refused under another path, and under the same path too
     other = make_dataset(tmp_path / "other", num_videos=12)
-    with pytest.raises(ValueError, match=r"different config \(data.root\)"):
+    with pytest.raises(ValueError, match="was trained on another dataset than data.root=.*other holds now"):
         main(_args(other, out, "run.max_steps=5"), build_loader=_never_called)
+    shutil.rmtree(copy)
+    shutil.copytree(other, copy)
+    with pytest.raises(ValueError, match="was trained on another dataset than data.root=.*copy holds now"):
+        main(_args(copy, out, "run.max_steps=6"), build_loader=_never_called)
 
 
 def test_a_runs_config_json_resumes_it_from_any_directory_and_after_a_move(dataset, tmp_path, monkeypatch):
