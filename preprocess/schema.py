@@ -267,7 +267,14 @@ def manifest_digest(root: str | os.PathLike) -> str:
     """The identity of a finished dataset: the sha256 of its manifest (which names every shard's
     sha256) less the folder its videos were read from. A copy of the dataset elsewhere (a node's
     local disk), or a synthetic output moved and packed again there, has the same digest."""
-    data = read_json(manifest_path(root), "re-run the preprocessing command")
+    path = manifest_path(root)
+    stat = path.stat()
+    return _manifest_digest(str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)  # a schedule asks it of every sub-stage; Kinetics' manifest is ~40 MB of JSON
+def _manifest_digest(path: str, inode: int, mtime_ns: int, size: int) -> str:
+    data = read_json(path, "re-run the preprocessing command")
     data.get("params", {}).pop("source_root", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
