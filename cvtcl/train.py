@@ -37,7 +37,7 @@ from cvtcl.cotrain import checkpoint_of, load_sampler, stage_config  # also regi
 from cvtcl.engine import (PRECISION, Context, StepTerms, amp_dtype, compile_encoders, memory_report,
                           peak_memory_gib, read_terms, train_one_epoch)
 from cvtcl.errors import EXIT_INTERRUPTED, RunFailed, StopSignals, run_command
-from cvtcl.metrics import MetricsLogger, Window
+from cvtcl.metrics import MetricsLogger, Window, read_metrics
 from cvtcl.models import Encoder
 from cvtcl.preflight import check_dataset, check_same_dataset, epoch_steps, modalities, plan, validate
 from cvtcl.retrieval import KnnMonitor
@@ -194,6 +194,19 @@ def knn_monitor(config: TrainConfig, dist: distributed.DistInfo) -> KnnMonitor:
     )
 
 
+def nothing_to_do(config: TrainConfig, world_size: int) -> str | None:
+    """What to say when run.out_dir's run is complete and this config asks no step more of it (a
+    rerun of a finished run, or one with optim.epochs lowered); None when there is work."""
+    _, state = latest_loadable(config.run.out_dir, mmap=True)  # a flag and the config: nothing else read
+    if state is None or not state.get("complete"):
+        return None
+    total = config.optim.epochs * epoch_steps(config, world_size)
+    if state["step"] < (min(total, config.run.max_steps) if config.run.max_steps else total):
+        return None
+    return (f"{config.run.out_dir} is complete (step {state['step']}, optim.epochs={state['config']['optim']['epochs']}): "
+            "nothing to do; raise optim.epochs to train longer")
+
+
 def checkpoint_state(ctx: Context, epoch: int, epoch_step: int, complete: bool) -> dict[str, Any]:
     return {
         "step": ctx.step, "epoch": epoch, "epoch_step": epoch_step,
@@ -265,6 +278,11 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
            stop_signals: StopSignals) -> None:
     torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune the 3D convolutions once
     run_dir = Path(config.run.out_dir)
+    done = nothing_to_do(config, dist.world_size)
+    if done:  # before config.json: it keeps saying what was trained
+        if dist.is_main and config.run.progress != "none":
+            print(done, flush=True)
+        return
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -375,15 +393,26 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
             window_state = window.state_dict(lambda sums: distributed.all_reduce_mean(sums, dist.device))
             write_checkpoint(*position, ctx.step >= epochs_total and trained, window_state)
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
-            if dist.is_main:
-                logger.show("kNN monitor: retrieval of the test split ...")
-                logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
-            distributed.barrier()
+            run_monitor(epoch)
         if stop:
             logger.message(f"{stop_signals.describe()}: checkpoint saved at step {ctx.step}; "
                            "rerun the same command to resume")
         return stop or finished
 
+    def run_monitor(epoch: int) -> None:
+        """The kNN monitor after `epoch`, its line in metrics.jsonl (rank 0; the others wait)."""
+        if dist.is_main:
+            logger.show("kNN monitor: retrieval of the test split ...")
+            logger.log({"step": ctx.step, "epoch": epoch, **monitor(ctx.model.query)})
+        distributed.barrier()
+
+    if monitor is not None and latest is not None and epoch_step == 0 and 0 < epoch and epoch % config.run.knn_every == 0:
+        # the run may have stopped between the epoch's checkpoint and its kNN line (a kill, torchrun's
+        # grace): rank 0's metrics.jsonl says, for every rank
+        missing = dist.is_main and not any(key.startswith("knn/") for r in read_metrics(run_dir / "metrics.jsonl")
+                                           if r["step"] == ctx.step for key in r)
+        if distributed.broadcast_flag(missing, dist.device):  # only rank 0 may say True
+            run_monitor(epoch - 1)
     if latest is not None and ctx.step >= epochs_total and trained and not state.get("complete"):
         # optim.epochs lowered to where the run already stands: every epoch it asks for is trained
         write_checkpoint(epoch, epoch_step, True, state.get("metrics_window"))

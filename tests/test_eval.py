@@ -309,6 +309,16 @@ def test_trainer_monitor_then_eval_and_plot_on_real_shards(synthetic_dataset, tm
                        "run.log_every=1", "run.progress=none", "data.backend=baseline"]) == 0
     knn = [r for r in read_metrics(run / "metrics.jsonl") if "knn/R@1" in r]
     assert [r["epoch"] for r in knn] == [0, 1] and all(0 <= r["knn/R@1"] <= 100 for r in knn)
+    # stopped between epoch 0's checkpoint and its kNN line (a kill; torchrun's grace): the rerun
+    # resumes at epoch 1 and adds the line first (it was lost for good)
+    latest_checkpoint(run).unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if "knn/" not in line))
+    assert train_main(["--preset", "smoke", f"data.root={synthetic_dataset}", f"run.out_dir={run}",
+                       "loss.queue_size=8", "data.batch_size=4", "optim.epochs=2", "run.knn_every=1",
+                       "run.log_every=1", "run.progress=none", "data.backend=baseline"]) == 0
+    again = [r for r in read_metrics(run / "metrics.jsonl") if "knn/R@1" in r]
+    assert [(r["step"], r["epoch"], r["knn/R@1"]) for r in again] == [(r["step"], r["epoch"], r["knn/R@1"]) for r in knn]
     payload = cvtcl_eval.main(["retrieval", "--checkpoint", str(latest_checkpoint(run)), "--dataset", "synthetic",
                                "--shards", str(synthetic_dataset), "--backend", "baseline", "--device", "cpu",
                                "--frames-per-clip", "8", "--window-stride", "8", "--crop-size", "32"])

@@ -158,11 +158,19 @@ def test_a_world_size_refusal_counts_processes_in_english():
         check_resumable(TrainConfig(), 2, {"world_size": 1, "config": {}}, Path("checkpoint-00000004.pt"))
 
 
-def test_complete_after_all_epochs(dataset, tmp_path):
-    assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0
-    assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
-    assert main(_args(dataset, tmp_path, "optim.epochs=1"), build_loader=FakePretrainLoader) == 0  # nothing left
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [4]
+def test_complete_after_all_epochs(dataset, tmp_path, capsys):
+    """A rerun of a complete run says so and does nothing (it said "resumed" and "stopped", and with
+    optim.epochs lowered rewrote config.json to epochs the run never had)."""
+    assert main(_args(dataset, tmp_path, "optim.epochs=2"), build_loader=FakePretrainLoader) == 0
+    assert is_complete(tmp_path) and load_checkpoint(latest_checkpoint(tmp_path))["step"] == 8
+    capsys.readouterr()
+    for epochs in (2, 1):  # nothing left
+        assert main(_args(dataset, tmp_path, f"optim.epochs={epochs}"), build_loader=_never_called) == 0
+        assert capsys.readouterr().out == (f"{tmp_path} is complete (step 8, optim.epochs=2): nothing to do; raise "
+                                           "optim.epochs to train longer\n")
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["epochs"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 8]
+    assert len((tmp_path / "launches.jsonl").read_text().splitlines()) == 1
 
 
 def test_epochs_lowered_below_where_a_run_stands_complete_it(dataset, tmp_path, capsys):
