@@ -148,7 +148,7 @@ def run_schedule(
                     f"run `--stage {dep}` (or the whole schedule without --stage) first")
             sources[role] = final_checkpoint(root / dep)
         run = StageRun(stage, run_dir, sources["init"], sources["sampler"])
-        log(f"[schedule] {stage.name}: training {stage.modality}"
+        log(f"[schedule] {stage.name} ({list(stages).index(stage) + 1} of {len(stages)}): training {stage.modality}"
             + (f", sampler {stage.sampler}" if stage.sampler else "") + f" in {run_dir}")
         run_one(run)
         ran.append(run)

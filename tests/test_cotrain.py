@@ -166,8 +166,10 @@ def _schedule_args(dataset, out, *extra):
 def test_a_schedule_stopped_by_max_steps_says_to_raise_it(dataset, tmp_path, capsys):
     """A rerun of the same command would stop at once again: the line says which key ended it."""
     assert main(_schedule_args(dataset, tmp_path, "run.max_steps=1"), build_loader=FakePretrainLoader) == 0
+    out = capsys.readouterr().out
     assert ("[schedule] stage1-rgb: stopped before its last epoch; run.max_steps=1 ended it: raise or drop "
-            "run.max_steps, then rerun to go on") in capsys.readouterr().out
+            "run.max_steps, then rerun to go on") in out
+    assert f"[schedule] stage1-rgb (1 of 6): training rgb in {tmp_path / 'stage1-rgb'}" in out  # where it stands
 
 
 def test_a_moved_schedule_directory_resumes_a_co_training_sub_stage(dataset, tmp_path):
