@@ -273,6 +273,11 @@ def clip_shape(args: argparse.Namespace, trained: list[dict[str, Any]], encoders
             raise UsageError(f"the two checkpoints were trained with different data.{key} ({sorted(values)}); "
                              f"choose one with --{key.replace('_', '-')}")
         setattr(args, key, values.pop())
+    strided = sorted({int(config.get("data", {}).get("frame_stride", 1)) for config in trained} - {1})
+    if strided:  # the windows would span 1/stride of the time the encoder learned from, silently
+        raise UsageError(f"the checkpoint was trained on frames {strided[0]} apart (data.frame_stride={strided[0]}); "
+                         "evaluation reads consecutive frames, as the paper trains: evaluate a run trained with "
+                         "data.frame_stride=1")
     if args.window_stride is None:
         args.window_stride = max(1, args.frames_per_clip // 2)
     for modality, encoder in encoders.items():

@@ -86,7 +86,15 @@ def check_layout(config: TrainConfig, world_size: int) -> None:
         raise ValueError(f"loss.bn_groups={config.loss.bn_groups} is more than data.batch_size={config.data.batch_size}: "
                          "one process splits its keys into that many shuffle-BN groups of at least one clip each; "
                          "lower loss.bn_groups")
+    if world_size == 1 and config.data.batch_size % config.loss.bn_groups:  # chunks: fewer or uneven groups
+        raise ValueError(f"loss.bn_groups={config.loss.bn_groups} does not divide data.batch_size="
+                         f"{config.data.batch_size}: one process splits its keys into that many shuffle-BN groups "
+                         "of equal size; choose a divisor of the batch")
     check_queue_size(config.loss.queue_size, config.data.batch_size * world_size)
+    if config.run.knn_every and config.data.frame_stride != 1:  # its windows are consecutive frames
+        raise ValueError(f"run.knn_every={config.run.knn_every} with data.frame_stride={config.data.frame_stride}: the "
+                         "kNN monitor (as cvtcl.eval) reads consecutive frames; set run.knn_every=0 or "
+                         "data.frame_stride=1")
 
 
 def validate(config: TrainConfig, world_size: int) -> None:

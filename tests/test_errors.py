@@ -433,3 +433,14 @@ def test_an_evaluation_split_without_test_videos_says_so(splits, message):
     manifest = SimpleNamespace(dataset="synthetic", splits=splits, has_flow=False)
     with pytest.raises(errors.UsageError, match=message):
         cvtcl_eval.check_dataset(args, manifest, ["rgb"])
+
+
+def test_a_strided_checkpoint_is_not_evaluated_on_consecutive_frames(paths):
+    """Evaluation (and the trainer's kNN monitor) read consecutive frames: a checkpoint trained on
+    every 2nd frame was evaluated on windows of half its time span, silently."""
+    args = SimpleNamespace(frames_per_clip=None, crop_size=None, window_stride=None, backbone=None)
+    with pytest.raises(errors.UsageError, match=r"trained on frames 2 apart \(data.frame_stride=2\)"):
+        cvtcl_eval.clip_shape(args, [{"data": {"frame_stride": 2, "frames_per_clip": 8}}], {})
+    with pytest.raises(ValueError, match="run.knn_every=1 with data.frame_stride=2: the kNN monitor"):
+        train.main([*[a.format(**paths) for a in TRAIN], "data.frame_stride=2", "run.knn_every=1"],
+                   build_loader=_never_called)

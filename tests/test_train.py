@@ -222,6 +222,8 @@ def flip_index_byte(shard: Path) -> None:
      r"split 1 subset validate has no videos; choose another data.split / data.subset \(there: 1: test \(4\), "
      r"train \(16\), validate \(0\)\)"),
     (["loss.bn_groups=5"], ValueError, "loss.bn_groups=5 is more than data.batch_size=4: .*lower loss.bn_groups"),
+    # torch.chunk made 2 groups of 2 for 3 asked (and 3, 3, 3, 1 for 4 of a batch of 10)
+    (["loss.bn_groups=3"], ValueError, "loss.bn_groups=3 does not divide data.batch_size=4: .*equal size"),
     (["data.batch_size=32", "loss.queue_size=64"], ValueError, "fewer than one global batch"),
     (["stage.init_checkpoint=/nonexistent.pt"], FileNotFoundError, "init_checkpoint"),
     (["data.root={damaged}"], LayoutError, r"shard-00000.h5: its index .* is damaged.*cvtcl-preprocess verify"),
