@@ -35,6 +35,7 @@ from cvtcl.errors import EXIT_OK, RunFailed, UsageError, brief, run_command
 from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, ResumeFile, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
+from cvtcl.preflight import check_backend
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval
 from cvtcl.selection import heldout_split
 
@@ -208,6 +209,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--amp bf16 needs --device cuda (got {args.device}); use --amp fp32 or auto")
     for path in filter(None, (args.checkpoint, args.checkpoint_flow)):
         check_checkpoint_path(Path(path))
+    check_backend(args.backend, "--backend dali", "--backend baseline")
     if args.backbone is not None and not args.random_init:  # was ignored: the checkpoint's encoder is evaluated
         raise UsageError(f"--backbone {args.backbone} goes with --random-init; a checkpoint's encoder is the backbone "
                          "it was trained with: leave --backbone out")
@@ -419,10 +421,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "shards": str(Path(args.shards).resolve()), "encoders": sources,
                                "bn_mode": args.bn_mode, "seed": args.seed,
                                "frames_per_clip": args.frames_per_clip, "crop_size": args.crop_size,
-                               "window_stride": args.window_stride,
+                               "window_stride": args.window_stride, "backend": args.backend,
                                "amp": PRECISION[autocast_dtype(args.amp, device)],
                                "processes": distributed.world_size(), "batch_size": args.batch_size,
-                               "device": provenance.device_info(device), "versions": provenance.versions()}
+                               "device": provenance.device_info(device)}
     resume = resume_files(args, out_dir, sources, device) if args.protocol == "finetune" else {}
     try:
         payload["results"], neighbours = run_protocol(args, encoders, make_loader, make_train, manifest, resume)
@@ -440,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         rank = distributed.rank()
         distributed.shutdown()
+    payload["versions"] = provenance.versions()  # after the passes: the loaders imported DALI or OpenCV
     if rank != 0:  # the first process writes the results
         return payload
     results_file, neighbours_file = claim_output_paths(out_dir, args.protocol, args.dataset, args.split)

@@ -7,6 +7,7 @@ file and says what to do (cvtcl/errors.py turns it into one line and an exit sta
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from cvtcl.checkpoint import CheckpointLoadError, latest_loadable, load_checkpoi
 from cvtcl.config import TrainConfig
 from cvtcl.cotrain import check_sampler  # also registers STEPS["cotrain"]
 from cvtcl.engine import STEPS, amp_dtype
-from cvtcl.errors import brief
+from cvtcl.errors import UsageError, brief
 from cvtcl.moco import check_queue_size
 from cvtcl.schedule import check_queue_fills
 from preprocess.schema import load_manifest, manifest_digest, shard_name
@@ -97,9 +98,22 @@ def check_layout(config: TrainConfig, world_size: int) -> None:
                          "data.frame_stride=1")
 
 
+def dali_installed() -> bool:
+    """Whether DALI can be imported here (without importing it: that takes seconds)."""
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def check_backend(backend: str, asked: str, other: str) -> None:
+    """The DALI loader is installed when it is asked for (hardware.md's legacy installs lack it)."""
+    if backend == "dali" and not dali_installed():
+        raise UsageError(f"{asked} needs the nvidia-dali-cuda130 package, which is not installed here (pip install "
+                         f"nvidia-dali-cuda130; it runs without a GPU too), or use {other}")
+
+
 def validate(config: TrainConfig, world_size: int) -> None:
     """Every check that needs no work, before any process group, loader or model exists."""
     check_layout(config, world_size)
+    check_backend(config.data.backend, "data.backend=dali", "data.backend=baseline")
     global_batch = config.data.batch_size * world_size
     check_device(config)
     check_out_dir(config.run.out_dir)

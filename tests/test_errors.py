@@ -444,3 +444,19 @@ def test_a_strided_checkpoint_is_not_evaluated_on_consecutive_frames(paths):
     with pytest.raises(ValueError, match="run.knn_every=1 with data.frame_stride=2: the kNN monitor"):
         train.main([*[a.format(**paths) for a in TRAIN], "data.frame_stride=2", "run.knn_every=1"],
                    build_loader=_never_called)
+
+
+def test_without_dali_the_dali_loader_is_one_line_before_any_work(paths, capsys, monkeypatch):
+    """hardware.md's legacy installs have no DALI: training and evaluation printed a traceback
+    (exit 1), the trainer after writing its run directory. Both name the setting to change."""
+    from cvtcl import preflight
+
+    monkeypatch.setattr(preflight, "dali_installed", lambda: False)
+    out = paths["tmp"] / "no-dali"
+    assert train.cli([*[a.format(**paths) for a in TRAIN], f"run.out_dir={out}", "data.backend=dali"],
+                     build_loader=_never_called) == 2
+    assert "data.backend=dali needs the nvidia-dali-cuda130 package, which is not installed here" in \
+        capsys.readouterr().err and not out.exists()
+    assert cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["rgb"]), *[a.format(**paths) for a in EVAL],
+                           "--backend", "dali"]) == 2
+    assert "--backend dali needs the nvidia-dali-cuda130 package" in capsys.readouterr().err

@@ -323,6 +323,7 @@ def test_trainer_monitor_then_eval_and_plot_on_real_shards(synthetic_dataset, tm
                                "--shards", str(synthetic_dataset), "--backend", "baseline", "--device", "cpu",
                                "--frames-per-clip", "8", "--window-stride", "8", "--crop-size", "32"])
     assert payload["encoders"] == {"rgb": str(latest_checkpoint(run))}
+    assert payload["backend"] == "baseline" and payload["versions"]["opencv"]  # the two loaders' pixels differ
     assert plot_main([str(run)]) == 0
     assert sorted(p.name for p in (run / "figures").iterdir()) == ["curves-run.png", "retrieval-synthetic-split1.png"]
 
