@@ -79,9 +79,17 @@ def write_file_atomic(path: Path, data, before_rename: Callable[[], None] | None
         raise
 
 
+def open_shard(path: str | os.PathLike) -> h5py.File:
+    """A shard opened for reading, without HDF5's file locks: a finished shard never changes (its
+    writer renames the whole file into place), and a filesystem without locks (NFS, or Lustre
+    mounted so, as on many clusters) or another process's lock made every open fail ("unable to
+    lock file")."""
+    return h5py.File(path, "r", locking=False)
+
+
 def data_regions(path: str | os.PathLike) -> list[list[int]]:
     """[[file offset, bytes], ...] of the shard's `*/bytes` data, in file order (empty ones left out)."""
-    with h5py.File(path, "r") as h5:
+    with open_shard(path) as h5:
         return sorted(
             [h5[m]["bytes"].id.get_offset(), h5[m]["bytes"].id.get_storage_size()]
             for m in ("rgb", "flow") if m in h5 and h5[m]["bytes"].id.get_offset() is not None
@@ -195,7 +203,7 @@ def _header_list(h5: h5py.File, key: str, path: str | os.PathLike) -> list:
 def read_shard_header(path: str | os.PathLike) -> tuple[list[VideoRecord], list[FailedVideo]]:
     """The records and failures stored in a complete shard (used to resume a run). A damaged
     header is a LayoutError naming the file."""
-    with h5py.File(path, "r") as h5:
+    with open_shard(path) as h5:
         check_layout_version(int(h5.attrs.get("layout_version", -1)), str(path))
         videos = [VideoRecord.from_dict(v, str(path)) for v in _header_list(h5, "videos", path)]
         try:
@@ -332,7 +340,7 @@ class ShardReader:
                 if shard not in self._checked_shards:  # before HDF5 parses a byte of it
                     check_shard_index(self.manifest, self.root, path, self._advice)
                     self._checked_shards.add(shard)
-                h5 = h5py.File(path, "r")
+                h5 = open_shard(path)
             except OSError as err:
                 raise LayoutError(f"cannot open shard {path} ({err}); {self._advice}") from None
             try:

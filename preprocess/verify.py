@@ -24,7 +24,8 @@ from preprocess.hygiene import children_ignore_ctrl_c, die_with_parent_if_child
 from preprocess.pack import ConfigError
 from preprocess.parts import Part, read_marker, read_params
 from preprocess.schema import LayoutError, VideoRecord, load_manifest, manifest_path
-from preprocess.shards import file_sha256, first_bad_crc, index_crc32, read_frames, read_shard_header, record_mismatch
+from preprocess.shards import (file_sha256, first_bad_crc, index_crc32, open_shard, read_frames, read_shard_header,
+                               record_mismatch)
 
 
 def _check_offsets(h5: h5py.File, modality: str, frames: int, where: str) -> list[str]:
@@ -94,7 +95,7 @@ def check_shard(root: str, entry: dict[str, Any], videos: list[VideoRecord], wit
         frames = sum(v.num_frames for v in videos)
         if len(videos) != entry["num_videos"] or frames != entry["num_frames"]:
             problems.append(f"{where}: video/frame counts differ from the manifest's shard entry")
-        with h5py.File(path, "r") as h5:
+        with open_shard(path) as h5:
             layout = _check_offsets(h5, "rgb", frames, where)
             if with_flow:
                 layout += _check_offsets(h5, "flow", 2 * sum(v.num_flow_frames for v in videos), where)
