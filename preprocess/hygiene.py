@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import multiprocessing
 import os
@@ -99,6 +100,15 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
                 f"{lock.parent} is in use by another {what} (pid {holder}); wait for it to finish, "
                 "or choose another output directory"
             ) from None
+        except OSError as err:
+            if err.errno not in NO_LOCKS:
+                raise _unwritable(lock.parent, err) from None
+            # a filesystem that takes no locks (Lustre mounted without flock): work on, and say once
+            # per process what is not guarded
+            if not _no_locks_said:
+                _no_locks_said.append(lock.parent)
+                print(f"note: {lock.parent}: the filesystem takes no file locks ({err.strerror}), so a second "
+                      f"{what} there would not be stopped: run one at a time", file=sys.stderr, flush=True)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -112,6 +122,10 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
             os.ftruncate(fd, 0)  # an empty file once released: a finished output is the same on every run
     finally:
         os.close(fd)  # releases the flock
+
+
+NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # flock's answers where locks are not kept
+_no_locks_said: list[Path] = []
 
 
 def _unwritable(directory: Path, err: OSError) -> OutputDirError:

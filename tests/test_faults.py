@@ -247,6 +247,30 @@ def test_rerun_rebuilds_a_damaged_shard_instead_of_keeping_it(synthetic_dataset,
     assert shard.read_bytes() == sound and verify(out) == []
 
 
+def test_a_filesystem_without_locks_is_worked_on_and_said(tmp_path, capsys, monkeypatch):
+    """Lustre mounted without flock answers ENOSYS: every command stopped there with a bare
+    "Function not implemented". It works on, saying once that a second writer would not be stopped."""
+    import errno
+
+    from preprocess import hygiene
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(hygiene.fcntl, "flock", no_locks)
+    monkeypatch.setattr(hygiene, "_no_locks_said", [])
+    for _ in range(2):  # a schedule locks each sub-stage's directory: said once
+        with exclusive_dir(tmp_path / "out", "test run"):
+            (tmp_path / "out" / "work").write_text("done")
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out'}: the filesystem takes no file locks (Function not implemented), so a second test " \
+           "run there would not be stopped" in err and err.count("note:") == 1
+    monkeypatch.setattr(hygiene.fcntl, "flock", lambda fd, operation: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    with pytest.raises(hygiene.OutputDirError, match="cannot write to the output directory"):  # another failure
+        with exclusive_dir(tmp_path / "other", "test run"):
+            pass
+
+
 def test_second_writer_gets_a_clear_message_and_exit_2(synthetic_dataset, tmp_path):
     out = tmp_path / "out"
     with exclusive_dir(out, "test"):
