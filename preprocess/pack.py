@@ -306,8 +306,9 @@ def pack_shards(index: DatasetIndex, options: PackOptions, owns: Callable[[int],
     except OSError as err:  # ENOSPC, EACCES, EROFS while writing a shard or a record
         kept = len(_read_packed(out))
         if err.filename and not Path(err.filename).resolve().is_relative_to(out.resolve()):  # a source video
-            raise OutputError(f"cannot read {err.filename}: {err.strerror or err}; {kept} finished shard(s) kept. "
-                              "Fix its permissions and rerun the same command to resume") from None
+            verb, fix = ("read", "its permissions") if isinstance(err, PermissionError) else ("use", "that")
+            raise OutputError(f"cannot {verb} {err.filename}: {err.strerror or err}; {kept} finished shard(s) kept. "
+                              f"Fix {fix} and rerun the same command to resume") from None
         raise OutputError(
             f"cannot write to {out}: {err.strerror or err} ({err.filename or 'shard'}); {kept} finished "
             "shard(s) kept. Free space (or fix permissions) and rerun the same command to resume"
