@@ -35,6 +35,12 @@ class DistInfo:
 
 def env_world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without torchrun."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if "WORLD_SIZE" not in os.environ and tasks.isdigit() and int(tasks) > 1:  # `srun -n N python -m cvtcl...`
+        raise ValueError(f"SLURM started {tasks} tasks of this command (SLURM_STEP_NUM_TASKS), not torchrun: each "
+                         "would run alone, on one run.out_dir. Start torchrun as one task per node (srun "
+                         "--ntasks-per-node=1 torchrun --nnodes $SLURM_NNODES --nproc_per_node GPUS --rdzv-backend "
+                         "c10d --rdzv-endpoint FIRST_NODE:29400 -m cvtcl.train ...), or one task")
     try:
         rank, local_rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                                    int(os.environ.get("WORLD_SIZE", 1)))

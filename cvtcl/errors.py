@@ -119,15 +119,33 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
         return status
 
 
+_stopping_parent: list[int] = []  # the pid whose StopSignals are in place, for the fork hook
+_fork_hook: list[bool] = []
+
+
+def _after_fork_in_child() -> None:
+    """A loader worker forked while StopSignals are in place leaves the process group (torchrun's
+    and many schedulers' SIGTERM, and the terminal's Ctrl-C, go to the whole group: the trainer
+    decides and stops its workers) and dies of SIGTERM again: DALI's pool stops its other workers
+    with SIGTERM when one dies, and a worker that ignored it left the trainer waiting for good."""
+    if not _stopping_parent:
+        return
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    with contextlib.suppress(ValueError):  # the forking thread is this child's main thread
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class StopSignals:
     """SIGTERM and Ctrl-C (SIGINT) during a run: remember the first, so that the loop checkpoints
     after the current step and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
 
-    Installed before the loader exists: DALI and DataLoader workers forked later inherit this
-    handler instead of Python's default one and ignore the signal, so Ctrl-C prints no traceback
-    from every worker. torch's DataLoader workers put their own SIGTERM handler in its place (they
-    die of a SIGTERM their parent did not send, as torchrun's and many schedulers' to the whole
-    process group), so the baseline loader's workers leave that group (dali_pipelines/baseline.py)."""
+    Installed before the loader exists. Loader workers forked later leave the process group (a
+    signal to the group is the trainer's to act on) and take SIGTERM's default back, so that the
+    pool that made them can stop them (`_after_fork_in_child`); they ignore Ctrl-C. torch's
+    DataLoader workers put their own SIGTERM handler in place (they die of a SIGTERM their parent
+    did not send), so the baseline loader's workers leave the group too (dali_pipelines/baseline.py);
+    spawned workers (DALI on a GPU) start with Python's defaults."""
 
     def __init__(self):
         self.received: int | None = None
@@ -142,9 +160,14 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _fork_hook.append(True)
+        _stopping_parent.append(self.pid)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        _stopping_parent.remove(self.pid)
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 

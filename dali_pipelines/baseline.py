@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dali_pipelines.iterate import frozen_heap
+from dali_pipelines.iterate import frozen_heap, worker_died
 from dali_pipelines.sampling import (
     CopyAugment,
     SamplingConfig,
@@ -124,10 +124,21 @@ def start_workers(loader: DataLoader) -> Iterator:
     """iter(loader), which forks the loader's worker processes: under `frozen_heap`, as DALI's
     workers are, so a DALI pipeline left as garbage in this process (a DALI loader held in a
     reference cycle) is never collected in a worker, where its `__del__` hangs the worker and so
-    the loader, for good."""
+    the loader, for good. A worker that died (or shared memory that ran out) is one LoaderFailed."""
     context = loader.multiprocessing_context or multiprocessing
     with frozen_heap(loader.num_workers > 0 and context.get_start_method() == "fork"):
-        return iter(loader)
+        batches = iter(loader)
+    return _reporting(batches)
+
+
+def _reporting(batches: Iterator) -> Iterator:
+    try:
+        yield from batches
+    except RuntimeError as err:  # torch re-raises a worker's end as RuntimeError, its traceback inside
+        died = worker_died("the baseline loader", str(err))
+        if died is None:
+            raise
+        raise died from err
 
 
 class BaselinePretrainLoader:

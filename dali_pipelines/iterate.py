@@ -10,11 +10,38 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
 
 import cv2
 import numpy as np
 
 from dali_pipelines.source import CorruptFrameError
+
+
+class LoaderFailed(OSError):
+    """A loader's worker process died or could not share its batch: the system's doing (memory,
+    shared memory, a signal), not the data's. An OSError, so the commands print it as one line."""
+
+
+# what torch's DataLoader and DALI's worker pool say when a worker died or shared memory ran out
+WORKER_DEATH = ("Worker data receiving interrupted", "exited unexpectedly", "killed by signal",
+                "unable to allocate shared memory", "No space left on device")
+
+
+def worker_died(where: str, text: str) -> LoaderFailed | None:
+    """The error to raise for a loader failure `text` at `where` when a worker died (None when
+    `text` is another failure): names /dev/shm's room and what to change."""
+    if not any(sign in text for sign in WORKER_DEATH):
+        return None
+    try:
+        shm = shutil.disk_usage("/dev/shm")
+        room = f"/dev/shm has {shm.free / 2**20:.0f} MB free of {shm.total / 2**20:.0f} MB"
+    except OSError:
+        room = "no /dev/shm"
+    cause = next(line.strip() for line in text.splitlines()[::-1] if any(sign in line for sign in WORKER_DEATH))
+    return LoaderFailed(f"a loader worker process died at {where} ({cause[:200]}): the system ended it (memory ran out, "
+                        f"a signal) or its shared memory was full ({room}; a container's default is 64 MB). Give "
+                        "it more (docker run --shm-size 8g, or --ipc=host), or lower the batch size, and rerun")
 
 
 def pipeline_kwargs(*, batch_size: int, device: str, device_id, num_threads: int, num_workers: int,
@@ -122,6 +149,9 @@ class DaliStream:
             lines = [ln for ln in text.splitlines() if marker in ln]
             if lines:  # raised by the source in a worker: keep its message, add the position
                 raise CorruptFrameError(f"{describe()}: {lines[-1].split(marker, 1)[1]}") from err
+            died = worker_died(describe(), text)
+            if died is not None:
+                raise died from err
             bad = locate() if locate else None
             where = f"; first undecodable frame: {bad}" if bad else ""
             raise RuntimeError(f"DALI pipeline failed at {describe()}{where}: {text[-2000:]}") from err

@@ -460,3 +460,15 @@ def test_without_dali_the_dali_loader_is_one_line_before_any_work(paths, capsys,
     assert cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["rgb"]), *[a.format(**paths) for a in EVAL],
                            "--backend", "dali"]) == 2
     assert "--backend dali needs the nvidia-dali-cuda130 package" in capsys.readouterr().err
+
+
+def test_srun_tasks_without_torchrun_are_refused(paths, capsys, monkeypatch):
+    """`srun -n 2 python -m cvtcl.train`: each task trained alone at a lower global batch, and the
+    other was told the directory was "in use by another run". One line names the launch to use."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert train.cli([*[a.format(**paths) for a in TRAIN]], build_loader=_never_called) == 2
+    assert "SLURM started 2 tasks of this command (SLURM_STEP_NUM_TASKS), not torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task (or torchrun's, which set WORLD_SIZE): as before
+    from cvtcl.distributed import env_world
+    assert env_world() == (0, 0, 1)

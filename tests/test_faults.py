@@ -571,6 +571,46 @@ def test_sigterm_to_the_process_group_still_checkpoints(synthetic_dataset, tmp_p
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("backend", ["baseline", "dali"])
+def test_a_loader_worker_that_dies_ends_the_run_with_one_line(synthetic_dataset, tmp_path, backend):
+    """A worker killed by the system (memory, a full /dev/shm): DALI's pool stopped the others
+    with SIGTERM, which workers forked under the trainer's stop handlers ignored, and the trainer
+    waited for them for good (a job held until its wall time). Now: exit 1 and one line naming
+    /dev/shm, promptly."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "cvtcl.train", "--preset", "smoke", f"data.root={synthetic_dataset}",
+               f"run.out_dir={out}", "optim.epochs=1000", "run.progress=none", "loss.queue_size=8",
+               f"data.backend={backend}"]
+    trainer = subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(workers := descendants(trainer.pid)) < 2 or not latest_checkpoint(out):  # training, workers up
+            assert trainer.poll() is None, trainer.stdout.read()
+            assert time.time() < deadline, "timed out waiting for the workers"
+            time.sleep(0.02)
+        os.kill(workers[-1], signal.SIGKILL)  # DALI's stay for the run: the others must end too
+        # a baseline worker killed as its epoch ends has done its work, and training rightly goes on
+        # (they start anew each epoch): kill the current one until one was busy
+        killing = time.time() + 60
+        while backend == "baseline" and trainer.poll() is None and time.time() < killing:
+            time.sleep(0.5)
+            for pid in descendants(trainer.pid)[-1:]:
+                os.kill(pid, signal.SIGKILL)
+        status = trainer.wait(timeout=60)  # was: for good (DALI)
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            for pid in descendants(trainer.pid):
+                os.kill(pid, signal.SIGKILL)
+            trainer.wait()
+    printed = trainer.stdout.read()
+    assert status == 1, printed
+    assert "cvtcl.train: error: a loader worker process died at" in printed and "/dev/shm has" in printed, printed
+    assert "Traceback" not in printed and len(printed.strip().splitlines()) == 1, printed
+
+
+@pytest.mark.multiprocess
 def test_sigterm_while_waiting_for_the_other_ranks_ends_the_rank(synthetic_dataset, tmp_path):
     """A rank whose rank 0 stopped before joining (at a busy run.out_dir) waits in
     init_process_group; torchrun's SIGTERM to it then only set the stop flag, and the rank hung on
