@@ -342,17 +342,17 @@ def output_paths(out_dir: Path, protocol: str, dataset: str, split: str) -> tupl
         n += 1
 
 
-def check_writable(out_dir: Path, given: bool) -> None:
+def check_writable(out_dir: Path, given: str) -> None:
     """Results can be written in out_dir, said before any work (a pass takes minutes, a fine-tune
     hours): a file created and removed there, and the folders made for it removed again (an
-    evaluation refused later leaves nothing)."""
+    evaluation refused later leaves nothing). `given`: how out_dir was chosen, for the message."""
     made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as err:
-        where = f"--out {out_dir}" if given else f"{out_dir} (the checkpoint's folder, where results go without --out)"
+        where = f"--out {out_dir}" if given == "--out" else f"{out_dir} ({given}, where results go without --out)"
         raise UsageError(f"{where}: cannot write there ({err.strerror}); give a writable --out") from None
     finally:
         for folder in made:  # the deepest first
@@ -391,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Next to the checkpoint by default: the evaluation belongs to the run that trained it.
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
     output_paths(out_dir, args.protocol, args.dataset, args.split)  # a bad --out or --split: said before any work
-    check_writable(out_dir, given=bool(args.out))
+    check_writable(out_dir, given="--out" if args.out else "the checkpoint's folder" if args.checkpoint
+                   else "the current directory")
     if args.protocol in ("linear", "finetune"):
         check_heldout(args, manifest)
     device = torch.device(args.device)
