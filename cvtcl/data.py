@@ -26,11 +26,18 @@ import importlib.util
 
 import torch
 
+from dali_pipelines.iterate import worker_died
 from dali_pipelines.sampling import SamplingConfig, steps_per_epoch
 from dali_pipelines.source import EvalSource, select_videos
 from preprocess.shards import ShardReader
 
 BACKENDS = ("dali", "baseline")
+
+
+def loader_failure(where: str, text: str) -> OSError | None:
+    """The loaders' one-line error for a DataLoader worker's death, which torch's SIGCHLD handler
+    raises in whatever the main thread runs (the step, not the loader); None for another error."""
+    return worker_died(where, text) if "DataLoader worker" in text else None
 
 
 def _check(backend: str, device: str, modalities, reader: ShardReader) -> None:

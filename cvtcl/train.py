@@ -428,6 +428,13 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
             logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     except torch.OutOfMemoryError:
         raise out_of_memory(config, ctx, dist.world_size, run_dir) from None
+    except RuntimeError as err:  # torch's SIGCHLD handler raises a DataLoader worker's death anywhere
+        from cvtcl.data import loader_failure
+
+        died = loader_failure(f"step {ctx.step}", str(err))
+        if died is None:
+            raise
+        raise died from err
     finally:
         logger.close()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import shutil
+import signal
 
 import cv2
 import numpy as np
@@ -42,6 +44,53 @@ def worker_died(where: str, text: str) -> LoaderFailed | None:
     return LoaderFailed(f"a loader worker process died at {where} ({cause[:200]}): the system ended it (memory ran out, "
                         f"a signal) or its shared memory was full ({room}; a container's default is 64 MB). Give "
                         "it more (docker run --shm-size 8g, or --ipc=host), or lower the batch size, and rerun")
+
+
+def _children() -> set[int]:
+    """Pids of this process's children (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.add(int(entry))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return found
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie not yet reaped)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def watch_workers(workers: set[int], describe):
+    """While the block waits on the loader's worker processes `workers`: one that ended (the OOM
+    killer's SIGKILL, SIGBUS of a full /dev/shm) raises LoaderFailed in this (main) thread. A
+    worker killed while idle left DALI's pool waiting in a condition variable for it for good (no
+    error to report); that wait runs signal handlers, as torch's DataLoader does with its own
+    SIGCHLD handler. Whether it ended is read from /proc, not by waiting for it: its pool reaps it."""
+    said = []
+
+    def on_child(signum, frame):
+        ended = None if said else next((pid for pid in sorted(workers) if _ended(pid)), None)
+        if ended is not None:
+            said.append(ended)
+            raise worker_died(describe(), f"worker (pid {ended}) exited unexpectedly")
+
+    try:
+        previous = signal.signal(signal.SIGCHLD, on_child)
+    except ValueError:  # not the main thread: no handler to set
+        yield
+        return
+    try:
+        on_child(signal.SIGCHLD, None)  # one ended before the wait (during the step): no signal comes now
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def pipeline_kwargs(*, batch_size: int, device: str, device_id, num_threads: int, num_workers: int,
@@ -129,6 +178,7 @@ class DaliStream:
     def __init__(self, pipeline, names: list[str]):
         self.pipeline, self.names = pipeline, names
         self.iterator = None  # created on first next(): its constructor already runs the first batch
+        self.workers: set[int] = set()  # the source's worker processes, once built
 
     def next(self, describe, locate=None) -> dict:
         """The next batch; DALI errors are re-raised naming the position (describe()) and, where
@@ -137,11 +187,14 @@ class DaliStream:
             if self.iterator is None:
                 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+                before = _children()
                 with frozen_heap(self.pipeline.py_start_method == "fork"):
                     self.pipeline.build()  # starts the source's worker processes
+                self.workers = _children() - before
                 self.iterator = DALIGenericIterator([self.pipeline], self.names, size=-1, auto_reset=False)
-            return next(self.iterator)[0]
-        except StopIteration:
+            with watch_workers(self.workers, describe):
+                return next(self.iterator)[0]
+        except (StopIteration, LoaderFailed):
             raise
         except Exception as err:  # DALI raises plain Exception/RuntimeError with the worker's traceback
             text = str(err)

@@ -6,6 +6,7 @@ averaging fewer steps, crashes on malformed manifests, 118 lines of HDF5 errors 
 a full disk) and checks the clear message and exit status that replaced it.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -596,7 +597,8 @@ def test_a_loader_worker_that_dies_ends_the_run_with_one_line(synthetic_dataset,
         while backend == "baseline" and trainer.poll() is None and time.time() < killing:
             time.sleep(0.5)
             for pid in descendants(trainer.pid)[-1:]:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
         status = trainer.wait(timeout=60)  # was: for good (DALI)
     finally:
         if trainer.poll() is None:

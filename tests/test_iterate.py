@@ -79,3 +79,32 @@ def test_forked_workers_never_collect_an_inherited_pipeline(script, printed):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == printed
+
+
+def test_a_worker_killed_while_the_loader_waits_raises_instead_of_waiting_for_good():
+    """A DALI worker killed while idle (the OOM killer, a full /dev/shm) left the trainer waiting in
+    the pool's condition variable for a worker that would never wake: no error, no exit. While
+    `watch_workers` is in place such a wait ends in LoaderFailed (a semaphore wait runs signal
+    handlers, as DALI's pool's is); another child that ended is no worker."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from dali_pipelines.iterate import LoaderFailed, watch_workers
+
+    context = multiprocessing.get_context("fork")
+    waited_for = context.Semaphore(0)
+    done = context.Process(target=time.sleep, args=(0,))
+    done.start()
+    done.join()
+    worker = context.Process(target=time.sleep, args=(60,))
+    worker.start()
+    threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL)).start()
+    started = time.monotonic()
+    with pytest.raises(LoaderFailed, match=rf"died at epoch 0 step 3 \(worker \(pid {worker.pid}\) exited "
+                                           r"unexpectedly\): .*/dev/shm"):
+        with watch_workers({worker.pid}, lambda: "epoch 0 step 3"):  # not `done`: no worker
+            waited_for.acquire(timeout=30)  # without the watch: 30 s, and no error
+    assert time.monotonic() - started < 20
+    worker.join()
