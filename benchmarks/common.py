@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import sys
@@ -67,26 +68,22 @@ positive_int = _at_least(1)
 non_negative_int = _at_least(0)
 
 
-def fraction(text: str) -> float:
-    """argparse type: a share between 0 and 1 ("0.65")."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text!r}")
-    return value
+def _real(accept: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """argparse type: a number `accept` takes (a NaN never), else the error says `what` it must be."""
+    def real(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+
+    return real
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a rate above 0 ("350.5")."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"a number above 0, got {text!r}")
-    return value
+fraction = _real(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1")  # "0.65"
+positive_float = _real(lambda v: 0.0 < v < math.inf, "a number above 0")  # a rate: "350.5"
 
 
 def positive_ints(text: str) -> list[int]:

@@ -40,12 +40,17 @@ def loader_failure(where: str, text: str) -> OSError | None:
     return worker_died(where, text) if "DataLoader worker" in text else None
 
 
+def dali_installed() -> bool:
+    """Whether DALI can be imported here (without importing it: that takes seconds)."""
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
 def _check(backend: str, device: str, modalities, reader: ShardReader) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r}: choose 'cpu' or 'cuda'")
-    if backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+    if backend == "dali" and not dali_installed():
         raise ImportError(
             "backend='dali' needs the nvidia-dali-cuda130 package (pip install nvidia-dali-cuda130; "
             "it also runs without a GPU), or pass backend='baseline'"

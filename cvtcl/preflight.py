@@ -7,7 +7,6 @@ file and says what to do (cvtcl/errors.py turns it into one line and an exit sta
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from cvtcl import distributed
 from cvtcl.checkpoint import CheckpointLoadError, latest_loadable, load_checkpoint
 from cvtcl.config import TrainConfig
 from cvtcl.cotrain import check_sampler  # also registers STEPS["cotrain"]
+from cvtcl.data import dali_installed
 from cvtcl.engine import STEPS, amp_dtype
 from cvtcl.errors import UsageError, brief
 from cvtcl.moco import check_queue_size
@@ -96,11 +96,6 @@ def check_layout(config: TrainConfig, world_size: int) -> None:
         raise ValueError(f"run.knn_every={config.run.knn_every} with data.frame_stride={config.data.frame_stride}: the "
                          "kNN monitor (as cvtcl.eval) reads consecutive frames; set run.knn_every=0 or "
                          "data.frame_stride=1")
-
-
-def dali_installed() -> bool:
-    """Whether DALI can be imported here (without importing it: that takes seconds)."""
-    return importlib.util.find_spec("nvidia.dali") is not None
 
 
 def check_backend(backend: str, asked: str, other: str) -> None:

@@ -46,24 +46,25 @@ def worker_died(where: str, text: str) -> LoaderFailed | None:
                         "it more (docker run --shm-size 8g, or --ipc=host), or lower the batch size, and rerun")
 
 
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """(state letter, parent pid) of process `pid` from /proc, or None when it is gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _children() -> set[int]:
-    """Pids of this process's children (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                found.add(int(entry))
-        except (OSError, ValueError, IndexError):  # gone meanwhile
-            continue
-    return found
+    """Pids of this process's children."""
+    me = os.getpid()
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit() and (_stat(entry) or ("", 0))[1] == me}
 
 
 def _ended(pid: int) -> bool:
     """Whether process `pid` has ended (gone, or a zombie not yet reaped)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
+    stat = _stat(pid)
+    return stat is None or stat[0] in ("Z", "X")
 
 
 @contextlib.contextmanager
