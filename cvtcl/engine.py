@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,6 +129,7 @@ class Context:
     sampler: nn.Module | None = None  # stage 2: frozen encoder of the other modality (cvtcl/cotrain.py)
     rank: int = 0  # this process's rank (seeds its batch-level augmentation)
     graph: Any = None  # run.compile=graph|step on CUDA: warm-up count and captured step (cvtcl.graphed.GraphState)
+    fetching: bool = False  # the loop waits for the loader: every step so far is whole (train_one_epoch)
 
 
 @dataclass
@@ -391,6 +394,35 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class ChildSignalsAfterStep:
+    """torch's DataLoader reports a worker's death from its SIGCHLD handler, raising in whatever the
+    main thread runs: mid-step, that left the model half updated, and a stop whose signal ended the
+    workers too (a job's SIGTERM to all its processes) could not checkpoint the steps done. During a
+    step the signal is noted; its handler runs before the next batch is fetched. No handler of
+    Python's (DALI's loader sets one only while it waits): nothing is changed."""
+
+    def __init__(self):
+        self.held: Any = None  # the handler whose signal came during the step
+
+    @contextlib.contextmanager
+    def during_step(self) -> Iterator[None]:
+        handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(handler) or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signal.signal(signal.SIGCHLD, lambda signum, frame: setattr(self, "held", handler))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGCHLD, handler)
+
+    def deliver(self) -> None:
+        """Run the handler of a signal held during the last step (it raises if a worker died)."""
+        handler, self.held = self.held, None
+        if handler is not None:
+            handler(signal.SIGCHLD, None)
+
+
 def train_one_epoch(
     ctx: Context,
     batches: Iterator[dict[str, torch.Tensor]],
@@ -406,15 +438,27 @@ def train_one_epoch(
     ctx.model.train()
     epoch_step = start_step
     tick = time.perf_counter()
-    for batch in batches:
+    batches = iter(batches)
+    child_signals = ChildSignalsAfterStep()
+    while True:
+        # stays True when the loader raises: a failure there (a signal that ended its workers too)
+        # left no step half done
+        ctx.fetching = True
+        child_signals.deliver()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            ctx.fetching = False
+            return False
+        ctx.fetching = False
         fetched = time.perf_counter()
-        values = train_step(ctx, to_device(batch, ctx.device), epoch, epoch_step)
+        with child_signals.during_step():
+            values = train_step(ctx, to_device(batch, ctx.device), epoch, epoch_step)
         done = time.perf_counter()
         epoch_step += 1
         if on_step(epoch, epoch_step, values, fetched - tick, done - fetched):
             return True
         tick = time.perf_counter()
-    return False
 
 
 def peak_memory_gib(device: torch.device) -> float:

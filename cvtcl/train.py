@@ -41,6 +41,7 @@ from cvtcl.metrics import MetricsLogger, Window, read_metrics
 from cvtcl.models import Encoder
 from cvtcl.preflight import check_dataset, check_same_dataset, epoch_steps, modalities, plan, validate
 from cvtcl.retrieval import KnnMonitor
+from dali_pipelines.iterate import LoaderFailed
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import StageRun, check_queue_fills, cvtcl_schedule, run_schedule, select, warmup_steps
@@ -350,6 +351,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         window.compute_seconds += time.perf_counter() - started  # the host waited for the GPU to catch up
         pending.clear()
 
+    saved = {"step": ctx.step if latest is not None else None, "position": (epoch, epoch_step)}
+
     def write_checkpoint(epoch: int, epoch_step: int, complete: bool, window_state) -> None:
         """Rank 0 writes the checkpoint (with the metrics window since the last line); all wait."""
         if dist.is_main:
@@ -357,6 +360,13 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
                                       "metrics_window": window_state, "dataset": dataset},
                             config.run.keep_checkpoints)
         distributed.barrier()
+        saved["step"] = ctx.step
+
+    def checkpoint_step(position: tuple[int, int]) -> None:
+        """The checkpoint of the step just done, at `position` (epoch, batch) of the next one."""
+        absorb()  # a checkpoint never holds a non-finite step
+        window_state = window.state_dict(lambda sums: distributed.all_reduce_mean(sums, dist.device))
+        write_checkpoint(*position, ctx.step >= epochs_total and trained, window_state)
 
     def on_step(epoch: int, epoch_step: int, terms: StepTerms, data_s: float, compute_s: float) -> bool:
         nonlocal window, graph_failure_said
@@ -368,6 +378,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
                         f"({ctx.graph.error}); training goes on with the eager step, slower")
         logger.tick(ctx.step)
         position = (epoch, epoch_step) if epoch_step < steps_per_epoch else (epoch + 1, 0)
+        saved["position"] = position
         log_step = ctx.step % config.run.log_every == 0 or ctx.step == total
         if log_step:
             absorb()
@@ -389,9 +400,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         stop = asked if dist.world_size == 1 else log_step and distributed.broadcast_flag(asked, dist.device)
         finished = ctx.step >= total
         if stop or finished or ctx.step % config.run.checkpoint_every == 0 or epoch_step == steps_per_epoch:
-            absorb()  # a checkpoint never holds a non-finite step
-            window_state = window.state_dict(lambda sums: distributed.all_reduce_mean(sums, dist.device))
-            write_checkpoint(*position, ctx.step >= epochs_total and trained, window_state)
+            checkpoint_step(position)
         if monitor is not None and epoch_step == steps_per_epoch and (epoch + 1) % config.run.knn_every == 0:
             run_monitor(epoch)
         if stop:
@@ -428,13 +437,25 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
             logger.message(f"stopped at step {ctx.step} of {total}; checkpoints in {run_dir}")
     except torch.OutOfMemoryError:
         raise out_of_memory(config, ctx, dist.world_size, run_dir) from None
-    except RuntimeError as err:  # torch's SIGCHLD handler raises a DataLoader worker's death anywhere
+    except (LoaderFailed, RuntimeError) as err:  # torch's SIGCHLD handler raises a DataLoader worker's death anywhere
         from cvtcl.data import loader_failure
 
-        died = loader_failure(f"step {ctx.step}", str(err))
+        died = err if isinstance(err, LoaderFailed) else loader_failure(f"step {ctx.step}", str(err))
         if died is None:
             raise
-        raise died from err
+        if stop_signals.received is None:
+            raise died from err
+        # The stop's signal ended the loader's workers too: SLURM and systemd signal every process
+        # of the job at once. Waiting for a batch, every step is whole: checkpointed as any stop.
+        if ctx.fetching and dist.world_size == 1:
+            if saved["step"] != ctx.step:
+                checkpoint_step(saved["position"])
+            logger.message(f"{stop_signals.describe()}: checkpoint saved at step {ctx.step}; "
+                           "rerun the same command to resume")
+            return
+        kept = f"step {saved['step']}" if saved["step"] is not None else "none yet"
+        raise RunFailed(f"{stop_signals.describe()} ended the loader's workers too, at step {ctx.step + 1}: "
+                        f"its last checkpoint ({kept}) is where the same command, rerun, resumes") from err
     finally:
         logger.close()
 

@@ -314,6 +314,63 @@ def test_stop_signal_checkpoints_at_the_next_step(dataset, tmp_path, signum, sta
         f"{name}: checkpoint saved at step {step}; rerun the same command to resume"]
 
 
+class _SignalledLoader(FakePretrainLoader):
+    """The fake loader, ended as a job's SIGTERM to all its processes ends a real one: the trainer gets
+    the signal and its workers die of it, which the loader raises (LoaderFailed) while the trainer
+    waits for the third batch of epoch 0."""
+
+    def epoch(self, epoch, start_step=0):
+        from dali_pipelines.iterate import LoaderFailed
+
+        for step, batch in enumerate(super().epoch(epoch, start_step), start=start_step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise LoaderFailed("a loader worker process died at epoch 0 step 2 (killed by signal)")
+            yield batch
+
+
+def test_a_signal_that_also_ends_the_loader_still_checkpoints(dataset, tmp_path, capsys):
+    """SLURM (time limit, scancel) and systemd signal every process of a job at once: the loader's
+    workers died with the trainer's SIGTERM, and the trainer, waiting for a batch, ended with the
+    loader's error (exit 1, blaming memory or /dev/shm), the steps since its last checkpoint lost.
+    Every step done is whole then: it checkpoints as for any stop."""
+    out = tmp_path / "run"
+    args = _args(dataset, out, "run.checkpoint_every=1000", "run.log_every=1000")
+    assert main(args, build_loader=_SignalledLoader) == 0
+    state = load_checkpoint(latest_checkpoint(out))
+    assert (state["step"], state["epoch"], state["epoch_step"]) == (2, 0, 2)
+    assert "SIGTERM: checkpoint saved at step 2; rerun the same command to resume" in capsys.readouterr().out
+
+
+def test_a_worker_death_signalled_mid_step_waits_for_the_step(dataset, tmp_path, monkeypatch, capsys):
+    """torch's DataLoader raises a worker's death from its SIGCHLD handler in whatever the main thread
+    runs: mid-step, the model half updated, nothing could be checkpointed. The signal is held until the
+    step is done: a stop whose SIGTERM ended the workers too checkpoints that step."""
+    from cvtcl import engine
+
+    def torch_like_handler(signum, frame):  # raises once a worker died (other children's ends pass)
+        if len(calls) >= 2:
+            raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+
+    real_step, calls = engine.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the job's SIGTERM reaches the trainer and its worker mid-step
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGCHLD)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", step)
+    previous = signal.signal(signal.SIGCHLD, torch_like_handler)
+    try:
+        assert main(_args(dataset, tmp_path / "run", "run.checkpoint_every=1000"), build_loader=FakePretrainLoader) == 0
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 2
+    assert "SIGTERM: checkpoint saved at step 2; rerun the same command to resume" in capsys.readouterr().out
+
+
 def test_config_file_yaml_and_a_runs_own_config_json(dataset, tmp_path, capsys):
     """--config FILE is validated like overrides; a run's config.json reruns (and resumes) the run as is."""
     (tmp_path / "run.yaml").write_text(
