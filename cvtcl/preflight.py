@@ -118,7 +118,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     check_dataset(config, modalities(config), global_batch)
     if config.stage.kind == "cotrain":
         check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
-                          config.optim.epochs, "optim.epochs")
+                          config.optim.epochs, "optim.epochs", config.loss.mining_topk)
     skipped = []
     latest, state = latest_loadable(config.run.out_dir, log=skipped.append)
     if latest is not None:
@@ -273,7 +273,8 @@ def plan(config: TrainConfig, world_size: int, sub_stages: list[tuple[str, Train
         if stage.stage.kind == "cotrain":
             # in a schedule, a co-training sub-stage's epochs are schedule.cotrain_epochs
             key = "schedule.cotrain_epochs" if config.schedule.cycles else "optim.epochs"
-            check_queue_fills(stage.loss.queue_size, global_batch, per_epoch, stage.optim.epochs, key)
+            check_queue_fills(stage.loss.queue_size, global_batch, per_epoch, stage.optim.epochs, key,
+                              stage.loss.mining_topk)
         steps = stage.optim.epochs * per_epoch
         if stage.run.max_steps:
             steps = min(steps, stage.run.max_steps)

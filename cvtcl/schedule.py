@@ -81,9 +81,15 @@ def warmup_steps(queue_size: int, global_batch: int) -> int:
     return -(-queue_size // global_batch)
 
 
-def check_queue_fills(queue_size: int, global_batch: int, steps_per_epoch: int, epochs: int, epochs_key: str) -> None:
-    """Refuse, before any work, a co-training run whose queue is still filling at its last step: it
-    would end "complete" without a single optimizer step."""
+def check_queue_fills(queue_size: int, global_batch: int, steps_per_epoch: int, epochs: int, epochs_key: str,
+                      mining_topk: int) -> None:
+    """Refuse, before any work, a co-training run whose queue is still filling at its last step (it
+    would end "complete" without a single optimizer step), or whose top-K mining takes the whole
+    queue as positives (no negative would be left: the loss only pushes the query from its own key)."""
+    if mining_topk >= queue_size:
+        raise ValueError(f"loss.mining_topk={mining_topk} is not below loss.queue_size={queue_size}: co-training "
+                         "takes the top-K queue entries as positives and contrasts with the rest, and none would "
+                         "be left; lower loss.mining_topk (the paper: 5) or raise loss.queue_size")
     warmup = warmup_steps(queue_size, global_batch)
     steps = steps_per_epoch * epochs
     if steps <= warmup:

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         global_batch = config.data.batch_size * world_size
         check_dataset(config, ("rgb", "flow"), global_batch)
         check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
-                          config.schedule.cotrain_epochs, "schedule.cotrain_epochs")
+                          config.schedule.cotrain_epochs, "schedule.cotrain_epochs", config.loss.mining_topk)
         check_finished_sub_stages(config)
         with run_dir_lock(config.run.out_dir):
             run_schedule(

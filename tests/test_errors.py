@@ -160,6 +160,11 @@ CASES = [
                "schedule.cotrain_epochs=1"], 2, "Raise schedule.cotrain_epochs above 1 or lower loss.queue_size"),
     ("train", [*TRAIN, "stage.kind=cotrain", "stage.sampler_checkpoint={flow}", "optim.epochs=1"], 2,
      "Raise optim.epochs above 1"),
+    # top-K mining that takes the whole queue: no negatives (a stage, and a schedule before stage 1)
+    ("train", [*TRAIN, "stage.kind=cotrain", "stage.sampler_checkpoint={flow}", "loss.mining_topk=16"], 2,
+     "loss.mining_topk=16 is not below loss.queue_size=16"),
+    ("train", ["--preset", "smoke-cvtcl", "data.root={data}", "run.out_dir={tmp}/sched", "loss.queue_size=16",
+               "loss.mining_topk=100"], 2, "loss.mining_topk=100 is not below loss.queue_size=16"),
     ("train", ["--config", "{tmp}/none.yaml"], 2, "no such file"),
     ("train", ["--config", "{tmp}/bad.yaml"], 2, "not valid YAML"),
     ("train", ["--config", "{tmp}/typo.yaml"], 2, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
