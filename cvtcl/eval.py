@@ -36,7 +36,7 @@ from cvtcl.features import VideoFeatures, extract_features
 from cvtcl.finetune import FinetuneConfig, ResumeFile, classification_top1, finetune
 from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.preflight import check_backend
-from cvtcl.retrieval import RECALL_KS, evaluate_retrieval
+from cvtcl.retrieval import RECALL_KS, evaluate_retrieval, too_few_to_centre
 from cvtcl.selection import heldout_split
 
 PROBE_LR = {"adam": 1e-3, "sgd": 0.1}  # linear probe: our default, and CoCLR's SGD setting
@@ -303,6 +303,9 @@ def check_dataset(args: argparse.Namespace, manifest: Any, modalities: Sequence[
         counts = " and ".join(f"{len(subsets.get(name, ()))} {name}" for name in ("train", "test"))
         raise UsageError(f"--split {args.split}: {args.shards} has {counts} videos in it, and evaluation needs both "
                          "(its split files say which videos are test videos)")
+    why = too_few_to_centre(len(subsets["test"]), len(subsets["train"])) if args.protocol == "retrieval" else None
+    if why is not None:
+        raise UsageError(f"--split {args.split} of {args.shards} has {why}; use the linear probe or another split")
     if "flow" in modalities and not manifest.has_flow:
         raise UsageError(f"{args.shards} was preprocessed without flow, and a flow encoder was given; evaluate "
                          "an RGB checkpoint, or re-run cvtcl-preprocess with a flow backend")

@@ -19,6 +19,7 @@ from cvtcl.data import dali_installed
 from cvtcl.engine import STEPS, amp_dtype
 from cvtcl.errors import UsageError, brief
 from cvtcl.moco import check_queue_size
+from cvtcl.retrieval import too_few_to_centre
 from cvtcl.schedule import check_queue_fills
 from preprocess.schema import load_manifest, manifest_digest, shard_name
 from preprocess.shards import check_shard_index
@@ -66,6 +67,10 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
     read = set(videos)
     if config.run.knn_every:  # the kNN monitor queries with the test subset
         read.update(split.get("test", ()))
+        why = too_few_to_centre(len(split.get("test", ())), len(split.get("train", ())))
+        if why is not None:
+            raise ValueError(f"run.knn_every={config.run.knn_every}: split {config.data.split} of {root} has {why}; "
+                             "set run.knn_every=0")
     if "flow" in modalities:
         manifest.check_flow_frames(read, root)
     advice = f"run `cvtcl-preprocess verify {root}` and re-run preprocessing"

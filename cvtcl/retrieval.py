@@ -20,12 +20,26 @@ from cvtcl.features import VideoFeatures, extract_features
 RECALL_KS = (1, 5, 10, 20, 50)
 
 
+def too_few_to_centre(queries: int, gallery: int) -> str | None:
+    """Why retrieval cannot rank with these set sizes, or None: each set is centred by its own
+    mean, which turns a set of one video into zeros (every similarity 0, the ranking the gallery's
+    order, R@k a function of it alone)."""
+    small = [f"{count} {name} video" for name, count in (("test", queries), ("train", gallery)) if count < 2]
+    if not small:
+        return None
+    return (f"{' and '.join(small)}: retrieval centres each set by its own mean, which leaves a single video's "
+            "feature all zeros; it needs at least 2 test and 2 train videos")
+
+
 def centred_cosine(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """query [Q, F], gallery [G, F] -> similarity [Q, G] after per-set mean-centring and L2 norm.
 
     Centring removes the component every feature shares (large for an untrained or collapsed
     network), which would otherwise make all cosines ~1 and retrieval a coin toss.
     """
+    why = too_few_to_centre(len(query), len(gallery))
+    if why is not None:
+        raise ValueError(why)
     query = query.double() - query.double().mean(0, keepdim=True)
     gallery = gallery.double() - gallery.double().mean(0, keepdim=True)
     query = torch.nn.functional.normalize(query, dim=1)

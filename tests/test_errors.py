@@ -23,6 +23,7 @@ from cvtcl import eval as cvtcl_eval
 from cvtcl.checkpoint import save_checkpoint
 from cvtcl.models import Encoder
 from cvtcl.moco import MomentumContrast
+from cvtcl.retrieval import centred_cosine
 from dali_pipelines.toy_shards import write_toy_dataset
 from preprocess import cli as preprocess_cli
 from preprocess.schema import CorruptFrameError
@@ -434,10 +435,33 @@ def test_results_a_full_disk_refuses_leave_no_empty_file_behind(paths, capsys, m
 ])
 def test_an_evaluation_split_without_test_videos_says_so(splits, message):
     """It said the split had no train and test videos, then listed that split among those there."""
-    args = SimpleNamespace(dataset="synthetic", split="1", shards="D")
+    args = SimpleNamespace(dataset="synthetic", split="1", shards="D", protocol="retrieval")
     manifest = SimpleNamespace(dataset="synthetic", splits=splits, has_flow=False)
     with pytest.raises(errors.UsageError, match=message):
         cvtcl_eval.check_dataset(args, manifest, ["rgb"])
+
+
+def test_retrieval_of_a_single_test_video_is_refused(paths):
+    """Each set is centred by its own mean: one test video became all zeros, every similarity 0, and
+    R@k (100 for rgb, flow and two-stream alike, and the kNN monitor's at every epoch) a function
+    of the gallery's order. The linear probe scores one video as well as many."""
+    one = {"1": {"train": ["a", "b", "c"], "test": ["d"]}}
+    manifest = SimpleNamespace(dataset="synthetic", splits=one, has_flow=False)
+    args = SimpleNamespace(dataset="synthetic", split="1", shards="D", protocol="retrieval")
+    with pytest.raises(errors.UsageError, match="--split 1 of D has 1 test video: retrieval centres each set"):
+        cvtcl_eval.check_dataset(args, manifest, ["rgb"])
+    cvtcl_eval.check_dataset(SimpleNamespace(**{**vars(args), "protocol": "linear"}), manifest, ["rgb"])
+    with pytest.raises(ValueError, match="1 test video and 1 train video: retrieval centres"):
+        centred_cosine(torch.randn(1, 8), torch.randn(1, 8))
+    # the trainer's kNN monitor: a real dataset whose split 1 tests one video
+    data = paths["tmp"] / "one-test"
+    shutil.copytree(paths["data"], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["1"]["test"] = manifest["splits"]["1"]["test"][:1]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="run.knn_every=1: split 1 of .* has 1 test video: retrieval centres"):
+        train.main([*[a.format(**paths) for a in TRAIN], f"data.root={data}", "run.knn_every=1"],
+                   build_loader=_never_called)
 
 
 def test_a_strided_checkpoint_is_not_evaluated_on_consecutive_frames(paths):
