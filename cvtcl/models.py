@@ -133,6 +133,21 @@ class Encoder(nn.Module):
 
 
 
+def fewest_batch_norm_values(backbone: str, modality: str, frames: int, size: int) -> int:
+    """The fewest values per channel that any BatchNorm of the encoder normalises for one clip of
+    `frames` x `size` x `size`: shape arithmetic on the meta device, nothing computed. A BN batch
+    of one such clip has no statistics when this is 1 (the deepest maps of small inputs)."""
+    seen: list[int] = []
+    with torch.device("meta"):
+        encoder = Encoder(modality, backbone).eval()  # eval: running statistics, no batch-size check
+        hooks = [layer.register_forward_pre_hook(lambda layer, args: seen.append(args[0][0, 0].numel()))
+                 for layer in encoder.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+        encoder(torch.empty(1, CHANNELS[modality], frames, size, size))
+    for hook in hooks:
+        hook.remove()
+    return min(seen)
+
+
 def drop_batch_counters_(module: nn.Module) -> None:
     """Remove every BatchNorm's num_batches_tracked: with a fixed momentum nothing reads it, and
     its `+= 1` was one kernel launch per BN per call (462 of S3D's ~2,950 per step). Checkpoints

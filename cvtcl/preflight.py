@@ -18,6 +18,7 @@ from cvtcl.cotrain import check_sampler  # also registers STEPS["cotrain"]
 from cvtcl.data import dali_installed
 from cvtcl.engine import STEPS, amp_dtype
 from cvtcl.errors import UsageError, brief
+from cvtcl.models import fewest_batch_norm_values
 from cvtcl.moco import check_queue_size
 from cvtcl.retrieval import too_few_to_centre
 from cvtcl.schedule import check_queue_fills
@@ -96,6 +97,14 @@ def check_layout(config: TrainConfig, world_size: int) -> None:
         raise ValueError(f"loss.bn_groups={config.loss.bn_groups} does not divide data.batch_size="
                          f"{config.data.batch_size}: one process splits its keys into that many shuffle-BN groups "
                          "of equal size; choose a divisor of the batch")
+    if world_size == 1 and config.data.batch_size == config.loss.bn_groups:  # a shuffle-BN group of one clip
+        data, backbone = config.data, config.model.backbone
+        if fewest_batch_norm_values(backbone, config.stage.modality, data.frames_per_clip, data.crop_size) == 1:
+            raise ValueError(
+                f"data.batch_size={data.batch_size} in loss.bn_groups={config.loss.bn_groups} groups puts one clip in "
+                f"each key-encoder BN group, and {backbone}'s deepest BatchNorm sees a single value per channel of a "
+                f"{data.frames_per_clip}x{data.crop_size}x{data.crop_size} clip: no batch statistics. Raise "
+                "data.batch_size (2 clips per group), or data.crop_size / data.frames_per_clip")
     check_queue_size(config.loss.queue_size, config.data.batch_size * world_size)
     if config.run.knn_every and config.data.frame_stride != 1:  # its windows are consecutive frames
         raise ValueError(f"run.knn_every={config.run.knn_every} with data.frame_stride={config.data.frame_stride}: the "

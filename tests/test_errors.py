@@ -161,6 +161,9 @@ CASES = [
                "schedule.cotrain_epochs=1"], 2, "Raise schedule.cotrain_epochs above 1 or lower loss.queue_size"),
     ("train", [*TRAIN, "stage.kind=cotrain", "stage.sampler_checkpoint={flow}", "optim.epochs=1"], 2,
      "Raise optim.epochs above 1"),
+    # one clip per key-encoder BN group, whose deepest map is one value: crashed at the first step
+    ("train", [*TRAIN, "data.batch_size=2", "loss.queue_size=4", "data.crop_size=16"], 2,
+     "data.batch_size=2 in loss.bn_groups=2 groups puts one clip in each key-encoder BN group"),
     # top-K mining that takes the whole queue: no negatives (a stage, and a schedule before stage 1)
     ("train", [*TRAIN, "stage.kind=cotrain", "stage.sampler_checkpoint={flow}", "loss.mining_topk=16"], 2,
      "loss.mining_topk=16 is not below loss.queue_size=16"),

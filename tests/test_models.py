@@ -61,3 +61,19 @@ def test_commands_start_without_torchvision():
             "Encoder('rgb', 'tiny'); print(sorted(m for m in sys.modules if m.startswith('torchvision')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
+
+
+@pytest.mark.parametrize("backbone, modality, frames, size", [
+    ("tiny", "rgb", 8, 16), ("tiny", "flow", 8, 32), ("tiny", "rgb", 2, 16), ("s3d", "rgb", 8, 32), ("s3d", "flow", 16, 64),
+])
+def test_fewest_batch_norm_values_as_a_real_forward_sees_them(backbone, modality, frames, size):
+    """The preflight's shape arithmetic (meta device) against a forward that computes."""
+    from cvtcl.models import CHANNELS, fewest_batch_norm_values
+
+    encoder, seen = Encoder(modality, backbone).eval(), []
+    for layer in encoder.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_pre_hook(lambda layer, args: seen.append(args[0][0, 0].numel()))
+    with torch.no_grad():
+        encoder(torch.zeros(1, CHANNELS[modality], frames, size, size))
+    assert fewest_batch_norm_values(backbone, modality, frames, size) == min(seen)
