@@ -38,7 +38,7 @@ import torch
 
 from cvtcl.errors import brief
 from cvtcl.models import Encoder
-from preprocess.hygiene import OutputDirError
+from preprocess.hygiene import OutputDirError, writer_temporary
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
@@ -107,7 +107,7 @@ def save_atomic(path: Path, state: dict[str, Any]) -> Path:
     """torch.save `state` (tagged with CHECKPOINT_FORMAT) at `path` via a temporary file, fsync and a
     rename; a failed write removes the temporary file and raises CheckpointWriteError."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = writer_temporary(path)  # two fine-tunes of the same command wrote into one temporary
     try:
         with open(tmp, "wb") as fh:
             torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)

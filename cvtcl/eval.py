@@ -38,6 +38,7 @@ from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.preflight import check_backend
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval, too_few_to_centre
 from cvtcl.selection import heldout_split
+from preprocess.hygiene import exclusive_dir, remove_temporaries
 
 PROBE_LR = {"adam": 1e-3, "sgd": 0.1}  # linear probe: our default, and CoCLR's SGD setting
 
@@ -431,7 +432,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "device": provenance.device_info(device)}
     resume = resume_files(args, out_dir, sources, device) if args.protocol == "finetune" else {}
     try:
-        payload["results"], neighbours = run_protocol(args, encoders, make_loader, make_train, manifest, resume)
+        with contextlib.ExitStack() as held:
+            if distributed.rank() == 0:  # the process that writes the resume files
+                for file in resume.values():  # the same command twice at once: one resume file
+                    held.enter_context(exclusive_dir(out_dir, f"cvtcl.eval finetune of {file.path.name}",
+                                                     name=f".{file.path.name}.lock"))
+                if resume:
+                    remove_temporaries(out_dir)  # those of fine-tunes killed while they saved
+            payload["results"], neighbours = run_protocol(args, encoders, make_loader, make_train, manifest, resume)
     except torch.OutOfMemoryError:
         raise RunFailed(f"out of {device.type} memory with --batch-size {args.batch_size} "
                         f"({memory_report(device)}): lower --batch-size") from None

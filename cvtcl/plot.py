@@ -28,6 +28,7 @@ import numpy as np
 from cvtcl.errors import UsageError, run_command
 from cvtcl.metrics import read_metrics  # noqa: F401 (part of this module's interface)
 from cvtcl.report import NEIGHBOURS_PREFIX
+from preprocess.hygiene import remove_temporaries, writer_temporary
 
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")  # first present one is the x axis
 PANELS = (  # (title, does this metric key belong here)
@@ -61,7 +62,8 @@ def _pyplot():
 
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    remove_temporaries(path.parent)  # those of plots killed while they wrote
+    tmp = writer_temporary(path)  # a plot in a watch loop and one by hand wrote into one temporary
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     return path

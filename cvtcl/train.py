@@ -290,7 +290,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         except OSError as err:
             raise PermissionError(f"run.out_dir={run_dir}: cannot create it ({err.strerror}); "
                                   "choose a writable run.out_dir") from None
-        remove_temporaries(run_dir, ("checkpoint-*.pt.tmp", "metrics.jsonl.tmp"))  # a killed run's
+        remove_temporaries(run_dir, ("checkpoint-*.pt*.tmp", "metrics.jsonl.tmp"))  # a killed run's
         try:
             write_json_atomic(run_dir / "config.json", config.to_dict())
         except OSError as err:  # a full disk: one line (exit 2), not a traceback

@@ -35,6 +35,22 @@ from pathlib import Path
 LOCK_NAME = ".lock"
 _PR_SET_PDEATHSIG = 1
 _held: dict[Path, int] = {}  # lock file -> nesting depth, in this process
+_lock_fds: set[int] = set()  # the open lock files of `exclusive_dir` in this process
+
+
+def _drop_locks_in_child() -> None:
+    """A process forked while a lock is held (a loader's worker) closes its copy of the lock file:
+    a flock belongs to the open file, and a worker that outlived the block (a loader interrupted
+    in a notebook) kept the directory locked after its holder released it."""
+    for fd in _lock_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _lock_fds.clear()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 class OutputDirError(RuntimeError):
@@ -46,10 +62,18 @@ class DirectoryBusyError(OutputDirError):
     """Another live process writes the same output directory."""
 
 
+def writer_temporary(path: str | os.PathLike) -> Path:
+    """`path`'s temporary name for this process, `NAME.HOST-PID.tmp`: two processes writing the same
+    file (the parts of a split run, two plots or fine-tunes of one run) never write into one
+    temporary, and `remove_temporaries` removes those whose writer is gone."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+
+
 def remove_temporaries(directory: str | os.PathLike, owned: tuple[str, ...] = ()) -> None:
     """Delete what killed writers left in `directory`: the files matching the glob patterns `owned`
     (temporaries only the caller, holding the directory's lock, writes) and each
-    `NAME.HOST-PID.tmp` of `schema.write_json_atomic` whose writer on this host is gone. A rerun
+    `NAME.HOST-PID.tmp` (`writer_temporary`) whose writer on this host is gone. A rerun
     does not overwrite the latter (a new pid), nor a checkpoint's of a step it never saves again."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -91,6 +115,7 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise _unwritable(lock.parent, err) from None
+    _lock_fds.add(fd)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -121,6 +146,7 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
             del _held[lock]
             os.ftruncate(fd, 0)  # an empty file once released: a finished output is the same on every run
     finally:
+        _lock_fds.discard(fd)
         os.close(fd)  # releases the flock
 
 

@@ -41,13 +41,14 @@ import functools
 import hashlib
 import json
 import os
-import socket
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from preprocess.hygiene import writer_temporary
 
 LAYOUT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -291,8 +292,7 @@ def read_json(path: str | os.PathLike, advice: str) -> Any:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers never see half a file."""
     path = Path(path)
-    # a temporary name per writer: the parts of a split run (`--part`) write the same params.json
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{TEMP_SUFFIX}")
+    tmp = writer_temporary(path)  # the parts of a split run (`--part`) write the same params.json
     try:
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)

@@ -94,3 +94,35 @@ def test_a_file_torch_cannot_read_is_named_in_one_short_line(tmp_path, recwarn):
                                                   r"failed finding central directory\)$"):
         load_checkpoint(torn)
 
+
+
+def _save_repeatedly(path, value, times):
+    import os
+
+    from cvtcl.checkpoint import save_atomic
+
+    try:
+        for _ in range(times):
+            save_atomic(path, {"weights": torch.full((64, 1024), float(value))})
+    except Exception as err:  # reported by the exit status: the parent asserts on it
+        print(err, flush=True)
+        os._exit(1)
+
+
+def test_two_processes_saving_one_file_never_mix_their_writes(tmp_path):
+    """Two fine-tunes of the same command (and two plots of one run) wrote through one temporary
+    name: one died at its rename ("No such file or directory ... free space") and the file could
+    hold both processes' bytes. Each writer now has a temporary of its own."""
+    import multiprocessing
+
+    path = tmp_path / "state.pt"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_save_repeatedly, args=(path, value, 40)) for value in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    weights = torch.load(path, weights_only=True)["weights"]
+    assert weights.unique().tolist() in ([1.0], [2.0])
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
