@@ -64,6 +64,8 @@ def test_bad_preset_suggests_the_closest():
     ("data.augment=strong", "choose one of standard, weak, coclr"),
     ("model.backbone=s3d", "needs >= 5 frames and >= 32 pixels per input; got 2-frame segments"),
     ("loss.bn_groups=1", "at least 2"),
+    ("loss.momentum=1.0", r"loss.momentum=1.0 must be in \[0, 1\)"),  # a key encoder that never follows
+    ("optim.lr_milestones=280,250", r"optim.lr_milestones=\(280, 250\) must be increasing"),
     ("stage.kind=cotrain", "set stage.sampler_checkpoint"),
     ("data.batch_size=two", "cannot read 'two' as int"),
     ("model.channels_last_3d=maybe", "expected true or false"),

@@ -1,5 +1,7 @@
 """Fine-tuning: ten-crop/window softmax averaging, two-stream fusion, held-out videos kept out, lr groups."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +159,80 @@ def test_a_resume_file_of_other_settings_or_damaged_starts_over(tmp_path):
     lines = []
     run(ResumeFile(tmp_path / "ft.resume.pt", fingerprint), lines=lines)
     assert "cannot be loaded" in lines[0] and lines[1].startswith("fine-tune rgb: epoch 1/6")
+
+
+def test_dropout_acts_in_training_only():
+    """Dropout before the classifier draws a new mask every training forward and is the identity in
+    eval mode (held-out and test scoring must be deterministic)."""
+    model = Classifier(TinyEncoder(), num_classes=3, dropout=0.5)
+    clips = torch.randn(4, 3, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert not torch.allclose(model(clips), model(clips))  # batch-norm statistics alike: only dropout differs
+    model.eval()
+    logits = model(clips)
+    assert torch.equal(logits, model(clips))
+    assert torch.allclose(logits, model.fc(model.encoder.features(clips)))
+
+
+def _small_case():
+    """8 videos of 2 classes; group g00 of each class (4 videos) held out, 4 fit, 2 steps an epoch."""
+    videos = make_videos(num_classes=2, per_class=4, groups_per_class=2)
+    heldout = [v.name for v in videos if v.group.endswith("g00")]
+    train = FakePretrainLoader([v for v in videos if v.name not in heldout], batch_size=2, noise=0.3)
+    return videos, heldout, train, FakeEvalLoader(videos, noise=0.3)
+
+
+def test_heldout_score_counts_every_heldout_video_and_only_those(monkeypatch):
+    """The held-out loader lists all 8 videos: right on 3 of the 4 held-out ones and wrong on the
+    rest, the score is 75 (any subset of the held-out videos, or the fit videos, give another)."""
+    videos, heldout, train, held_loader = _small_case()
+    probs = torch.tensor([[0.1, 0.9] if v.label == 0 else [0.9, 0.1] for v in videos])  # all wrong
+    right = [i for i, v in enumerate(videos) if v.name in heldout][:3]
+    probs[right] = probs[right].flip(1)
+    monkeypatch.setattr("cvtcl.finetune.video_probabilities", lambda *a, **kw: probs)
+    outcome = finetune(TinyEncoder(), 2, train, held_loader, heldout, modality="rgb",
+                       config=FinetuneConfig(epochs=1, eval_every=1, dropout=0.2))
+    assert len(heldout) == 4 and outcome.history == [(0, 75.0)] and outcome.heldout_top1 == 75.0
+
+
+def test_selected_epoch_weights_are_restored(monkeypatch):
+    """Held-out scores 30, 90, 60: the returned model holds the weights scored after epoch 2, not
+    the last epoch's (the test split is scored with what `finetune` returns)."""
+    videos, heldout, train, held_loader = _small_case()
+    scores, scored_weights = iter([30.0, 90.0, 60.0]), []
+    real = video_probabilities
+
+    def recording(model, loader, **kw):
+        scored_weights.append(model.fc.weight.detach().clone())
+        return real(model, loader, **kw)
+
+    monkeypatch.setattr("cvtcl.finetune.video_probabilities", recording)
+    monkeypatch.setattr("cvtcl.finetune.top1", lambda probs, labels: next(scores))
+    config = FinetuneConfig(epochs=3, eval_every=1, dropout=0.2, lr_head=1e-2, lr_backbone=1e-2)
+    outcome = finetune(TinyEncoder(), 2, train, held_loader, heldout, modality="rgb", config=config)
+    assert outcome.selected_epoch == 1 and outcome.heldout_top1 == 90.0
+    assert torch.equal(outcome.model.fc.weight, scored_weights[1])
+    assert not torch.equal(scored_weights[1], scored_weights[2])  # the last epoch did move the weights
+
+
+class _RecordLr(ResumeFile):
+    """A resume file that keeps each epoch's saved learning rates instead of writing them."""
+
+    def __init__(self):
+        super().__init__(Path("/nonexistent/ft.resume.pt"), {})
+        self.lrs = []
+
+    def save(self, state):
+        self.lrs.append([group["lr"] for group in state["optimizer"]["param_groups"]])
+
+
+def test_lr_drops_tenfold_at_each_fraction_of_the_epochs():
+    """lr_drops (0.8, 0.9) of 10 epochs: epochs 1-8 at the base rates, epoch 9 at a tenth, epoch 10
+    at a hundredth, for the backbone and the head alike."""
+    videos, heldout, train, held_loader = _small_case()
+    record = _RecordLr()
+    config = FinetuneConfig(epochs=10, eval_every=10, dropout=0.2, lr_head=1e-3, lr_backbone=1e-4)
+    finetune(TinyEncoder(), 2, train, held_loader, heldout, modality="rgb", config=config, resume=record)
+    used = [[1e-4, 1e-3]] + record.lrs[:-1]  # saved after the schedule's step: the next epoch's rates
+    expected = [[1e-4 * f, 1e-3 * f] for f in [1.0] * 8 + [0.1, 0.01]]
+    assert used == [pytest.approx(e, rel=1e-9) for e in expected]

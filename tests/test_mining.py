@@ -85,6 +85,13 @@ def test_empty_slots_and_unknown_groups_match_nothing():
     assert src.tolist() == [[False, False, False], [False, False, True]]
 
 
+def test_video_and_group_index_zero_are_real_ids():
+    """Video and group ids count from 0; only negative ids (NO_ID) mean "unknown". The first video
+    of the dataset matches its own earlier clips, and group 0 matches itself."""
+    assert source_mask(_ids(0), _ids(NO_ID), _ids(0), _ids(NO_ID)).tolist() == [[True]]
+    assert source_mask(_ids(5), _ids(0), _ids(7), _ids(0)).tolist() == [[True]]
+
+
 def test_topk_larger_than_admissible_takes_all_admissible_only():
     exclude = torch.tensor([[True, True, False, True]])
     mined = mine_topk(_unit(1, 4, seed=4), _unit(4, 4, seed=5), exclude, topk=5)

@@ -130,3 +130,34 @@ def test_knn_monitor_from_dataset_builds_centre_crop_eval_loaders(monkeypatch):
     assert [c["subset"] for c in calls] == ["train", "test"]
     assert all(c["crops"] == "center" and c["window_stride"] == 32 and c["crop_size"] == 64 for c in calls)
     assert calls[0]["device"] == "cpu" and calls[0]["device_id"] is None
+
+
+def test_two_stream_is_blind_to_one_stream_feature_scale():
+    """Each set is L2-normalised, so multiplying a stream's features (queries and gallery) by 100
+    changes neither its cosines nor its weight in the two-stream sum: the case above still
+    retrieves all four queries rather than following the scaled stream alone."""
+    gallery = _features([[1.0, 0.0], [-1.0, 0.0]], [0, 1])
+    sure, weak = [[1.0, 0.0], [-1.0, 0.0]], [[-0.2, 1.0], [0.2, -1.0]]
+    rgb = _features(sure + weak, [0, 1, 0, 1])
+    flow = _features(weak + sure, [0, 1, 0, 1])
+    loud_rgb = VideoFeatures(100 * rgb.features, rgb.labels, rgb.videos)
+    loud_gallery = VideoFeatures(100 * gallery.features, gallery.labels, gallery.videos)
+    plain = retrieval_similarity({"rgb": rgb, "flow": flow}, {"rgb": gallery, "flow": gallery})
+    loud = retrieval_similarity({"rgb": loud_rgb, "flow": flow}, {"rgb": loud_gallery, "flow": gallery})
+    assert torch.allclose(loud["two-stream"], plain["two-stream"], atol=1e-6)
+    assert loud["rgb"].abs().max() <= 1.0 + 1e-6
+    results, _ = evaluate_retrieval({"rgb": loud_rgb, "flow": flow}, {"rgb": loud_gallery, "flow": gallery}, ks=(1,))
+    assert results["two-stream"] == {"R@1": 100.0}
+
+
+def test_knn_monitor_queries_test_videos_against_the_train_gallery(monkeypatch):
+    """Fig. 3's monitor ranks the train videos for each test video. Here the two test videos find
+    their class first (R@1 100), while the train videos 2 and 3, used as queries, would find the
+    other class first (R@1 50): swapping the roles changes the number."""
+    test = _features([[1.0, 0.0], [-1.0, 0.0]], [0, 1])
+    train = _features([[1.0, 0.0], [-1.0, 0.0], [0.1, 1.0], [-0.1, -1.0]], [0, 1, 1, 0])
+    by_loader = {"test loader": test, "train loader": train}
+    monkeypatch.setattr("cvtcl.retrieval.extract_features", lambda encoder, loader, **kw: by_loader[loader])
+    swapped = recall_at_k(centred_cosine(train.features, test.features), train.labels, test.labels, ks=(1,))
+    assert swapped == {"R@1": 50.0}
+    assert knn_monitor(TinyEncoder(), "train loader", "test loader", ks=(1,)) == {"knn/R@1": 100.0}

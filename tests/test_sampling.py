@@ -1,10 +1,14 @@
 """Sample plans are pure functions of (seed, epoch, rank, index) and obey docs/algorithm.md's rules."""
 
+import math
+
 import numpy as np
 import pytest
 
 from dali_pipelines.sampling import (
     SamplingConfig,
+    colour_jitter,
+    copy_augment,
     eval_crops,
     eval_windows,
     flow_indices,
@@ -97,6 +101,15 @@ def test_random_resized_crop_bounds_and_fallback():
         assert 0.2 * 768 * 0.8 <= h * w <= 768
     # a frame too thin for any legal aspect ratio falls back to a centre crop
     assert random_resized_crop(100, 4, rng, tries=0) == (47, 0, 5, 4)
+
+
+def test_random_resized_crop_may_span_the_whole_width():
+    """A drawn crop exactly as wide as the frame is legal (torchvision: `w <= width`), so it is
+    placed at a random height; rejecting it would send every draw to the centre-crop fallback."""
+    rng = np.random.default_rng(2)
+    crops = [random_resized_crop(20, 10, rng, scale=(0.5, 0.5), ratio=(1.0, 1.0)) for _ in range(50)]
+    assert all((x0, h, w) == (0, 10, 10) for _, x0, h, w in crops)  # area 100 at aspect 1: 10 x 10
+    assert len({y0 for y0, _, _, _ in crops}) > 5  # not always the centre (5, 0, 10, 10)
 
 
 def test_crop_scale_min_bounds_every_copy():
@@ -202,3 +215,47 @@ def test_coclr_controller_one_strong_copy_per_window_else_p03():
     assert abs(np.mean(strong) - 0.3) < 0.06  # each copy of a two-window pair is strong with p = 0.3
     again = _plans("coclr")  # deterministic in (seed, epoch, rank, index)
     assert all(_same_draw(x, y) for a, b in zip(coclr, again) for x, y in zip(a.augment, b.augment))
+
+
+def test_flip_rate_is_one_half():
+    """Each copy is flipped with p = 0.5 (docs/algorithm.md); both backends read the flag, so a rate of
+    0 or 1 would pass every equality test above while dropping the augmentation."""
+    copies = [aug for plan in _plans("standard") for aug in plan.augment]
+    assert abs(np.mean([a.flip for a in copies]) - 0.5) < 0.06
+
+
+def test_hue_jitter_rotates_up_to_a_tenth_of_the_circle():
+    """Hue 0.1 is torchvision's fraction of the colour circle: rotations of up to 0.1 * 2 pi. The map
+    is similar to a rotation of YIQ's chroma plane, so its trace is 1 + 2 cos(angle)."""
+    rng = np.random.default_rng(0)
+    angles = []
+    for _ in range(200):
+        matrix = colour_jitter(rng, strength=(0.0, 0.0, 0.0, 0.1), p_jitter=1.0, p_gray=0.0)
+        assert np.allclose(matrix[:, 3], 0.0)
+        angles.append(math.acos(np.clip((np.trace(matrix[:, :3]) - 1) / 2, -1, 1)))
+    assert max(angles) <= 0.2 * math.pi + 1e-9
+    assert max(angles) > 0.9 * 0.2 * math.pi  # the draws do reach the edge of the range
+
+
+def test_contrast_pivots_around_mid_grey():
+    """Contrast c scales the distance from mid-grey: 128 stays 128 and the factor covers [0.6, 1.4];
+    with saturation and hue (grey has no chroma) and grayscale, grey still stays grey."""
+    rng = np.random.default_rng(0)
+    grey = np.array([128.0, 128.0, 128.0, 1.0])
+    factors = []
+    for _ in range(200):
+        matrix = colour_jitter(rng, strength=(0.0, 0.4, 0.0, 0.0), p_jitter=1.0, p_gray=0.0)
+        assert np.allclose(matrix @ grey, 128.0)
+        assert np.allclose(matrix[:, :3], matrix[0, 0] * np.eye(3))
+        factors.append(matrix[0, 0])
+    assert 0.6 <= min(factors) < 0.65 and 1.35 < max(factors) <= 1.4
+    for _ in range(50):
+        assert np.allclose(colour_jitter(rng, strength=(0.0, 0.4, 0.4, 0.1)) @ grey, 128.0)
+
+
+def test_blur_sigma_is_drawn_from_0_1_to_2():
+    """Blur p = 0.5 with sigma uniform in [0.1, 2.0] (docs/algorithm.md "Data per training sample")."""
+    rng = np.random.default_rng(0)
+    sigmas = [copy_augment(24, 32, True, rng).blur_sigma for _ in range(300)]
+    blurred = [s for s in sigmas if s > 0]
+    assert 0.1 <= min(blurred) < 0.3 and 1.8 < max(blurred) <= 2.0
