@@ -47,7 +47,7 @@ def test_every_benchmark_script_prints_its_help():
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
 
 
-@pytest.mark.parametrize("script, argv, message", [
+INPUT_ERRORS = [
     pytest.param("schedule_check.py", ["--device", "cuda"], "--device cuda: torch", marks=NO_CUDA),
     pytest.param("loader_speed.py", ["--device", "cuda"], "--device cuda: torch", marks=NO_CUDA),
     pytest.param("train_speed.py", ["--device", "cuda"], "--device cuda: torch", marks=NO_CUDA),
@@ -73,13 +73,32 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is
     ("gpu_targets.py", ["{tmp}", "--json", "{tmp}/missing/targets.json"], "/missing does not exist"),
     ("schedule_check.py", ["--device", "cpu", "--json", "{tmp}/missing/schedule.json"], "/missing does not exist"),
     ("gpu_loader_check.py", ["parity", "{tmp}/missing/parity.json", "--device", "cpu"], "/missing does not exist"),
-])
-def test_input_errors_are_one_line_and_exit_2(tmp_path, script, argv, message):
+]
+
+
+@pytest.fixture(scope="module")
+def input_error_runs(tmp_path_factory):
+    """Every case of INPUT_ERRORS run at once, a few at a time (each process spends its seconds
+    importing torch, on either core): {(script, argv): CompletedProcess}, argv as written above."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("input_errors")
+
+    def run(case):
+        script, argv = case[0], [a.format(tmp=tmp) for a in case[1]]
+        return subprocess.run([sys.executable, f"benchmarks/{script}", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    cases = [(c.values if hasattr(c, "values") else c)[:2] for c in INPUT_ERRORS]
+    with ThreadPoolExecutor(4) as pool:
+        return {(script, tuple(argv)): proc for (script, argv), proc in zip(cases, pool.map(run, cases))}
+
+
+@pytest.mark.parametrize("script, argv, message", INPUT_ERRORS)
+def test_input_errors_are_one_line_and_exit_2(input_error_runs, script, argv, message):
     """Input the user can fix (a GPU this machine lacks, a flag out of range, a path that is not a
     dataset) is one line on stderr and exit 2, found before any work, not a traceback and exit 1."""
-    argv = [a.format(tmp=tmp_path) for a in argv]
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = input_error_runs[script, tuple(argv)]
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and message in lines[-1], proc.stderr[-2000:]

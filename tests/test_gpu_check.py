@@ -19,10 +19,44 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(SCRIPT.parent))
 
 
-@pytest.mark.multiprocess
-def test_gpu_check_runs_cpu_parts(tmp_path):
+BLOCK_DALI = """import sys
+
+
+class BlockDali:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] == ["nvidia", "dali"]:
+            raise ImportError("DALI blocked by the test")
+
+
+sys.meta_path.insert(0, BlockDali())
+"""
+
+
+@pytest.fixture(scope="module")
+def cpu_checks(tmp_path_factory):
+    """The two CPU rehearsals, run side by side (their steps are single-threaded; together they take
+    the time of the longer): the `all` profile, and `perf` where `import nvidia.dali` fails.
+    {profile: (CompletedProcess, its OUTDIR)}."""
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    (tmp / "block").mkdir()
+    (tmp / "block" / "sitecustomize.py").write_text(BLOCK_DALI)
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
+    runs = {
+        "all": (tmp / "all", ["all"], env),
+        "perf": (tmp / "perf", ["perf"], {**env, "PYTHONPATH": str(tmp / "block")}),
+    }
+    procs = {name: subprocess.Popen(["bash", str(SCRIPT), str(out), *argv], env=run_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, (out, argv, run_env) in runs.items()}
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), runs[name][0])
+    return done
+
+
+@pytest.mark.multiprocess
+def test_gpu_check_runs_cpu_parts(cpu_checks):
+    proc, tmp_path = cpu_checks["all"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = {p.stem for p in tmp_path.glob("*.json")}
     assert {"environment", "loader_parity", "hw_decoder_sweep", "loader_speed", "flow_speed", "train_speed",
@@ -101,28 +135,11 @@ def test_unknown_profile_is_refused(tmp_path):
     assert proc.returncode == 2 and "profile must be all or perf, got 'fast'" in proc.stderr
 
 
-BLOCK_DALI = """import sys
-
-
-class BlockDali:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[:2] == ["nvidia", "dali"]:
-            raise ImportError("DALI blocked by the test")
-
-
-sys.meta_path.insert(0, BlockDali())
-"""
-
-
 @pytest.mark.multiprocess
-def test_perf_profile_needs_no_dali(tmp_path):
+def test_perf_profile_needs_no_dali(cpu_checks):
     """The perf profile's steps run where `import nvidia.dali` fails (a GPU machine without the
     DALI wheel staged): environment records dali None without an error, the others their rows."""
-    (tmp_path / "block").mkdir()
-    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK_DALI)
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(tmp_path / "block")}
-    proc = subprocess.run(["bash", str(SCRIPT), str(out), "perf"], env=env, capture_output=True, text=True, timeout=600)
+    proc, out = cpu_checks["perf"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.stem for p in out.glob("*.json")) == ["environment", "flow_speed", "targets", "train_speed",
                                                           "train_speed_compiled"]
