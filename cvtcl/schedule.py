@@ -123,7 +123,8 @@ def run_schedule(
 ) -> list[StageRun]:
     """Run every incomplete sub-stage in order (or only `only`), resuming the interrupted one.
 
-    run_one(StageRun): trains one sub-stage to completion, auto-resuming from `run_dir`.
+    run_one(StageRun): trains one sub-stage to completion, auto-resuming from `run_dir`; returns
+    whether a stop was asked for (the signal), which ends the schedule after that sub-stage.
     is_complete(run_dir): whether that run finished all its epochs.
     final_checkpoint(run_dir): the checkpoint a finished run leaves (init and sampler source).
     resume_advice(): what to do when a sub-stage stopped before its end (after the run that stopped).
@@ -156,10 +157,13 @@ def run_schedule(
         run = StageRun(stage, run_dir, sources["init"], sources["sampler"])
         log(f"[schedule] {stage.name} ({list(stages).index(stage) + 1} of {len(stages)}): training {stage.modality}"
             + (f", sampler {stage.sampler}" if stage.sampler else "") + f" in {run_dir}")
-        run_one(run)
+        stopped = run_one(run)
         ran.append(run)
         if not is_complete(run_dir):
             # A stop request (SIGTERM) made the trainer checkpoint and return early: stop here too.
             log(f"[schedule] {stage.name}: stopped before its last epoch; {resume_advice()}")
+            break
+        if stopped:  # asked during its last step: the sub-stage is whole, the schedule stops all the same
+            log(f"[schedule] {stage.name}: complete; stopped before the next sub-stage; {resume_advice()}")
             break
     return ran

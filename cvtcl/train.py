@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         with run_dir_lock(config.run.out_dir):
             run_schedule(
                 cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
-                run_one=lambda run: stopped_by.append(train(stage_config(config, run), build_loader)),
+                run_one=lambda run: stopped_by.append(train(stage_config(config, run), build_loader)) or stopped_by[-1],
                 is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
                 log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
                 # a rerun with the same run.max_steps would stop at once again
@@ -272,7 +272,10 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
         dist = distributed.init(config.run.device)
         with StopSignals() as stop_signals:
             _train(config, dist, build_loader, stop_signals)
-    return stop_signals.received
+            # under torchrun every rank says the same: a signal that reached one process in the last
+            # steps (agreed at log steps only) ends a schedule on all of them
+            elsewhere = distributed.broadcast_flag(stop_signals.received is not None, dist.device)
+    return stop_signals.received or (signal.SIGTERM if elsewhere else None)
 
 
 def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callable[..., Any] | None,

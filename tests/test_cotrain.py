@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -219,6 +220,26 @@ def test_whole_schedule_in_one_command(dataset, tmp_path):
         main(_schedule_args(other, tmp_path), build_loader=_never_called)
 
 
+def test_a_stop_in_a_sub_stages_last_step_ends_the_schedule(dataset, tmp_path, monkeypatch, capsys):
+    """A SIGTERM (or Ctrl-C) during a sub-stage's last step left it complete, and the schedule went
+    on through every later sub-stage (hours at full size) after saying "rerun to resume"."""
+    from cvtcl import engine
+
+    real_step = engine.train_step
+
+    def step(ctx, batch, epoch, epoch_step):
+        last = epoch == ctx.config.optim.epochs - 1 and epoch_step == 3  # 16 videos, batch 4: 4 steps an epoch
+        if last and Path(ctx.config.run.out_dir).name == "stage1-rgb":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(ctx, batch, epoch, epoch_step)
+
+    monkeypatch.setattr(engine, "train_step", step)
+    assert main(_schedule_args(dataset, tmp_path), build_loader=FakePretrainLoader) == 0
+    assert is_complete(tmp_path / "stage1-rgb") and not (tmp_path / "stage1-flow").exists()
+    assert "[schedule] stage1-rgb: complete; stopped before the next sub-stage; rerun the same command to resume" \
+        in capsys.readouterr().out
+
+
 def test_a_sub_stages_config_json_resumes_it_from_another_directory(dataset, tmp_path, monkeypatch):
     """A schedule started with a relative run.out_dir: its sub-stages' config.json named their init
     and sampler checkpoints relative to that directory, and did not resume from another one."""
@@ -249,8 +270,8 @@ def test_sigkill_inside_stage_two_then_rerun_finishes_every_sub_stage(synthetic_
     videos = 1 step per epoch; a 4-entry queue fills in one step, so stage 2 trains 3 of its 4."""
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     command = [sys.executable, "-m", "cvtcl.train", "--preset", "smoke-cvtcl", f"data.root={synthetic_dataset}",
-               f"run.out_dir={tmp_path}", "loss.queue_size=4", "schedule.cotrain_epochs=4", "run.checkpoint_every=1",
-               "run.keep_checkpoints=0", "run.progress=plain"]
+               f"run.out_dir={tmp_path}", "loss.queue_size=4", "loss.mining_topk=2", "schedule.cotrain_epochs=4",
+               "run.checkpoint_every=1", "run.keep_checkpoints=0", "run.progress=plain"]
     first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while latest_checkpoint(tmp_path / "cycle1-flow") is None:

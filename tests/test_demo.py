@@ -38,7 +38,7 @@ def test_demo_end_to_end_and_repeatable(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "FRAMES", 8)
     monkeypatch.setattr(demo, "TRAIN_OVERRIDES", [
         "data.frames_per_clip=8", "data.crop_size=32", "data.dihedral=true", "data.batch_size=2", "loss.queue_size=4",
-        "optim.epochs=2",
+        "loss.mining_topk=2", "optim.epochs=2",
         "optim.lr_milestones=[]", "schedule.cotrain_epochs=1", "schedule.cotrain_lr_milestones=[]",
         "run.knn_every=1", "run.progress=none"])
     runs = []
