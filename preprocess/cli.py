@@ -26,6 +26,7 @@ from cvtcl.errors import one_line
 from preprocess.datasets import DatasetError, DatasetIndex, index_hmdb51, index_ucf101
 from preprocess.flow import backend_names
 from preprocess.flow_workers import FlowWorkerError, resolve_flow_devices
+from preprocess.hygiene import WorkerDied
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, locked_out, pack
 from preprocess.parts import Part, marker_path, merge, pack_part
@@ -184,8 +185,12 @@ def _pack(index: DatasetIndex, options: PackOptions, part: Part | None = None) -
     return _summary(f"{options.out} part {part}", list(done), [r for recs, _ in done.values() for r in recs], failed)
 
 
+class Terminated(SystemExit):
+    """SIGTERM while the command works: unwinds it (the workers end, finished shards stay)."""
+
+
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwind: the worker pool is terminated, finished shards stay
+    raise Terminated(128 + signum)
 
 
 @contextlib.contextmanager
@@ -208,23 +213,27 @@ def main(argv: list[str] | None = None) -> int:
     with --debug); Ctrl-C exits 130, SIGTERM 143, keeping finished shards."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # verify writes nothing: it starts over; the others keep their finished shards
+    kept = "" if args.command == "verify" else "; finished shards are kept, rerun the same command to resume"
     try:
         with _sigterm_exits():
             return _run(args)
     except KeyboardInterrupt:
-        print(f"cvtcl-preprocess {args.command}: interrupted (Ctrl-C); finished shards are kept, rerun the same "
-              "command to resume", file=sys.stderr)
+        print(f"cvtcl-preprocess {args.command}: interrupted (Ctrl-C){kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated as stop:  # a scheduler's log said nothing of why the job ended
+        print(f"cvtcl-preprocess {args.command}: stopped (SIGTERM){kept}", file=sys.stderr)
+        return stop.code
     except (ConfigError, DatasetError, LayoutError, ValueError, OSError) as err:
         if getattr(args, "debug", False):
             traceback.print_exc()  # then the same line and exit status as without it
         print(f"cvtcl-preprocess {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_CONFIG
-    except FlowWorkerError as err:  # the run started: finished shards are kept
+    except (FlowWorkerError, WorkerDied) as err:  # the run started: finished shards are kept
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"cvtcl-preprocess {args.command}: error: {err}; the finished shards are kept: rerun the same "
-              "command to resume", file=sys.stderr)
+        then = "rerun it" if args.command == "verify" else "the finished shards are kept: rerun the same command to resume"
+        print(f"cvtcl-preprocess {args.command}: error: {err}; {then}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import queue
 from collections import deque
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -174,11 +175,11 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
     try:
         while emitted < len(tasks):
             while submitted < len(tasks) and len(decoding) + len(waiting) + len(ready) < window:
-                decoding.append((submitted, pool.apply_async(decode, (tasks[submitted],))))
+                decoding.append((submitted, pool.submit(decode, tasks[submitted])))
                 submitted += 1
-            while decoding and decoding[0][1].ready():
+            while decoding and decoding[0][1].done():
                 index, result = decoding.popleft()
-                result = result.get()
+                result = result.result()
                 if not isinstance(result, tuple):  # a FailedVideo
                     ready[index] = result
                     continue
@@ -196,7 +197,7 @@ def run_with_flow_workers(tasks: list, options, decode: Callable, pool) -> Itera
                 continue
             if not waiting:
                 if decoding:
-                    decoding[0][1].wait(0.05)
+                    futures.wait([decoding[0][1]], timeout=0.05)
                 continue
             try:
                 index, flow, *error = outbox.get(timeout=0.05)

@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -204,6 +205,52 @@ def children_ignore_ctrl_c():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class WorkerDied(RuntimeError):
+    """A pool's worker process ended without its result: the system ended it (memory ran out, a
+    signal). The command stops with one line (exit 1), keeping what it finished."""
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple, what: str):
+    """`workers` spawned processes (a `concurrent.futures.ProcessPoolExecutor`), started at once
+    while Ctrl-C is ignored (`children_ignore_ctrl_c`). multiprocessing.Pool replaced a worker
+    killed from outside (the OOM killer's SIGKILL) and waited for its lost task for good, and its
+    terminate() then waited for good too when the dead worker held the task queue's lock; here the
+    death raises WorkerDied from the result it held. Leaving the block ends the workers at once."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    before = set(multiprocessing.active_children())
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=initializer, initargs=initargs)
+    try:
+        with children_ignore_ctrl_c():
+            for _ in range(workers):  # each submit starts a process while none is idle yet
+                executor.submit(int)
+        started = set(multiprocessing.active_children()) - before
+        try:
+            yield executor
+        except BrokenProcessPool:
+            for process in started:  # the executor ends the others (SIGTERM): the first to die is named
+                process.join(timeout=5)
+            dead = sorted((p for p in started if p.exitcode not in (None, 0)), key=lambda p: p.exitcode == -signal.SIGTERM)
+            how = next((f"pid {p.pid}, {_signal_name(-p.exitcode)}" if p.exitcode < 0 else
+                        f"pid {p.pid}, exit status {p.exitcode}" for p in dead), "its pid unknown")
+            raise WorkerDied(f"a {what} worker process died ({how}): the system ended it (memory ran out, or a "
+                             "signal); with memory short, lower --workers") from None
+    finally:
+        for process in set(multiprocessing.active_children()) - before:  # idle, or mid-task after an error
+            process.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 _registered = False

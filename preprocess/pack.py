@@ -30,7 +30,7 @@ import multiprocessing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -38,7 +38,7 @@ import numpy as np
 from preprocess.datasets import DatasetIndex, SourceVideo
 from preprocess.flow import FlowBackend, encode_flow, make_backend
 from preprocess.flow_workers import describe_flow_workers, run_with_flow_workers
-from preprocess.hygiene import (OutputDirError, children_ignore_ctrl_c, die_with_parent, exclusive_dir,
+from preprocess.hygiene import (OutputDirError, die_with_parent, exclusive_dir, worker_pool,
                                 remove_temporaries)
 from preprocess.progress import Progress
 from preprocess.schema import (
@@ -334,22 +334,26 @@ def _pack_shards(index: DatasetIndex, options: PackOptions, out: Path, owns: Cal
 
     tasks = [(src, options) for i in todo for src in plan[i]]
     with_flow = options.flow != "none"
-    if with_flow and options.flow_devices and tasks:
-        # CPU workers decode and encode RGB; flow workers batch pairs across videos on the devices
-        progress.log(describe_flow_workers(options.flow, options.flow_devices, options.flow_options))
-        with children_ignore_ctrl_c():
-            pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, ("none", {}, True))
-        results = run_with_flow_workers(tasks, options, _decode_work, pool)
-    elif options.workers == 1 or len(tasks) <= 1:
-        _init_worker(options.flow, options.flow_options)
-        results = map(_work, tasks)
-        pool = None
-    else:
-        with children_ignore_ctrl_c():
-            pool = multiprocessing.get_context("spawn").Pool(
-                min(options.workers, len(tasks)), _init_worker, (options.flow, options.flow_options, True)
-            )
-        results = pool.imap(_work, tasks, chunksize=1)  # ordered: shards complete in order
+    with contextlib.ExitStack() as workers:
+        if with_flow and options.flow_devices and tasks:
+            # CPU workers decode and encode RGB; flow workers batch pairs across videos on the devices
+            progress.log(describe_flow_workers(options.flow, options.flow_devices, options.flow_options))
+            pool = workers.enter_context(worker_pool(options.workers, _init_worker, ("none", {}, True), "decoding"))
+            results = run_with_flow_workers(tasks, options, _decode_work, pool)
+        elif options.workers == 1 or len(tasks) <= 1:
+            _init_worker(options.flow, options.flow_options)
+            results = map(_work, tasks)
+        else:
+            pool = workers.enter_context(worker_pool(min(options.workers, len(tasks)), _init_worker,
+                                                     (options.flow, options.flow_options, True), "packing"))
+            results = pool.map(_work, tasks)  # ordered: shards complete in order
+        _write_shards(out, plan, todo, results, packed, done, record_path, with_flow, progress)
+    return {i: done[i] for i in mine}, packed
+
+
+def _write_shards(out: Path, plan: list, todo: list[int], results: Iterator, packed: dict[str, str],
+                  done: dict, record_path: Path, with_flow: bool, progress: Progress) -> None:
+    """Write the shards `todo` from the encoded videos `results` (in task order), recording each."""
     try:
         for i in todo:
             encoded, failed = [], []
@@ -372,11 +376,7 @@ def _pack_shards(index: DatasetIndex, options: PackOptions, out: Path, owns: Cal
             progress.shard_done(i)
     finally:
         getattr(results, "close", lambda: None)()  # the flow workers' generator stops its processes
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         progress.stop()
-    return {i: done[i] for i in mine}, packed
 
 
 def pack(index: DatasetIndex, options: PackOptions, progress: Progress | None = None) -> Manifest:

@@ -12,7 +12,6 @@ dataset is sound.
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import cv2
 import h5py
 import numpy as np
 
-from preprocess.hygiene import children_ignore_ctrl_c, die_with_parent_if_child
+from preprocess.hygiene import die_with_parent_if_child, worker_pool
 from preprocess.pack import ConfigError
 from preprocess.parts import Part, read_marker, read_params
 from preprocess.schema import LayoutError, VideoRecord, load_manifest, manifest_path
@@ -159,10 +158,8 @@ def verify(root: str | Path, workers: int = 1, part: Part | None = None) -> list
 
 def _run(tasks: list[tuple], workers: int) -> list[str]:
     if workers > 1 and len(tasks) > 1:
-        with children_ignore_ctrl_c():
-            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), die_with_parent_if_child)
-        with pool:
-            results = pool.map(_check_task, tasks, chunksize=1)
+        with worker_pool(min(workers, len(tasks)), die_with_parent_if_child, (), "verify") as pool:
+            results = list(pool.map(_check_task, tasks))
     else:
         results = [_check_task(t) for t in tasks]
     return [p for r in results for p in r]

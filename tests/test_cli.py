@@ -79,3 +79,48 @@ def test_main_in_process_puts_back_the_callers_sigterm_handler(tmp_path, monkeyp
     assert status == {"returns": 0, "config error": 2, "interrupted": 130}[outcome]
     assert during == [cli._exit_on_sigterm]
     assert after is callers
+
+
+@pytest.mark.parametrize("command, end", [
+    ("synthetic", "; finished shards are kept, rerun the same command to resume"),
+    ("verify", ""),  # verify writes nothing: it starts over
+])
+@pytest.mark.parametrize("how, status, line", [
+    ("sigterm", 143, "stopped (SIGTERM)"),  # was: exit 143 and nothing said (a scheduler's log)
+    ("ctrl-c", 130, "interrupted (Ctrl-C)"),
+    ("worker died", 1, "error: a packing worker process died (pid 7, SIGKILL)"),
+])
+def test_how_a_run_ended_is_one_line(tmp_path, monkeypatch, capsys, command, end, how, status, line):
+    import os
+
+    from preprocess.hygiene import WorkerDied
+
+    def run(args):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        raise WorkerDied("a packing worker process died (pid 7, SIGKILL)")
+
+    monkeypatch.setattr(cli, "_run", run)
+    argv = ["verify", str(tmp_path)] if command == "verify" else ["synthetic", "--out", str(tmp_path / "out")]
+    assert main(argv) == status
+    if how == "worker died":
+        end = "; rerun it" if command == "verify" else "; the finished shards are kept: rerun the same command to resume"
+    assert capsys.readouterr().err == f"cvtcl-preprocess {command}: {line}{end}\n"
+
+
+def test_a_pool_worker_that_dies_is_an_error_not_a_wait(tmp_path):
+    """multiprocessing.Pool replaced a worker the system killed (the OOM killer) and waited for its
+    task for good, and its terminate() waited for good too: packing hung, and SIGTERM could not end
+    it. The pool now raises WorkerDied naming the worker, and ends the others."""
+    import multiprocessing
+    import time
+
+    from preprocess.hygiene import WorkerDied, die_with_parent_if_child, worker_pool
+
+    started = time.monotonic()
+    with pytest.raises(WorkerDied, match=r"a packing worker process died \(pid \d+, SIGKILL\): the system ended it"):
+        with worker_pool(2, die_with_parent_if_child, (), "packing") as pool:
+            list(pool.map(signal.raise_signal, [signal.SIGKILL]))  # a worker that the system kills
+    assert time.monotonic() - started < 60 and multiprocessing.active_children() == []
