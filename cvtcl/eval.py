@@ -38,7 +38,7 @@ from cvtcl.linear_probe import LinearProbeConfig, linear_probe
 from cvtcl.preflight import check_backend
 from cvtcl.retrieval import RECALL_KS, evaluate_retrieval, too_few_to_centre
 from cvtcl.selection import heldout_split
-from preprocess.hygiene import exclusive_dir, remove_temporaries
+from preprocess.hygiene import exclusive_dir, lock_holder, remove_temporaries
 
 PROBE_LR = {"adam": 1e-3, "sgd": 0.1}  # linear probe: our default, and CoCLR's SGD setting
 
@@ -216,6 +216,16 @@ def check_arguments(args: argparse.Namespace) -> None:
                          "it was trained with: leave --backbone out")
 
 
+def say_if_still_training(checkpoint: Path) -> None:
+    """A fine-tune resumes from its file only while its checkpoint stays where it was: a run still
+    training rotates its old checkpoints away (run.keep_checkpoints), so it says so before it starts."""
+    holder = lock_holder(checkpoint.parent)
+    if holder is not None:
+        say(f"note: {checkpoint.parent} is still training (pid {holder}) and may delete {checkpoint.name} "
+            "(run.keep_checkpoints); an interrupted fine-tune resumes only while that file is there: copy it "
+            "elsewhere first to be safe")
+
+
 def check_checkpoint_path(path: Path) -> None:
     if path.is_dir():
         found = sorted(path.glob("checkpoint-*.pt"))
@@ -386,10 +396,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     check_arguments(args)
     from cvtcl.data import build_eval_loader, build_pretrain_loader
-    from preprocess.schema import load_manifest
+    from preprocess.schema import check_not_being_written, load_manifest
 
+    check_not_being_written(args.shards)
     manifest = load_manifest(args.shards)
     encoders, sources, trained = load_encoders(args)
+    if args.protocol == "finetune":
+        for path in filter(None, (args.checkpoint, args.checkpoint_flow)):
+            say_if_still_training(Path(path))
     check_dataset(args, manifest, list(encoders))
     clip_shape(args, trained, encoders)
     # Next to the checkpoint by default: the evaluation belongs to the run that trained it.

@@ -22,7 +22,7 @@ from cvtcl.models import fewest_batch_norm_values
 from cvtcl.moco import check_queue_size
 from cvtcl.retrieval import too_few_to_centre
 from cvtcl.schedule import check_queue_fills
-from preprocess.schema import load_manifest, manifest_digest, shard_name
+from preprocess.schema import check_not_being_written, load_manifest, manifest_digest, shard_name
 from preprocess.shards import check_shard_index
 
 # Keys that may differ between a run and its resumption: they change when or how much is run or
@@ -43,6 +43,7 @@ def check_dataset(config: TrainConfig, modalities: tuple[str, ...], global_batch
     reading the indexes here (12 bytes per frame and flow plane, and the HDF5 metadata; crc32 runs
     at GB/s) makes a damaged one an error found before any work (exit 2, nothing written)."""
     root = Path(config.data.root)
+    check_not_being_written(root)
     manifest = load_manifest(root)
     missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
     if missing:

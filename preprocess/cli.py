@@ -30,7 +30,7 @@ from preprocess.hygiene import WorkerDied
 from preprocess.kinetics import index_kinetics400
 from preprocess.pack import EXIT_CONFIG, EXIT_OK, EXIT_SOME_FAILED, ConfigError, PackOptions, locked_out, pack
 from preprocess.parts import Part, marker_path, merge, pack_part
-from preprocess.schema import LayoutError, shard_name
+from preprocess.schema import LayoutError, check_not_being_written, shard_name
 from preprocess.synthetic import SyntheticConfig, generate_raw
 from preprocess.verify import verify
 
@@ -241,6 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         if not args.dir.is_dir():
             raise ConfigError(f"{args.dir} is not a directory")
+        check_not_being_written(args.dir)
         problems = verify(args.dir, workers=args.workers, part=args.part)
         for problem in problems:
             print(f"PROBLEM {problem}", file=sys.stderr)

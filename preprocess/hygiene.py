@@ -98,6 +98,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """The pid that another process holding directory `path`'s lock (`exclusive_dir`) recorded, or
+    None when nobody else holds it (no lock file, a filesystem without locks, this process)."""
+    try:
+        fd = os.open(Path(path) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the close below
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return None if holder == str(os.getpid()) else holder or "not recorded"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
 @contextlib.contextmanager
 def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, shared: bool = False):
     """Hold the lock of directory `path` (created if missing) while the block runs. `name`: the lock

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocess.hygiene import writer_temporary
+from preprocess.hygiene import lock_holder, writer_temporary
 
 LAYOUT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -287,6 +287,16 @@ def read_json(path: str | os.PathLike, advice: str) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LayoutError(f"{path} is not valid JSON ({err}); {advice}") from None
+
+
+def check_not_being_written(root: str | os.PathLike) -> None:
+    """A dataset that cvtcl-preprocess is writing right now (a first pack, or a rerun that redoes
+    shards) is refused as that, not as missing or damaged shards whose advice (rerun the pack)
+    the running pack would refuse."""
+    holder = lock_holder(root)
+    if holder is not None:
+        raise LayoutError(f"{root} is being written by cvtcl-preprocess (pid {holder}): wait for it to finish, "
+                          "then rerun")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -5,7 +5,10 @@ Used by conftest.py (no test may leave a process behind) and by the kill tests o
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -56,3 +59,18 @@ def reap_zombies() -> None:
                 os.waitpid(child, os.WNOHANG)
             except ChildProcessError:
                 pass
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: Path, pid: str = "4242"):
+    """Another process holds the flock of `lock` (as `exclusive_dir` does, recording `pid`) until
+    the block ends."""
+    code = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.pwrite(fd, (sys.argv[2] + '\\n').encode(), 0)\nprint('held', flush=True)\nsys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), pid], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")

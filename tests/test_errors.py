@@ -27,6 +27,7 @@ from cvtcl.retrieval import centred_cosine
 from dali_pipelines.toy_shards import write_toy_dataset
 from preprocess import cli as preprocess_cli
 from preprocess.schema import CorruptFrameError
+from processes import lock_held_elsewhere
 from trainer_fakes import FakePretrainLoader, make_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,6 +466,35 @@ def test_retrieval_of_a_single_test_video_is_refused(paths):
     with pytest.raises(ValueError, match="run.knn_every=1: split 1 of .* has 1 test video: retrieval centres"):
         train.main([*[a.format(**paths) for a in TRAIN], f"data.root={data}", "run.knn_every=1"],
                    build_loader=_never_called)
+
+
+def test_a_dataset_being_packed_is_named_as_that(paths, capsys):
+    """While cvtcl-preprocess wrote a dataset (a rerun redoing shards), training and evaluation called
+    its shards missing and said to rerun the pack, and verify listed them as problems and said the
+    same: the running pack refused that rerun. Each now says who writes it."""
+    data = paths["data"]
+    with lock_held_elsewhere(data / ".lock"):
+        assert train.cli([a.format(**paths) for a in TRAIN], build_loader=_never_called) == 2
+        assert f"{data} is being written by cvtcl-preprocess (pid 4242): wait for it" in capsys.readouterr().err
+        assert cvtcl_eval.cli(["retrieval", "--checkpoint", str(paths["rgb"]), *[a.format(**paths) for a in EVAL]]) == 2
+        assert f"{data} is being written by cvtcl-preprocess (pid 4242)" in capsys.readouterr().err
+        assert preprocess_cli.main(["verify", str(data)]) == 2
+        assert f"{data} is being written by cvtcl-preprocess (pid 4242)" in capsys.readouterr().err
+    assert preprocess_cli.main(["verify", str(data)]) == 0  # the lock released: what it was before
+
+
+def test_a_fine_tune_of_a_run_still_training_says_its_checkpoint_may_go(tmp_path, capsys):
+    """A fine-tune resumes only while its checkpoint is where it was, and a run still training deletes
+    its old ones (run.keep_checkpoints): the resume file was left orphaned, hours lost."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with lock_held_elsewhere(run / ".lock"):
+        cvtcl_eval.say_if_still_training(run / "checkpoint-00000009.pt")
+    assert capsys.readouterr().out == (
+        f"note: {run} is still training (pid 4242) and may delete checkpoint-00000009.pt (run.keep_checkpoints); an "
+        "interrupted fine-tune resumes only while that file is there: copy it elsewhere first to be safe\n")
+    cvtcl_eval.say_if_still_training(run / "checkpoint-00000009.pt")  # the run ended: nothing to say
+    assert capsys.readouterr().out == ""
 
 
 def test_a_strided_checkpoint_is_not_evaluated_on_consecutive_frames(paths):

@@ -1,7 +1,6 @@
 """The evaluation entry points, with fake loaders/checkpoints standing in for DALI and the trainer."""
 
 import json
-import subprocess
 import sys
 import types
 from unittest import mock
@@ -17,6 +16,7 @@ from cvtcl.report import neighbours_path, results_path
 from cvtcl.selection import heldout_split
 from eval_fakes import FakeEvalLoader, FakePretrainLoader, TinyEncoder, make_videos
 from preprocess.schema import Manifest, write_json_atomic
+from processes import lock_held_elsewhere
 
 TRAIN = make_videos(num_classes=3, per_class=8, groups_per_class=4, prefix="train")
 TEST = make_videos(num_classes=3, per_class=4, groups_per_class=2, prefix="test")
@@ -413,16 +413,6 @@ def test_cli_finetune_on_real_dali_loaders_selects_on_heldout_train(trained_run,
     assert len(fit) == len(set(fit)) and set(fit) == set(split["train"]) - set(held)
 
 
-# another process holding a lock file until its stdin closes
-HOLD_LOCK = """import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.pwrite(fd, b"4242\\n", 0)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_cli_finetune_rerun_resumes_and_gives_the_uninterrupted_result(trained_run, tmp_path, monkeypatch, capsys):
     """Killed in its third epoch, the same command resumes from the file it saved after the second
     one (real DALI loaders, dropout) and writes the uninterrupted run's results; the file is then gone."""
@@ -481,14 +471,9 @@ def test_ctrl_c_says_a_rerun_resumes_only_where_it_does(fake_project, monkeypatc
     stop_in["epoch"] = None
     # the same command while another process runs it: refused (the two wrote into one temporary,
     # one died with a "free space" error, and the resume file could be left damaged)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(saved.with_name(f".{saved.name}.lock"))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(saved.with_name(f".{saved.name}.lock")):
         assert cvtcl_eval.cli(finetune) == 2
         assert f"in use by another cvtcl.eval finetune of {saved.name} (pid 4242)" in capsys.readouterr().err
-    finally:
-        holder.communicate("")
     assert cvtcl_eval.cli(finetune) == 0
     assert f"fine-tune rgb: resumed after epoch 1 of 2 from {saved}" in capsys.readouterr().out
 
