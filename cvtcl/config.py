@@ -34,6 +34,13 @@ def _positive(name: str, value: float, zero_ok: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
+def _milestones(key: str, epochs: tuple[int, ...]) -> None:
+    """Epochs after which the lr is multiplied by optim.lr_gamma: each once (a repeated one applied
+    gamma twice), from epoch 1 (0 or less lowered the lr from the start)."""
+    if any(b <= a for a, b in zip(epochs, epochs[1:])) or any(e < 1 for e in epochs):
+        raise ValueError(f"{key}={list(epochs)} must be strictly increasing epochs >= 1")
+
+
 MIN_TAU = 1e-3  # loss.tau below this makes logits of unit vectors exceed +-1000
 
 
@@ -151,8 +158,7 @@ class OptimConfig:
         _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
         _positive("optim.epochs", self.epochs)
         _positive("optim.lr_gamma", self.lr_gamma)
-        if list(self.lr_milestones) != sorted(self.lr_milestones):
-            raise ValueError(f"optim.lr_milestones={self.lr_milestones} must be increasing")
+        _milestones("optim.lr_milestones", self.lr_milestones)
         _choice("optim.amp", self.amp, ("auto", "bf16", "fp16", "fp32"))
         _positive("optim.grad_clip", self.grad_clip, zero_ok=True)
 
@@ -213,8 +219,7 @@ class ScheduleConfig:
         self.cotrain_lr_milestones = tuple(int(m) for m in self.cotrain_lr_milestones)
         _positive("schedule.cycles", self.cycles, zero_ok=True)
         _positive("schedule.cotrain_epochs", self.cotrain_epochs)
-        if list(self.cotrain_lr_milestones) != sorted(self.cotrain_lr_milestones):
-            raise ValueError(f"schedule.cotrain_lr_milestones={self.cotrain_lr_milestones} must be increasing")
+        _milestones("schedule.cotrain_lr_milestones", self.cotrain_lr_milestones)
 
 # Smallest input (frames, height = width) each backbone accepts: torchvision S3D's strided pools
 # collapse a time axis under 5 frames and a spatial axis under 32 pixels (measured, torchvision 0.29).
