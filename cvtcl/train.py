@@ -41,10 +41,10 @@ from cvtcl.metrics import MetricsLogger, Window, read_metrics
 from cvtcl.models import Encoder
 from cvtcl.preflight import check_dataset, check_same_dataset, epoch_steps, modalities, plan, validate
 from cvtcl.retrieval import KnnMonitor
-from dali_pipelines.iterate import LoaderFailed
 from cvtcl.moco import MomentumContrast
 from cvtcl.presets import PRESETS, get_preset
 from cvtcl.schedule import StageRun, check_queue_fills, cvtcl_schedule, run_schedule, select, warmup_steps
+from dali_pipelines.iterate import LoaderFailed
 from preprocess.hygiene import OutputDirError, exclusive_dir, remove_temporaries
 from preprocess.schema import manifest_digest, write_json_atomic
 
@@ -244,10 +244,17 @@ def main(argv: list[str] | None = None, build_loader: Callable[..., Any] | None 
         check_queue_fills(config.loss.queue_size, global_batch, epoch_steps(config, world_size),
                           config.schedule.cotrain_epochs, "schedule.cotrain_epochs", config.loss.mining_topk)
         check_finished_sub_stages(config)
+        def run_one(run: StageRun) -> bool:
+            """Train one sub-stage; whether a stop was asked for in it, which ends the schedule after
+            it. Under torchrun the ranks agree on a stop at log steps only, so one asked for in the
+            last steps may have reached some of them: they go on, as they agree, to the next."""
+            stopped_by.append(train(stage_config(config, run), build_loader))
+            return stopped_by[-1] is not None and world_size == 1
+
         with run_dir_lock(config.run.out_dir):
             run_schedule(
                 cvtcl_schedule(config.schedule.cycles), Path(config.run.out_dir),
-                run_one=lambda run: stopped_by.append(train(stage_config(config, run), build_loader)) or stopped_by[-1],
+                run_one=run_one,
                 is_complete=is_complete, final_checkpoint=checkpoint_of, only=only,
                 log=lambda text: print(text, flush=True) if rank == 0 and config.run.progress != "none" else None,
                 # a rerun with the same run.max_steps would stop at once again
@@ -272,10 +279,7 @@ def train(config: TrainConfig, build_loader: Callable[..., Any] | None = None) -
         dist = distributed.init(config.run.device)
         with StopSignals() as stop_signals:
             _train(config, dist, build_loader, stop_signals)
-            # under torchrun every rank says the same: a signal that reached one process in the last
-            # steps (agreed at log steps only) ends a schedule on all of them
-            elsewhere = distributed.broadcast_flag(stop_signals.received is not None, dist.device)
-    return stop_signals.received or (signal.SIGTERM if elsewhere else None)
+    return stop_signals.received
 
 
 def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callable[..., Any] | None,
@@ -447,6 +451,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, build_loader: Callab
         if died is None:
             raise
         if stop_signals.received is None:
+            if died is err:
+                raise
             raise died from err
         # The stop's signal ended the loader's workers too: SLURM and systemd signal every process
         # of the job at once. Waiting for a batch, every step is whole: checkpointed as any stop.

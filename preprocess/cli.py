@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FlowWorkerError, WorkerDied) as err:  # the run started: finished shards are kept
         if getattr(args, "debug", False):
             traceback.print_exc()
-        then = "rerun it" if args.command == "verify" else "the finished shards are kept: rerun the same command to resume"
+        then = ("rerun it" if args.command == "verify" else
+                "the finished shards are kept: rerun the same command to resume")
         print(f"cvtcl-preprocess {args.command}: error: {err}; {then}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -254,7 +254,8 @@ def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
         except BrokenProcessPool:
             for process in started:  # the executor ends the others (SIGTERM): the first to die is named
                 process.join(timeout=5)
-            dead = sorted((p for p in started if p.exitcode not in (None, 0)), key=lambda p: p.exitcode == -signal.SIGTERM)
+            dead = sorted((p for p in started if p.exitcode not in (None, 0)),
+                          key=lambda p: p.exitcode == -signal.SIGTERM)
             how = next((f"pid {p.pid}, {_signal_name(-p.exitcode)}" if p.exitcode < 0 else
                         f"pid {p.pid}, exit status {p.exitcode}" for p in dead), "its pid unknown")
             raise WorkerDied(f"a {what} worker process died ({how}): the system ended it (memory ran out, or a "

@@ -67,8 +67,8 @@ def lock_held_elsewhere(lock: Path, pid: str = "4242"):
     the block ends."""
     code = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
             "os.pwrite(fd, (sys.argv[2] + '\\n').encode(), 0)\nprint('held', flush=True)\nsys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), pid], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), pid], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         yield

@@ -68,7 +68,8 @@ def test_bad_preset_suggests_the_closest():
     ("optim.lr_milestones=280,250", r"optim.lr_milestones=\[280, 250\] must be strictly increasing epochs >= 1"),
     # a repeated milestone applied gamma twice; 0 or less lowered the lr from the first epoch
     ("optim.lr_milestones=3,3", r"optim.lr_milestones=\[3, 3\] must be strictly increasing"),
-    ("schedule.cotrain_lr_milestones=-1", r"schedule.cotrain_lr_milestones=\[-1\] must be strictly increasing epochs >= 1"),
+    ("schedule.cotrain_lr_milestones=-1",
+     r"schedule.cotrain_lr_milestones=\[-1\] must be strictly increasing epochs >= 1"),
     ("stage.kind=cotrain", "set stage.sampler_checkpoint"),
     ("data.batch_size=two", "cannot read 'two' as int"),
     ("model.channels_last_3d=maybe", "expected true or false"),
