@@ -409,8 +409,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Next to the checkpoint by default: the evaluation belongs to the run that trained it.
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent if args.checkpoint else Path.cwd()
     output_paths(out_dir, args.protocol, args.dataset, args.split)  # a bad --out or --split: said before any work
-    check_writable(out_dir, given="--out" if args.out else "the checkpoint's folder" if args.checkpoint
-                   else "the current directory")
+    if distributed.env_world()[0] == 0:  # the process that writes them: two probing at once removed
+        # each other's folder (torchrun: "cannot write there (No such file or directory)")
+        check_writable(out_dir, given="--out" if args.out else "the checkpoint's folder" if args.checkpoint
+                       else "the current directory")
     if args.protocol in ("linear", "finetune"):
         check_heldout(args, manifest)
     device = torch.device(args.device)
