@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 CHANNELS = {"rgb": 3, "flow": 2}  # rgb; flow x and y (preprocess/schema.py stores the same)
@@ -33,8 +34,6 @@ def _s3d_backbone(in_channels: int) -> tuple[nn.Module, int]:
     layer with 2 input channels (randomly initialised: there are no pretrained weights to adapt).
     Returns (module mapping [N, C, T, H, W] -> [N, 1024, T', H', W'], 1024).
     """
-    import torchvision  # here: its import (torch._dynamo with it) costs a second that the tiny backbone does not need
-
     s3d = torchvision.models.video.s3d(weights=None)
     features = s3d.features
     if in_channels != 3:

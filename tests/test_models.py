@@ -51,18 +51,6 @@ def test_wrong_input_channels_and_names_are_refused():
         Encoder("rgb", "r3d")
 
 
-def test_commands_start_without_torchvision():
-    """torchvision's import (torch._dynamo with it) took 1.4 s of every command's start, and of
-    every torchrun process and test subprocess, for the S3D builder alone: it is imported there."""
-    import subprocess
-    import sys
-
-    code = ("import sys, cvtcl.train, cvtcl.eval, cvtcl.demo; from cvtcl.models import Encoder; "
-            "Encoder('rgb', 'tiny'); print(sorted(m for m in sys.modules if m.startswith('torchvision')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
-
-
 @pytest.mark.parametrize("backbone, modality, frames, size", [
     ("tiny", "rgb", 8, 16), ("tiny", "flow", 8, 32), ("tiny", "rgb", 2, 16), ("s3d", "rgb", 8, 32),
     ("s3d", "flow", 16, 64),
