@@ -98,6 +98,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _recorded_pid(fd: int) -> str:
+    """The pid that the holder of lock file `fd` wrote into it (`exclusive_dir`)."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "not recorded"
+
+
 def lock_holder(path: str | os.PathLike) -> str | None:
     """The pid that another process holding directory `path`'s lock (`exclusive_dir`) recorded, or
     None when nobody else holds it (no lock file, a filesystem without locks, this process)."""
@@ -108,8 +113,8 @@ def lock_holder(path: str | os.PathLike) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the close below
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        return None if holder == str(os.getpid()) else holder or "not recorded"
+        holder = _recorded_pid(fd)
+        return None if holder == str(os.getpid()) else holder
     except OSError:
         return None
     finally:
@@ -140,7 +145,7 @@ def exclusive_dir(path: str | os.PathLike, what: str, name: str = LOCK_NAME, sha
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "not recorded"
+            holder = _recorded_pid(fd)
             raise DirectoryBusyError(
                 f"{lock.parent} is in use by another {what} (pid {holder}); wait for it to finish, "
                 "or choose another output directory"
